@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: takes the CPU build on disk instead of resolving a multi-GB CUDA build
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qlora-trainer train configs/demo.yaml
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,52 @@
+"""The one place that chooses Triton kernels or torch references.
+
+``backend`` is ``"auto"`` (Triton when the tensors are on CUDA and triton imports, else torch),
+``"triton"`` or ``"torch"``. Callers (``LoRALinear``) pass the backend they were configured with;
+there is no global switch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto|triton|torch`` to the backend that will actually run on ``device``."""
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        return "triton"
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def lora_matmul(
+    x: torch.Tensor,
+    base: nn.Module,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = base(x) + scale * (x_lora @ A^T) @ B^T.
+
+    Args:
+        x: (..., in_features) input.
+        base: frozen ``nn.Linear`` or bitsandbytes ``Linear4bit`` (weight (out, in), optional bias).
+        lora_A: (r, in_features). lora_B: (out_features, r).
+        scale: alpha / r (or alpha / sqrt(r)).
+        x_lora: the adapter's input (``x`` after dropout); ``None`` means ``x``.
+        backend: ``auto|triton|torch`` (see :func:`resolve_backend`).
+    Returns:
+        (..., out_features) in ``x.dtype``.
+    """
+    xa = x if x_lora is None else x_lora
+    y = base(x)
+    return y + (xa.to(lora_A.dtype) @ lora_A.t() @ lora_B.t()).to(y.dtype) * scale

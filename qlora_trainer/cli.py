@@ -1,0 +1,67 @@
+"""``qlora-trainer`` command line: one subcommand per module in ``qlora_trainer.commands``.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qlora_trainer import __version__
+from qlora_trainer.errors import QloraError
+
+COMMANDS: dict[str, str] = {
+    "train": "qlora_trainer.commands.train",
+    "generate": "qlora_trainer.commands.generate",
+    "merge": "qlora_trainer.commands.merge",
+    "data-check": "qlora_trainer.commands.data_check",
+    "memory": "qlora_trainer.commands.memory",
+    "memory-table": "qlora_trainer.commands.memory_table",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"qlora-trainer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, modname in COMMANDS.items():
+        if wanted == name:  # import only the command that runs
+            mod = importlib.import_module(modname)
+            p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+        else:
+            sub.add_parser(name, help=_help_line(modname))
+    return parser
+
+
+def _help_line(modname: str) -> str:
+    try:
+        return importlib.import_module(modname).HELP
+    except ImportError:
+        return "(not available)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args._run(args) or 0)
+    except QloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

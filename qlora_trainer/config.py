@@ -1,0 +1,438 @@
+"""Typed run configuration: dataclasses with documented fields, YAML + ``section.key=value`` overrides.
+
+A config file is YAML with the sections below (each optional) plus the top-level keys
+``output_dir`` and ``resume``::
+
+    model:        {name_or_path: random:tiny, quantization: nf4}
+    quantization: {double_quant: true, quant_storage: uint8}
+    lora:         {r: 16, alpha: 32, dropout: 0.05, targets: all-linear}
+    data:         {path: ..., format: instruction, seq_len: 512}
+    train:        {max_steps: 100, lr: 2.0e-4, batch_size: 1, grad_accum: 16}
+    output:       {log_every: 1, keep_last: 2}
+    output_dir:   outputs/run
+
+Every field's comment is its documentation (``qlora-trainer train --help-config`` prints them).
+Unknown keys and bad values raise :class:`ConfigError` with a one-line message that names the key
+(and the file) and, for a misspelling, the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qlora_trainer.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "random:tiny"
+    """HF hub id, a local model directory, or ``random:<arch>`` to build a randomly initialised model
+    in-process from the architecture catalog (``random:tiny`` is the demo's model; no download)."""
+    quantization: Literal["nf4", "none"] = "nf4"
+    """``nf4``: 4-bit NormalFloat base through bitsandbytes (QLoRA). ``none``: 16-bit base (plain LoRA)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Matmul/activation dtype. ``auto`` = bfloat16 on CUDA, float32 on CPU (see runtime.py)."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to ``name_or_path`` (``random:*`` models use the built-in byte tokenizer)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    trust_remote_code: bool = False
+    """Run model code from the hub. Off by default; turn on only for repositories you trust."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention backend passed to transformers."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer's activations in backward (non-reentrant) instead of storing them."""
+    offload_activations: bool = False
+    """With gradient checkpointing: keep the checkpointed hidden states in pinned CPU memory (CUDA only)."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
+    resize_embeddings: bool = False
+    """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
+
+
+@dataclass
+class QuantizationConfig:
+    double_quant: bool = True
+    """Quantize the per-block absmax constants again (8-bit, blocks of 256): ~0.5 -> ~0.127 bit/param."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of bitsandbytes; NF4 is information-theoretically optimal for normal weights."""
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Storage dtype of the packed 4-bit weights (bfloat16 lets FSDP shard them with the 16-bit parts)."""
+    blocksize: int = 64
+    """Weights per absmax block of the first quantization level."""
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    """Adapter rank. 16 on every linear layer matches r=64 on attention alone in the QLoRA paper's
+    ablations at a quarter of the adapter memory."""
+    alpha: float = 32.0
+    """Scale numerator: the update is (alpha / r) * B A (alpha / sqrt(r) with rsLoRA). alpha = 2r keeps
+    the effective learning rate stable when r changes."""
+    dropout: float = 0.05
+    """Dropout on the adapter input. 0.05 is the QLoRA paper's value for 7B-13B models."""
+    targets: str | list[str] = "all-linear"
+    """``all-linear`` (every linear layer except ``lm_head``) or module-name patterns (regex or suffix
+    such as ``q_proj``)."""
+    variant: Literal["lora", "rslora", "dora"] = "lora"
+    """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction)."""
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    """Initialisation of A (B is zero so the adapter starts as the identity on the base model)."""
+    dtype: Literal["bfloat16", "float32", "auto"] = "auto"
+    """Adapter parameter dtype. ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+    loraplus_ratio: float = 1.0
+    """LoRA+: B's learning rate is this times A's (16 is the paper's suggestion; 1 disables)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:demo"
+    """A file (.jsonl .json .csv .parquet .txt), a directory, a hub dataset name, or ``builtin:demo``
+    (a small generated instruction set). ``$QLORA_DATA`` (default ``../shared/data``) expands in paths."""
+    format: Literal["text", "instruction", "chat", "prompt_completion"] = "instruction"
+    """How records become token sequences and which tokens carry loss."""
+    seq_len: int = 512
+    """Maximum tokens per training sequence (packed block length when ``pack`` is on)."""
+    split: str = "train"
+    """Split to read from a dataset directory or hub dataset."""
+    eval_path: str | None = None
+    """Separate evaluation data; when unset, ``eval_fraction`` of the training data is held out."""
+    eval_fraction: float = 0.0
+    """Share of the training records held out for evaluation (carved with ``train.seed``)."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Field mapping from the format's names to the dataset's, e.g. ``{instruction: question, output: answer}``."""
+    template: str = "alpaca"
+    """Prompt template for ``instruction`` data (``alpaca`` or a format string with ``{instruction}`` ``{input}``)."""
+    chat_template: str | None = None
+    """Fallback chat template name when the tokenizer has none (e.g. ``chatml``)."""
+    train_on_prompt: bool = False
+    """Put loss on the prompt tokens too (default: completion only)."""
+    pack: bool = False
+    """Pack several short samples into one ``seq_len`` block without cross-attention."""
+    group_by_length: bool = False
+    """Batch samples of similar length together to cut padding."""
+    max_samples: int | None = None
+    """Use at most this many records (after shuffling with the seed)."""
+    num_proc: int | None = None
+    """Processes for ``datasets.map`` tokenization."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    lr: float = 2e-4
+    """Peak learning rate (QLoRA paper: 2e-4 for 7B/13B, 1e-4 for 33B/65B)."""
+    batch_size: int = 1
+    """Sequences per micro-batch."""
+    grad_accum: int = 16
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
+    """bitsandbytes paged AdamW (8- or 32-bit state) or torch AdamW. Paging falls back to plain on the CPU."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter weights."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up (transformers' schedulers)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float = 0.3
+    """Gradient clipping norm (QLoRA paper: 0.3)."""
+    seed: int = 42
+    """Seed for adapter init, data order, dropout."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    eval_every: int = 0
+    """Evaluation loss every N optimizer steps (0: never)."""
+    eval_batches: int = 0
+    """Evaluation batches per evaluation (0: the whole eval set)."""
+    loss_chunk_size: int = 0
+    """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
+    device: str = "auto"
+    """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda[:N]``."""
+
+
+@dataclass
+class OutputConfig:
+    log_every: int = 1
+    """Write a metrics.jsonl line (and refresh the progress bar) every N optimizer steps."""
+    keep_last: int = 2
+    """Checkpoints to keep under ``output_dir/checkpoints`` (older ones are deleted)."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar with loss, lr, tokens/s and memory."""
+    overwrite: bool = False
+    """Allow training into an ``output_dir`` that already holds a finished adapter."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    output_dir: str = "outputs/run"
+    """Where the adapter, metrics.jsonl and checkpoints go."""
+    resume: str | None = None
+    """``auto`` (newest checkpoint in ``output_dir``), a checkpoint path, or unset to start fresh."""
+
+    def validate(self) -> "Config":
+        """Check value ranges and cross-field rules; raise ConfigError naming the key."""
+        checks: list[tuple[bool, str, str]] = [
+            (self.lora.r >= 1, "lora.r", "must be >= 1"),
+            (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
+            (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+            (self.lora.loraplus_ratio > 0, "lora.loraplus_ratio", "must be > 0"),
+            (self.data.seq_len >= 8, "data.seq_len", "must be >= 8"),
+            (0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
+            (self.train.max_steps >= 1, "train.max_steps", "must be >= 1"),
+            (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+            (self.train.save_every >= 0, "train.save_every", "must be >= 0"),
+            (self.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
+            (self.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)"),
+            (self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+            (self.quantization.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quantization.blocksize",
+             "must be a power of two in 64..4096"),
+            (self.output.keep_last >= 1, "output.keep_last", "must be >= 1"),
+            (self.output.log_every >= 1, "output.log_every", "must be >= 1"),
+            (bool(self.output_dir), "output_dir", "must not be empty"),
+            (self.train.device == "auto" or self.train.device == "cpu" or self.train.device.startswith("cuda"),
+             "train.device", "must be auto, cpu or cuda[:N]"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
+        if self.model.offload_activations and not self.model.gradient_checkpointing:
+            raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply ``section.key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: one line naming the file, the key and the fix.
+    """
+    import yaml
+
+    raw: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
+    cfg = config_from_dict(raw, where=where)
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg.validate()
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    """Build a Config from a nested dict (YAML shape), checking every key and type."""
+    cfg = Config()
+    for key, value in raw.items():
+        if _is_section(Config, key):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key}: must be a mapping of keys, got {value!r}")
+            for sub, v in value.items():
+                _set(cfg, f"{key}.{sub}", v, where)
+        else:
+            _set(cfg, key, value, where)
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one ``section.key=value`` command-line override (value parsed as YAML)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    _set(cfg, key.strip(), value, "command line")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the config as YAML, atomically."""
+    import yaml
+
+    from qlora_trainer.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def field_docs() -> dict[str, str]:
+    """``section.key`` -> documentation string, read from the field docstrings in this file."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))
+    classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    for cname, node in classes.items():
+        prefix = next((s for s, t in sections.items() if t == cname or t == f"{cname}"), None)
+        if cname == "Config":
+            prefix = ""
+        elif prefix is None:
+            continue
+        body = node.body
+        for i, stmt in enumerate(body[:-1]):
+            nxt = body[i + 1]
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
+                    isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                key = f"{prefix}.{stmt.target.id}" if prefix else stmt.target.id
+                docs[key] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_section(cls: type, name: str) -> bool:
+    f = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+    return f is not None and dataclasses.is_dataclass(_hints(cls)[name])
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(Config):
+        t = _hints(Config)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(t)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for part in parts[:-1]:
+        if not _is_section(type(obj), part):
+            raise ConfigError(_unknown(key, where))
+        obj = getattr(obj, part)
+    name = parts[-1]
+    if name not in {f.name for f in dataclasses.fields(obj)} or _is_section(type(obj), name):
+        raise ConfigError(_unknown(key, where))
+    setattr(obj, name, _coerce(key, value, _hints(type(obj))[name], where))
+
+
+def _unknown(key: str, where: str) -> str:
+    near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid_keys())}"
+    return f"{where}: unknown key {key!r}{hint}"
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert int->float and str numbers where safe."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = f"{where}: {key}: expected {_type_name(tp)}, got {value!r}"
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>" or origin is getattr(
+            __import__("types"), "UnionType", None):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(bad)
+    if origin is Literal:
+        if value in args:
+            return value
+        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+    if origin in (list,):
+        if not isinstance(value, list):
+            raise ConfigError(bad)
+        return [_coerce(key, v, args[0], where) for v in value] if args else value
+    if origin in (dict,):
+        if not isinstance(value, dict):
+            raise ConfigError(bad)
+        return {str(k): _coerce(key, v, args[1], where) for k, v in value.items()} if args else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(bad)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(bad)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(bad)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(bad)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    if origin is not None:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp)) if origin is typing.Union else str(tp)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))

@@ -1,0 +1,53 @@
+"""Shared fixtures. Tests run with ``--import-mode=importlib`` (repo root off sys.path)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tokenizer():
+    """The built-in byte-level tokenizer (vocab 260, EOS 258, pad 259)."""
+    from qlora_trainer.models.tiny import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    """A random fp32 ``tiny`` Llama (hidden 128, 4 layers, GQA 4/2 heads, vocab 260), 16-bit base."""
+    from qlora_trainer.models.tiny import random_model
+
+    return random_model("tiny", seed=0).eval()
+
+
+@pytest.fixture
+def tiny_nf4_model():
+    """The same tiny Llama with every linear layer but lm_head in NF4 (double quant), fp32 compute."""
+    from qlora_trainer.models.quantize import quantize_model
+    from qlora_trainer.models.tiny import random_model
+
+    return quantize_model(random_model("tiny", seed=0), compute_dtype=torch.float32).eval()
