@@ -46,7 +46,17 @@ def lora_matmul(
         backend: ``auto|triton|torch`` (see :func:`resolve_backend`).
     Returns:
         (..., out_features) in ``x.dtype``.
+
+    On the triton backend a frozen NF4 ``Linear4bit`` or dense ``nn.Linear`` base goes through
+    ``lora_linear.LoRALinearFunction`` (W recomputed in the backward, fused NF4 dequant); other
+    bases (trainable, FP4, unknown modules) take the plain path below.
     """
+    if resolve_backend(backend, x.device) == "triton":
+        from .lora_linear import BaseWeight, lora_linear
+
+        bw = BaseWeight.from_module(base, backend="triton")
+        if bw is not None:
+            return lora_linear(x, bw, lora_A, lora_B, scale, x_lora)
     xa = x if x_lora is None else x_lora
     y = base(x)
     return y + (xa.to(lora_A.dtype) @ lora_A.t() @ lora_B.t()).to(y.dtype) * scale

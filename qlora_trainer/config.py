@@ -193,6 +193,8 @@ class Config:
             (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
             (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
             (self.lora.loraplus_ratio > 0, "lora.loraplus_ratio", "must be > 0"),
+            (self.lora.init in ("kaiming", "gaussian"), "lora.init", "pissa/olora are not implemented yet; "
+             "use kaiming or gaussian"),
             (self.data.seq_len >= 8, "data.seq_len", "must be >= 8"),
             (0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
             (self.train.max_steps >= 1, "train.max_steps", "must be >= 1"),

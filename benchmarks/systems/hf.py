@@ -1,0 +1,58 @@
+"""The HF stack as its users run it: ``AutoModelForCausalLM.from_pretrained`` with
+``BitsAndBytesConfig`` (NF4, double quant, compute in the run dtype), PEFT's
+``prepare_model_for_kbit_training`` (non-reentrant gradient checkpointing), ``LoraConfig(r=16,
+lora_alpha=32, target_modules="all-linear")`` and bitsandbytes paged AdamW 8-bit.
+
+70B models load the identical tensors in-process (benchmarks.weights; their bf16 checkpoint does not
+fit the GPU machine's disk), then go through the same PEFT steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Built, bnb_paged_adamw_8bit, system_main, trainable
+from benchmarks.spec import RunSpec
+
+
+def load_model(spec: RunSpec):
+    """The NF4 base model, loaded as ``from_pretrained`` users do (or built in-process for 70B)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if spec.weights == "in_process":
+        from benchmarks.weights import build_nf4_in_process
+
+        return build_nf4_in_process(spec.model, seed=spec.seed, device=torch.device(spec.device),
+                                    dtype=spec.torch_dtype)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=spec.torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(spec.checkpoint_dir, quantization_config=q, dtype=spec.torch_dtype,
+                                                device_map={"": spec.device}, attn_implementation="sdpa")
+
+
+def build(spec: RunSpec) -> Built:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_model(spec)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not model.is_gradient_checkpointing:  # in-process models are not flagged as loaded in 4 bit
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(spec.seed)
+    model = get_peft_model(model, lora)
+    model.train()
+    params = trainable(model)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    return Built(loss_fn=loss_fn, optimizer=bnb_paged_adamw_8bit(params, spec),
+                 vocab=model.config.vocab_size, trainable_params=sum(p.numel() for p in params))
+
+
+if __name__ == "__main__":
+    raise SystemExit(system_main("hf", build))

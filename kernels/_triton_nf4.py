@@ -1,0 +1,73 @@
+"""Triton NF4 dequantization kernel and launcher (imported lazily by ``nf4.py``; needs triton).
+
+Layout (bitsandbytes ``quantize_4bit``, identical on CPU and CUDA): the weight (out, in) is
+flattened row-major; element ``i`` lives in byte ``i // 2`` (high nibble for even ``i``, low nibble
+for odd ``i``) and is scaled by ``absmax[i // blocksize]``. With double quantization the absmax is
+itself 8-bit: ``absmax_f32[b] = code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset``.
+
+One program per ``BLOCK_BYTES`` packed bytes (2 * BLOCK_BYTES outputs): a coalesced uint8 load,
+two 16-entry table lookups (L1-resident), one absmax lookup per quantization block (1 byte with
+DQ), an interleave, and a coalesced 16-byte-vector store. Bytes moved = n/2 (packed) + n*2 (bf16 out) + n/blocksize
+(absmax): the floor for a separate dequant; FMA contraction is disabled so that the double-quant
+absmax (mul then add) rounds exactly as bitsandbytes does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nf4_block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, mask, NESTED: tl.constexpr,
+                    QBLOCK2: tl.constexpr):
+    """fp32 absmax of quantization block(s) ``blk`` (double-quant aware)."""
+    if NESTED:
+        a8 = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
+        s = tl.load(CODE2 + a8, mask=mask, other=0.0) * tl.load(ABSMAX2 + blk // QBLOCK2, mask=mask, other=0.0)
+        return s + tl.load(OFFSET)
+    return tl.load(ABSMAX + blk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel, n_bytes, n_blocks,
+                        QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
+                        BLOCK_BYTES: tl.constexpr):
+    # The tile is (ROWS, HALF): one row per quantization block (HALF = QBLOCK / 2 packed bytes),
+    # so the block scale is loaded once per row and broadcast, and the byte loads are contiguous
+    # with a mask that is constant over 16-byte groups (vectorized when n_bytes % 16 == 0).
+    HALF: tl.constexpr = QBLOCK // 2
+    ROWS: tl.constexpr = BLOCK_BYTES // HALF
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+    byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
+    q = tl.load(PACKED + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    scale = nf4_block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, blk < n_blocks, NESTED, QBLOCK2)
+    hi = tl.load(CODE + (q >> 4)) * scale[:, None]  # element 2*byte
+    lo = tl.load(CODE + (q & 15)) * scale[:, None]  # element 2*byte + 1 (same block: QBLOCK even)
+    vals = tl.interleave(hi, lo)  # (ROWS, QBLOCK) fp32, row-major = flat element order
+    idx = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    tl.store(OUT + idx, vals.to(OUT.dtype.element_ty), mask=idx < numel)
+
+
+def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                code2: torch.Tensor | None, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
+                blocksize: int, blocksize2: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """packed: (ceil(n/2),) uint8; absmax: (ceil(n/blocksize),) uint8 (nested) or fp32;
+    code: (16,) fp32; code2/absmax2/offset: (256,) / (ceil(n_blocks/blocksize2),) / () fp32 when
+    nested (``offset`` stays on the device: no host sync).
+    Returns a new contiguous tensor of ``shape`` in ``dtype``."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    numel = out.numel()
+    nested = code2 is not None
+    block_bytes = max(1024, blocksize // 2)  # a whole number of quantization blocks per program
+    n_bytes = (numel + 1) // 2
+    n_blocks = triton.cdiv(numel, blocksize)
+    grid = (triton.cdiv(n_bytes, block_bytes),)
+    dummy = code  # unused pointer arguments when not nested
+    _nf4_dequant_kernel[grid](
+        packed, absmax, code, code2 if nested else dummy, absmax2 if nested else dummy,
+        offset if nested else dummy, out, numel, n_bytes, n_blocks, QBLOCK=blocksize,
+        QBLOCK2=blocksize2, NESTED=nested, BLOCK_BYTES=block_bytes, num_warps=4, enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,127 @@
+"""``qlora-trainer generate``: complete prompts with the base model and one or more adapters.
+
+With several ``--adapter`` directories the base is loaded once and each prompt is answered by every
+adapter in turn (switching the active adapter, no reload), so their outputs can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "generate text with the base model plus LoRA adapter(s), comparing several side by side"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter directory (PEFT format); repeat to compare several on the same prompts")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="base model (default: from the adapter's config.yaml / adapter_config.json)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeatable")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="prompts, one per line (.txt) or a 'prompt' field per line (.jsonl)")
+    p.add_argument("--template", choices=["auto", "raw"], default="auto",
+                   help="auto: wrap prompts as the adapter was trained (instruction template / chat template); "
+                        "raw: feed them as given")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--with-base", action="store_true", help="also answer with the adapters disabled")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the run config's)")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="also write {prompt, adapter, completion} records here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key, e.g. model.quantization=none")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    from qlora_trainer.errors import QloraError
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise QloraError(f"--prompts-file: {path} does not exist")
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise QloraError(f"{path}:{i}: expected a JSON object with a 'prompt' field") from None
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise QloraError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def format_prompt(prompt: str, cfg, tokenizer, template: str) -> str:
+    """The prompt as the model saw prompts in training (``data.format``), or raw."""
+    if template == "raw":
+        return prompt
+    from qlora_trainer.data.formats import chat_template_for, instruction_prompt
+
+    if cfg.data.format == "instruction":
+        return instruction_prompt(prompt, None, cfg.data.template)
+    if cfg.data.format == "chat":
+        tpl = chat_template_for(tokenizer, cfg.data.chat_template)
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=tpl,
+                                             add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def generate_one(model, tokenizer, text: str, args: argparse.Namespace) -> str:
+    """Decode up to ``--max-new-tokens`` after ``text``; returns the new text only."""
+    import torch
+
+    device = next(model.parameters()).device
+    enc = tokenizer(text, return_tensors="pt").to(device)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, use_cache=True,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                  else tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if args.sample:
+        torch.manual_seed(args.seed)
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlora_trainer.errors import QloraError
+    from qlora_trainer.lora import disable_adapters, set_active_adapter
+    from qlora_trainer.lora.loading import load_with_adapters
+
+    if not args.adapter and not args.base:
+        raise QloraError("generate: pass --adapter DIR (repeatable) and/or --base MODEL")
+    if args.max_new_tokens < 1:
+        raise QloraError(f"--max-new-tokens: must be >= 1 (got {args.max_new_tokens})")
+    prompts = read_prompts(args)
+    loaded = load_with_adapters(args.adapter, base=args.base, overrides=args.overrides, device=args.device)
+    model, tok = loaded.model, loaded.tokenizer
+    runs: list[str | None] = ([None] if args.with_base or not loaded.names else []) + list(loaded.names)
+    records = []
+    for i, prompt in enumerate(prompts, 1):
+        text = format_prompt(prompt, loaded.config, tok, args.template)
+        print(f"=== prompt {i} ===\n{prompt}")
+        for name in runs:
+            if name is None:
+                with disable_adapters(model):
+                    completion = generate_one(model, tok, text, args)
+            else:
+                set_active_adapter(model, name)
+                completion = generate_one(model, tok, text, args)
+            print(f"--- {name or 'base'} ---\n{completion}")
+            records.append({"prompt": prompt, "adapter": name or "base", "completion": completion})
+    if args.output:
+        from qlora_trainer.io import atomic_write_text
+
+        atomic_write_text(Path(args.output), "".join(json.dumps(r) + "\n" for r in records))
+    return 0

@@ -1,0 +1,75 @@
+"""``qlora-trainer memory MODEL``: will this run fit? Estimate (and optionally measure) peak GPU memory."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "estimate peak GPU memory of a QLoRA run before loading anything (exit 0 fits, 1 does not)"
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="catalog name (e.g. llama-2-7b) or a model directory with config.json")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--budget", type=float, required=True, help="GPU memory budget in GB (1e9 bytes)")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank on all linear layers (default 16)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="paged_adamw_8bit")
+    p.add_argument("--system", choices=("ours", "hf"), default="ours",
+                   help="ours (no fp32 upcast, chunked loss) or hf (transformers+PEFT+bitsandbytes)")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                   help="store every layer's activations instead of recomputing them")
+    p.add_argument("--offload", action="store_true", help="offload checkpointed activations to pinned CPU memory")
+    p.add_argument("--basis", choices=("device", "allocated"), default="device",
+                   help="compare the budget with the whole device footprint (default) or the allocator peak (GiB)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--measure", action="store_true", help="also run real steps on the GPU with a synthetic NF4 model")
+    p.add_argument("--snapshot", metavar="PATH", help="with --measure: dump a CUDA memory-history snapshot here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from qlora_trainer.errors import ConfigError
+    from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
+
+    for name in ("seq", "batch", "r"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}: must be >= 1 (got {getattr(args, name)})")
+    if args.budget <= 0:
+        raise ConfigError(f"--budget: must be > 0 GB (got {args.budget})")
+    if args.measure and args.system != "ours":
+        raise ConfigError("--measure runs our stack only; drop --system hf (HF figures: memory/references.py)")
+    arch, reason = resolve_arch(args.model)
+    if arch is None:
+        raise ConfigError(f"MODEL: {reason}")
+    kw = dict(lora_r=args.r, optimizer=args.optimizer, system=args.system,
+              checkpointing=args.checkpointing, offload=args.offload)
+    est = estimate(arch, seq_len=args.seq, batch=args.batch, **kw)
+    fits = est.fits(args.budget, args.basis)
+    max_seq = largest_fitting(arch, args.budget, vary="seq_len", basis=args.basis, batch=args.batch, **kw)
+    max_batch = largest_fitting(arch, args.budget, vary="batch", basis=args.basis, seq_len=args.seq, **kw)
+    measured = None
+    if args.measure:
+        from qlora_trainer.memory.measure import measure_training
+        from qlora_trainer.memory.profile import CudaReader
+
+        CudaReader()  # one-line error without CUDA, before building anything
+        measured = measure_training(arch, seq_len=args.seq, batch=args.batch, lora_r=args.r,
+                                    optimizer=args.optimizer, checkpointing=args.checkpointing,
+                                    offload=args.offload, snapshot=args.snapshot)
+    if args.json:
+        out = est.to_dict() | {"fits": fits, "budget_gb": args.budget, "basis": args.basis,
+                               "max_seq_len": max_seq, "max_batch": max_batch}
+        if measured is not None:
+            out["measured"] = measured.compare(est)
+        print(json.dumps(out))
+    else:
+        print(est.to_markdown())
+        verdict = "fits" if fits else "does NOT fit"
+        print(f"\n{verdict} in {args.budget:g} GB ({args.basis} basis); at batch {args.batch} the longest "
+              f"sequence that fits is {max_seq} tokens; at seq {args.seq} the largest batch is {max_batch}.")
+        if measured is not None:
+            print("\n" + measured.to_markdown(est))
+    return 0 if fits else 1

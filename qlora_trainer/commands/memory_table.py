@@ -1,0 +1,54 @@
+"""``qlora-trainer memory-table``: the QLoRA paper's LLaMA memory breakdown next to our estimates."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "reproduce the QLoRA paper's memory table (LLaMA 7B-65B) with our estimates, as markdown/JSON/chart"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON object")
+    p.add_argument("--chart", metavar="PATH", help="write a stacked-bar chart (png/svg/pdf) to PATH")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure our stack on this GPU (synthetic NF4 models; sizes that fit only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from qlora_trainer.memory.paper import paper_chart, paper_markdown, paper_table
+
+    rows = paper_table()
+    if args.measure:
+        _measure(rows)
+    if args.chart:
+        paper_chart(rows, args.chart)
+    if args.json:
+        print(json.dumps({"rows": rows, "units": {"*_gb": "1e9 bytes", "*_gib": "2**30 bytes", "*_mb": "1e6 bytes"}}))
+    else:
+        print(paper_markdown(rows))
+        if args.chart:
+            print(f"\nchart: {args.chart}")
+    return 0
+
+
+def _measure(rows: list[dict]) -> None:
+    """Add ``measured_ours_allocated_gib`` (peak over phases) to each row whose estimate fits the GPU."""
+    import torch
+
+    from qlora_trainer.memory.measure import measure_training
+    from qlora_trainer.memory.profile import CudaReader
+    from qlora_trainer.memory.references import PAPER_SETTINGS
+
+    CudaReader()  # one-line error without CUDA
+    capacity = torch.cuda.get_device_properties(0).total_memory / 1e9
+    s = PAPER_SETTINGS
+    for r in rows:
+        if r["est_ours_device_gb"] > capacity:
+            r["measured_ours_allocated_gib"] = None
+            continue
+        prof = measure_training(r["model"], seq_len=s["seq_len"], batch=s["batch"], lora_r=s["lora_r"],
+                                optimizer=s["optimizer"], steps=1)
+        r["measured_ours_allocated_gib"] = round(max(p.allocated for p in prof.peaks.values()) / 2**30, 2)
+        torch.cuda.empty_cache()

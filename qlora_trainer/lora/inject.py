@@ -1,0 +1,162 @@
+"""Put ``LoRALinear`` in place of the targeted linear layers (module replacement), freeze the rest,
+and build the optimizer's parameter groups (LoRA+)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import torch
+from torch import nn
+
+from qlora_trainer.config import LoRAConfig
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
+from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or a bitsandbytes 4-bit linear layer (not our wrapper)."""
+    from qlora_trainer.models.quantize import is_4bit
+
+    return isinstance(module, nn.Linear) or is_4bit(module)
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    names = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        names |= {n for n, m in model.named_modules() if m is out}
+    return names
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> linear layer (plain or already wrapped), never inside a ``LoRALinear``."""
+    found: dict[str, nn.Module] = {}
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, LoRALinear):
+            wrapped.append(name)
+            found[name] = module
+        elif is_linear(module):
+            found[name] = module
+    return found
+
+
+def match_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the linear layers ``targets`` selects.
+
+    ``all-linear``: every linear layer except the output projection (``lm_head``). Otherwise each
+    pattern matches a module whose qualified name equals it, ends in ``.<pattern>`` (e.g. ``q_proj``)
+    or fully matches it as a regular expression.
+    """
+    layers = linear_layers(model)
+    if targets == ALL_LINEAR or targets == [ALL_LINEAR]:
+        skip = _output_layer_names(model)
+        return [n for n in layers if n not in skip and n.rsplit(".", 1)[-1] != "lm_head"]
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"lora.targets: {p!r} is not a valid pattern ({e})") from None
+    return [n for n in layers
+            if any(n == p or n.endswith("." + p) or c.fullmatch(n) for p, c in zip(patterns, compiled))]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule at qualified ``name`` to ``new`` (module replacement, no patching)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backend: str = "auto",
+                adapter_name: str = "default") -> list[str]:
+    """Add adapter ``adapter_name`` to every targeted linear layer, replacing it by ``LoRALinear``
+    (a layer that already is one just gets another adapter), and make it the active adapter.
+
+    Everything but the new adapter's parameters is frozen. Returns the replaced module names.
+    Raises ConfigError when ``cfg.targets`` selects nothing or ``cfg.init``/``variant`` is unsupported.
+    """
+    if cfg.init not in ("kaiming", "gaussian"):
+        raise ConfigError(f"lora.init: {cfg.init!r} is not implemented yet; use kaiming or gaussian")
+    names = match_targets(model, cfg.targets)
+    if not names:
+        some = ", ".join(list(linear_layers(model))[:6])
+        raise ConfigError(f"lora.targets: {cfg.targets!r} matches no linear layer (some names: {some})")
+    spec = AdapterSpec.from_variant(cfg.variant, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, backend=backend)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name, spec, dtype=dtype, init=cfg.init)
+    set_active_adapter(model, adapter_name)
+    set_trainable(model, adapter_name)
+    trainable, total = trainable_parameters(model)
+    log.info("LoRA %s (%s, r=%d, alpha=%g) on %d layers: %s trainable of %s parameters (%.3f%%)",
+             adapter_name, spec.variant, cfg.r, cfg.alpha, len(names), f"{trainable:,}", f"{total:,}",
+             100.0 * trainable / max(total, 1))
+    return names
+
+
+def set_trainable(model: nn.Module, adapter_name: str | None) -> None:
+    """Only ``adapter_name``'s A, B (and DoRA magnitude) require grad; ``None`` freezes all adapters."""
+    for layer in lora_layers(model).values():
+        for d in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            for k, p in d.items():
+                p.requires_grad_(k == adapter_name)
+
+
+def _numel(p: torch.Tensor) -> int:
+    """Logical parameter count (a packed 4-bit weight holds two values per byte)."""
+    qs = getattr(p, "quant_state", None)
+    return math.prod(qs.shape) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their logical (out * in) size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def lora_param_groups(model: nn.Module, lr: float, loraplus_ratio: float = 1.0,
+                      weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer groups for the trainable parameters (LoRA+, Hayou et al. 2024):
+
+    - A matrices (and any other 2-D trainable weight): ``lr``, ``weight_decay``;
+    - B matrices: ``lr * loraplus_ratio``, ``weight_decay``;
+    - 1-D parameters (DoRA magnitudes): ``lr * loraplus_ratio``, no weight decay (as PEFT's
+      ``create_loraplus_optimizer``).
+    Empty groups are left out; each group carries a ``name``.
+    """
+    groups: dict[str, list[torch.nn.Parameter]] = {"lora_A": [], "lora_B": [], "lora_magnitude": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_B." in f".{name}.":
+            groups["lora_B"].append(p)
+        elif p.ndim == 1:
+            groups["lora_magnitude"].append(p)
+        else:
+            groups["lora_A"].append(p)
+    settings = {"lora_A": (lr, weight_decay), "lora_B": (lr * loraplus_ratio, weight_decay),
+                "lora_magnitude": (lr * loraplus_ratio, 0.0)}
+    return [{"name": k, "params": ps, "lr": settings[k][0], "weight_decay": settings[k][1]}
+            for k, ps in groups.items() if ps]

@@ -1,0 +1,99 @@
+"""Base model + tokenizer + adapters from adapter directories (what ``generate`` and ``merge`` need).
+
+The base is described by the adapter directory itself: our ``config.yaml`` (the run's full config:
+model path, quantization, seed of a ``random:`` model, ...) when present, else PEFT's
+``adapter_config.json`` ``base_model_name_or_path`` with default settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qlora_trainer.config import Config
+from qlora_trainer.errors import QloraError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class LoadedModel:
+    """A base model with adapters loaded; ``names[i]`` is the adapter from ``dirs[i]``."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: Config
+    names: list[str] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)
+
+
+def run_config_for(adapter_dir: str | Path | None, *, base: str | None = None,
+                   overrides: list[str] | None = None) -> Config:
+    """The run config describing ``adapter_dir``'s base model (``base`` replaces its path)."""
+    from qlora_trainer.config import apply_override, load_config
+    from qlora_trainer.lora.peft_format import read_adapter_config
+
+    if adapter_dir is not None and (Path(adapter_dir) / "config.yaml").is_file():
+        cfg = load_config(Path(adapter_dir) / "config.yaml")
+    else:
+        cfg = Config()
+        if adapter_dir is not None:
+            name = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+            if not name and base is None:
+                raise QloraError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path; pass --base")
+            cfg.model.name_or_path = name or cfg.model.name_or_path
+    if base is not None:
+        cfg.model.name_or_path = base
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg.validate()
+
+
+def _unique_names(dirs: list[Path]) -> list[str]:
+    names: list[str] = []
+    for d in dirs:
+        stem = d.resolve().name
+        stem = d.resolve().parent.name if stem == "adapter" else stem  # runs/<name>/adapter -> <name>
+        name, i = stem, 2
+        while name in names:
+            name, i = f"{stem}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = None,
+                       overrides: list[str] | None = None, device: str | None = None) -> LoadedModel:
+    """Load the (NF4) base once and every adapter onto it; the last one is active.
+
+    Adapters trained on different bases are an error unless ``base`` is given.
+    """
+    from qlora_trainer.lora.peft_format import load_adapter, read_adapter_config
+    from qlora_trainer.models.load import load_base_model, load_tokenizer
+    from qlora_trainer.runtime import resolve_device, resolve_dtype
+
+    dirs = [Path(d) for d in adapter_dirs]
+    bases = {read_adapter_config(d).get("base_model_name_or_path") for d in dirs}
+    if len(bases) > 1 and base is None:
+        raise QloraError(f"adapters were trained on different bases ({', '.join(map(str, sorted(bases, key=str)))}); "
+                         f"pass --base to choose one")
+    cfg = run_config_for(dirs[0] if dirs else None, base=base, overrides=overrides)
+    if device is not None:
+        cfg.train.device = device
+    dev = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.model.compute_dtype, dev)
+    tok_dir = next((d for d in dirs if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+    if tok_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    else:
+        tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg, device=dev, dtype=dtype, vocab_size=len(tokenizer))
+    names = _unique_names(dirs)
+    adapter_dtype = resolve_dtype(cfg.lora.dtype, dev)
+    for d, name in zip(dirs, names):
+        load_adapter(model, d, adapter_name=name, dtype=adapter_dtype, backend=cfg.model.kernels)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, config=cfg, names=names, dirs=dirs)

@@ -1,0 +1,204 @@
+"""Adapters on disk in PEFT's format, so ``peft.PeftModel.from_pretrained(base, dir)`` loads ours and
+we load PEFT's (``peft`` itself is not needed at run time).
+
+A directory holds ``adapter_config.json`` (``peft_type: LORA``, ``task_type: CAUSAL_LM``, ``r``,
+``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_rslora``, ``use_dora``,
+``base_model_name_or_path``, ...) and ``adapter_model.safetensors`` with PEFT's key names::
+
+    base_model.model.<module path>.lora_A.weight            (r, in)
+    base_model.model.<module path>.lora_B.weight            (out, r)
+    base_model.model.<module path>.lora_magnitude_vector    (out,)    DoRA only
+
+plus, where given, the tokenizer files and our run config (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qlora_trainer.config import LoRAConfig
+from qlora_trainer.errors import QloraError
+from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
+from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
+             ".lora_magnitude_vector.weight": "m"}
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT ``target_modules`` selecting exactly ``names``: the list of last name components when that
+    selects nothing else, else a regular expression PEFT full-matches against module names."""
+    from qlora_trainer.lora.inject import linear_layers
+
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    chosen = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in suffixes}
+    if chosen == set(names):
+        return suffixes
+    return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of adapter ``adapter_name`` (contiguous CPU copies)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        if adapter_name not in layer.specs:
+            continue
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name]
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name]
+        if layer.specs[adapter_name].use_dora:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base_model: str,
+                 adapter_name: str = "default", tokenizer: Any = None, run_config: Any = None,
+                 revision: str | None = None) -> Path:
+    """Write adapter ``adapter_name`` to ``out_dir`` in PEFT's format.
+
+    A new directory appears whole (built aside, then renamed); into an existing one each file is
+    replaced atomically and other files are left alone. ``tokenizer`` (``save_pretrained``) and
+    ``run_config`` (our ``Config``, as ``config.yaml``) are saved alongside when given.
+    """
+    from safetensors.torch import save_file
+
+    from qlora_trainer.io import atomic_directory, atomic_write_bytes
+
+    tensors = adapter_state_dict(model, adapter_name)
+    if not tensors:
+        raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
+    names = [n for n, layer in lora_layers(model).items() if adapter_name in layer.specs]
+    spec = lora_layers(model)[names[0]].specs[adapter_name]
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "revision": revision, "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+        "target_modules": _target_modules(model, names), "use_rslora": spec.use_rslora,
+        "use_dora": spec.use_dora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+    }
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        staging = Path(tmp)
+        (staging / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if run_config is not None:
+            from qlora_trainer.config import save_config
+
+            save_config(run_config, staging / "config.yaml")
+        if not out_dir.exists():
+            with atomic_directory(out_dir, replace=False) as target:
+                for f in staging.iterdir():
+                    f.rename(target / f.name)
+        else:
+            for f in sorted(staging.iterdir()):
+                atomic_write_bytes(out_dir / f.name, f.read_bytes())
+    return out_dir
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """``adapter_config.json`` of an adapter directory, checked to be a PEFT LoRA adapter."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise QloraError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise QloraError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    for key in ("modules_to_save", "trainable_token_indices", "layer_replication"):
+        if config.get(key):
+            raise QloraError(f"{file}: {key} is not supported by qlora_trainer's loader")
+    return config
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank/alpha_pattern lookup: a key matches a module name ending in it (regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?(?:{key})$", module):
+            return value
+    return default
+
+
+def _group(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        for suffix, kind in _SUFFIXES.items():
+            if name.endswith(suffix):
+                modules.setdefault(name[: -len(suffix)], {})[kind] = t
+                break
+        else:
+            raise QloraError(f"{file}: unsupported tensor {key!r} (only lora_A/lora_B/lora_magnitude_vector)")
+    return modules
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "default",
+                 dtype: torch.dtype | None = None, backend: str = "auto", trainable: bool = False) -> list[str]:
+    """Load a PEFT-format LoRA/rsLoRA/DoRA adapter (ours or PEFT's) onto ``model`` as ``adapter_name``
+    and make it active. The base stays as it is; other adapters stay loaded. ``dtype`` defaults to
+    the runtime's compute dtype for the model's device. Everything is frozen except, with
+    ``trainable``, this adapter's parameters. Returns the adapted module names."""
+    from safetensors.torch import load_file
+
+    from qlora_trainer.lora.inject import replace_module, set_trainable
+    from qlora_trainer.runtime import resolve_dtype
+
+    path = Path(path)
+    config = read_adapter_config(path)
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        other = " (adapter_model.bin is not read: safetensors only)" if (path / "adapter_model.bin").exists() else ""
+        raise QloraError(f"{path}: no {WEIGHTS_NAME}{other}")
+    modules = _group(load_file(str(file)), file)
+    if dtype is None:
+        dtype = resolve_dtype("auto", next(model.parameters()).device)
+    use_dora = bool(config.get("use_dora", False))
+    for name, parts in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise QloraError(f"{file}: adapter module {name!r} is not in the model; is it the right base "
+                             f"({config.get('base_model_name_or_path')})?") from None
+        if "A" not in parts or "B" not in parts or (use_dora and "m" not in parts):
+            raise QloraError(f"{file}: incomplete tensors for {name!r} (have {sorted(parts)})")
+        a, b = parts["A"], parts["B"]
+        r = a.shape[0]
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8)))
+        spec = AdapterSpec(r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                           use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, backend=backend)
+            replace_module(model, name, module)
+        if a.shape != (r, module.in_features) or b.shape != (module.out_features, r):
+            raise QloraError(f"{file}: {name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                             f"a ({module.out_features}, {module.in_features}) layer")
+        if adapter_name in module.specs:
+            raise QloraError(f"an adapter named {adapter_name!r} is already loaded; pick another name")
+        module.add_adapter(adapter_name, AdapterSpec(r=r, alpha=alpha, dropout=spec.dropout,
+                                                     use_rslora=spec.use_rslora), dtype=dtype)
+        module.specs[adapter_name] = spec
+        device = module.lora_A[adapter_name].device
+        module.lora_A[adapter_name].data = a.to(device, dtype)
+        module.lora_B[adapter_name].data = b.to(device, dtype)
+        if use_dora:
+            module.lora_magnitude_vector[adapter_name] = nn.Parameter(parts["m"].to(device, dtype))
+    set_active_adapter(model, adapter_name)
+    for p in model.parameters():  # the base is frozen; adapters train only when asked
+        p.requires_grad_(False)
+    if trainable:
+        set_trainable(model, adapter_name)
+    return list(modules)

@@ -1,0 +1,282 @@
+"""Analytic peak-memory model of one QLoRA training step (no GPU, nothing loaded).
+
+Three quantities, never mixed up (docs/memory.md derives every term):
+
+* **allocated**: bytes in PyTorch's caching allocator at the step's peak (what
+  ``torch.cuda.max_memory_allocated`` reports) = the sum of :attr:`MemoryEstimate.components`;
+* **reserved**: what the allocator holds from the driver, ``allocated * RESERVE_FACTOR +
+  RESERVE_OVERHEAD`` (fragmentation and cached blocks; fitted below);
+* **device**: reserved + paged optimizer buffers (CUDA unified memory, outside the allocator) +
+  the CUDA context. ``total_gb`` and ``fits`` use this, in GB (1e9 B); GiB (2**30 B) are labelled.
+
+Two system profiles: ``hf`` (transformers + PEFT: ``prepare_model_for_kbit_training`` upcasts
+embeddings, lm_head and norms to fp32, which makes the residual stream fp32; fp32 adapters; full
+fp32 logits) and ``ours`` (no upcast, bf16 adapters, chunked linear + cross-entropy, optional
+activation offload).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from qlora_trainer.memory.quant import adam_state_bytes, nf4_weight_bytes, quant_constant_bytes
+from qlora_trainer.models.catalog import ArchSpec, linear_shapes, param_counts
+
+GIB = 2**30
+GB = 10**9
+# reserved = 1.04 * allocated + 0.25 GiB: least-squares line through the four HF-stack H100 runs of
+# the paper table (allocated 5.75/9.75/21.4/40.0 GiB vs reserved 6.6/11.0/24.0/44.5 GB; residuals
+# < 1.5%); see memory/references.py.
+RESERVE_FACTOR = 1.04
+RESERVE_OVERHEAD = int(0.25 * GIB)
+# CUDA context (driver, cuBLAS/cuDNN handles, kernel images with lazy loading) on an H100 with
+# CUDA 12: nvidia-smi minus torch.cuda.memory_reserved() is typically 0.4-0.6 GiB; we take 0.5 GiB.
+# Not measured in this repository (no GPU in the task that wrote it): `memory --measure` reports it.
+CUDA_CONTEXT = int(0.5 * GIB)
+LOSS_CHUNK_TOKENS = 1024  # our chunked linear + cross-entropy's default chunk when unset (0)
+OFFLOAD_LAYERS_IN_FLIGHT = 2  # checkpoints resident on the GPU while the rest sit in pinned CPU memory
+
+
+@dataclass(frozen=True)
+class SystemProfile:
+    """What a training stack does with memory. ``upcast``: fp32 embeddings/lm_head/norms (and thus
+    an fp32 residual stream). ``adapter_bytes``: LoRA parameter/gradient width. ``full_logits``:
+    materialise (tokens, vocab) logits instead of chunking."""
+
+    name: str
+    upcast: bool
+    adapter_bytes: int
+    full_logits: bool
+
+
+PROFILES = {
+    "hf": SystemProfile("hf", upcast=True, adapter_bytes=4, full_logits=True),
+    "hf-noupcast": SystemProfile("hf-noupcast", upcast=False, adapter_bytes=4, full_logits=True),
+    "ours": SystemProfile("ours", upcast=False, adapter_bytes=2, full_logits=False),
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-component peak bytes of one training step and the derived totals."""
+
+    arch: str
+    settings: dict
+    components: dict[str, int]                                 # allocator-counted, bytes
+    paged_bytes: int = 0                                       # unified memory (paged optimizer)
+    host_bytes: int = 0                                        # pinned CPU memory (offload)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        return int(self.allocated_bytes * RESERVE_FACTOR) + RESERVE_OVERHEAD
+
+    @property
+    def device_bytes(self) -> int:
+        return self.reserved_bytes + self.paged_bytes + CUDA_CONTEXT
+
+    @property
+    def allocated_gib(self) -> float:
+        return self.allocated_bytes / GIB
+
+    @property
+    def total_gb(self) -> float:
+        """Whole-device footprint in GB (1e9 B): reserved + paged + CUDA context."""
+        return self.device_bytes / GB
+
+    def fits(self, budget_gb: float, basis: str = "device") -> bool:
+        """Within ``budget_gb`` GB? basis ``device`` (default) or ``allocated`` (GiB, like the
+        HF-stack references that quote max_memory_allocated)."""
+        if basis == "allocated":
+            return self.allocated_bytes <= budget_gb * GIB
+        return self.device_bytes <= budget_gb * GB
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "settings": self.settings,
+                "components": {k: round(v / GB, 4) for k, v in self.components.items()},
+                "allocated_gib": round(self.allocated_gib, 3),
+                "reserved_gib": round(self.reserved_bytes / GIB, 3),
+                "paged_gib": round(self.paged_bytes / GIB, 3),
+                "cuda_context_gib": round(CUDA_CONTEXT / GIB, 3),
+                "host_pinned_gib": round(self.host_bytes / GIB, 3),
+                "total_gb": round(self.total_gb, 3), "notes": self.notes}
+
+    def to_markdown(self) -> str:
+        from qlora_trainer.memory.report import estimate_markdown
+
+        return estimate_markdown(self)
+
+
+def _targeted(arch: ArchSpec, targets: str | list[str]) -> list[tuple[str, int, int, bool]]:
+    shapes = linear_shapes(arch)
+    if targets == "all-linear":
+        return shapes
+    pats = [targets] if isinstance(targets, str) else list(targets)
+    return [s for s in shapes if any(s[0].endswith(p) or re.search(p, s[0]) for p in pats)]
+
+
+def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dropout: bool) -> int:
+    """Saved activations of one decoder layer's forward (what a checkpointed layer rebuilds in
+    backward). Per token: 4 residual-width tensors (layer input, two norm outputs, attention
+    output) at ``resid_bytes``; bf16 q, k, v, the attention output, and four intermediate-width
+    MLP tensors (gate, up, silu(gate), product); with LoRA dropout, each adapter's dropped input
+    (6 hidden-wide + 1 intermediate-wide) in bf16 plus its 1-byte mask."""
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
+    per_tok = resid_bytes * 4 * h + 2 * (2 * h + 2 * kv + 4 * i)
+    if dropout:
+        per_tok += 3 * (6 * h + i)
+    return tokens * per_tok
+
+
+def estimate(
+    arch: ArchSpec,
+    *,
+    seq_len: int,
+    batch: int = 1,
+    lora_r: int = 16,
+    targets: str | list[str] = "all-linear",
+    quant: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    optimizer: str = "paged_adamw_8bit",
+    checkpointing: bool = True,
+    offload: bool = False,
+    chunked_loss: bool | None = None,
+    loss_chunk: int = 0,
+    system: str = "ours",
+    lora_dropout: float = 0.05,
+    attn: str = "sdpa",
+) -> MemoryEstimate:
+    """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
+
+    ``chunked_loss`` overrides the profile's logits handling (None = profile default).
+    """
+    if system not in PROFILES:
+        raise ValueError(f"unknown system {system!r}; choose from {', '.join(PROFILES)}")
+    prof = PROFILES[system]
+    if chunked_loss is not None:
+        prof = replace(prof, full_logits=not chunked_loss)
+    wide = 4 if prof.upcast else 2          # embeddings / lm_head / norms / residual stream
+    counts = param_counts(arch)
+    tokens = batch * seq_len
+    comp: dict[str, int] = {}
+    notes: list[str] = []
+    shapes = linear_shapes(arch)
+    if quant == "nf4":
+        comp["base_nf4"] = arch.layers * sum(nf4_weight_bytes(i * o) for _, i, o, _ in shapes)
+        comp["quant_constants"] = arch.layers * sum(
+            quant_constant_bytes(i * o, blocksize=blocksize, double_quant=double_quant) for _, i, o, _ in shapes)
+    else:
+        comp["base_16bit"] = 2 * counts["linear"]
+    comp["embeddings"] = wide * counts["embed"]
+    comp["lm_head"] = wide * counts["lm_head"]
+    comp["norms_biases"] = wide * counts["norms"] + 2 * counts["biases"]
+
+    lora_tensors = [n for _, i, o, _ in _targeted(arch, targets) for n in (lora_r * i, o * lora_r)]
+    n_lora = arch.layers * sum(lora_tensors)
+    comp["lora_params"] = prof.adapter_bytes * n_lora
+    comp["lora_grads"] = prof.adapter_bytes * n_lora
+    opt = [adam_state_bytes(n, optimizer=optimizer, param_bytes=prof.adapter_bytes) for n in lora_tensors]
+    comp["optimizer_states"] = arch.layers * sum(a for a, _ in opt)
+    paged = arch.layers * sum(p for _, p in opt)
+
+    layer = layer_activation_bytes(arch, tokens, resid_bytes=wide, dropout=lora_dropout > 0)
+    ckpt = tokens * arch.hidden * wide       # one saved layer input
+    host = 0
+    if not checkpointing:
+        comp["activations"] = arch.layers * layer
+    else:
+        resident = min(arch.layers, OFFLOAD_LAYERS_IN_FLIGHT) if offload else arch.layers
+        host = (arch.layers - resident) * ckpt if offload else 0
+        comp["checkpoints"] = resident * ckpt
+        comp["layer_recompute"] = layer
+    if attn == "eager":
+        comp["attention_workspace"] = 2 * batch * arch.heads * seq_len * seq_len * 2
+    else:  # SDPA / flash: logsumexp rows only (fp32), forward + recompute
+        comp["attention_workspace"] = 2 * batch * arch.heads * seq_len * 4
+    # bitsandbytes dequantizes each 4-bit weight to bf16 for its matmul (freed right after).
+    comp["dequant_workspace"] = 2 * max(i * o for _, i, o, _ in shapes) if quant == "nf4" else 0
+    if prof.full_logits:   # logits (lm_head dtype) + fp32 copy for the loss + its gradient
+        comp["logits_loss"] = tokens * arch.vocab * (wide + 8)
+    else:                  # one chunk: bf16 logits, fp32 log-softmax, fp32 gradient
+        chunk = min(tokens, loss_chunk or LOSS_CHUNK_TOKENS)
+        comp["logits_loss"] = chunk * arch.vocab * (2 + 4 + 4)
+    if paged:
+        notes.append(f"{paged / GIB:.2f} GiB of optimizer state is paged (unified memory, not in allocated)")
+    if host:
+        notes.append(f"{host / GIB:.2f} GiB of checkpoints offloaded to pinned CPU memory")
+    settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, targets=targets, quant=quant,
+                    double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
+                    offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn)
+    return MemoryEstimate(arch.name, settings, comp, paged_bytes=paged, host_bytes=host, notes=notes)
+
+
+def largest_fitting(arch: ArchSpec, budget_gb: float, *, vary: str = "seq_len", basis: str = "device",
+                    step: int = 128, **kwargs) -> int:
+    """Largest ``seq_len`` (multiple of ``step``, <= the model's context) or ``batch`` that fits
+    ``budget_gb``; 0 when even the smallest does not. Memory is monotone in both, so bisect."""
+    if vary == "seq_len":
+        unit, hi = step, max(1, arch.max_position // step)
+    else:
+        unit, hi = 1, 4096
+    kwargs.setdefault("seq_len", 512)
+
+    def ok(k: int) -> bool:
+        return estimate(arch, **{**kwargs, vary: k * unit}).fits(budget_gb, basis)
+
+    if not ok(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo * unit
+
+
+def resolve_arch(name_or_path: str) -> tuple[ArchSpec | None, str]:
+    """Catalog name, ``random:<name>`` or a local model dir / config.json -> (arch, ""), or
+    (None, reason) for hub ids that are not on disk (never downloads)."""
+    from pathlib import Path
+
+    from qlora_trainer.models.catalog import CATALOG, arch_from_hf_config
+    from qlora_trainer.runtime import expand_path
+
+    name = name_or_path.removeprefix("random:")
+    if name in CATALOG:
+        return CATALOG[name], ""
+    path = Path(expand_path(name_or_path))
+    if path.exists():
+        return arch_from_hf_config(path), ""
+    low = name.lower().rsplit("/", 1)[-1]
+    if low in CATALOG:
+        return CATALOG[low], ""
+    return None, (f"{name_or_path!r} is neither a catalog name nor a local model directory "
+                  "(hub ids are not downloaded); pass a catalog name or a directory with config.json")
+
+
+def estimate_for_config(cfg) -> MemoryEstimate | None:
+    """The estimate for a run :class:`~qlora_trainer.config.Config` (our profile), or None (with the
+    reason logged) when the model's shape cannot be known without downloading."""
+    import logging
+
+    arch, reason = resolve_arch(cfg.model.name_or_path)
+    if arch is None:
+        logging.getLogger(__name__).info("no memory estimate: %s", reason)
+        return None
+    return estimate(
+        arch, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size, lora_r=cfg.lora.r,
+        targets=cfg.lora.targets, quant=cfg.model.quantization,
+        double_quant=cfg.quantization.double_quant, blocksize=cfg.quantization.blocksize,
+        optimizer=cfg.train.optimizer, checkpointing=cfg.model.gradient_checkpointing,
+        offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
+        lora_dropout=cfg.lora.dropout,
+        attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours")
+
+
+__all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate",
+           "estimate_for_config", "largest_fitting", "resolve_arch"]

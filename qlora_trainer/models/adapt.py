@@ -1,0 +1,139 @@
+"""Swap a transformers Llama / Mistral / Qwen2 model's hot spots for kernel-backed modules.
+
+Module replacement only (no patching of transformers functions), keeping every parameter object
+and every parameter name, so optimizers, LoRA adapters and state dicts are unaffected:
+
+* ``*RMSNorm``   -> :class:`qlora_trainer.kernels.rmsnorm.RMSNorm` (same ``weight``)
+* ``*MLP``       -> :class:`qlora_trainer.kernels.swiglu.SwiGLUMLP` (same gate/up/down modules,
+                    which may be ``nn.Linear``, bnb ``Linear4bit`` or ``LoRALinear``)
+* ``*Attention`` -> :class:`RoPEAttention` below: the same q/k/v/o modules and the model's own
+                    attention implementation (sdpa / eager / flash), with RoPE through our kernel.
+
+Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` are replaced: their semantics
+are known to match the kernels (e.g. Gemma's ``(1 + w)`` RMSNorm is not). Caveat: transformers'
+``output_attentions`` capture looks for its own attention classes and records nothing from
+:class:`RoPEAttention`; training does not use it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_FAMILIES = ("Llama", "Mistral", "Qwen2")
+_NORMS = {f"{f}RMSNorm" for f in _FAMILIES}
+_MLPS = {f"{f}MLP" for f in _FAMILIES}
+_ATTENTIONS = {f"{f}Attention" for f in _FAMILIES}
+_BACKENDS = ("auto", "triton", "torch")
+# plain attributes the attention interfaces read off the module (``self`` is passed to them)
+_ATTN_ATTRS = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling",
+               "attention_dropout", "is_causal", "layer_type")
+
+
+class RoPEAttention(nn.Module):
+    """Llama-family self-attention whose rotary embedding runs through ``kernels.rope``.
+
+    Same computation as ``LlamaAttention.forward`` (Mistral/Qwen2 add ``sliding_window``), but q
+    and k are rotated in the token-major (B, T, H, D) layout the projections produce, before the
+    transpose to (B, H, T, D) that the attention kernels take. Build with :meth:`from_module`.
+    """
+
+    def __init__(self, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, o_proj: nn.Module,
+                 *, config, layer_idx: int, head_dim: int, num_key_value_groups: int,
+                 scaling: float, attention_dropout: float = 0.0, is_causal: bool = True,
+                 sliding_window: int | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.config, self.layer_idx, self.head_dim = config, layer_idx, head_dim
+        self.num_key_value_groups, self.scaling = num_key_value_groups, scaling
+        self.attention_dropout, self.is_causal = attention_dropout, is_causal
+        self.sliding_window, self.backend = sliding_window, backend
+
+    @classmethod
+    def from_module(cls, attn: nn.Module, backend: str = "auto") -> "RoPEAttention":
+        """Take over a ``Llama/Mistral/Qwen2Attention``'s projections and settings."""
+        attrs = {a: getattr(attn, a) for a in _ATTN_ATTRS if hasattr(attn, a)}
+        window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+        new = cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, config=attrs.pop("config"),
+                  layer_idx=attrs.pop("layer_idx"), head_dim=attrs.pop("head_dim"),
+                  num_key_value_groups=attrs.pop("num_key_value_groups"),
+                  scaling=attrs.pop("scaling"), attention_dropout=attrs.pop("attention_dropout", 0.0),
+                  is_causal=attrs.pop("is_causal", True), sliding_window=window, backend=backend)
+        for name, value in attrs.items():  # e.g. Qwen2's layer_type
+            setattr(new, name, value)
+        return new
+
+    def forward(self, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values=None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, T, hidden); position_embeddings = (cos, sin), each (B|1, T, D).
+        Returns (attn_output (B, T, hidden), attention weights or None)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        from qlora_trainer.kernels.rope import apply_rope
+
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, Hq, D)
+        k = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, Hk, D)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin, backend=self.backend)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                          eager_attention_forward)
+        if self.sliding_window is not None:
+            kwargs["sliding_window"] = self.sliding_window
+        out, weights = attention(self, q, k, v, attention_mask,
+                                 dropout=self.attention_dropout if self.training else 0.0,
+                                 scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, backend={self.backend}"
+
+
+def _is_silu_mlp(mlp: nn.Module) -> bool:
+    act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+    parts = all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))
+    return parts and act in ("silu", "swish")
+
+
+def adapt_model(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace RMSNorm, SwiGLU MLP and attention (RoPE) modules of ``model`` in place by
+    kernel-backed ones (see the module docstring); returns ``model``. Idempotent.
+
+    ``backend`` (``auto|triton|torch``) is stored on each new module and resolved per call by
+    ``kernels.dispatch.resolve_backend`` (``auto``: Triton on CUDA, torch references on CPU).
+    """
+    from qlora_trainer.kernels.rmsnorm import RMSNorm
+    from qlora_trainer.kernels.swiglu import SwiGLUMLP
+
+    if backend not in _BACKENDS:
+        raise ValueError(f"adapt_model: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    counts = {"norm": 0, "mlp": 0, "attention": 0}
+    for name, module in list(model.named_modules()):
+        cls = type(module).__name__
+        if cls in _NORMS:
+            new, kind = RMSNorm.from_module(module, backend), "norm"
+        elif cls in _MLPS and _is_silu_mlp(module):
+            new = SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend)
+            kind = "mlp"
+        elif cls in _ATTENTIONS:
+            new, kind = RoPEAttention.from_module(module, backend), "attention"
+        else:
+            continue
+        new.train(module.training)
+        model.set_submodule(name, new)
+        counts[kind] += 1
+    logger.info("adapt_model(backend=%s): replaced %d RMSNorm, %d MLP, %d attention modules",
+                backend, counts["norm"], counts["mlp"], counts["attention"])
+    return model

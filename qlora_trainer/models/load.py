@@ -1,0 +1,163 @@
+"""Load the tokenizer and the frozen (4-bit) base model named by ``model.name_or_path``.
+
+- a hub id or local directory: ``AutoModelForCausalLM.from_pretrained`` with a ``BitsAndBytesConfig``
+  (NF4, double quant, compute dtype from :mod:`qlora_trainer.runtime`), or 16-bit with
+  ``model.quantization: none``;
+- ``random:<arch>``: a random model of a catalog shape built in-process (``models/tiny.py``) and
+  quantized by module replacement (``models/quantize.py``).
+
+Embeddings and ``lm_head`` are *not* upcast to fp32 (PEFT's ``prepare_model_for_kbit_training``
+does; that costs ~3.5 GB extra peak on Llama-3-8B at seq 2048).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qlora_trainer.errors import QloraError
+from qlora_trainer.runtime import dtype_from_name
+
+if TYPE_CHECKING:
+    from qlora_trainer.config import Config, ModelConfig
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+
+
+def _is_random(name: str) -> bool:
+    return name.startswith(RANDOM_PREFIX)
+
+
+def _check_source(name: str, what: str) -> None:
+    """A path-looking name must exist; a hub id needs the network unless it is cached."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise QloraError(f"model.{what}: {name!r} does not exist (a local directory or a hub id "
+                         f"like meta-llama/Llama-2-7b-hf)")
+
+
+def load_tokenizer(cfg: "ModelConfig") -> Any:
+    """The tokenizer for ``cfg`` with a pad token set.
+
+    ``random:*`` models use the built-in byte tokenizer unless ``cfg.tokenizer`` names one. Without a
+    pad token the existing UNK (else EOS) token is reused; ``cfg.resize_embeddings`` adds ``<pad>``
+    instead (the caller then resizes the embeddings, see :func:`load_base_model`).
+    """
+    from qlora_trainer.runtime import expand_path
+
+    name = cfg.tokenizer or cfg.name_or_path
+    if _is_random(name):
+        from qlora_trainer.models.tiny import byte_tokenizer
+
+        return byte_tokenizer()
+    name = expand_path(name)
+    _check_source(name, "tokenizer" if cfg.tokenizer else "name_or_path")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise QloraError(f"model.tokenizer: cannot load {name!r}: {_first_line(e)}") from None
+    if tok.pad_token is None:
+        if cfg.resize_embeddings:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        elif tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            raise QloraError(f"model.tokenizer: {name!r} has no pad, unk or eos token; "
+                             f"set model.resize_embeddings=true to add one")
+    return tok
+
+
+def bnb_config(cfg: "Config", dtype: torch.dtype) -> Any:
+    """``BitsAndBytesConfig`` for NF4 (double quant) with compute dtype ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype_from_name(q.quant_storage)
+        if q.quant_storage != "uint8" else torch.uint8,
+    )
+
+
+def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
+                    vocab_size: int | None = None) -> Any:
+    """The frozen base ``*ForCausalLM`` on ``device``: NF4 (``model.quantization: nf4``) or ``dtype``.
+
+    ``vocab_size`` (e.g. ``len(tokenizer)``) sets a ``random:`` model's vocabulary, or resizes a loaded
+    model's embeddings when ``model.resize_embeddings`` is on and the tokenizer grew.
+    """
+    m = cfg.model
+    if _is_random(m.name_or_path):
+        model = _random_base(cfg, device=device, dtype=dtype, vocab_size=vocab_size)
+    else:
+        model = _pretrained_base(cfg, device=device, dtype=dtype)
+        emb = model.get_input_embeddings().weight.shape[0]
+        if vocab_size is not None and vocab_size > emb:
+            if not m.resize_embeddings:
+                raise QloraError(f"model.tokenizer: tokenizer has {vocab_size} tokens, the model {emb}; "
+                                 f"set model.resize_embeddings=true")
+            model.resize_token_embeddings(vocab_size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, vocab_size: int | None) -> Any:
+    import dataclasses
+
+    from qlora_trainer.models.catalog import get_arch
+    from qlora_trainer.models.tiny import random_model
+
+    arch_name = cfg.model.name_or_path[len(RANDOM_PREFIX):]
+    try:
+        arch = get_arch(arch_name)
+    except (KeyError, ValueError) as e:
+        raise QloraError(f"model.name_or_path: {_first_line(e)}") from None
+    if vocab_size is not None and vocab_size != arch.vocab:
+        arch = dataclasses.replace(arch, vocab=vocab_size)
+    model = random_model(arch, dtype=dtype, seed=cfg.train.seed, device="cpu",
+                         attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.quantization == "nf4":
+        from qlora_trainer.models.quantize import quantize_model
+
+        q = cfg.quantization
+        quantize_model(model, compute_dtype=dtype, double_quant=q.double_quant, quant_type=q.quant_type,
+                       quant_storage=dtype_from_name(q.quant_storage) if q.quant_storage != "uint8"
+                       else torch.uint8, blocksize=q.blocksize)
+    return model.to(device)
+
+
+def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from qlora_trainer.runtime import expand_path
+
+    m = cfg.model
+    name = expand_path(m.name_or_path)
+    _check_source(name, "name_or_path")
+    kwargs: dict[str, Any] = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
+                                  attn_implementation=m.attn_implementation, dtype=dtype)
+    if m.quantization == "nf4":
+        kwargs["quantization_config"] = bnb_config(cfg, dtype)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise QloraError(f"model.name_or_path: cannot load {name!r}: {_first_line(e)}") from None
+    return model if m.quantization == "nf4" else model.to(device)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,142 @@
+"""Blockwise 4-bit quantization error: NF4 vs FP4 (bitsandbytes) vs Int4 absmax (a few torch lines).
+
+All three split a weight into blocks of ``blocksize`` values and store one absmax constant per
+block. With double quantization (QLoRA §3) the fp32 constants are themselves quantized to 8 bits in
+blocks of 256 (after subtracting their mean), which cuts the constants' overhead from
+``32 / 64 = 0.5`` to ``8 / 64 + 32 / (64 * 256) ≈ 0.127`` bits per parameter.
+
+NF4 and FP4 go through ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit``; Int4 and its
+double quantization use ``quantize_blockwise`` for the constants exactly as bitsandbytes does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("nf4", "fp4", "int4")
+
+
+@dataclass(frozen=True)
+class QuantError:
+    """Error of one quantize -> dequantize round trip.
+
+    mse: mean squared error. rel_rmse: RMS error / RMS weight. mae: mean absolute error.
+    const_bits: bits per parameter spent on the quantization constants (absmax, double-quant state).
+    """
+
+    kind: str
+    double_quant: bool
+    mse: float
+    rel_rmse: float
+    mae: float
+    const_bits: float
+
+
+def _int4_roundtrip(w: torch.Tensor, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, float]:
+    """Symmetric Int4 absmax: q = round(7 * x / absmax) in [-7, 7] per block.
+
+    Args:
+        w: any shape; numel divisible by ``blocksize``.
+    Returns:
+        (dequantized weight like ``w``, constant bits per parameter).
+    """
+    import bitsandbytes.functional as F
+
+    blocks = w.float().reshape(-1, blocksize)                      # (nblocks, blocksize)
+    absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)              # (nblocks,)
+    q = torch.round(blocks / absmax[:, None] * 7).clamp_(-7, 7)    # int levels
+    n = w.numel()
+    if double_quant:
+        offset = absmax.mean()
+        qa, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+        absmax = F.dequantize_blockwise(qa, state2) + offset
+        bits = (qa.numel() * 8 + state2.absmax.numel() * 32 + 32) / n
+    else:
+        bits = absmax.numel() * 32 / n
+    return (q * absmax[:, None] / 7).reshape(w.shape).to(w.dtype), bits
+
+
+def _bnb_roundtrip(w: torch.Tensor, kind: str, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, float]:
+    """NF4 or FP4 through bitsandbytes; constant bits measured from the returned ``QuantState``."""
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=kind)
+    out = F.dequantize_4bit(packed, state)
+    bits = state.absmax.numel() * state.absmax.element_size() * 8
+    if state.nested:
+        bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8 + 32  # + fp32 offset
+    return out, bits / w.numel()
+
+
+def roundtrip(w: torch.Tensor, kind: str, *, blocksize: int = 64, double_quant: bool = False
+              ) -> tuple[torch.Tensor, float]:
+    """Quantize ``w`` to 4 bits with ``kind`` (``nf4|fp4|int4``) and dequantize it.
+
+    Args:
+        w: weight of any shape (numel divisible by ``blocksize``), fp32/bf16/fp16.
+    Returns:
+        (dequantized tensor of ``w``'s shape and dtype, constant bits per parameter).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if w.numel() % blocksize:
+        raise ValueError(f"weight numel {w.numel()} is not a multiple of blocksize {blocksize}")
+    if kind == "int4":
+        return _int4_roundtrip(w, blocksize, double_quant)
+    return _bnb_roundtrip(w, kind, blocksize, double_quant)
+
+
+def quant_error(w: torch.Tensor, kind: str, *, blocksize: int = 64, double_quant: bool = False) -> QuantError:
+    """Round-trip ``w`` and measure the error (see :class:`QuantError`)."""
+    deq, bits = roundtrip(w, kind, blocksize=blocksize, double_quant=double_quant)
+    err = deq.float() - w.float()
+    mse = err.pow(2).mean().item()
+    return QuantError(kind=kind, double_quant=double_quant, mse=mse,
+                      rel_rmse=(mse / w.float().pow(2).mean().item()) ** 0.5,
+                      mae=err.abs().mean().item(), const_bits=bits)
+
+
+def error_table(weights: dict[str, torch.Tensor], *, blocksize: int = 64,
+                kinds: tuple[str, ...] = KINDS) -> list[dict]:
+    """One row per (weight set, kind, double_quant): the fields of :class:`QuantError` + ``weights``.
+
+    ``weights`` maps a label to a tensor; pass several tensors concatenated (``torch.cat`` of flattened
+    weights) to pool a model's layers. Rows are plain dicts (easy to show as a table or a DataFrame).
+    """
+    rows = []
+    for label, w in weights.items():
+        for kind in kinds:
+            for dq in (False, True):
+                e = quant_error(w, kind, blocksize=blocksize, double_quant=dq)
+                rows.append({"weights": label, **e.__dict__})
+    return rows
+
+
+def model_linear_weights(model: torch.nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> torch.Tensor:
+    """All ``nn.Linear`` weights of ``model`` (except ``skip``) flattened into one 1-D fp32 tensor,
+    trimmed to a multiple of 4096 values (so any blocksize up to 4096 divides it)."""
+    parts = [m.weight.detach().float().flatten() for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not n.endswith(skip)]
+    if not parts:
+        raise ValueError("model has no nn.Linear layers to measure")
+    flat = torch.cat(parts)
+    return flat[: flat.numel() // 4096 * 4096]
+
+
+@torch.no_grad()
+def quantized_copy(model: torch.nn.Module, kind: str, *, blocksize: int = 64, double_quant: bool = True,
+                   skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+    """A deep copy of ``model`` whose ``nn.Linear`` weights (except ``skip``) are replaced by their
+    4-bit round trip (simulated quantization: the same numbers ``Linear4bit`` dequantizes to in its
+    forward, for all three kinds alike). Used to compare the kinds by the model's loss, the paper's
+    metric, rather than by weight error alone."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, m in out.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith(skip):
+            deq, _ = roundtrip(m.weight.data, kind, blocksize=blocksize, double_quant=double_quant)
+            m.weight.data.copy_(deq)
+    return out

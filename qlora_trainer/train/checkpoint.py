@@ -1,0 +1,156 @@
+"""Training checkpoints: everything needed to continue a run *exactly*.
+
+``output_dir/checkpoints/step-N/`` (written aside, then renamed into place)::
+
+    adapter/                  the adapter so far, PEFT format (usable on its own)
+    trainable.safetensors     the trainable tensors by parameter name (what resume restores)
+    optimizer.pt              optimizer state_dict
+    scheduler.pt              LR scheduler state_dict
+    rng.pt                    python / numpy / torch / cuda RNG states
+    trainer_state.json        {step, epoch, batch (micro-batches consumed in that epoch), tokens}
+    config.yaml               the run's config
+
+Loading uses ``torch.load(weights_only=True)`` and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from qlora_trainer.errors import QloraError
+
+if TYPE_CHECKING:
+    from qlora_trainer.config import Config
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: optimizer steps done and the data position after them."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # micro-batches of ``epoch`` already consumed
+    tokens: int = 0  # loss tokens seen so far
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints under ``output_dir/checkpoints``, oldest step first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(cfg: "Config") -> Path | None:
+    """The checkpoint to resume from: ``resume: auto`` -> newest in ``output_dir`` (None if there is
+    none), a path -> that checkpoint (error if missing), unset -> None."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        dirs = checkpoint_dirs(cfg.output_dir)
+        return dirs[-1] if dirs else None
+    path = Path(cfg.resume).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise QloraError(f"resume: {str(path)!r} is not a checkpoint directory (no trainer_state.json); "
+                         f"use resume=auto or a path like {cfg.output_dir}/checkpoints/step-N")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState, cfg: "Config", *,
+                    tokenizer: Any = None) -> Path:
+    """Write ``checkpoints/step-{state.step}`` atomically, then keep only the newest ``output.keep_last``."""
+    from safetensors.torch import save_file
+
+    from qlora_trainer.config import save_config
+    from qlora_trainer.io import atomic_directory
+    from qlora_trainer.lora import save_adapter
+
+    path = Path(cfg.output_dir) / "checkpoints" / f"step-{state.step}"
+    with atomic_directory(path) as tmp:
+        save_adapter(model, tmp / "adapter", cfg=cfg.lora, base_model=cfg.model.name_or_path,
+                     revision=cfg.model.revision)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
+        save_config(cfg, tmp / "config.yaml")
+    prune_checkpoints(cfg.output_dir, cfg.output.keep_last)
+    log.info("checkpoint saved to %s", path)
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` finished checkpoints (and stale temp dirs)."""
+    for old in checkpoint_dirs(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> TrainerState:
+    """Restore trainable tensors, optimizer and scheduler from ``path``; return its TrainerState.
+    RNG states are restored separately (:func:`restore_rng`) once all set-up is done."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        missing = sorted(set(params) ^ set(tensors))[:3]
+        raise QloraError(f"{path}: checkpoint does not match this model/LoRA config (e.g. {missing}); "
+                         f"resume with the run's own config")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
+
+
+def restore_rng(path: Path) -> None:
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))

@@ -1,0 +1,266 @@
+"""``train(cfg)``: the whole run — load, prepare, optimise with gradient accumulation, log, checkpoint,
+resume exactly, save the adapter.
+
+One optimizer step = ``train.grad_accum`` micro-batches; the step's loss is the token mean over all of
+them (each micro-batch's summed loss is divided by the step's total loss-token count before
+``backward``), so accumulation is exact whatever the padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qlora_trainer.errors import DataError, QloraError
+from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
+                                            restore_rng, save_checkpoint)
+from qlora_trainer.train.loss import IGNORE_INDEX, causal_lm_loss
+
+if TYPE_CHECKING:
+    from qlora_trainer.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run did (``losses``: this invocation's step losses, in order)."""
+
+    output_dir: Path
+    adapter_dir: Path | None
+    step: int
+    losses: list[float] = field(default_factory=list)
+    eval_loss: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: Path | None = None
+
+
+def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
+    """Run training as configured. ``stop_after`` ends this invocation after that many optimizer
+    steps with a checkpoint (a planned pre-emption; ``resume: auto`` continues it)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from qlora_trainer.data import build_datasets
+    from qlora_trainer.lora import save_adapter, trainable_parameters
+    from qlora_trainer.models.load import load_base_model, load_tokenizer
+    from qlora_trainer.runtime import resolve_device, resolve_dtype
+    from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
+
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    resume = resolve_resume(cfg)
+    _check_output_dir(cfg, out, resume)
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.model.compute_dtype, device)
+    _log_memory_estimate(cfg, device)
+
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)  # data errors before loading
+    if len(train_ds) == 0:
+        raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
+    model = load_base_model(cfg, device=device, dtype=dtype, vocab_size=len(tokenizer))
+    model = prepare_model(model, cfg, device=device, dtype=dtype)
+    trainable, total = trainable_parameters(model)
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}",
+             100.0 * trainable / max(total, 1))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    state = TrainerState()
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer, scheduler)
+        restore_rng(resume)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", resume, state.step, state.epoch, state.batch)
+    metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step)
+
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" and dtype == torch.bfloat16
+                              else "no", cpu=device.type == "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    stream = _micro_batches(train_ds, cfg, tokenizer, state.epoch, state.batch)
+    result = TrainResult(output_dir=out, adapter_dir=None, step=state.step, resumed_from=resume)
+    bar = _progress(cfg, state.step)
+    window_tokens, window_t = 0, time.perf_counter()
+    steps_this_run = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
+        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
+        n_loss = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
+        step_loss = 0.0
+        for _, _, batch in micro:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss_sum, _ = causal_lm_loss(model, batch, chunk_size=cfg.train.loss_chunk_size,
+                                             backend=cfg.model.kernels)
+            (loss_sum / max(n_loss, 1)).backward()
+            step_loss += float(loss_sum.detach())
+            window_tokens += int(batch["input_ids"].numel())
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        steps_this_run += 1
+        state.epoch, state.batch = micro[-1][0], micro[-1][1]
+        state.tokens += n_loss
+        loss = step_loss / max(n_loss, 1)
+        result.losses.append(loss)
+        if state.step % cfg.output.log_every == 0 or state.step == cfg.train.max_steps:
+            now = time.perf_counter()
+            tok_s = window_tokens / max(now - window_t, 1e-9)
+            row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": round(grad_norm, 6),
+                   "tokens_per_s": round(tok_s, 1), "mem_gb": round(_memory_gb(device), 3), "tokens": state.tokens}
+            metrics.write(row)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mem=f"{row['mem_gb']:.2f}GB")
+            window_tokens, window_t = 0, now
+        bar.update(1)
+        if eval_ds is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+            result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
+            metrics.write({"step": state.step, "eval_loss": result.eval_loss})
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+            save_checkpoint(model, optimizer, scheduler, state, cfg)
+    bar.close()
+
+    finished = state.step >= cfg.train.max_steps
+    if not (cfg.train.save_every and state.step % cfg.train.save_every == 0) and steps_this_run:
+        save_checkpoint(model, optimizer, scheduler, state, cfg)
+    if finished:
+        if eval_ds is not None and not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+            result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
+            metrics.write({"step": state.step, "eval_loss": result.eval_loss})
+        result.adapter_dir = save_adapter(model, out / "adapter", cfg=cfg.lora, base_model=cfg.model.name_or_path,
+                                          tokenizer=tokenizer, run_config=cfg, revision=cfg.model.revision)
+        log.info("adapter saved to %s", result.adapter_dir)
+    result.step, result.tokens, result.seconds = state.step, state.tokens, time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, eval_ds: Any, cfg: "Config", tokenizer: Any, device: torch.device,
+             accelerator: Any) -> float:
+    """Token-mean loss over ``train.eval_batches`` batches of ``eval_ds`` (all when 0), dropout off.
+    Leaves the global RNG untouched, so evaluating does not change the training run."""
+    from qlora_trainer.data import make_dataloader
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        dl = make_dataloader(eval_ds, cfg=cfg.data, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
+                             shuffle=False, seed=cfg.train.seed)
+        for i, batch in enumerate(dl):
+            if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss_sum, n = causal_lm_loss(model, batch, chunk_size=cfg.train.loss_chunk_size,
+                                             backend=cfg.model.kernels)
+            total, count = total + float(loss_sum), count + int(n)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _micro_batches(train_ds: Any, cfg: "Config", tokenizer: Any, epoch: int,
+                   skip: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """Endless ``(epoch, batches consumed in that epoch, batch)``, starting after ``skip`` batches of
+    ``epoch``. Each epoch's order depends only on (seed, epoch); the DataLoader iterator is created
+    under ``fork_rng`` so starting an epoch never moves the global RNG (dropout stays in step on resume)."""
+    from qlora_trainer.data import make_dataloader
+
+    while True:
+        dl = make_dataloader(train_ds, cfg=cfg.data, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
+                             shuffle=True, seed=cfg.train.seed, epoch=epoch)
+        with torch.random.fork_rng(devices=[]):
+            it = iter(dl)
+        n = 0
+        for i, batch in enumerate(it):
+            n = i + 1
+            if i >= skip:
+                yield epoch, i + 1, batch
+        if n == 0:
+            raise DataError(f"data.path: {cfg.data.path!r} yields no batches")
+        epoch, skip = epoch + 1, 0
+
+
+def _check_output_dir(cfg: "Config", out: Path, resume: Path | None) -> None:
+    if (out / "adapter" / "adapter_config.json").exists() and not cfg.output.overwrite:
+        raise QloraError(f"output_dir: {str(out)!r} already holds a finished adapter; pick another "
+                         f"output_dir or set output.overwrite=true")
+    if resume is None and checkpoint_dirs(out) and not cfg.output.overwrite:
+        raise QloraError(f"output_dir: {str(out)!r} has checkpoints of an earlier run; set resume=auto to "
+                         f"continue it or output.overwrite=true to start over")
+    if resume is None and cfg.output.overwrite:
+        import shutil
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def _log_memory_estimate(cfg: "Config", device: torch.device) -> None:
+    """Log the memory estimator's prediction; warn when it exceeds the GPU (advisory only)."""
+    try:
+        from qlora_trainer.memory import estimate_for_config
+    except ImportError:
+        return
+    try:
+        est = estimate_for_config(cfg)
+    except Exception as e:  # noqa: BLE001 - the estimate is advisory; training goes on without it
+        log.info("memory estimate unavailable: %s", e)
+        return
+    if est is None:  # shape unknown without a download; the estimator logged why
+        return
+    log.info("memory estimate: %.2f GB", est.total_gb)
+    if device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory / 1e9
+        if not est.fits(budget):
+            log.warning("memory estimate %.1f GB exceeds this GPU's %.1f GB: expect out-of-memory "
+                        "(try a shorter data.seq_len, train.batch_size=1 or gradient checkpointing)",
+                        est.total_gb, budget)
+
+
+def _memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA) or peak resident set size of the process (CPU), in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _progress(cfg: "Config", initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.max_steps, initial=initial, disable=not cfg.output.progress_bar,
+                desc="train", unit="step", dynamic_ncols=True)
+
+
+class _MetricsFile:
+    """Append-only ``metrics.jsonl``; on start, lines past ``keep_until`` (an interrupted run's steps
+    after its last checkpoint) are dropped so a resumed run's log reads as one run."""
+
+    def __init__(self, path: Path, keep_until: int) -> None:
+        from qlora_trainer.io import atomic_write_text
+
+        self.path = path
+        if path.exists():
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+            atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,99 @@
+"""Turn a frozen base model into a trainable QLoRA model, and build its optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from qlora_trainer.config import Config
+
+log = logging.getLogger(__name__)
+
+# optimizer name -> (bitsandbytes class, paged); "adamw" is torch's
+_BNB = {"paged_adamw_8bit": ("AdamW8bit", True), "paged_adamw_32bit": ("AdamW32bit", True),
+        "adamw_8bit": ("AdamW8bit", False)}
+_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
+
+def adapter_dtype(cfg: "Config", device: torch.device) -> torch.dtype:
+    """``lora.dtype`` resolved for ``device`` (``auto``: the runtime compute dtype)."""
+    from qlora_trainer.runtime import resolve_dtype
+
+    return resolve_dtype(cfg.lora.dtype, device)
+
+
+def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Inject LoRA (everything else frozen), swap in kernel-backed modules, checkpoint each decoder
+    layer (``model.gradient_checkpointing``), and put the model in train mode. In place; returns it."""
+    from qlora_trainer.lora import inject_lora
+    from qlora_trainer.models.adapt import adapt_model
+
+    backend = cfg.model.kernels
+    inject_lora(model, cfg.lora, dtype=adapter_dtype(cfg, device), backend=backend)
+    adapt_model(model, backend)
+    if cfg.model.gradient_checkpointing:
+        from qlora_trainer.models.checkpointing import apply_checkpointing
+
+        apply_checkpointing(model, offload=cfg.model.offload_activations)
+    # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
+    # and adapters are created on their base layer's device
+    return model.train()
+
+
+def _bnb_works(cls: type, device: torch.device) -> bool:
+    """One step of ``cls`` on a throw-away parameter: does this bitsandbytes build support ``device``?
+    (8-bit state needs >= 4096 elements, hence the shape.)"""
+    try:
+        p = nn.Parameter(torch.zeros(64, 64, device=device))
+        p.grad = torch.ones_like(p)
+        opt = cls([p], lr=1e-3)
+        opt.step()
+        return bool(torch.isfinite(p).all())
+    except Exception as e:  # noqa: BLE001 - any failure means "not supported here"
+        log.debug("bitsandbytes %s unsupported on %s: %s", cls.__name__, device, e)
+        return False
+
+
+def build_optimizer(model: nn.Module, cfg: "Config") -> torch.optim.Optimizer:
+    """AdamW over the trainable (adapter) parameters, LoRA+ groups from ``lora_param_groups``.
+
+    ``paged_*`` use bitsandbytes' paged optimizers (state in CUDA unified memory, evicted to the CPU
+    under pressure). Paging needs CUDA: on the CPU they run non-paged (one log line). If this
+    bitsandbytes build cannot run the optimizer on the device at all, torch AdamW is used (logged).
+    """
+    from qlora_trainer.lora import lora_param_groups
+
+    t = cfg.train
+    groups = lora_param_groups(model, t.lr, cfg.lora.loraplus_ratio, t.weight_decay)
+    if not groups:
+        raise RuntimeError("build_optimizer: the model has no trainable parameters (was LoRA injected?)")
+    device = groups[0]["params"][0].device
+    kwargs = dict(lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    import bitsandbytes as bnb
+
+    name, paged = _BNB[t.optimizer]
+    if paged and device.type != "cuda":
+        log.info("optimizer: %s pages state through CUDA unified memory; on %s using non-paged %s",
+                 t.optimizer, device.type, name)
+        paged = False
+    cls = getattr(bnb.optim, f"Paged{name}" if paged else name)
+    if device.type != "cuda" and not _bnb_works(cls, device):
+        log.warning("optimizer: bitsandbytes %s does not run on %s here; falling back to torch AdamW",
+                    cls.__name__, device.type)
+        return torch.optim.AdamW(groups, **kwargs)
+    return cls(groups, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: "Config") -> Any:
+    """``train.schedule`` after ``train.warmup_steps`` linear warm-up (transformers' schedulers)."""
+    from transformers import get_scheduler
+
+    t = cfg.train
+    return get_scheduler(_SCHEDULES[t.schedule], optimizer, num_warmup_steps=t.warmup_steps,
+                         num_training_steps=t.max_steps)

@@ -1,0 +1,72 @@
+"""``qlora-trainer memory`` / ``memory-table``: exit codes, JSON keys, clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_trainer.cli import main
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_fits_exit_0_and_json_keys(capsys):
+    assert main(["memory", "llama-2-7b", "--seq", "1024", "--budget", "24", "--json"]) == 0
+    d = _json(capsys)
+    assert {"total_gb", "fits", "components", "max_seq_len", "max_batch"} <= set(d)
+    assert d["fits"] is True and d["max_batch"] >= 2 and d["max_seq_len"] >= 1024
+    assert d["components"]["base_nf4"] == pytest.approx(3.238, abs=1e-3)   # GB
+    assert sum(d["components"].values()) < d["total_gb"]
+
+
+def test_does_not_fit_exit_1(capsys):
+    assert main(["memory", "llama-2-70b", "--budget", "24", "--system", "hf", "--r", "64",
+                 "--optimizer", "paged_adamw_32bit", "--json"]) == 1
+    d = _json(capsys)
+    assert d["fits"] is False and d["max_seq_len"] == 0 and d["settings"]["system"] == "hf"
+
+
+def test_text_output_and_model_dir(tmp_path, capsys):
+    qwen = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064}
+    (tmp_path / "config.json").write_text(json.dumps(qwen))
+    assert main(["memory", str(tmp_path), "--budget", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "| base_nf4 |" in out and "fits in 16 GB" in out
+
+
+def test_bad_inputs_exit_2(capsys):
+    assert main(["memory", "org/never-downloaded", "--budget", "24"]) == 2
+    assert "not downloaded" in capsys.readouterr().err
+    assert main(["memory", "llama-2-7b", "--budget", "-1"]) == 2
+    assert "--budget" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_measure_on_cpu_is_a_one_line_error(capsys):
+    assert main(["memory", "tiny", "--budget", "24", "--measure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no CUDA device") and "\n" not in err
+
+
+def test_memory_table_json_and_chart(tmp_path, capsys):
+    chart = tmp_path / "t.png"
+    assert main(["memory-table", "--json", "--chart", str(chart)]) == 0
+    d = _json(capsys)
+    assert [r["model"] for r in d["rows"]] == ["llama-7b", "llama-13b", "llama-33b", "llama-65b"]
+    assert chart.stat().st_size > 1000
+
+
+@pytest.mark.gpu
+def test_measure_on_gpu(capsys):
+    assert main(["memory", "tiny", "--seq", "128", "--budget", "24", "--measure", "--json"]) == 0
+    assert {r["phase"] for r in _json(capsys)["measured"]} >= {"forward", "backward", "step"}
+
+
+def test_measure_refuses_hf_system(capsys):
+    assert main(["memory", "tiny", "--budget", "24", "--measure", "--system", "hf"]) == 2
+    assert "our stack only" in capsys.readouterr().err

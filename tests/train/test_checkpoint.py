@@ -1,0 +1,67 @@
+"""Checkpoints: atomic (a failed save leaves nothing behind), retention, RNG round trip, resume errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from qlora_trainer.errors import QloraError
+from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, prune_checkpoints, resolve_resume,
+                                            rng_state, save_checkpoint, set_rng_state)
+
+
+class _Boom:
+    def state_dict(self):
+        raise RuntimeError("disk full")
+
+
+def _model_and_opt(cfg):
+    from qlora_trainer.models.load import load_base_model
+    from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
+
+    cpu = torch.device("cpu")
+    model = prepare_model(load_base_model(cfg, device=cpu, dtype=torch.float32), cfg, device=cpu, dtype=torch.float32)
+    opt = build_optimizer(model, cfg)
+    return model, opt, build_scheduler(opt, cfg)
+
+
+def test_failed_save_leaves_previous_checkpoints_untouched(tiny_cfg, tmp_path):
+    model, opt, sched = _model_and_opt(tiny_cfg)
+    good = save_checkpoint(model, opt, sched, TrainerState(step=1), tiny_cfg)
+    before = sorted(p.name for p in good.iterdir())
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(model, _Boom(), sched, TrainerState(step=2), tiny_cfg)
+    root = good.parent
+    assert sorted(p.name for p in root.iterdir()) == ["step-1"]  # no step-2, no temp dir
+    assert sorted(p.name for p in good.iterdir()) == before
+
+
+def test_retention_keeps_newest_by_step_number(tmp_path):
+    for step in (1, 2, 9, 10, 11):
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "notes").mkdir()
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-10", "step-11"]
+    assert (tmp_path / "checkpoints" / "notes").is_dir()
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    import numpy as np
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+def test_resolve_resume(tiny_cfg, tmp_path):
+    tiny_cfg.resume = "auto"
+    assert resolve_resume(tiny_cfg) is None  # nothing yet: start fresh
+    for step in (2, 10):
+        (tmp_path / "run" / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    assert resolve_resume(tiny_cfg).name == "step-10"
+    tiny_cfg.resume = str(tmp_path / "nowhere")
+    with pytest.raises(QloraError, match="not a checkpoint directory"):
+        resolve_resume(tiny_cfg)
