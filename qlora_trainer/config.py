@@ -86,7 +86,7 @@ class LoRAConfig:
     such as ``q_proj``)."""
     variant: Literal["lora", "rslora", "dora"] = "lora"
     """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction)."""
-    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    init: Literal["kaiming", "gaussian"] = "kaiming"
     """Initialisation of A (B is zero so the adapter starts as the identity on the base model)."""
     dtype: Literal["bfloat16", "float32", "auto"] = "auto"
     """Adapter parameter dtype. ``auto`` = bfloat16 on CUDA, float32 on CPU."""
@@ -193,8 +193,6 @@ class Config:
             (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
             (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
             (self.lora.loraplus_ratio > 0, "lora.loraplus_ratio", "must be > 0"),
-            (self.lora.init in ("kaiming", "gaussian"), "lora.init", "pissa/olora are not implemented yet; "
-             "use kaiming or gaussian"),
             (self.data.seq_len >= 8, "data.seq_len", "must be >= 8"),
             (0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
             (self.train.max_steps >= 1, "train.max_steps", "must be >= 1"),

@@ -86,10 +86,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
     (a layer that already is one just gets another adapter), and make it the active adapter.
 
     Everything but the new adapter's parameters is frozen. Returns the replaced module names.
-    Raises ConfigError when ``cfg.targets`` selects nothing or ``cfg.init``/``variant`` is unsupported.
+    Raises ConfigError when ``cfg.targets`` selects nothing or ``cfg.variant`` is unsupported.
     """
-    if cfg.init not in ("kaiming", "gaussian"):
-        raise ConfigError(f"lora.init: {cfg.init!r} is not implemented yet; use kaiming or gaussian")
     names = match_targets(model, cfg.targets)
     if not names:
         some = ", ".join(list(linear_layers(model))[:6])
