@@ -146,3 +146,15 @@ def bnb_paged_adamw_8bit(params: list[torch.nn.Parameter], spec: RunSpec) -> tor
 
         return bnb.optim.PagedAdamW8bit(params, lr=spec.lr, weight_decay=0.0)
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+
+
+def built_from_peft_model(model: torch.nn.Module, spec: RunSpec) -> Built:
+    """A PEFT-wrapped HF model (the HF stack, Unsloth): loss from its own forward, paged AdamW 8-bit."""
+    model.train()
+    params = trainable(model)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    return Built(loss_fn=loss_fn, optimizer=bnb_paged_adamw_8bit(params, spec),
+                 vocab=model.config.vocab_size, trainable_params=sum(p.numel() for p in params))

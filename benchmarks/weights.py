@@ -1,14 +1,15 @@
 """Seed-determined random weights, identical for every benchmarked system.
 
-Each tensor is a function of (seed, tensor name, generator device) only: N(0, 0.02) rounded to
-bf16 for matrices and embeddings (transformers' ``initializer_range``), ones for norms. Two ways to
-get them into a model, both giving the same tensors:
+Each tensor is :func:`qlora_trainer.models.synthetic.tensor_for` (seed, tensor name, generator
+device): N(0, 0.02) rounded to bf16 for matrices and embeddings, ones for norms. Two ways to get
+them into a model, both giving the same tensors:
 
 * :func:`write_checkpoint` writes a bf16 safetensors checkpoint (one shard per decoder layer) plus
   config and the byte tokenizer, loadable by ``from_pretrained`` (HF stack), Unsloth and ours.
-* :func:`build_nf4_in_process` builds the model on the meta device and materializes it tensor by
-  tensor on the GPU, quantizing each linear layer to NF4 as it goes, so a 70B model never exists in
-  16 bits (its 140 GB checkpoint would not fit the GPU machine's disk).
+* :func:`build_nf4_in_process` (:func:`~qlora_trainer.models.synthetic.synthetic_nf4_model`) builds
+  the model on the meta device and materializes it tensor by tensor on the GPU, quantizing each
+  linear layer to NF4 as it goes, so a 70B model never exists in 16 bits (its 140 GB checkpoint
+  would not fit the GPU machine's disk).
 
 CLI (used by the runner, in its own process): ``python -m benchmarks.weights ARCH DIR [--seed N]``.
 """
@@ -17,29 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-INIT_STD = 0.02
+from qlora_trainer.models.synthetic import INIT_STD, generator_device, meta_skeleton, synthetic_nf4_model, tensor_for
 
-
-def generator_device() -> torch.device:
-    """Tensors are generated on CUDA when present (fast for 70B), else on the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def tensor_for(name: str, shape: tuple[int, ...], *, seed: int, device: torch.device) -> torch.Tensor:
-    """The bf16 tensor called ``name`` (a state-dict key) of shape ``shape`` for ``seed``."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=torch.bfloat16, device=device)
-    if name.endswith(".bias"):
-        return torch.zeros(shape, dtype=torch.bfloat16, device=device)
-    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62)
-    w = torch.empty(shape, dtype=torch.float32, device=device).normal_(0.0, INIT_STD, generator=g)
-    return w.to(torch.bfloat16)
+BYTE_SPECIAL_IDS = (257, 258, 259)  # bos, eos, pad of qlora_trainer.models.tiny.byte_tokenizer
 
 
 def hf_config(arch_name: str):
@@ -47,18 +33,9 @@ def hf_config(arch_name: str):
     from qlora_trainer.models.catalog import get_arch
 
     cfg = get_arch(arch_name).to_hf_config()
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 257, 258, 259
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = BYTE_SPECIAL_IDS
     cfg.dtype = "bfloat16"
     return cfg
-
-
-def _meta_model(cfg, dtype: torch.dtype):
-    """The model skeleton: parameters on meta, buffers (rotary inv_freq) real on the CPU."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
 def _shard_of(name: str) -> str:
@@ -84,7 +61,7 @@ def write_checkpoint(arch_name: str, out_dir: str | Path, *, seed: int = 0) -> P
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return out
     cfg = hf_config(arch_name)
-    skeleton = _meta_model(cfg, torch.bfloat16)
+    skeleton = meta_skeleton(cfg, torch.bfloat16)
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()
               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     shards: dict[str, list[str]] = {}
@@ -107,35 +84,11 @@ def write_checkpoint(arch_name: str, out_dir: str | Path, *, seed: int = 0) -> P
 
 def build_nf4_in_process(arch_name: str, *, seed: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The same tensors as :func:`write_checkpoint`, materialized on ``device``: every linear layer
-    but ``lm_head`` becomes an NF4 (double-quant) ``Linear4bit`` computing in ``dtype``; embeddings,
-    norms and ``lm_head`` are ``dtype``. Peak memory: the NF4 model plus one 16-bit tensor."""
-    from qlora_trainer.models.quantize import quantize_linear
-
-    cfg = hf_config(arch_name)
-    model = _meta_model(cfg, dtype)
-    gen_dev = generator_device()
-    for mod_name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{mod_name}.{child_name}" if mod_name else child_name
-            if type(child) is nn.Linear and full != "lm_head":
-                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                device="meta")
-                lin.weight = nn.Parameter(tensor_for(f"{full}.weight", tuple(child.weight.shape), seed=seed,
-                                                     device=gen_dev).to(device, dtype), requires_grad=False)
-                if child.bias is not None:
-                    lin.bias = nn.Parameter(torch.zeros(child.out_features, device=device, dtype=dtype),
-                                            requires_grad=False)
-                setattr(module, child_name, quantize_linear(lin, compute_dtype=dtype, device=device))
-    for name, p in list(model.named_parameters()):
-        if p.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            value = tensor_for(name, tuple(p.shape), seed=seed, device=gen_dev).to(device, dtype)
-            model.get_submodule(owner)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(device)
+    but ``lm_head`` an NF4 (double-quant) ``Linear4bit`` computing in ``dtype``; embeddings, norms and
+    ``lm_head`` in ``dtype``; config token ids those of the checkpoint (the byte tokenizer's)."""
+    model = synthetic_nf4_model(arch_name, device=device, compute_dtype=dtype, seed=seed)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BYTE_SPECIAL_IDS
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:

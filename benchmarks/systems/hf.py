@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Built, bnb_paged_adamw_8bit, system_main, trainable
+from benchmarks.harness import Built, built_from_peft_model, system_main
 from benchmarks.spec import RunSpec
 
 
@@ -44,14 +44,7 @@ def build(spec: RunSpec) -> Built:
                       bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(spec.seed)
     model = get_peft_model(model, lora)
-    model.train()
-    params = trainable(model)
-
-    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
-
-    return Built(loss_fn=loss_fn, optimizer=bnb_paged_adamw_8bit(params, spec),
-                 vocab=model.config.vocab_size, trainable_params=sum(p.numel() for p in params))
+    return built_from_peft_model(model, spec)
 
 
 if __name__ == "__main__":

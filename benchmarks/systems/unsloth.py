@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 
-from benchmarks.harness import Built, Skip, bnb_paged_adamw_8bit, system_main, trainable
+from benchmarks.harness import Built, Skip, built_from_peft_model, system_main
 from benchmarks.spec import RunSpec
 from benchmarks.systems import UNSLOTH_MISSING
 
@@ -33,14 +33,7 @@ def build(spec: RunSpec) -> Built:
     model = FastLanguageModel.get_peft_model(model, r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
                                              target_modules=TARGETS, bias="none",
                                              use_gradient_checkpointing="unsloth", random_state=spec.seed)
-    model.train()
-    params = trainable(model)
-
-    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
-
-    return Built(loss_fn=loss_fn, optimizer=bnb_paged_adamw_8bit(params, spec),
-                 vocab=model.config.vocab_size, trainable_params=sum(p.numel() for p in params))
+    return built_from_peft_model(model, spec)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from torch import nn
 
 from qlora_trainer.models.catalog import ArchSpec
 from qlora_trainer.models.quantize import is_4bit
-from qlora_trainer.models.synthetic import synthetic_nf4_model
+from qlora_trainer.models.synthetic import generator_device, synthetic_nf4_model, tensor_for
 
 
 def test_tiny_all_linears_nf4_forward_and_seeded():
@@ -26,6 +26,9 @@ def test_tiny_all_linears_nf4_forward_and_seeded():
     w = m.model.layers[0].mlp.down_proj.weight
     assert torch.equal(w, same.model.layers[0].mlp.down_proj.weight)
     assert not torch.equal(w, other.model.layers[0].mlp.down_proj.weight)
+    emb = m.model.embed_tokens.weight  # each tensor a function of (seed, name), as benchmarks.weights writes it
+    want = tensor_for("model.embed_tokens.weight", tuple(emb.shape), seed=1, device=generator_device())
+    assert torch.equal(emb, want.to(emb.device, emb.dtype))
 
 
 def test_custom_qwen2_shape_tied_with_biases_no_double_quant():
