@@ -70,7 +70,7 @@ def dora_forward(
     """
     from qlora_trainer.lora.layer import dequantized_weight
 
-    n = weight_norm(dequantized_weight(base), lora_A, lora_B, scale) if norm is None else norm  # (out,), constant
+    n = weight_norm(dequantized_weight(base, backend), lora_A, lora_B, scale) if norm is None else norm  # (out,), constant
     bias = base.bias
     if x_lora is None:
         u = lora_matmul(x, base, lora_A, lora_B, scale, backend=backend)  # W x + s B A x + b

@@ -56,8 +56,10 @@ class AdapterSpec:
         return "dora" if self.use_dora else "rslora" if self.use_rslora else "lora"
 
 
-def dequantized_weight(base: nn.Module) -> torch.Tensor:
-    """The base layer's weight (out, in) as a dense tensor (a transient copy for a 4-bit layer)."""
+def dequantized_weight(base: nn.Module, backend: str = "auto") -> torch.Tensor:
+    """The base layer's weight (out, in) as a dense tensor (a transient copy for a 4-bit layer).
+
+    ``backend`` (``auto|triton|torch``) goes to the kernels' NF4 dequantization."""
     w = base.weight
     quant_state = getattr(w, "quant_state", None)
     if quant_state is None:
@@ -69,6 +71,10 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
             eye = torch.eye(base.in_features, device=w.device, dtype=base_compute_dtype(base))
             wt = base(eye)  # (in, out)
             return (wt - base.bias if base.bias is not None else wt).t()
+    if quant_state.quant_type == "nf4":  # the kernels' dispatch picks Triton on CUDA, bitsandbytes elsewhere
+        from qlora_trainer.kernels import NF4Weight, dequantize_nf4
+
+        return dequantize_nf4(NF4Weight.from_bnb(w.data, quant_state), backend=backend)
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(w.data, quant_state)
@@ -131,7 +137,8 @@ class LoRALinear(nn.Module):
         if spec.use_dora:
             from qlora_trainer.lora.dora import weight_norm
 
-            m = weight_norm(dequantized_weight(self.base_layer), self.lora_A[name], self.lora_B[name], spec.scale)
+            w = dequantized_weight(self.base_layer, self.backend)
+            m = weight_norm(w, self.lora_A[name], self.lora_B[name], spec.scale)
             self.lora_magnitude_vector[name] = nn.Parameter(m.to(dtype))
         self.lora_dropout[name] = (nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()).train(self.training)
         self.specs[name] = spec
@@ -190,7 +197,7 @@ class LoRALinear(nn.Module):
         if hit is None or hit[0] != key:
             from qlora_trainer.lora.dora import weight_norm
 
-            hit = (key, weight_norm(dequantized_weight(self.base_layer), a, b, self.specs[name].scale))
+            hit = (key, weight_norm(dequantized_weight(self.base_layer, self.backend), a, b, self.specs[name].scale))
             self._norm_cache[name] = hit
         return hit[1]
 
@@ -201,7 +208,7 @@ class LoRALinear(nn.Module):
         """The dense (out, in) weight equal to this layer with adapter ``name`` (default: active):
         W + s B A, or for DoRA m / ||W + s B A||_row * (W + s B A). Computed in fp32, cast to ``dtype``."""
         name = self.active_adapter if name is None else name
-        w = dequantized_weight(self.base_layer).float()
+        w = dequantized_weight(self.base_layer, self.backend).float()
         if name is None:
             return w.to(dtype)
         spec = self.specs[name]
