@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.spec import GIB, RunSpec, make_batch
+from benchmarks.spec import GIB, RunSpec, base_row, make_batch
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
 
@@ -115,8 +115,7 @@ def system_main(name: str, build: Callable[[RunSpec], Built], argv: list[str] | 
         print(f"usage: python -m benchmarks.systems.{name} SPEC_JSON ROW_JSON", file=sys.stderr)
         return 2
     spec = RunSpec.from_file(argv[0])
-    base = {"system": name, "model": spec.model, "seq_len": spec.seq_len, "batch": spec.batch,
-            "device": spec.device, "dtype": spec.dtype, "weights": spec.weights, "cap_gb": spec.cap_gb}
+    base = {**base_row(spec), "system": name}
     code = EXIT_OK
     try:
         row = {**base, "status": "ok", **measure(build, spec)}

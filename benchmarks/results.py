@@ -92,7 +92,7 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 def to_markdown(doc: dict) -> str:
     d = doc["device"]
-    v = ", ".join(f"{k} {x}" for k, x in d["versions"].items() if x)
+    v = _versions(d)
     lines = [f"# Benchmark results ({d['date']})", "",
              f"Device: **{d['gpu']}** (driver {d['driver'] or '-'}, CUDA {d['cuda'] or '-'}); {v}.", "",
              f"Command: `{d['command']}`", "",
@@ -127,19 +127,27 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _versions(device: dict) -> str:
+    return ", ".join(f"{k} {x}" for k, x in device["versions"].items() if x)
+
+
 def _stamp(doc: dict) -> str:
     d = doc["device"]
-    v = ", ".join(f"{k} {x}" for k, x in d["versions"].items() if x)
-    return f"{d['gpu']} (driver {d['driver'] or '-'}) | {v} | {d['date']}\n{d['command']}"
+    return f"{d['gpu']} (driver {d['driver'] or '-'}) | {_versions(d)} | {d['date']}\n{d['command']}"
 
 
 def _bars(doc: dict, groups: list[tuple], labels: list[str], series: dict[str, list[float]], ylabel: str,
           path: Path) -> Path:
-    """One grouped bar chart, stamped with device, versions, date and command line at the bottom."""
+    """One grouped bar chart, stamped with device, versions, date and command line at the bottom
+    (written atomically)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from qlora_trainer.io import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.4))
     width = 0.8 / max(1, len(series))
@@ -152,8 +160,10 @@ def _bars(doc: dict, groups: list[tuple], labels: list[str], series: dict[str, l
     ax.legend(fontsize=8)
     fig.text(0.01, 0.005, _stamp(doc), fontsize=5, va="bottom")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.spec import CHECKPOINT_MAX_PARAMS_B, MODELS, RunSpec
+from benchmarks.spec import CHECKPOINT_MAX_PARAMS_B, MODELS, RunSpec, base_row
 from benchmarks.systems import MODULES, SYSTEMS, UNSLOTH_MISSING
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,12 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def params_billion(model: str) -> float:
     """Parameter count of a catalog arch in billions (linear layers + embeddings + lm_head)."""
-    from qlora_trainer.models.catalog import get_arch
+    from qlora_trainer.models.catalog import get_arch, param_counts
 
-    a = get_arch(model)
-    kv = a.kv_heads * a.head_dim
-    per_layer = 2 * a.hidden * a.hidden + 2 * a.hidden * kv + 3 * a.hidden * a.intermediate
-    return (a.layers * per_layer + (1 if a.tied else 2) * a.vocab * a.hidden) / 1e9
+    c = param_counts(get_arch(model))
+    return (c["linear"] + c["embed"] + c["lm_head"]) / 1e9
 
 
 def _env(smoke: bool = False, extra_path: str | None = None) -> dict[str, str]:
@@ -67,12 +65,7 @@ def launch(spec: RunSpec, work: Path, *, timeout: float, smoke: bool = False, ex
         rc = "timeout"
     if row_path.is_file():
         return json.loads(row_path.read_text())
-    return {**_base_row(spec), "status": "error", "error": f"process ended ({rc}) without a result row"}
-
-
-def _base_row(spec: RunSpec) -> dict:
-    return {"system": spec.system, "model": spec.model, "seq_len": spec.seq_len, "batch": spec.batch,
-            "device": spec.device, "dtype": spec.dtype, "weights": spec.weights, "cap_gb": spec.cap_gb}
+    return {**base_row(spec), "status": "error", "error": f"process ended ({rc}) without a result row"}
 
 
 def unsloth_available(extra_path: str | None) -> bool:
@@ -155,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                                    steps=a.steps, seed=a.seed, device=device, dtype=dtype, weights=mode,
                                    checkpoint_dir=ckpt)
                     if failed:
-                        row = {**_base_row(spec), "status": "error", "error": failed}
+                        row = {**base_row(spec), "status": "error", "error": failed}
                     elif system == "unsloth" and not unsloth_available(a.unsloth_path):
-                        row = {**_base_row(spec), "status": "skipped", "reason": UNSLOTH_MISSING}
+                        row = {**base_row(spec), "status": "skipped", "reason": UNSLOTH_MISSING}
                     else:
                         row = launch(spec, Path(work), timeout=a.timeout, smoke=a.smoke,
                                      extra_path=a.unsloth_path if system == "unsloth" else None)

@@ -76,6 +76,12 @@ class RunSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def base_row(spec: RunSpec) -> dict:
+    """The fields that identify a spec's result row (every row, whatever its status)."""
+    return {"system": spec.system, "model": spec.model, "seq_len": spec.seq_len, "batch": spec.batch,
+            "device": spec.device, "dtype": spec.dtype, "weights": spec.weights, "cap_gb": spec.cap_gb}
+
+
 def make_batch(spec: RunSpec, vocab: int, device: "torch.device") -> "dict[str, torch.Tensor]":
     """The one token batch every system sees: uniform random ids from a CPU generator seeded by
     ``spec.seed`` (identical across processes and systems).

@@ -56,3 +56,22 @@ def atomic_directory(path: Path, *, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json_object(path: Path, error: type[Exception] | None = None) -> dict:
+    """Parse a JSON file whose top level must be an object; otherwise raise ``error`` (default
+    QloraError) with one line naming the file (and line)."""
+    import json
+
+    from qlora_trainer.errors import QloraError
+
+    error = error or QloraError
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    return data

@@ -25,10 +25,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on CUDA, float32 elsewhere; else the named dtype."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return dtype_from_name(name)
 
 
 def dtype_from_name(name: str) -> torch.dtype:
+    """``bfloat16`` | ``float16`` | ``float32`` -> the torch dtype."""
     return _DTYPES[name]
 
 

@@ -48,8 +48,6 @@ def build(spec: RunSpec) -> Built:
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    if isinstance(optimizer, tuple):  # (optimizer, scheduler)
-        optimizer = optimizer[0]
     params = trainable(model)
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -37,6 +37,7 @@ def _measure(rows: list[dict]) -> None:
     """Add ``measured_ours_allocated_gib`` (peak over phases) to each row whose estimate fits the GPU."""
     import torch
 
+    from qlora_trainer.memory.estimate import GIB
     from qlora_trainer.memory.measure import measure_training
     from qlora_trainer.memory.profile import CudaReader
     from qlora_trainer.memory.references import PAPER_SETTINGS
@@ -50,5 +51,5 @@ def _measure(rows: list[dict]) -> None:
             continue
         prof = measure_training(r["model"], seq_len=s["seq_len"], batch=s["batch"], lora_r=s["lora_r"],
                                 optimizer=s["optimizer"], steps=1)
-        r["measured_ours_allocated_gib"] = round(max(p.allocated for p in prof.peaks.values()) / 2**30, 2)
+        r["measured_ours_allocated_gib"] = round(max(p.allocated for p in prof.peaks.values()) / GIB, 2)
         torch.cuda.empty_cache()

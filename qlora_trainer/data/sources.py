@@ -61,8 +61,7 @@ def _load_file(p: Path) -> "Dataset":
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            line = p.read_bytes()[: e.start].count(b"\n") + 1
-            raise DataError(f"{p}:{line}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+            raise _not_utf8(p, p.read_bytes(), e) from None
         return datasets.Dataset.from_dict({"text": [text]})
     if kind == "json":
         _diagnose_json(p)  # cheap, exact line numbers; pyarrow's errors name none
@@ -110,8 +109,7 @@ def _diagnose_json(p: Path) -> None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{p}:{line}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+        raise _not_utf8(p, raw, e) from None
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array file
         try:
@@ -139,6 +137,12 @@ def _diagnose_json(p: Path) -> None:
             if seen[0] != kind:
                 raise DataError(f"{p}:{i}: field {k!r} is {kind} here but {seen[0]} on line {seen[1]}; "
                                 "use one type per field")
+
+
+def _not_utf8(p: Path, raw: bytes, e: UnicodeDecodeError) -> DataError:
+    """The one-line error for ``raw`` (the bytes of ``p``) failing to decode at ``e.start``."""
+    line = raw[: e.start].count(b"\n") + 1
+    return DataError(f"{p}:{line}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
 
 
 def _json_kind(v: object) -> str:

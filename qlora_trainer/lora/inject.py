@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 import torch
 from torch import nn
@@ -14,10 +13,10 @@ from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+from qlora_trainer.targets import select_targets
 
 log = logging.getLogger(__name__)
 
-ALL_LINEAR = "all-linear"
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -52,25 +51,8 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def match_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Names of the linear layers ``targets`` selects.
-
-    ``all-linear``: every linear layer except the output projection (``lm_head``). Otherwise each
-    pattern matches a module whose qualified name equals it, ends in ``.<pattern>`` (e.g. ``q_proj``)
-    or fully matches it as a regular expression.
-    """
-    layers = linear_layers(model)
-    if targets == ALL_LINEAR or targets == [ALL_LINEAR]:
-        skip = _output_layer_names(model)
-        return [n for n in layers if n not in skip and n.rsplit(".", 1)[-1] != "lm_head"]
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    compiled = []
-    for p in patterns:
-        try:
-            compiled.append(re.compile(p))
-        except re.error as e:
-            raise ConfigError(f"lora.targets: {p!r} is not a valid pattern ({e})") from None
-    return [n for n in layers
-            if any(n == p or n.endswith("." + p) or c.fullmatch(n) for p, c in zip(patterns, compiled))]
+    """Names of the linear layers ``targets`` selects (see :func:`qlora_trainer.targets.select_targets`)."""
+    return select_targets(linear_layers(model), targets, output_names=_output_layer_names(model))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,7 +68,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
     (a layer that already is one just gets another adapter), and make it the active adapter.
 
     Everything but the new adapter's parameters is frozen. Returns the replaced module names.
-    Raises ConfigError when ``cfg.targets`` selects nothing or ``cfg.variant`` is unsupported.
+    Raises ConfigError when ``cfg.targets`` selects nothing (ValueError for an unknown ``cfg.variant``).
     """
     names = match_targets(model, cfg.targets)
     if not names:

@@ -80,6 +80,16 @@ def dequantized_weight(base: nn.Module, backend: str = "auto") -> torch.Tensor:
     return bnbf.dequantize_4bit(w.data, quant_state)
 
 
+def frozen_linear(like: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A frozen ``nn.Linear`` in ``dtype`` with ``weight`` (out, in) and ``like``'s bias (if any)."""
+    bias = like.bias
+    lin = nn.Linear(like.in_features, like.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    lin.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return lin
+
+
 def base_compute_dtype(base: nn.Module) -> torch.dtype:
     """The dtype the base layer computes in (``Linear4bit.compute_dtype`` or the weight's dtype)."""
     dtype = getattr(base, "compute_dtype", None)
@@ -222,13 +232,7 @@ class LoRALinear(nn.Module):
         """A frozen ``nn.Linear`` computing this layer with adapter ``name`` (default: active) merged.
         ``dtype`` defaults to the base's compute dtype."""
         dtype = dtype or base_compute_dtype(self.base_layer)
-        bias = self.base_layer.bias
-        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                        device=self._device(), dtype=dtype)
-        lin.weight = nn.Parameter(self.merged_weight(name, dtype=dtype), requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        return lin
+        return frozen_linear(self.base_layer, self.merged_weight(name, dtype=dtype), dtype)
 
     def merge(self, name: str | None = None) -> None:
         """Run adapter ``name`` merged: forward becomes one dense matmul with W'. The base module is

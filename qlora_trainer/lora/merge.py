@@ -9,19 +9,13 @@ import torch
 from torch import nn
 
 from qlora_trainer.lora.inject import replace_module
-from qlora_trainer.lora.layer import LoRALinear, dequantized_weight
+from qlora_trainer.lora.layer import LoRALinear, dequantized_weight, frozen_linear
 from qlora_trainer.models.quantize import is_4bit
 
 
 def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     """A frozen ``nn.Linear`` in ``dtype`` with the (dequantized) weight and bias of ``module``."""
-    bias = module.bias
-    lin = nn.Linear(module.in_features, module.out_features, bias=bias is not None,
-                    device=module.weight.device, dtype=dtype)
-    lin.weight = nn.Parameter(dequantized_weight(module).to(dtype), requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-    return lin
+    return frozen_linear(module, dequantized_weight(module), dtype)
 
 
 @torch.no_grad()

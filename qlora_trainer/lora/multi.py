@@ -51,9 +51,9 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes the base output; the previous adapter comes back after."""
-    previous = {n: layer.active_adapter for n, layer in lora_layers(model).items()}
-    merged = {n for n, layer in lora_layers(model).items() if layer.merged_layer is not None}
     layers = lora_layers(model)
+    previous = {n: layer.active_adapter for n, layer in layers.items()}
+    merged = {n for n, layer in layers.items() if layer.merged_layer is not None}
     for layer in layers.values():
         layer.set_adapter(None)
     try:

@@ -14,6 +14,7 @@ plus, where given, the tokenizer files and our run config (``config.yaml``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -25,6 +26,7 @@ from torch import nn
 
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import QloraError
+from qlora_trainer.io import read_json_object
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 
@@ -76,8 +78,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     tensors = adapter_state_dict(model, adapter_name)
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
-    names = [n for n, layer in lora_layers(model).items() if adapter_name in layer.specs]
-    spec = lora_layers(model)[names[0]].specs[adapter_name]
+    layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.specs}
+    names = list(layers)
+    spec = layers[names[0]].specs[adapter_name]
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "revision": revision, "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
@@ -113,10 +116,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise QloraError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter directory")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise QloraError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    config = read_json_object(file)
     if config.get("peft_type", "LORA") != "LORA":
         raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key in ("modules_to_save", "trainable_token_indices", "layer_replication"):
@@ -188,8 +188,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
                              f"a ({module.out_features}, {module.in_features}) layer")
         if adapter_name in module.specs:
             raise QloraError(f"an adapter named {adapter_name!r} is already loaded; pick another name")
-        module.add_adapter(adapter_name, AdapterSpec(r=r, alpha=alpha, dropout=spec.dropout,
-                                                     use_rslora=spec.use_rslora), dtype=dtype)
+        # added without DoRA (no magnitude init from a dequantized W), the loaded magnitude is set below
+        module.add_adapter(adapter_name, dataclasses.replace(spec, use_dora=False), dtype=dtype)
         module.specs[adapter_name] = spec
         device = module.lora_A[adapter_name].device
         module.lora_A[adapter_name].data = a.to(device, dtype)

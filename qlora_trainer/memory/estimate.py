@@ -17,11 +17,11 @@ activation offload).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 from qlora_trainer.memory.quant import adam_state_bytes, nf4_weight_bytes, quant_constant_bytes
 from qlora_trainer.models.catalog import ArchSpec, linear_shapes, param_counts
+from qlora_trainer.targets import select_targets
 
 GIB = 2**30
 GB = 10**9
@@ -113,11 +113,11 @@ class MemoryEstimate:
 
 
 def _targeted(arch: ArchSpec, targets: str | list[str]) -> list[tuple[str, int, int, bool]]:
-    shapes = linear_shapes(arch)
-    if targets == "all-linear":
-        return shapes
-    pats = [targets] if isinstance(targets, str) else list(targets)
-    return [s for s in shapes if any(s[0].endswith(p) or re.search(p, s[0]) for p in pats)]
+    """One decoder layer's targeted linear shapes, matched by ``lora.inject``'s rules on HF Llama
+    names (``model.layers.0.self_attn.q_proj``); the estimate applies the choice to every layer."""
+    shapes = {f"model.layers.0.{'mlp' if n.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{n}": s
+              for s in linear_shapes(arch) for n in [s[0]]}
+    return [shapes[n] for n in select_targets(shapes, targets)]
 
 
 def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dropout: bool) -> int:

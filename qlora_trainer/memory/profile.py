@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.memory.estimate import GIB
 
-GIB = 2**30
 _STATIC = ("base_nf4", "base_16bit", "quant_constants", "embeddings", "lm_head", "norms_biases")
 _ADAPTER = _STATIC + ("lora_params",)
-_TRAIN = ("checkpoints", "activations", "layer_recompute", "attention_workspace", "dequant_workspace",
-          "logits_loss")
 # None = every component (the step's peak).
 PHASE_COMPONENTS: dict[str, tuple[str, ...] | None] = {
     "load": _STATIC,

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from qlora_trainer.memory.estimate import MemoryEstimate
-
-GIB = 2**30
+from qlora_trainer.memory.estimate import CUDA_CONTEXT, GIB, MemoryEstimate
 
 
-def estimate_markdown(est: "MemoryEstimate") -> str:
+def estimate_markdown(est: MemoryEstimate) -> str:
     """Breakdown table (GiB and % of allocated) then allocated / reserved / paged / context / total."""
-    from qlora_trainer.memory.estimate import CUDA_CONTEXT
-
     s = est.settings
     alloc = est.allocated_bytes or 1
     lines = [f"### {est.arch}: batch {s['batch']} x seq {s['seq_len']}, r {s['lora_r']}, "

@@ -126,7 +126,6 @@ def arch_from_hf_config(source: "str | os.PathLike | dict") -> ArchSpec:
     Raises:
         ConfigError: missing file, invalid JSON, a missing key, or an unsupported ``model_type``.
     """
-    import json
     from pathlib import Path
 
     from qlora_trainer.errors import ConfigError
@@ -140,10 +139,9 @@ def arch_from_hf_config(source: "str | os.PathLike | dict") -> ArchSpec:
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json here; pass a model directory or a catalog name")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        from qlora_trainer.io import read_json_object
+
+        raw = read_json_object(path, ConfigError)
     raw = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
     mtype = raw.get("model_type", "llama")
     if mtype not in _FAMILIES:
@@ -162,6 +160,8 @@ def arch_from_hf_config(source: "str | os.PathLike | dict") -> ArchSpec:
             rms_eps=float(raw.get("rms_norm_eps", 1e-5)))
     except KeyError as e:
         raise ConfigError(f"{where}: missing key {e.args[0]!r} (needed for the memory estimate)") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: a shape field is not a number ({e})") from None
     return spec
 
 

@@ -77,6 +77,11 @@ def load_tokenizer(cfg: "ModelConfig") -> Any:
     return tok
 
 
+def _quant_storage(name: str) -> torch.dtype:
+    """``quantization.quant_storage`` as a torch dtype (``uint8`` or a float dtype name)."""
+    return torch.uint8 if name == "uint8" else dtype_from_name(name)
+
+
 def bnb_config(cfg: "Config", dtype: torch.dtype) -> Any:
     """``BitsAndBytesConfig`` for NF4 (double quant) with compute dtype ``dtype``."""
     from transformers import BitsAndBytesConfig
@@ -84,8 +89,7 @@ def bnb_config(cfg: "Config", dtype: torch.dtype) -> Any:
     q = cfg.quantization
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype_from_name(q.quant_storage)
-        if q.quant_storage != "uint8" else torch.uint8,
+        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=_quant_storage(q.quant_storage),
     )
 
 
@@ -133,8 +137,7 @@ def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, voc
 
         q = cfg.quantization
         quantize_model(model, compute_dtype=dtype, double_quant=q.double_quant, quant_type=q.quant_type,
-                       quant_storage=dtype_from_name(q.quant_storage) if q.quant_storage != "uint8"
-                       else torch.uint8, blocksize=q.blocksize)
+                       quant_storage=_quant_storage(q.quant_storage), blocksize=q.blocksize)
     return model.to(device)
 
 

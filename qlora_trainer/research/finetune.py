@@ -11,13 +11,12 @@ methods, not the data.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from qlora_trainer.research.small_lm import SmallLM, encode, eval_windows, evaluate, fresh_copy, lm_loss, sample_windows
+from qlora_trainer.research.small_lm import SmallLM, encode, eval_windows, evaluate, fresh_copy, train_steps
 
 Method = Literal["full", "lora", "qlora"]
 
@@ -136,30 +135,14 @@ def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.Optim
 
 def finetune(lm: SmallLM, cfg: FinetuneConfig, train_ids: torch.Tensor, eval_ids: torch.Tensor) -> FinetuneResult:
     """Run one fine-tuning job on ``train_ids`` and measure the eval loss on ``eval_ids`` before/after."""
-    from transformers import get_cosine_schedule_with_warmup
-
     from qlora_trainer.lora import trainable_parameters
 
     model = prepare(lm, cfg)
     windows = eval_windows(eval_ids, seq_len=cfg.seq_len, max_windows=cfg.eval_windows)
     before = evaluate(model, windows)
     trainable, total = trainable_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(model, cfg)
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    losses: list[float] = []
-    model.train()
-    t0 = time.perf_counter()
-    for _ in range(cfg.steps):
-        batch = sample_windows(train_ids, seq_len=cfg.seq_len, batch_size=cfg.batch_size, generator=gen)
-        loss = lm_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    seconds = time.perf_counter() - t0
+    losses, seconds = train_steps(model, _optimizer(model, cfg), train_ids, steps=cfg.steps,
+                                  warmup_steps=cfg.warmup_steps, seq_len=cfg.seq_len,
+                                  batch_size=cfg.batch_size, seed=cfg.seed)
     after = evaluate(model, windows)
     return FinetuneResult(cfg, before, after, losses, trainable, total, seconds)

@@ -125,35 +125,54 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int =
     return total / count
 
 
-def pretrain(cfg: SmallLMConfig = SmallLMConfig(), *, text: str | None = None,
-             eval_windows_max: int = 64) -> SmallLM:
-    """Train ``cfg.arch`` from random init on the leading ``train_fraction`` of ``text``
-    (default: tinyshakespeare); fp32 on the CPU. Returns the model (eval mode) and its data splits."""
+def split_ids(text: str, train_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leading ``train_fraction`` of ``text``'s byte ids, the held-out rest): 1-D long tensors."""
+    ids = encode(text)
+    cut = int(ids.numel() * train_fraction)
+    return ids[:cut], ids[cut:]
+
+
+def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, *, steps: int,
+                warmup_steps: int, seq_len: int, batch_size: int, seed: int,
+                log_name: str | None = None) -> tuple[list[float], float]:
+    """``steps`` optimizer steps on random (batch_size, seq_len) windows of the 1-D ``ids`` (window
+    order from ``seed``), cosine LR after warm-up, gradients of the trainable parameters clipped to
+    norm 1. Logs every 50th loss as ``<log_name> step N`` when ``log_name`` is set. Returns (loss
+    per step, seconds)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from qlora_trainer.models.tiny import random_model
-
-    ids = encode(text if text is not None else shakespeare_text())
-    cut = int(ids.numel() * cfg.train_fraction)
-    train_ids, held_ids = ids[:cut], ids[cut:]
-    model = random_model(cfg.arch, dtype=torch.float32, seed=cfg.seed).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sched = get_cosine_schedule_with_warmup(opt, warmup_steps, steps)
+    gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    model.train()
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        batch = sample_windows(train_ids, seq_len=cfg.seq_len, batch_size=cfg.batch_size, generator=gen)
+    for step in range(steps):
+        batch = sample_windows(ids, seq_len=seq_len, batch_size=batch_size, generator=gen)
         loss = lm_loss(model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step % 50 == 0:
-            log.info("pretrain step %d loss %.3f", step, losses[-1])
-    seconds = time.perf_counter() - t0
+        if log_name and step % 50 == 0:
+            log.info("%s step %d loss %.3f", log_name, step, losses[-1])
+    return losses, time.perf_counter() - t0
+
+
+def pretrain(cfg: SmallLMConfig = SmallLMConfig(), *, text: str | None = None,
+             eval_windows_max: int = 64) -> SmallLM:
+    """Train ``cfg.arch`` from random init on the leading ``train_fraction`` of ``text``
+    (default: tinyshakespeare); fp32 on the CPU. Returns the model (eval mode) and its data splits."""
+    from qlora_trainer.models.tiny import random_model
+
+    train_ids, held_ids = split_ids(text if text is not None else shakespeare_text(), cfg.train_fraction)
+    model = random_model(cfg.arch, dtype=torch.float32, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    losses, seconds = train_steps(model, opt, train_ids, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                                  seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  log_name="pretrain")
     model.eval()
     ev = evaluate(model, eval_windows(held_ids, seq_len=cfg.seq_len, max_windows=eval_windows_max))
     return SmallLM(model, cfg, train_ids, held_ids, losses, ev, seconds)
@@ -184,18 +203,14 @@ def load_or_pretrain(cfg: SmallLMConfig = SmallLMConfig(), *, cache: Path | None
     else trained with :func:`pretrain` and saved there. ``cache`` defaults to ``research.paths.cache_dir()``."""
     from safetensors.torch import load_file
 
-    from qlora_trainer.models.tiny import random_model
     from qlora_trainer.research.paths import cache_dir
 
     text = shakespeare_text()
     path = (cache or cache_dir()) / f"small_lm-{cache_key(cfg, text)}"
     if (path / "model.safetensors").is_file() and (path / "meta.json").is_file():
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        model = random_model(cfg.arch, dtype=torch.float32, seed=cfg.seed)
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        ids = encode(text)
-        cut = int(ids.numel() * cfg.train_fraction)
-        return SmallLM(model.eval(), cfg, ids[:cut], ids[cut:], meta["losses"], meta["eval_loss"],
+        model = _with_state(cfg, load_file(str(path / "model.safetensors")))
+        return SmallLM(model, cfg, *split_ids(text, cfg.train_fraction), meta["losses"], meta["eval_loss"],
                        meta["seconds"], from_cache=True)
     lm = pretrain(cfg, text=text)
     save(lm, path)
@@ -204,8 +219,13 @@ def load_or_pretrain(cfg: SmallLMConfig = SmallLMConfig(), *, cache: Path | None
 
 def fresh_copy(lm: SmallLM) -> torch.nn.Module:
     """An independent fp32 copy of the pretrained model (for one fine-tuning run)."""
+    return _with_state(lm.cfg, lm.model.state_dict())
+
+
+def _with_state(cfg: SmallLMConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh fp32 ``cfg.arch`` model holding ``state``, in eval mode."""
     from qlora_trainer.models.tiny import random_model
 
-    model = random_model(lm.cfg.arch, dtype=torch.float32, seed=lm.cfg.seed)
-    model.load_state_dict(lm.model.state_dict())
+    model = random_model(cfg.arch, dtype=torch.float32, seed=cfg.seed)
+    model.load_state_dict(state)
     return model.eval()

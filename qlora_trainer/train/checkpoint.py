@@ -103,8 +103,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState, cfg: "Config", *,
-                    tokenizer: Any = None) -> Path:
+def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState, cfg: "Config") -> Path:
     """Write ``checkpoints/step-{state.step}`` atomically, then keep only the newest ``output.keep_last``."""
     from safetensors.torch import save_file
 

@@ -50,7 +50,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from qlora_trainer.data import build_datasets
-    from qlora_trainer.lora import save_adapter, trainable_parameters
+    from qlora_trainer.lora import save_adapter
     from qlora_trainer.models.load import load_base_model, load_tokenizer
     from qlora_trainer.runtime import resolve_device, resolve_dtype
     from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
@@ -70,9 +70,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
     model = load_base_model(cfg, device=device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
-    trainable, total = trainable_parameters(model)
-    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}",
-             100.0 * trainable / max(total, 1))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     state = TrainerState()

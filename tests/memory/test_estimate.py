@@ -90,6 +90,7 @@ def test_monotone_knobs():
     assert no_dq / base.components["quant_constants"] == pytest.approx(0.5 / 0.127, rel=0.01)
     only_q = estimate(L2_7B, seq_len=1024, targets=["q_proj"]).components["lora_params"]
     assert only_q == 2 * 32 * 16 * (4096 + 4096)
+    assert estimate(L2_7B, seq_len=1024, targets=["all-linear"]).components == base.components  # YAML list form
     assert "base_16bit" in estimate(L2_7B, seq_len=1024, quant="none").components
 
 
@@ -129,3 +130,14 @@ def test_json_and_markdown_views():
     assert d["components"]["base_nf4"] == pytest.approx(LINEAR_7B / 2 / GB, abs=1e-4)
     md = e.to_markdown()
     assert "| base_nf4 | 3.016 |" in md and "allocated" in md and "CUDA context" in md
+
+
+def test_targets_match_like_injection():
+    """The estimate selects layers with lora.inject's matcher: qualified suffixes and regexes work."""
+    from qlora_trainer.models.catalog import get_arch
+
+    arch = get_arch("llama-2-7b")
+    lora = {t: estimate(arch, seq_len=512, targets=t).components["lora_params"]
+            for t in ("q_proj", "self_attn.q_proj", r".*\.self_attn\.q_proj")}
+    assert lora["q_proj"] > 0 and len(set(lora.values())) == 1
+    assert lora["q_proj"] == 2 * arch.layers * 16 * (arch.hidden + arch.heads * arch.head_dim)

@@ -113,6 +113,21 @@ def test_other_families(family):
     _assert_same(_logits_and_grads(adapted, ids, mask), want)
 
 
+def _two_adamw_steps(model, params, ids, mask, labels, **opt_kwargs) -> list[float]:
+    """Losses of two AdamW steps (lr 1e-3) on ``params``; the global seed is set per step so models
+    with dropout draw the same masks."""
+    opt = torch.optim.AdamW(params, lr=1e-3, eps=1e-6, **opt_kwargs)
+    losses = []
+    for step in range(2):
+        torch.manual_seed(step)
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_bad_backend_is_a_one_line_error(tiny_model):
     with pytest.raises(ValueError, match="backend must be one of"):
         adapt_model(tiny_model, "cuda")
@@ -127,14 +142,7 @@ def test_training_step_kernels_on_equals_off():
     fast = apply_checkpointing(adapt_model(copy.deepcopy(plain), "triton"), offload=True)
     results = []
     for model in (plain, fast):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.01)
-        losses = []
-        for _ in range(2):
-            opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = _two_adamw_steps(model, model.parameters(), ids, mask, labels, weight_decay=0.01)
         results.append((losses, dict(model.named_parameters())))
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a[1] < loss_a[0]  # the step did something
@@ -159,16 +167,7 @@ def test_qlora_training_step_kernels_on_equals_off():
     results = []
     for model in (plain, fast):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        opt = torch.optim.AdamW(params.values(), lr=1e-3, eps=1e-6)
-        losses = []
-        for step in range(2):
-            torch.manual_seed(step)  # same dropout masks for both models
-            opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        results.append((losses, params))
+        results.append((_two_adamw_steps(model, params.values(), ids, mask, labels), params))
     (loss_a, params_a), (loss_b, params_b) = results
     assert params_a and all(".lora_" in n for n in params_a) and params_a.keys() == params_b.keys()
     assert loss_a[1] != loss_a[0]

@@ -29,18 +29,24 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same(got: tuple, want: tuple) -> None:
+    """(loss, grads) of the checkpointed model equal the plain model's: loss atol 1e-6, grads
+    rtol 1e-5 / atol 1e-6, over the same (non-empty) set of parameters."""
+    (got_loss, got_grads), (want_loss, want_grads) = got, want
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=1e-6)
+    assert set(got_grads) == set(want_grads) and want_grads
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("offload", [False, True])
 def test_same_loss_and_grads_as_without_checkpointing(request, offload, nf4):
     model = request.getfixturevalue("tiny_nf4_model" if nf4 else "tiny_model").train()
     batch = _batch()
-    want_loss, want = _loss_and_grads(model, batch)
+    want = _loss_and_grads(model, batch)
     ckpt = apply_checkpointing(copy.deepcopy(model), offload=offload)
-    got_loss, got = _loss_and_grads(ckpt, batch)
-    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=1e-6)
-    assert set(got) == set(want) and want
-    for name, g in want.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same(_loss_and_grads(ckpt, batch), want)
 
 
 def test_layers_are_recomputed_in_backward_only_when_training(tiny_model):
@@ -109,12 +115,9 @@ def test_model_without_layers_is_an_error():
 def test_offload_moves_layer_inputs_to_cpu_on_cuda(tiny_model):
     model = tiny_model.cuda().train()
     batch = tuple(t.cuda() for t in _batch(b=2, t=33))
-    want_loss, want = _loss_and_grads(model, batch)
+    want = _loss_and_grads(model, batch)
     ckpt = apply_checkpointing(copy.deepcopy(model), offload=True)
-    got_loss, got = _loss_and_grads(ckpt, batch)
-    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=1e-6)
-    for name, g in want.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same(_loss_and_grads(ckpt, batch), want)
     assert ckpt.model.layers[0].offloader.offloaded_bytes == 4 * 2 * 33 * 128 * 4  # fp32 here
 
 
