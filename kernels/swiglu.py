@@ -6,6 +6,15 @@ With s = sigmoid(g), silu(g) = g * s and d silu / dg = s + g * s * (1 - s) = s *
     du = dy * g * s
 The Triton path saves only g and u (which the MLP must keep anyway) and recomputes s in the
 backward; the torch reference also keeps silu(g), an extra (N, I) activation per layer.
+
+Sequence tiling (``SwiGLUMLP(chunk_tokens=C)``, ``model.mlp_chunk_tokens``): the (B, T, H) input is
+split along T into chunks of C tokens, each run under its own non-reentrant
+``torch.utils.checkpoint.checkpoint``; only the chunk outputs (B, C, H) are concatenated. Autograd
+then keeps no (B, T, I) intermediates at all, and forward and backward (which recomputes one chunk
+at a time) hold one chunk's (B, C, I) gate/up/silu/product at once instead of T tokens' worth.
+Works nested inside the per-layer checkpoint; LoRA dropout masks drawn inside a chunk are
+reproduced by the recompute (checkpoint restores the RNG state, ``preserve_rng_state=True``).
+Cost: one extra forward of the MLP per step (two with per-layer checkpointing).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .dispatch import resolve_backend
 
@@ -56,17 +66,34 @@ class SwiGLUMLP(nn.Module):
     """Llama/Mistral/Qwen2 MLP ``down(silu(gate(x)) * up(x))`` with the gate fused in one kernel.
 
     Takes over the original MLP's projection modules (plain Linear, bnb ``Linear4bit`` or
-    ``LoRALinear`` alike: they are only called), so parameter names are unchanged."""
+    ``LoRALinear`` alike: they are only called), so parameter names are unchanged.
+    ``chunk_tokens > 0`` tiles the sequence dimension (see the module docstring); 0 = off."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", chunk_tokens: int = 0) -> None:
         super().__init__()
+        if chunk_tokens < 0:
+            raise ValueError(f"SwiGLUMLP: chunk_tokens must be >= 0 (got {chunk_tokens})")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.backend = backend
+        self.chunk_tokens = chunk_tokens
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., H) through (..., I) gate/up activations."""
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., H) through (..., I) gate/up activations, untiled."""
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.backend))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., H); with ``chunk_tokens`` = C > 0 and x (..., T, H) with T > C, in
+        ceil(T / C) chunks of x[..., t:t+C, :], each checkpointed when autograd records."""
+        c = self.chunk_tokens
+        if c <= 0 or x.dim() < 2 or x.shape[-2] <= c:
+            return self._mlp(x)
+        chunks = x.split(c, dim=-2)  # views (..., <=C, H)
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self._mlp, xc, use_reentrant=False) for xc in chunks]
+        else:
+            outs = [self._mlp(xc) for xc in chunks]
+        return torch.cat(outs, dim=-2)
+
     def extra_repr(self) -> str:
-        return f"backend={self.backend}"
+        return f"backend={self.backend}" + (f", chunk_tokens={self.chunk_tokens}" if self.chunk_tokens else "")

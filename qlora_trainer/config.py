@@ -53,6 +53,9 @@ class ModelConfig:
     """Recompute each decoder layer's activations in backward (non-reentrant) instead of storing them."""
     offload_activations: bool = False
     """With gradient checkpointing: keep the checkpointed hidden states in pinned CPU memory (CUDA only)."""
+    mlp_chunk_tokens: int = 0
+    """Sequence-tiled MLP: run each SwiGLU MLP over chunks of this many tokens, each checkpointed, so only
+    one chunk's (B, chunk, intermediate) activations are alive at once (long contexts). 0 = off."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
     resize_embeddings: bool = False
@@ -193,6 +196,7 @@ class Config:
             (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
             (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
             (self.lora.loraplus_ratio > 0, "lora.loraplus_ratio", "must be > 0"),
+            (self.model.mlp_chunk_tokens >= 0, "model.mlp_chunk_tokens", "must be >= 0 (0 disables tiling)"),
             (self.data.seq_len >= 8, "data.seq_len", "must be >= 8"),
             (0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
             (self.train.max_steps >= 1, "train.max_steps", "must be >= 1"),

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="store every layer's activations instead of recomputing them")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to pinned CPU memory")
+    p.add_argument("--mlp-chunk", type=int, default=0, metavar="N",
+                   help="sequence-tiled MLP: N tokens per checkpointed chunk (model.mlp_chunk_tokens; 0 = off)")
     p.add_argument("--basis", choices=("device", "allocated"), default="device",
                    help="compare the budget with the whole device footprint (default) or the allocator peak (GiB)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -37,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("seq", "batch", "r"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name}: must be >= 1 (got {getattr(args, name)})")
+    if args.mlp_chunk < 0:
+        raise ConfigError(f"--mlp-chunk: must be >= 0 (got {args.mlp_chunk})")
     if args.budget <= 0:
         raise ConfigError(f"--budget: must be > 0 GB (got {args.budget})")
     if args.measure and args.system != "ours":
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if arch is None:
         raise ConfigError(f"MODEL: {reason}")
     kw = dict(lora_r=args.r, optimizer=args.optimizer, system=args.system,
-              checkpointing=args.checkpointing, offload=args.offload)
+              checkpointing=args.checkpointing, offload=args.offload, mlp_chunk=args.mlp_chunk)
     est = estimate(arch, seq_len=args.seq, batch=args.batch, **kw)
     fits = est.fits(args.budget, args.basis)
     max_seq = largest_fitting(arch, args.budget, vary="seq_len", basis=args.basis, batch=args.batch, **kw)

@@ -120,17 +120,26 @@ def _targeted(arch: ArchSpec, targets: str | list[str]) -> list[tuple[str, int, 
     return [shapes[n] for n in select_targets(shapes, targets)]
 
 
-def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dropout: bool) -> int:
+def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dropout: bool,
+                           mlp_tokens: int | None = None) -> int:
     """Saved activations of one decoder layer's forward (what a checkpointed layer rebuilds in
     backward). Per token: 4 residual-width tensors (layer input, two norm outputs, attention
     output) at ``resid_bytes``; bf16 q, k, v, the attention output, and four intermediate-width
     MLP tensors (gate, up, silu(gate), product); with LoRA dropout, each adapter's dropped input
-    (6 hidden-wide + 1 intermediate-wide) in bf16 plus its 1-byte mask."""
+    (6 hidden-wide + 1 intermediate-wide) in bf16 plus its 1-byte mask.
+
+    ``mlp_tokens`` (default ``tokens``): tokens whose MLP intermediates are alive at once. The
+    sequence-tiled MLP (``model.mlp_chunk_tokens``) checkpoints each chunk, so only one chunk's
+    4 intermediate-width tensors and, with dropout, the gate/up/down adapters' dropped inputs
+    (2 hidden-wide + 1 intermediate-wide) count; the MLP's input stays ``tokens`` wide."""
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
-    per_tok = resid_bytes * 4 * h + 2 * (2 * h + 2 * kv + 4 * i)
+    mlp = tokens if mlp_tokens is None else min(tokens, mlp_tokens)
+    per_tok = resid_bytes * 4 * h + 2 * (2 * h + 2 * kv)
+    per_mlp_tok = 2 * 4 * i
     if dropout:
-        per_tok += 3 * (6 * h + i)
-    return tokens * per_tok
+        per_tok += 3 * 4 * h          # q, k, v, o adapters
+        per_mlp_tok += 3 * (2 * h + i)  # gate, up, down adapters
+    return tokens * per_tok + mlp * per_mlp_tok
 
 
 def estimate(
@@ -151,10 +160,15 @@ def estimate(
     system: str = "ours",
     lora_dropout: float = 0.05,
     attn: str = "sdpa",
+    mlp_chunk: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
     ``chunked_loss`` overrides the profile's logits handling (None = profile default).
+    ``mlp_chunk`` > 0: sequence-tiled MLP (``model.mlp_chunk_tokens``); the layer's intermediate-
+    width activations count ``batch * min(seq_len, mlp_chunk)`` tokens instead of ``batch * seq_len``.
+    The chunk outputs (hidden-wide, concatenated) are not counted separately: they are the MLP output
+    the untiled count already omits as the next residual.
     """
     if system not in PROFILES:
         raise ValueError(f"unknown system {system!r}; choose from {', '.join(PROFILES)}")
@@ -185,7 +199,9 @@ def estimate(
     comp["optimizer_states"] = arch.layers * sum(a for a, _ in opt)
     paged = arch.layers * sum(p for _, p in opt)
 
-    layer = layer_activation_bytes(arch, tokens, resid_bytes=wide, dropout=lora_dropout > 0)
+    mlp_tokens = batch * min(seq_len, mlp_chunk) if mlp_chunk > 0 else None
+    layer = layer_activation_bytes(arch, tokens, resid_bytes=wide, dropout=lora_dropout > 0,
+                                   mlp_tokens=mlp_tokens)
     ckpt = tokens * arch.hidden * wide       # one saved layer input
     host = 0
     if not checkpointing:
@@ -212,7 +228,8 @@ def estimate(
         notes.append(f"{host / GIB:.2f} GiB of checkpoints offloaded to pinned CPU memory")
     settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, targets=targets, quant=quant,
                     double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
-                    offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn)
+                    offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn,
+                    mlp_chunk=mlp_chunk)
     return MemoryEstimate(arch.name, settings, comp, paged_bytes=paged, host_bytes=host, notes=notes)
 
 
@@ -274,7 +291,7 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
         double_quant=cfg.quantization.double_quant, blocksize=cfg.quantization.blocksize,
         optimizer=cfg.train.optimizer, checkpointing=cfg.model.gradient_checkpointing,
         offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
-        lora_dropout=cfg.lora.dropout,
+        lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
         attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours")
 
 

@@ -107,16 +107,20 @@ def _is_silu_mlp(mlp: nn.Module) -> bool:
     return parts and act in ("silu", "swish")
 
 
-def adapt_model(model: nn.Module, backend: str = "auto") -> nn.Module:
+def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: int = 0) -> nn.Module:
     """Replace RMSNorm, SwiGLU MLP and attention (RoPE) modules of ``model`` in place by
     kernel-backed ones (see the module docstring); returns ``model``. Idempotent.
 
     ``backend`` (``auto|triton|torch``) is stored on each new module and resolved per call by
     ``kernels.dispatch.resolve_backend`` (``auto``: Triton on CUDA, torch references on CPU).
+    ``mlp_chunk_tokens`` > 0 makes each new MLP sequence-tiled (``SwiGLUMLP(chunk_tokens=...)``:
+    chunks of that many tokens, each checkpointed); 0 = untiled. Already-adapted modules are kept.
     """
     from qlora_trainer.kernels.rmsnorm import RMSNorm
     from qlora_trainer.kernels.swiglu import SwiGLUMLP
 
+    if mlp_chunk_tokens < 0:
+        raise ValueError(f"adapt_model: mlp_chunk_tokens must be >= 0, got {mlp_chunk_tokens}")
     if backend not in _BACKENDS:
         raise ValueError(f"adapt_model: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
     counts = {"norm": 0, "mlp": 0, "attention": 0}
@@ -125,7 +129,8 @@ def adapt_model(model: nn.Module, backend: str = "auto") -> nn.Module:
         if cls in _NORMS:
             new, kind = RMSNorm.from_module(module, backend), "norm"
         elif cls in _MLPS and _is_silu_mlp(module):
-            new = SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend)
+            new = SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend,
+                            chunk_tokens=mlp_chunk_tokens)
             kind = "mlp"
         elif cls in _ATTENTIONS:
             new, kind = RoPEAttention.from_module(module, backend), "attention"

@@ -34,7 +34,7 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
     backend = cfg.model.kernels
     inject_lora(model, cfg.lora, dtype=adapter_dtype(cfg, device), backend=backend)
-    adapt_model(model, backend)
+    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens)
     if cfg.model.gradient_checkpointing:
         from qlora_trainer.models.checkpointing import apply_checkpointing
 
