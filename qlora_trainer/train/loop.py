@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import DataError, QloraError
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
                                             restore_rng, save_checkpoint)
-from qlora_trainer.train.loss import IGNORE_INDEX, causal_lm_loss
+from qlora_trainer.train.loss import causal_lm_loss
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -93,14 +94,14 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
         n_loss = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
         for _, _, batch in micro:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.autocast():
                 loss_sum, _ = causal_lm_loss(model, batch, chunk_size=cfg.train.loss_chunk_size,
                                              backend=cfg.model.kernels)
             (loss_sum / max(n_loss, 1)).backward()
-            step_loss += float(loss_sum.detach())
+            step_loss += loss_sum.detach()
             window_tokens += int(batch["input_ids"].numel())
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -113,7 +114,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         steps_this_run += 1
         state.epoch, state.batch = micro[-1][0], micro[-1][1]
         state.tokens += n_loss
-        loss = step_loss / max(n_loss, 1)
+        loss = float(step_loss) / max(n_loss, 1)
         result.losses.append(loss)
         if state.step % cfg.output.log_every == 0 or state.step == cfg.train.max_steps:
             now = time.perf_counter()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from qlora_trainer.data.formats import IGNORE_INDEX
 
 
 def decoder(model: nn.Module) -> nn.Module:
