@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._triton_nf4 import nf4_block_scale
+from .dispatch import sm_count
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def _nf4_matmul_kernel(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C,
 
 def _split_k(device: torch.device, programs: int, k_blocks: int) -> int:
     """K slices so that about two waves of programs cover the SMs (small-M GEMMs have few tiles)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = sm_count(device)
     return max(1, min(2 * sms // max(programs, 1), k_blocks // 4 if k_blocks >= 8 else 1, 16))
 
 

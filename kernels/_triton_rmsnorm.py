@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import sm_count
+
 
 @triton.jit
 def _rmsnorm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, H, eps, BLOCK: tl.constexpr):
@@ -63,10 +65,7 @@ def _settings(h: int) -> tuple[int, int]:
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, sms))
-    return max(1, min(n_rows, 4))  # interpreter: a few programs still exercise the partial sums
+    return max(1, min(n_rows, sm_count(device)))
 
 
 def rmsnorm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,3 +60,11 @@ def lora_matmul(
     xa = x if x_lora is None else x_lora
     y = base(x)
     return y + (xa.to(lora_A.dtype) @ lora_A.t() @ lora_B.t()).to(y.dtype) * scale
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (grid sizing); 4 under the CPU interpreter,
+    so that a few programs still exercise the multi-program paths."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

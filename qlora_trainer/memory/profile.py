@@ -115,11 +115,16 @@ def memory_history(path: str | None, max_entries: int = 100_000) -> Iterator[Non
     if path is None:
         yield
         return
+    import os
+    from pathlib import Path
+
     import torch
 
     torch.cuda.memory._record_memory_history(max_entries=max_entries)
     try:
         yield
-        torch.cuda.memory._dump_snapshot(path)
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")  # written aside, then renamed into place
+        torch.cuda.memory._dump_snapshot(str(tmp))
+        os.replace(tmp, path)
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
