@@ -32,32 +32,35 @@ def lora_matmul(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    x_lora: torch.Tensor | None = None,
+    dropout: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """y = base(x) + scale * (x_lora @ A^T) @ B^T.
+    """y = base(x) + scale * (dropout(x) @ A^T) @ B^T.
 
     Args:
         x: (..., in_features) input.
         base: frozen ``nn.Linear`` or bitsandbytes ``Linear4bit`` (weight (out, in), optional bias).
         lora_A: (r, in_features). lora_B: (out_features, r).
         scale: alpha / r (or alpha / sqrt(r)).
-        x_lora: the adapter's input (``x`` after dropout); ``None`` means ``x``.
+        dropout: probability p of zeroing an adapter input element, applied whenever p > 0
+            (callers pass 0 in eval mode).
         backend: ``auto|triton|torch`` (see :func:`resolve_backend`).
     Returns:
         (..., out_features) in ``x.dtype``.
 
     On the triton backend a frozen NF4 ``Linear4bit`` or dense ``nn.Linear`` base goes through
     ``lora_linear.LoRALinearFunction`` (W recomputed in the backward, fused NF4 dequant); other
-    bases (trainable, FP4, unknown modules) take the plain path below.
+    bases (trainable, FP4, unknown modules) take the plain path below, where dropout is
+    ``F.dropout`` (device RNG, its mask kept for backward by autograd); the Function instead
+    regenerates a seeded mask in the backward and saves nothing for it.
     """
     if resolve_backend(backend, x.device) == "triton":
         from .lora_linear import BaseWeight, lora_linear
 
         bw = BaseWeight.from_module(base, backend="triton")
         if bw is not None:
-            return lora_linear(x, bw, lora_A, lora_B, scale, x_lora)
-    xa = x if x_lora is None else x_lora
+            return lora_linear(x, bw, lora_A, lora_B, scale, dropout)
+    xa = torch.nn.functional.dropout(x, dropout, training=True) if dropout > 0 else x
     y = base(x)
     return y + (xa.to(lora_A.dtype) @ lora_A.t() @ lora_B.t()).to(y.dtype) * scale
 

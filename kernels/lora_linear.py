@@ -1,17 +1,24 @@
 """LoRA linear over a frozen (NF4 or dense 16-bit) base weight, with a memory-lean backward.
 
-    y = x @ W^T (+ bias) + s * (x_l @ A^T) @ B^T        x: (M, in), x_l: (M, in) (x after dropout),
-                                                        W: (out, in) frozen, A: (r, in), B: (out, r)
+    y = x @ W^T (+ bias) + s * (x_l @ A^T) @ B^T        x: (M, in), W: (out, in) frozen,
+    x_l = x ⊙ k / (1 - p)   (dropout; x_l = x when p = 0)      A: (r, in), B: (out, r)
+
+k (M, in) is the keep-mask, k_ij ~ Bernoulli(1 - p), drawn from a generator seeded with an integer
+drawn in the forward (:func:`draw_seed`, from torch's CPU default generator, so checkpoint
+recomputes and exact resume redraw the same seed) by :func:`dropout_mask`.
 
 Backward, with dy = dL/dy (M, out) and u = x_l @ A^T (M, r) saved from the forward:
-    dL/dB  = s * dy^T @ u                     (out, r)
-    du     = s * dy @ B                        (M, r)
-    dL/dA  = du^T @ x_l                        (r, in)
-    dL/dx  = dy @ W   (+ du @ A when x_l is x)  (M, in)
-    dL/dx_l = du @ A                           (M, in)    (only when x_l is a separate tensor)
-W and bias are frozen: no dW, and W is *recomputed* (dequantized again) in the backward instead of
-being saved, so the only saved activations are x_l (M, in) and u (M, r) — x itself is not saved.
-The LoRA math runs in the activation dtype; dA/dB are returned in A/B's dtype.
+    dL/dB  = s * dy^T @ u                          (out, r)
+    du     = s * dy @ B                            (M, r)
+    dL/dA  = du^T @ x_l                            (r, in)
+    dL/dx  = dy @ W + (du @ A) ⊙ k / (1 - p)       (M, in)   (k = 1 when p = 0)
+The dropout branch of dL/dx is the chain rule through x_l = x ⊙ k / (1 - p), whose Jacobian is
+diagonal. W and bias are frozen: no dW, and W is *recomputed* (dequantized again) in the backward
+instead of being saved; neither x_l nor k is saved either: k is regenerated from the seed (a
+transient (M, in) tensor) and x_l = x ⊙ k / (1 - p) rebuilt. The saved activations are x (M, in)
+— usually shared with the other adapters reading the same input — and u (M, r), the same bytes
+with dropout as without. The LoRA math runs in the activation dtype; dA/dB are returned in A/B's
+dtype.
 
 Base matmul: for an NF4 weight with few tokens (M <= ``FUSED_MAX_TOKENS``) a Triton GEMM that
 dequantizes inside the operand load (``_triton_lora.py``); otherwise the Triton dequant kernel
@@ -96,55 +103,85 @@ class BaseWeight:
         return dy @ self.weight(dy.dtype)
 
 
+def draw_seed() -> int:
+    """A dropout seed from torch's CPU default generator (what ``torch.manual_seed`` sets and
+    ``torch.utils.checkpoint`` / ``fork_rng`` save and restore, whatever device the tensors are on)."""
+    return int(torch.randint(2**62, ()))
+
+
+def dropout_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The keep-mask k (``shape``, 1 with probability 1 - p, else 0) in ``dtype`` on ``device``:
+    a function of (seed, shape, p, device, dtype) only, so the backward regenerates the forward's."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+
+
+def _dropped_(mask: torch.Tensor, x2: torch.Tensor, p: float) -> torch.Tensor:
+    """x_l = x ⊙ k / (1 - p) (M, in), written over the mask k (one rounding to x's dtype)."""
+    return mask.mul_(x2).mul_(1.0 / (1.0 - p))
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """forward(x (..., in), x_lora (..., in) | None, A (r, in), B (out, r), base, scale, fuse)
-    -> (..., out). ``x_lora=None`` means the adapter reads ``x`` (no dropout)."""
+    """forward(x (..., in), A (r, in), B (out, r), base, scale, dropout, fuse) -> (..., out).
+
+    ``dropout`` is the probability p of zeroing an adapter input (applied whenever p > 0: the
+    caller passes 0 in eval mode); the mask is never saved (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, x_lora: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, base: BaseWeight, scale: float, fuse: bool | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, base: BaseWeight,
+                scale: float, dropout: float, fuse: bool | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1]).to(x.dtype).contiguous()
         a = lora_A.to(x.dtype)
         b = lora_B.to(x.dtype)
-        u = xl2 @ a.t()  # (M, r)
+        seed = draw_seed() if dropout > 0 else None
+        if seed is None:
+            u = x2 @ a.t()  # (M, r)
+        else:
+            u = _dropped_(dropout_mask(seed, x2.shape, dropout, x2.device, x2.dtype), x2, dropout) @ a.t()
         y = base.forward_matmul(x2, fuse)  # (M, out)
         y.addmm_(u, b.t(), alpha=scale)
-        ctx.save_for_backward(xl2, u, lora_A, lora_B)
-        ctx.base, ctx.scale, ctx.fuse = base, scale, fuse
-        ctx.shared_input = x_lora is None
+        ctx.save_for_backward(x2, u, lora_A, lora_B)
+        ctx.base, ctx.scale, ctx.fuse, ctx.p, ctx.seed = base, scale, fuse, dropout, seed
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xl2, u, lora_A, lora_B = ctx.saved_tensors
-        s = ctx.scale
+        x2, u, lora_A, lora_B = ctx.saved_tensors
+        s, p = ctx.scale, ctx.p
         lead = dy.shape[:-1]
         dy2 = dy.reshape(-1, dy.shape[-1]).to(u.dtype).contiguous()  # (M, out)
         a = lora_A.to(u.dtype)
         b = lora_B.to(u.dtype)
-        need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
         du = (dy2 @ b) * s  # (M, r)
-        d_a = (du.t() @ xl2).to(lora_A.dtype) if need_a else None  # (r, in)
-        d_b = (dy2.t() @ u).mul_(s).to(lora_B.dtype) if need_b else None  # (out, r)
-        dx = dxl = None
+        mask = None
+        if ctx.seed is not None and (need_a or need_x):
+            mask = dropout_mask(ctx.seed, x2.shape, p, x2.device, x2.dtype)  # (M, in), transient
+        d_a = d_b = dx = None
+        if need_b:
+            d_b = (dy2.t() @ u).mul_(s).to(lora_B.dtype)  # (out, r)
         if need_x:
             dx = ctx.base.backward_matmul(dy2, ctx.fuse)  # (M, in)
-            if ctx.shared_input:
+            if mask is None:
                 dx.addmm_(du, a)
+            else:
+                dx.addcmul_(du @ a, mask, value=1.0 / (1.0 - p))
             dx = dx.view(*lead, dx.shape[-1])
-        if need_xl and not ctx.shared_input:
-            dxl = (du @ a).view(*lead, a.shape[-1])
-        return dx, dxl, d_a, d_b, None, None, None
+        if need_a:  # last: x_l is built over the mask
+            xl2 = x2 if mask is None else _dropped_(mask, x2, p)
+            d_a = (du.t() @ xl2).to(lora_A.dtype)  # (r, in)
+        return dx, d_a, d_b, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, base: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                scale: float, x_lora: torch.Tensor | None = None, *, fuse: bool | None = None) -> torch.Tensor:
-    """y (..., out) = x @ W^T (+ bias) + scale * (x_lora @ A^T) @ B^T via :class:`LoRALinearFunction`.
+                scale: float, dropout: float = 0.0, *, fuse: bool | None = None) -> torch.Tensor:
+    """y (..., out) = x @ W^T (+ bias) + scale * (dropout(x) @ A^T) @ B^T via :class:`LoRALinearFunction`.
 
+    ``dropout``: probability p in [0, 1) of zeroing an adapter input element (0 in eval mode).
     ``fuse``: force (True) / forbid (False) the fused NF4 dequant-in-GEMM kernel; None = by size."""
-    return LoRALinearFunction.apply(x, x_lora, lora_A, lora_B, base, scale, fuse)
+    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scale, dropout, fuse)
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

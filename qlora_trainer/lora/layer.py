@@ -6,7 +6,10 @@ For the active adapter with rank r, A (r, in), B (out, r) and scale s::
     lora:   y = base(x) + s * B A drop(x)          s = alpha / r   (rsLoRA: alpha / sqrt(r))
     dora:   see ``dora.py`` (magnitude m (out,) times the row-normalised W + s B A)
 
-The low-rank matmul goes through ``qlora_trainer.kernels.lora_matmul`` (the one dispatch point).
+The low-rank matmul goes through ``qlora_trainer.kernels.lora_matmul`` (the one dispatch point),
+which also applies LoRA's dropout (on the Triton path from a seeded mask regenerated in the
+backward, so dropout saves no activation); DoRA applies its ``lora_dropout`` module itself. The
+``lora_dropout`` modules stay for every adapter (PEFT's module layout).
 Several adapters can live on one base; exactly one (or none) is active at a time, so switching is
 free and the base is never reloaded. Parameter names follow PEFT's
 (``<module>.lora_A.<adapter>``, ``<module>.lora_B.<adapter>``, ``<module>.lora_magnitude_vector.<adapter>``).
@@ -186,14 +189,15 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         spec = self.specs[name]
         a, b = self.lora_A[name], self.lora_B[name]
-        drop = self.lora_dropout[name]
-        x_lora = drop(x) if self.training and not isinstance(drop, nn.Identity) else None
         if spec.use_dora:
             from qlora_trainer.lora.dora import dora_forward
 
+            drop = self.lora_dropout[name]
+            x_lora = drop(x) if self.training and not isinstance(drop, nn.Identity) else None
             return dora_forward(x, x_lora, self.base_layer, a, b, self.lora_magnitude_vector[name],
                                 spec.scale, backend=self.backend, norm=self._eval_norm(name))
-        return lora_matmul(x, self.base_layer, a, b, spec.scale, x_lora=x_lora, backend=self.backend)
+        p = spec.dropout if self.training else 0.0  # applied inside lora_matmul (mask not saved)
+        return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend)
 
     def _eval_norm(self, name: str) -> torch.Tensor | None:
         """DoRA's ||W + s B A||_row, cached in eval mode (generation would otherwise dequantize W for

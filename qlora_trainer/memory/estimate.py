@@ -34,7 +34,6 @@ RESERVE_OVERHEAD = int(0.25 * GIB)
 # CUDA 12: nvidia-smi minus torch.cuda.memory_reserved() is typically 0.4-0.6 GiB; we take 0.5 GiB.
 # Not measured in this repository (no GPU in the task that wrote it): `memory --measure` reports it.
 CUDA_CONTEXT = int(0.5 * GIB)
-LOSS_CHUNK_TOKENS = 1024  # our chunked linear + cross-entropy's default chunk when unset (0)
 OFFLOAD_LAYERS_IN_FLIGHT = 2  # checkpoints resident on the GPU while the rest sit in pinned CPU memory
 
 
@@ -48,12 +47,14 @@ class SystemProfile:
     upcast: bool
     adapter_bytes: int
     full_logits: bool
+    mlp_saved: int = 4
+    dropout_bytes: int = 3
 
 
 PROFILES = {
     "hf": SystemProfile("hf", upcast=True, adapter_bytes=4, full_logits=True),
     "hf-noupcast": SystemProfile("hf-noupcast", upcast=False, adapter_bytes=4, full_logits=True),
-    "ours": SystemProfile("ours", upcast=False, adapter_bytes=2, full_logits=False),
+    "ours": SystemProfile("ours", upcast=False, adapter_bytes=2, full_logits=False, mlp_saved=3, dropout_bytes=0),
 }
 
 
@@ -67,6 +68,17 @@ class MemoryEstimate:
     paged_bytes: int = 0                                       # unified memory (paged optimizer)
     host_bytes: int = 0                                        # pinned CPU memory (offload)
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # activation moments, bytes
+
+    @property
+    def static_bytes(self) -> int:
+        """Weights, adapters, their gradients and optimizer state: live through the whole step."""
+        moment = set().union(*self.phases.values()) if self.phases else set()
+        return sum(v for k, v in self.components.items() if k not in moment)
+
+    def phase_bytes(self, phase: str) -> int:
+        """Allocated peak of one moment (``forward`` or ``backward``): static + its activations."""
+        return self.static_bytes + sum(self.phases[phase].values())
 
     @property
     def allocated_bytes(self) -> int:
@@ -120,26 +132,47 @@ def _targeted(arch: ArchSpec, targets: str | list[str]) -> list[tuple[str, int, 
     return [shapes[n] for n in select_targets(shapes, targets)]
 
 
-def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dropout: bool,
-                           mlp_tokens: int | None = None) -> int:
+def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dropout_bytes: int,
+                           mlp_tokens: int | None = None, mlp_saved: int = 3, act_bytes: int = 2) -> int:
     """Saved activations of one decoder layer's forward (what a checkpointed layer rebuilds in
-    backward). Per token: 4 residual-width tensors (layer input, two norm outputs, attention
-    output) at ``resid_bytes``; bf16 q, k, v, the attention output, and four intermediate-width
-    MLP tensors (gate, up, silu(gate), product); with LoRA dropout, each adapter's dropped input
-    (6 hidden-wide + 1 intermediate-wide) in bf16 plus its 1-byte mask.
+    backward), excluding the layer input (the checkpoint itself). Per token, with b = ``act_bytes``:
+    the post-attention residual h1 (the second norm's input) and the two norm outputs at
+    ``resid_bytes`` (fp32 under HF's upcast); q (after RoPE), k, v and the attention output at b; ``mlp_saved`` intermediate-width
+    tensors (ours: gate, up, silu(gate)*up; the HF MLP also keeps silu(gate)); with LoRA dropout,
+    ``dropout_bytes`` per adapter input element (HF: a 16-bit dropped copy + 1-byte mask = 3; ours:
+    0, the mask is regenerated from a seed). LoRA's (tokens, r) products are negligible.
 
     ``mlp_tokens`` (default ``tokens``): tokens whose MLP intermediates are alive at once. The
     sequence-tiled MLP (``model.mlp_chunk_tokens``) checkpoints each chunk, so only one chunk's
-    4 intermediate-width tensors and, with dropout, the gate/up/down adapters' dropped inputs
-    (2 hidden-wide + 1 intermediate-wide) count; the MLP's input stays ``tokens`` wide."""
+    intermediates (and its gate/up/down dropout inputs) count; the MLP's input stays ``tokens`` wide."""
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
     mlp = tokens if mlp_tokens is None else min(tokens, mlp_tokens)
-    per_tok = resid_bytes * 4 * h + 2 * (2 * h + 2 * kv)
-    per_mlp_tok = 2 * 4 * i
-    if dropout:
-        per_tok += 3 * 4 * h          # q, k, v, o adapters
-        per_mlp_tok += 3 * (2 * h + i)  # gate, up, down adapters
+    per_tok = resid_bytes * 3 * h + act_bytes * (2 * h + 2 * kv)
+    per_mlp_tok = act_bytes * mlp_saved * i
+    per_tok += dropout_bytes * 4 * h          # q, k, v, o adapters
+    per_mlp_tok += dropout_bytes * (2 * h + i)  # gate, up, down adapters
     return tokens * per_tok + mlp * per_mlp_tok
+
+
+def layer_backward_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, mlp_tokens: int | None = None,
+                         act_bytes: int = 2, attn: str = "sdpa") -> int:
+    """Gradient tensors alive on top of a layer's saved activations at the peak of its backward:
+    the incoming gradient of the layer output (tokens, hidden) at ``resid_bytes``, plus the larger of
+    (a) the MLP backward: d(silu(g)*u) and dgate/dup, 2 intermediate-wide, and the gate/up input
+    gradients, 2 hidden-wide, for one MLP chunk (measured on the CPU with
+    :class:`~qlora_trainer.memory.trace.LiveBytes`: 5 intermediate-wide tensors live, 3 of them saved);
+    (b) the attention backward: d(attention output), dq, dk, dv at b, and for SDPA/flash on CUDA the
+    kernel's fp32 dq accumulator (tokens, hidden) and, with GQA, its head-expanded dk/dv
+    (2 x (tokens, hidden) at b; FlashAttention-2's ``mha_bwd``) - kernel workspace the CPU trace cannot
+    see, not yet measured on a GPU. The MLP's saved tensors are freed before (b) starts."""
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
+    mlp = tokens if mlp_tokens is None else min(tokens, mlp_tokens)
+    mlp_bwd = mlp * act_bytes * (2 * i + 2 * h)
+    attn_bwd = tokens * act_bytes * (2 * h + 2 * kv)
+    if attn != "eager":
+        attn_bwd += tokens * 4 * h + (tokens * act_bytes * 2 * h if kv < h else 0)
+    mlp_freed = tokens * (resid_bytes * h + act_bytes * h) + mlp * act_bytes * 3 * i  # h1, n2, gate/up/act
+    return tokens * resid_bytes * h + max(mlp_bwd, attn_bwd - mlp_freed, 0)
 
 
 def estimate(
@@ -161,6 +194,8 @@ def estimate(
     lora_dropout: float = 0.05,
     attn: str = "sdpa",
     mlp_chunk: int = 0,
+    act_bytes: int = 2,
+    embeddings_on_cpu: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
@@ -169,6 +204,13 @@ def estimate(
     width activations count ``batch * min(seq_len, mlp_chunk)`` tokens instead of ``batch * seq_len``.
     The chunk outputs (hidden-wide, concatenated) are not counted separately: they are the MLP output
     the untiled count already omits as the next residual.
+    ``act_bytes``: bytes of an activation element (2 for bf16/fp16 compute; 4 for fp32, the CPU).
+    ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``model.embeddings_on_cpu``).
+
+    The peak is the static part (weights, adapters, optimizer) plus the larger of two moments that
+    never coexist (``MemoryEstimate.phases``): the end of the forward (checkpoints, final hidden
+    states, loss workspace) and the backward of one layer (checkpoints, its recomputed activations,
+    their gradients, kernel workspaces). ``components`` lists what is live at the larger one.
     """
     if system not in PROFILES:
         raise ValueError(f"unknown system {system!r}; choose from {', '.join(PROFILES)}")
@@ -187,7 +229,7 @@ def estimate(
             quant_constant_bytes(i * o, blocksize=blocksize, double_quant=double_quant) for _, i, o, _ in shapes)
     else:
         comp["base_16bit"] = 2 * counts["linear"]
-    comp["embeddings"] = wide * counts["embed"]
+    comp["embeddings"] = 0 if embeddings_on_cpu and not arch.tied else wide * counts["embed"]
     comp["lm_head"] = wide * counts["lm_head"]
     comp["norms_biases"] = wide * counts["norms"] + 2 * counts["biases"]
 
@@ -199,29 +241,41 @@ def estimate(
     comp["optimizer_states"] = arch.layers * sum(a for a, _ in opt)
     paged = arch.layers * sum(p for _, p in opt)
 
+    # -- activations: the loss moment (end of forward) and a layer's backward never coexist --------
+    b, r = act_bytes, max(wide, act_bytes)   # activation / residual-stream bytes
     mlp_tokens = batch * min(seq_len, mlp_chunk) if mlp_chunk > 0 else None
-    layer = layer_activation_bytes(arch, tokens, resid_bytes=wide, dropout=lora_dropout > 0,
-                                   mlp_tokens=mlp_tokens)
-    ckpt = tokens * arch.hidden * wide       # one saved layer input
+    layer = layer_activation_bytes(arch, tokens, resid_bytes=r, mlp_tokens=mlp_tokens, act_bytes=b,
+                                   dropout_bytes=prof.dropout_bytes if lora_dropout > 0 else 0,
+                                   mlp_saved=prof.mlp_saved)
+    ckpt = tokens * arch.hidden * r          # one saved layer input
     host = 0
+    held: dict[str, int] = {}
     if not checkpointing:
-        comp["activations"] = arch.layers * layer
+        held["activations"] = arch.layers * (layer + ckpt)
     else:
         resident = min(arch.layers, OFFLOAD_LAYERS_IN_FLIGHT) if offload else arch.layers
         host = (arch.layers - resident) * ckpt if offload else 0
-        comp["checkpoints"] = resident * ckpt
-        comp["layer_recompute"] = layer
-    if attn == "eager":
-        comp["attention_workspace"] = 2 * batch * arch.heads * seq_len * seq_len * 2
-    else:  # SDPA / flash: logsumexp rows only (fp32), forward + recompute
-        comp["attention_workspace"] = 2 * batch * arch.heads * seq_len * 4
-    # bitsandbytes dequantizes each 4-bit weight to bf16 for its matmul (freed right after).
-    comp["dequant_workspace"] = 2 * max(i * o for _, i, o, _ in shapes) if quant == "nf4" else 0
-    if prof.full_logits:   # logits (lm_head dtype) + fp32 copy for the loss + its gradient
-        comp["logits_loss"] = tokens * arch.vocab * (wide + 8)
-    else:                  # one chunk: bf16 logits, fp32 log-softmax, fp32 gradient
-        chunk = min(tokens, loss_chunk or LOSS_CHUNK_TOKENS)
-        comp["logits_loss"] = chunk * arch.vocab * (2 + 4 + 4)
+        held["checkpoints"] = resident * ckpt
+    forward = dict(held, final_hidden=2 * tokens * arch.hidden * r)  # last layer output + final norm
+    if prof.full_logits:   # at the loss backward: logits (lm_head dtype; the model output holds them),
+        # the fp32 log-softmax output cross_entropy saves, its gradient and the logits' fp32 gradient
+        forward["logits_loss"] = tokens * arch.vocab * (wide + 12)
+    else:                  # one (C, V) chunk whose gradient overwrites it + dL/dh (N, H), made in forward
+        from qlora_trainer.kernels.cross_entropy import auto_chunk_size
+
+        chunk = min(tokens, loss_chunk or auto_chunk_size(tokens, arch.vocab, arch.hidden))
+        forward["logits_loss"] = chunk * arch.vocab * b + tokens * arch.hidden * b
+    backward = dict(held, layer_recompute=0 if not checkpointing else layer,
+                    layer_backward=layer_backward_bytes(arch, tokens, resid_bytes=r, mlp_tokens=mlp_tokens,
+                                                        act_bytes=b, attn=attn))
+    if attn == "eager":    # (B, heads, T, T) scores and probabilities
+        backward["attention_workspace"] = 2 * batch * arch.heads * seq_len * seq_len * b
+    else:                  # SDPA / flash: logsumexp + softmax_d rows (fp32)
+        backward["attention_workspace"] = 2 * batch * arch.heads * seq_len * 4
+    # bitsandbytes / our kernels dequantize each 4-bit weight to 16 bits for its matmul (freed right after)
+    backward["dequant_workspace"] = b * max(i * o for _, i, o, _ in shapes) if quant == "nf4" else 0
+    phases = {"forward": forward, "backward": backward}
+    comp.update(max(phases.values(), key=lambda d: sum(d.values())))
     if paged:
         notes.append(f"{paged / GIB:.2f} GiB of optimizer state is paged (unified memory, not in allocated)")
     if host:
@@ -229,8 +283,16 @@ def estimate(
     settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, targets=targets, quant=quant,
                     double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
                     offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn,
-                    mlp_chunk=mlp_chunk)
-    return MemoryEstimate(arch.name, settings, comp, paged_bytes=paged, host_bytes=host, notes=notes)
+                    mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu)
+    if embeddings_on_cpu and not arch.tied:
+        host += wide * counts["embed"]
+        notes.append(f"{wide * counts['embed'] / GIB:.2f} GiB input embedding table in CPU memory")
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    notes.append(f"peak at the {'end of the forward (loss)' if peak == 'forward' else 'backward of a layer'}; "
+                 f"the other moment needs {sum(phases['backward' if peak == 'forward' else 'forward'].values()) / GIB:.2f}"
+                 f" GiB of activations instead of {sum(phases[peak].values()) / GIB:.2f}")
+    return MemoryEstimate(arch.name, settings, comp, paged_bytes=paged, host_bytes=host, notes=notes,
+                          phases=phases)
 
 
 def largest_fitting(arch: ArchSpec, budget_gb: float, *, vary: str = "seq_len", basis: str = "device",

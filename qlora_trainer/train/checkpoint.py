@@ -2,8 +2,10 @@
 
 ``output_dir/checkpoints/step-N/`` (written aside, then renamed into place)::
 
-    adapter/                  the adapter so far, PEFT format (usable on its own)
-    trainable.safetensors     the trainable tensors by parameter name (what resume restores)
+    adapter/                  the adapter so far, PEFT format (usable on its own; resume restores
+                              the trainable LoRA tensors from it)
+    trainable.safetensors     only if some trainable tensor is not in the adapter: those, by
+                              parameter name (checkpoints of earlier versions hold all of them here)
     optimizer.pt              optimizer state_dict
     scheduler.pt              LR scheduler state_dict
     rng.pt                    python / numpy / torch / cuda RNG states
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LORA_PARAM = re.compile(r"^(.+)\.(lora_A|lora_B|lora_magnitude_vector)\.default$")
 
 
 @dataclass
@@ -99,26 +102,41 @@ def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def _peft_key(name: str) -> str | None:
+    """The key of trainable parameter ``name`` in the adapter's PEFT file (None: not an adapter tensor)."""
+    from qlora_trainer.lora.peft_format import PREFIX
+
+    m = _LORA_PARAM.match(name)
+    if m is None:
+        return None
+    return f"{PREFIX}{m[1]}.{m[2]}" + ("" if m[2] == "lora_magnitude_vector" else ".weight")
 
 
-def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState, cfg: "Config") -> Path:
-    """Write ``checkpoints/step-{state.step}`` atomically, then keep only the newest ``output.keep_last``."""
+def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState, cfg: "Config",
+                    rng: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoints/step-{state.step}`` atomically, then keep only the newest ``output.keep_last``.
+    ``rng``: the RNG states to store (default: the current ones)."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from qlora_trainer.config import save_config
     from qlora_trainer.io import atomic_directory
     from qlora_trainer.lora import save_adapter
+    from qlora_trainer.lora.peft_format import WEIGHTS_NAME
 
     path = Path(cfg.output_dir) / "checkpoints" / f"step-{state.step}"
     with atomic_directory(path) as tmp:
         save_adapter(model, tmp / "adapter", cfg=cfg.lora, base_model=cfg.model.name_or_path,
                      revision=cfg.model.revision)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        with safe_open(str(tmp / "adapter" / WEIGHTS_NAME), "pt") as f:
+            in_adapter = set(f.keys())
+        rest = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()
+                if p.requires_grad and _peft_key(n) not in in_adapter}
+        if rest:
+            save_file(rest, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
         save_config(cfg, tmp / "config.yaml")
     prune_checkpoints(cfg.output_dir, cfg.output.keep_last)
@@ -127,18 +145,30 @@ def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: Tra
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` finished checkpoints (and stale temp dirs)."""
+    """Delete all but the newest ``keep_last`` finished checkpoints, each renamed aside first so an
+    interrupted delete never leaves a partial ``step-N``."""
     for old in checkpoint_dirs(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        aside = old.with_name(f".{old.name}.deleting")
+        shutil.rmtree(aside, ignore_errors=True)
+        old.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> TrainerState:
-    """Restore trainable tensors, optimizer and scheduler from ``path``; return its TrainerState.
-    RNG states are restored separately (:func:`restore_rng`) once all set-up is done."""
+    """Restore trainable tensors (from the adapter, plus ``trainable.safetensors`` where present),
+    optimizer and scheduler from ``path``; return its TrainerState. RNG states are restored
+    separately (:func:`restore_rng`) once all set-up is done."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "trainable.safetensors"))
+    from qlora_trainer.lora.peft_format import WEIGHTS_NAME
+
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {key: n for n in params if (key := _peft_key(n)) is not None}
+    tensors: dict[str, torch.Tensor] = {}
+    if (path / "adapter" / WEIGHTS_NAME).is_file():
+        tensors = {names.get(k, k): t for k, t in load_file(str(path / "adapter" / WEIGHTS_NAME)).items()}
+    if (path / "trainable.safetensors").is_file():
+        tensors.update(load_file(str(path / "trainable.safetensors")))
     if set(tensors) != set(params):
         missing = sorted(set(params) ^ set(tensors))[:3]
         raise QloraError(f"{path}: checkpoint does not match this model/LoRA config (e.g. {missing}); "

@@ -4,14 +4,20 @@ resume exactly, save the adapter.
 One optimizer step = ``train.grad_accum`` micro-batches; the step's loss is the token mean over all of
 them (each micro-batch's summed loss is divided by the step's total loss-token count before
 ``backward``), so accumulation is exact whatever the padding.
+
+Ctrl-C or SIGTERM during training saves a checkpoint of the last completed optimizer step (partial
+accumulated gradients are dropped), then re-raises KeyboardInterrupt (SIGTERM: ``SystemExit(143)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +27,7 @@ import torch
 from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import DataError, QloraError
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
-                                            restore_rng, save_checkpoint)
+                                            restore_rng, rng_state, save_checkpoint)
 from qlora_trainer.train.loss import causal_lm_loss
 
 if TYPE_CHECKING:
@@ -90,59 +96,72 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     steps_this_run = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    saved, rng = (state.step, resume), rng_state()  # (step, path) of the last checkpoint; RNG after the last step
 
-    while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
-        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-        n_loss = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
-        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
-        for _, _, batch in micro:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with accelerator.autocast():
-                loss_sum, _ = causal_lm_loss(model, batch, chunk_size=cfg.train.loss_chunk_size,
-                                             backend=cfg.model.kernels)
-            (loss_sum / max(n_loss, 1)).backward()
-            step_loss += loss_sum.detach()
-            window_tokens += int(batch["input_ids"].numel())
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    def checkpoint() -> None:  # the last completed step, unless saved already
+        nonlocal saved
+        if state.step != saved[0]:
+            saved = state.step, save_checkpoint(model, optimizer, scheduler, state, cfg, rng=rng)
 
-        state.step += 1
-        steps_this_run += 1
-        state.epoch, state.batch = micro[-1][0], micro[-1][1]
-        state.tokens += n_loss
-        loss = float(step_loss) / max(n_loss, 1)
-        result.losses.append(loss)
-        if state.step % cfg.output.log_every == 0 or state.step == cfg.train.max_steps:
-            now = time.perf_counter()
-            tok_s = window_tokens / max(now - window_t, 1e-9)
-            row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": round(grad_norm, 6),
-                   "tokens_per_s": round(tok_s, 1), "mem_gb": round(_memory_gb(device), 3), "tokens": state.tokens}
-            metrics.write(row)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            mem=f"{row['mem_gb']:.2f}GB")
-            window_tokens, window_t = 0, now
-        bar.update(1)
-        if eval_ds is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-            result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
-            metrics.write({"step": state.step, "eval_loss": result.eval_loss})
-        if cfg.train.save_every and state.step % cfg.train.save_every == 0:
-            save_checkpoint(model, optimizer, scheduler, state, cfg)
-    bar.close()
+    def on_interrupt() -> None:
+        bar.close()
+        checkpoint()
+        log.warning("interrupted after step %d (%s); continue with resume=auto", state.step,
+                    f"checkpoint {saved[1]}" if saved[1] else "nothing to resume from")
 
-    finished = state.step >= cfg.train.max_steps
-    if not (cfg.train.save_every and state.step % cfg.train.save_every == 0) and steps_this_run:
-        save_checkpoint(model, optimizer, scheduler, state, cfg)
-    if finished:
-        if eval_ds is not None and not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
-            result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
-            metrics.write({"step": state.step, "eval_loss": result.eval_loss})
-        result.adapter_dir = save_adapter(model, out / "adapter", cfg=cfg.lora, base_model=cfg.model.name_or_path,
-                                          tokenizer=tokenizer, run_config=cfg, revision=cfg.model.revision)
-        log.info("adapter saved to %s", result.adapter_dir)
+    with _Interrupts(on_interrupt) as interrupts:
+        while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
+            micro = [next(stream) for _ in range(cfg.train.grad_accum)]
+            n_loss = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
+            step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
+            for _, _, batch in micro:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with accelerator.autocast():
+                    loss_sum, _ = causal_lm_loss(model, batch, chunk_size=cfg.train.loss_chunk_size,
+                                                 backend=cfg.model.kernels)
+                (loss_sum / max(n_loss, 1)).backward()
+                step_loss += loss_sum.detach()
+                window_tokens += int(batch["input_ids"].numel())
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            with interrupts.held():  # a step is applied and logged whole or not at all
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                steps_this_run += 1
+                state.epoch, state.batch = micro[-1][0], micro[-1][1]
+                state.tokens += n_loss
+                rng = rng_state()
+                loss = float(step_loss) / max(n_loss, 1)
+                result.losses.append(loss)
+                if state.step % cfg.output.log_every == 0 or state.step == cfg.train.max_steps:
+                    now = time.perf_counter()
+                    tok_s = window_tokens / max(now - window_t, 1e-9)
+                    row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
+                           "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tok_s, 1),
+                           "mem_gb": round(_memory_gb(device), 3), "tokens": state.tokens}
+                    metrics.write(row)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                    mem=f"{row['mem_gb']:.2f}GB")
+                    window_tokens, window_t = 0, now
+                bar.update(1)
+            if eval_ds is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
+                metrics.write({"step": state.step, "eval_loss": result.eval_loss})
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+                checkpoint()
+        bar.close()
+        checkpoint()
+        if state.step >= cfg.train.max_steps:
+            if eval_ds is not None and not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
+                metrics.write({"step": state.step, "eval_loss": result.eval_loss})
+            result.adapter_dir = save_adapter(model, out / "adapter", cfg=cfg.lora,
+                                              base_model=cfg.model.name_or_path, tokenizer=tokenizer,
+                                              run_config=cfg, revision=cfg.model.revision)
+            log.info("adapter saved to %s", result.adapter_dir)
     result.step, result.tokens, result.seconds = state.step, state.tokens, time.perf_counter() - t0
     return result
 
@@ -192,6 +211,54 @@ def _micro_batches(train_ds: Any, cfg: "Config", tokenizer: Any, epoch: int,
         if n == 0:
             raise DataError(f"data.path: {cfg.data.path!r} yields no batches")
         epoch, skip = epoch + 1, 0
+
+
+class _Interrupts:
+    """While training, Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt, except inside ``held()``,
+    where they wait for the block's end. A KeyboardInterrupt leaving the ``with`` block first runs
+    ``on_interrupt``, then goes on (SIGTERM: as ``SystemExit(143)``). The previous handlers come back
+    on exit. Handlers are installed from the main thread only, and never over an ignored signal."""
+
+    def __init__(self, on_interrupt: Callable[[], None]) -> None:
+        self.on_interrupt = on_interrupt
+        self.signum: int | None = None
+        self._held = self._pending = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        try:
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+                self.on_interrupt()
+                if self.signum == signal.SIGTERM:
+                    raise SystemExit(128 + signal.SIGTERM) from None
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if self._held:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
 
 def _check_output_dir(cfg: "Config", out: Path, resume: Path | None) -> None:

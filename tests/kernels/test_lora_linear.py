@@ -1,7 +1,10 @@
 """LoRA linear autograd Function (NF4 or dense base) vs a float64 plain-autograd oracle.
 
-Checked: output and grads for x, x_lora, A, B, with the fused NF4 dequant-in-GEMM kernel and with
-dequant + matmul, fp32 and bf16, odd sizes (M = 21 tokens, in = 98 / 97, out = 70, r = 5).
+Checked: output and grads for x, A, B, with the fused NF4 dequant-in-GEMM kernel and with
+dequant + matmul, fp32 and bf16, odd sizes (M = 21 / 37 tokens, in = 98 / 97 / 53, out = 70 / 29,
+r = 5), without and with LoRA dropout (p = 0.3: the oracle gets x_l = x ⊙ k / (1 - p) with the mask
+k regenerated from the seed the Function draws). Dropout saves no extra bytes, is reproducible from
+torch's seed (also across a checkpoint recompute) and keeps 1 - p of the inputs.
 Tolerances (‖got − ref‖ / ‖ref‖ vs float64 on the same quantized weight): fp32 1e-5; bf16 1.5e-2
 (bf16 operands and outputs, ~4e-3 per rounding; the interpreter truncates casts to bf16).
 """
@@ -13,7 +16,8 @@ import torch
 from torch import nn
 
 from qlora_trainer.kernels.dispatch import lora_matmul
-from qlora_trainer.kernels.lora_linear import BaseWeight, lora_linear, lora_linear_reference
+from qlora_trainer.kernels.lora_linear import (BaseWeight, draw_seed, dropout_mask, lora_linear,
+                                               lora_linear_reference)
 from qlora_trainer.kernels.nf4 import NF4Weight, dequantize_nf4
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
@@ -37,22 +41,29 @@ def _nf4_base(out_f, in_f, dtype, blocksize=64, double_quant=True, bias=True):
     return BaseWeight(nf4=w, bias=b), dequantize_nf4(w, torch.float32, backend="triton")
 
 
-def _check(base, w_dense, in_f, out_f, dtype, separate_xl, fuse, lead=(3, 7)):
+def _check(base, w_dense, in_f, out_f, dtype, p, fuse, lead=(3, 7)):
     r = 5
     x = torch.randn(*lead, in_f).to(dtype).requires_grad_()
-    xl = (torch.randn(*lead, in_f).to(dtype)).requires_grad_() if separate_xl else None
     a = (torch.randn(r, in_f) * 0.2).requires_grad_()
     b = (torch.randn(out_f, r) * 0.2).requires_grad_()
-    y = lora_linear(x, base, a, b, SCALE, xl, fuse=fuse)
+    torch.manual_seed(11)
+    seed = draw_seed()  # the seed the Function draws below
+    torch.manual_seed(11)
+    y = lora_linear(x, base, a, b, SCALE, p, fuse=fuse)
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     assert type(y.grad_fn).__name__ == "LoRALinearFunctionBackward"
     dy = torch.randn_like(y)
-    inputs = [x, a, b] + ([xl] if separate_xl else [])
+    inputs = [x, a, b]
     grads = torch.autograd.grad(y, inputs, dy)
 
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    x64, a64, b64 = ref_inputs[:3]
-    xl64 = ref_inputs[3] if separate_xl else None
+    x64, a64, b64 = ref_inputs
+    xl64 = None
+    if p > 0:
+        m = x.numel() // in_f
+        keep = dropout_mask(seed, (m, in_f), p, x.device, dtype).double().view(*lead, in_f)
+        assert 0 < keep.mean() < 1
+        xl64 = x64 * keep / (1 - p)
     bias64 = None if base.bias is None else base.bias.double()
     y64 = lora_linear_reference(x64, w_dense.double(), bias64, a64, b64, SCALE, xl64)
     ref_grads = torch.autograd.grad(y64, ref_inputs, dy.double())
@@ -65,21 +76,33 @@ def _check(base, w_dense, in_f, out_f, dtype, separate_xl, fuse, lead=(3, 7)):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fuse", [True, False])
-@pytest.mark.parametrize("separate_xl", [False, True])
-def test_nf4_lora_linear_forward_and_grads(dtype, fuse, separate_xl):
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_nf4_lora_linear_forward_and_grads(dtype, fuse, p):
     base, w_dense = _nf4_base(70, 98, dtype)
-    _check(base, w_dense, 98, 70, dtype, separate_xl, fuse)
+    _check(base, w_dense, 98, 70, dtype, p, fuse)
 
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_nf4_odd_in_features_blocksize_256_no_double_quant(fuse):
     base, w_dense = _nf4_base(33, 97, torch.float32, blocksize=256, double_quant=False, bias=False)
-    _check(base, w_dense, 97, 33, torch.float32, separate_xl=True, fuse=fuse)
+    _check(base, w_dense, 97, 33, torch.float32, p=0.3, fuse=fuse)
 
 
 def test_nf4_fused_kernel_large_tile_config():
     base, w_dense = _nf4_base(150, 98, torch.float32)  # M = 130 tokens: 128x128 tiles, 2 x 2 grid
-    _check(base, w_dense, 98, 150, torch.float32, separate_xl=False, fuse=True, lead=(130,))
+    _check(base, w_dense, 98, 150, torch.float32, p=0.0, fuse=True, lead=(130,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["dense", "nf4_fused", "nf4_dequant"])
+def test_dropout_odd_shapes(dtype, kind):
+    """p = 0.3, M = 37, in = 53, out = 29, r = 5: forward and grads of x, A, B vs the oracle."""
+    if kind == "dense":
+        lin = nn.Linear(53, 29).to(dtype).requires_grad_(False)
+        base, w_dense, fuse = BaseWeight.from_module(lin), lin.weight.float(), None
+    else:
+        (base, w_dense), fuse = _nf4_base(29, 53, dtype), kind == "nf4_fused"
+    _check(base, w_dense, 53, 29, dtype, p=0.3, fuse=fuse, lead=(37,))
 
 
 @pytest.mark.parametrize("trans_w", [True, False])
@@ -104,21 +127,84 @@ def test_dense_base(dtype):
     lin = nn.Linear(45, 23).to(dtype).requires_grad_(False)
     base = BaseWeight.from_module(lin)
     assert base is not None and base.dense is lin.weight
-    _check(base, lin.weight.float(), 45, 23, dtype, separate_xl=False, fuse=None)
+    _check(base, lin.weight.float(), 45, 23, dtype, p=0.0, fuse=None)
 
 
-def test_backward_saves_neither_x_nor_the_weight():
-    base, _ = _nf4_base(70, 98, torch.float32)
-    x = torch.randn(21, 98, requires_grad=True)
-    xl = torch.randn(21, 98, requires_grad=True)  # the dropout output: needed for dA
+def _saved(fn) -> list[torch.Tensor]:
+    """The tensors autograd packs for backward while running ``fn()``."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_saves_neither_the_weight_nor_a_dropout_tensor(dtype):
+    """Saved: x (shared with the other adapters on the same input), u, A, B — with dropout as well:
+    no W, no dropped copy of x, no mask (the same bytes as p = 0)."""
+    base, _ = _nf4_base(70, 98, dtype)
+    x = torch.randn(21, 98).to(dtype).requires_grad_()
     a = torch.randn(5, 98, requires_grad=True)
     b = torch.randn(70, 5, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        lora_linear(x, base, a, b, SCALE, xl)
-    shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes == sorted([(21, 98), (21, 5), (5, 98), (70, 5)])  # x_l, u, A, B — no W, no x
-    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    nbytes = {}
+    for p in (0.0, 0.3):
+        saved = _saved(lambda: lora_linear(x, base, a, b, SCALE, p))
+        assert sorted(tuple(t.shape) for t in saved) == sorted([(21, 98), (21, 5), (5, 98), (70, 5)])
+        big = [t for t in saved if t.numel() >= x.numel()]
+        assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()  # x itself, not a copy
+        nbytes[p] = sum(t.numel() * t.element_size() for t in saved)
+    assert nbytes[0.3] == nbytes[0.0]
+
+
+def test_dropout_is_reproducible_from_torch_seed_and_keeps_1_minus_p():
+    base, _ = _nf4_base(70, 98, torch.float32)
+    x = torch.randn(4, 9, 98, requires_grad=True)
+    a = torch.randn(5, 98, requires_grad=True)
+    b = torch.randn(70, 5, requires_grad=True)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        y = lora_linear(x, base, a, b, SCALE, 0.3, fuse=False)
+        torch.rand(100)  # the backward must not depend on the global RNG after the forward
+        return (y, *torch.autograd.grad(y.square().sum(), (x, a, b)))
+
+    first, again, other = run(3), run(3), run(4)
+    for t1, t2 in zip(first, again):
+        assert torch.equal(t1, t2)
+    assert not torch.equal(first[0], other[0])
+    no_drop = lora_linear(x, base, a, b, SCALE, 0.0, fuse=False)
+    assert not torch.equal(first[0], no_drop)
+
+    for seed in (0, 1, 2**61 + 12345):
+        for p in (0.05, 0.3, 0.5):
+            k = dropout_mask(seed, (512, 256), p, torch.device("cpu"), torch.bfloat16)
+            assert k.dtype == torch.bfloat16 and set(k.unique().tolist()) <= {0.0, 1.0}
+            assert abs(k.float().mean().item() - (1 - p)) < 0.02
+            assert torch.equal(k, dropout_mask(seed, (512, 256), p, torch.device("cpu"), torch.bfloat16))
+
+
+def test_checkpoint_recompute_reproduces_the_dropout_mask():
+    """Under non-reentrant checkpointing the forward runs again in backward and draws its seed again:
+    torch restores the CPU RNG state, so u (recomputed) and the mask (from the first forward's seed)
+    agree and the grads equal the uncheckpointed ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    base, _ = _nf4_base(70, 98, torch.float32)
+    x = torch.randn(2, 11, 98, requires_grad=True)
+    a = torch.randn(5, 98, requires_grad=True)
+    b = torch.randn(70, 5, requires_grad=True)
+
+    def block(inp):
+        return torch.tanh(lora_linear(inp, base, a, b, SCALE, 0.3, fuse=False))
+
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        y = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+        torch.rand(100)  # move the RNG between forward and the recompute
+        results.append((y, *torch.autograd.grad(y.sum(), (x, a, b))))
+    for plain, ckpt in zip(*results):
+        torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
 
 
 def _linear4bit(in_f, out_f, dtype):

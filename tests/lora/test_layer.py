@@ -109,6 +109,33 @@ def test_dora_training_dropout_matches_peft_formula():
     assert not torch.allclose(y, layer.eval()(x))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_training_dropout(backend, nf4):
+    """Training mode with dropout p: y = base(x) + s B A (x ⊙ k / (1 - p)). The torch backend draws k
+    with ``F.dropout``; the Triton Function from the seed it draws (:func:`dropout_mask`). Eval mode
+    drops nothing. The ``lora_dropout`` module stays (PEFT layout) though only DoRA calls it."""
+    from qlora_trainer.kernels.lora_linear import draw_seed, dropout_mask
+
+    layer = _layer("lora", nf4, dropout=0.3).train()
+    layer.backend = backend
+    assert isinstance(layer.lora_dropout["a"], nn.Dropout) and layer.lora_dropout["a"].p == 0.3
+    x = torch.randn(3, 5, IN)
+    torch.manual_seed(2)
+    y = layer(x)
+    torch.manual_seed(2)
+    if backend == "torch":
+        xd = nn.functional.dropout(x, 0.3, training=True)
+    else:
+        keep = dropout_mask(draw_seed(), (15, IN), 0.3, x.device, x.dtype).view(3, 5, IN)
+        xd = x * keep / 0.7
+    a, b, s = layer.lora_A["a"], layer.lora_B["a"], layer.specs["a"].scale
+    ref = layer.base_layer(x) + s * (xd @ a.t() @ b.t())
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y, layer.eval()(x))
+    torch.testing.assert_close(layer(x), _dense(layer, x, layer.specs["a"]), atol=1e-5, rtol=1e-5)
+
+
 def test_inject_all_linear_freezes_base(tiny_nf4_model):
     cfg = LoRAConfig(r=4, alpha=8)
     ids = torch.randint(0, 256, (2, 6))

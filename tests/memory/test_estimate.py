@@ -17,7 +17,8 @@ LORA_7B = 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))      # 39,976,960
 
 
 def test_components_hand_computed_hf_profile():
-    c = estimate(L2_7B, seq_len=512, lora_r=16, system="hf", optimizer="adamw").components
+    e = estimate(L2_7B, seq_len=512, lora_r=16, system="hf", optimizer="adamw")
+    c = {**e.components, **e.phases["forward"], **e.phases["backward"]}
     assert c["base_nf4"] == LINEAR_7B // 2 == 3_238_002_688
     assert c["quant_constants"] == pytest.approx(LINEAR_7B * 0.127 / 8, rel=0.005)
     assert c["embeddings"] == c["lm_head"] == 32000 * 4096 * 4              # fp32 upcast
@@ -25,21 +26,27 @@ def test_components_hand_computed_hf_profile():
     assert c["lora_params"] == c["lora_grads"] == 4 * LORA_7B               # fp32 adapters
     assert c["optimizer_states"] == 2 * 4 * LORA_7B                         # torch AdamW: 2 fp32 states
     assert c["checkpoints"] == 32 * 512 * 4096 * 4                          # fp32 residual per layer
-    assert c["logits_loss"] == 512 * 32000 * (4 + 4 + 4)                    # logits + fp32 copy + grad
+    assert c["logits_loss"] == 512 * 32000 * (4 + 12)       # logits + fp32 log-softmax + 2 fp32 grads
     assert c["dequant_workspace"] == 2 * 4096 * 11008
     assert c["attention_workspace"] == 2 * 32 * 512 * 4
+    # h1 and the two norm outputs fp32, q k v and attention output bf16, 4 bf16 MLP intermediates,
+    # dropout 0.05: a bf16 dropped copy + 1-byte mask of every adapter's input
+    assert c["layer_recompute"] == 512 * (4 * 3 * 4096 + 2 * 4 * 4096 + 2 * 4 * 11008 + 3 * (6 * 4096 + 11008))
+    # the peak is the larger moment; the forward and backward activations never coexist
+    assert e.allocated_bytes == e.static_bytes + max(sum(p.values()) for p in e.phases.values())
 
 
 def test_components_hand_computed_ours_profile():
     e = estimate(L2_7B, seq_len=4096, lora_r=16, system="ours", loss_chunk=1024, offload=True)
-    c = e.components
+    c = {**e.components, **e.phases["forward"]}
     assert c["embeddings"] == 32000 * 4096 * 2
     assert c["lora_params"] == 2 * LORA_7B
-    assert c["logits_loss"] == 1024 * 32000 * (2 + 4 + 4)                  # one chunk only
+    assert c["logits_loss"] == 1024 * 32000 * 2 + 4096 * 4096 * 2         # one chunk, in place + dL/dh
     assert c["checkpoints"] == 2 * 4096 * 4096 * 2                          # 2 layers in flight
     assert e.host_bytes == 30 * 4096 * 4096 * 2                             # the rest in pinned CPU
     # totals: reserved = 1.04 * allocated + 0.25 GiB; device = reserved + paged + context
-    assert e.allocated_bytes == sum(c.values())
+    assert e.allocated_bytes == sum(e.components.values()) == e.phase_bytes("backward")
+    assert e.phases["backward"]["layer_recompute"] == 4096 * (2 * 5 * 4096 + 2 * 2 * 4096 + 2 * 3 * 11008)
     assert e.reserved_bytes == int(e.allocated_bytes * 1.04) + int(0.25 * GIB)
     assert e.device_bytes == e.reserved_bytes + e.paged_bytes + CUDA_CONTEXT
     assert e.total_gb == pytest.approx(e.device_bytes / GB)

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic (a failed save leaves nothing behind), retention, RNG round trip, resume errors."""
+"""Checkpoints: atomic (a failed save leaves nothing behind), the adapter stored once, retention, RNG round
+trip, resume errors."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from qlora_trainer.errors import QloraError
-from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, prune_checkpoints, resolve_resume,
-                                            rng_state, save_checkpoint, set_rng_state)
+from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, prune_checkpoints,
+                                            resolve_resume, rng_state, save_checkpoint, set_rng_state)
 
 
 class _Boom:
@@ -36,6 +37,38 @@ def test_failed_save_leaves_previous_checkpoints_untouched(tiny_cfg, tmp_path):
     root = good.parent
     assert sorted(p.name for p in root.iterdir()) == ["step-1"]  # no step-2, no temp dir
     assert sorted(p.name for p in good.iterdir()) == before
+
+
+@pytest.mark.parametrize("layout", ["lora only", "a trainable norm too", "old: trainable.safetensors of all"])
+def test_trainable_tensors_stored_once_and_restored_exactly(tiny_cfg, layout):
+    """The LoRA tensors live only in adapter/ (no trainable.safetensors); a trainable tensor the adapter
+    lacks goes to trainable.safetensors alone; a checkpoint of the old layout still loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, opt, sched = _model_and_opt(tiny_cfg)
+    extra = "model.norm.weight"
+    if layout == "a trainable norm too":
+        model.get_parameter(extra).requires_grad_(True)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    path = save_checkpoint(model, opt, sched, TrainerState(step=1), tiny_cfg)
+    with safe_open(str(path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == len([n for n in trainable if n != extra]) > 0
+    if layout == "lora only":
+        assert not (path / "trainable.safetensors").exists()
+    elif layout == "a trainable norm too":
+        with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+            assert list(f.keys()) == [extra]
+    else:
+        save_file(trainable, str(path / "trainable.safetensors"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert load_checkpoint(path, model, opt, sched).step == 1
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trainable[n]), n
 
 
 def test_retention_keeps_newest_by_step_number(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,8 @@ def test_run_writes_metrics_checkpoints_and_adapter(tiny_cfg):
     # retention: only the newest keep_last checkpoints, no temp leftovers
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
     ckpt = out / "checkpoints" / "step-4"
-    assert {"adapter", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
-            "trainer_state.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
+    assert {p.name for p in ckpt.iterdir()} == {"adapter", "optimizer.pt", "scheduler.pt", "rng.pt",
+                                                "trainer_state.json", "config.yaml"}  # no trainable.safetensors
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
     adapter = out / "adapter"
     assert res.adapter_dir == adapter
@@ -68,6 +69,54 @@ def test_interrupted_then_resumed_logs_identical_losses(tiny_cfg, tmp_path):
     res = train(part)
     assert res.resumed_from.name == "step-3" and res.step == 5
     assert list(_losses(Path(part.output_dir))) == [1, 2, 3, 4, 5]
+    assert _losses(Path(part.output_dir)) == _losses(Path(full.output_dir))  # bit-exact
+
+
+@pytest.mark.parametrize("how", ["ctrl-c mid-accumulation", "sigterm inside an optimizer step"])
+def test_interrupt_saves_last_completed_step_and_resume_is_exact(tiny_cfg, tmp_path, monkeypatch, how):
+    """Ctrl-C in step 4's second micro-batch (step 4's first micro-batch already moved the RNG and left
+    gradients), or SIGTERM while step 3 is applied (held until it is done): checkpoint step-3, then
+    KeyboardInterrupt / exit 143; resume=auto logs the uninterrupted run's losses bit for bit."""
+    import signal
+
+    from qlora_trainer.lora.peft_format import WEIGHTS_NAME
+    from qlora_trainer.train import loop
+
+    tiny_cfg.train.max_steps, tiny_cfg.train.save_every = 5, 2
+    full, part = copy.deepcopy(tiny_cfg), copy.deepcopy(tiny_cfg)
+    full.output_dir, part.output_dir = str(tmp_path / "full"), str(tmp_path / "part")
+    train(full)
+
+    calls = {"loss": 0, "rng": 0}
+
+    def counted(name, real, at, act):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            if calls[name] == at:
+                act()
+            return real(*args, **kwargs)
+        return wrapper
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    if how.startswith("ctrl-c"):  # 2 micro-batches a step: call 8 is step 4's second
+        monkeypatch.setattr(loop, "causal_lm_loss", counted("loss", loop.causal_lm_loss, 8, ctrl_c))
+    else:  # rng_state: once at the start, then at the end of each step inside the held block
+        monkeypatch.setattr(loop, "rng_state", counted("rng", loop.rng_state, 4,
+                                                       lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt if how.startswith("ctrl-c") else SystemExit) as exc:
+        train(part)
+    assert how.startswith("ctrl-c") or exc.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is handler
+    ckpt = Path(part.output_dir) / "checkpoints" / "step-3"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    assert not (ckpt / "trainable.safetensors").exists() and (ckpt / "adapter" / WEIGHTS_NAME).is_file()
+    monkeypatch.undo()
+    part.resume = "auto"
+    res = train(part)
+    assert res.resumed_from == ckpt and res.losses == list(_losses(Path(full.output_dir)).values())[3:]
     assert _losses(Path(part.output_dir)) == _losses(Path(full.output_dir))  # bit-exact
 
 
