@@ -77,9 +77,10 @@ def chunked_loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         logits = h @ weight.t()  # (C, V) in the weight's (activation) dtype
         loss += ce_chunk(logits, labels[s:s + chunk], ignore_index, write_grad).sum()
         if need_dh:
-            dh[s:s + chunk] = logits @ weight  # logits now holds G (C, V)
+            torch.mm(logits, weight, out=dh[s:s + chunk])  # logits now holds G (C, V)
         if need_dw:
             dw.addmm_(logits.t().float(), h.float())
+        del logits  # else the next chunk's logits are allocated while these are still alive (2 chunks)
     return loss, dh, dw
 
 

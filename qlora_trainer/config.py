@@ -56,6 +56,9 @@ class ModelConfig:
     mlp_chunk_tokens: int = 0
     """Sequence-tiled MLP: run each SwiGLU MLP over chunks of this many tokens, each checkpointed, so only
     one chunk's (B, chunk, intermediate) activations are alive at once (long contexts). 0 = off."""
+    embeddings_on_cpu: bool = False
+    """Keep the frozen input embedding table in (pinned) CPU memory and copy each step's looked-up
+    (B, T, hidden) rows to the GPU (Llama-3-70B: frees 1.96 GiB). Tied embeddings stay on the device."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
     resize_embeddings: bool = False

@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to pinned CPU memory")
     p.add_argument("--mlp-chunk", type=int, default=0, metavar="N",
                    help="sequence-tiled MLP: N tokens per checkpointed chunk (model.mlp_chunk_tokens; 0 = off)")
+    p.add_argument("--embeddings-on-cpu", action="store_true",
+                   help="keep the input embedding table in CPU memory (model.embeddings_on_cpu)")
+    p.add_argument("--dropout", type=float, default=0.05, metavar="P",
+                   help="LoRA dropout probability (lora.dropout; default 0.05 as in the config); "
+                        "0 leaves out the memory dropout costs (masks, dropped copies)")
     p.add_argument("--basis", choices=("device", "allocated"), default="device",
                    help="compare the budget with the whole device footprint (default) or the allocator peak (GiB)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -39,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("seq", "batch", "r"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name}: must be >= 1 (got {getattr(args, name)})")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ConfigError(f"--dropout: must be in [0, 1) (got {args.dropout})")
     if args.mlp_chunk < 0:
         raise ConfigError(f"--mlp-chunk: must be >= 0 (got {args.mlp_chunk})")
     if args.budget <= 0:
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if arch is None:
         raise ConfigError(f"MODEL: {reason}")
     kw = dict(lora_r=args.r, optimizer=args.optimizer, system=args.system,
-              checkpointing=args.checkpointing, offload=args.offload, mlp_chunk=args.mlp_chunk)
+              checkpointing=args.checkpointing, offload=args.offload, mlp_chunk=args.mlp_chunk,
+              lora_dropout=args.dropout, embeddings_on_cpu=args.embeddings_on_cpu)
     est = estimate(arch, seq_len=args.seq, batch=args.batch, **kw)
     fits = est.fits(args.budget, args.basis)
     max_seq = largest_fitting(arch, args.budget, vary="seq_len", basis=args.basis, batch=args.batch, **kw)
@@ -62,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         CudaReader()  # one-line error without CUDA, before building anything
         measured = measure_training(arch, seq_len=args.seq, batch=args.batch, lora_r=args.r,
                                     optimizer=args.optimizer, checkpointing=args.checkpointing,
-                                    offload=args.offload, snapshot=args.snapshot)
+                                    offload=args.offload, lora_dropout=args.dropout,
+                                    embeddings_on_cpu=args.embeddings_on_cpu, snapshot=args.snapshot)
     if args.json:
         out = est.to_dict() | {"fits": fits, "budget_gb": args.budget, "basis": args.basis,
                                "max_seq_len": max_seq, "max_batch": max_batch}

@@ -155,19 +155,21 @@ def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dro
 
 
 def layer_backward_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, mlp_tokens: int | None = None,
-                         act_bytes: int = 2, attn: str = "sdpa") -> int:
+                         act_bytes: int = 2, attn: str = "sdpa", dropout: bool = False) -> int:
     """Gradient tensors alive on top of a layer's saved activations at the peak of its backward:
     the incoming gradient of the layer output (tokens, hidden) at ``resid_bytes``, plus the larger of
     (a) the MLP backward: d(silu(g)*u) and dgate/dup, 2 intermediate-wide, and the gate/up input
     gradients, 2 hidden-wide, for one MLP chunk (measured on the CPU with
-    :class:`~qlora_trainer.memory.trace.LiveBytes`: 5 intermediate-wide tensors live, 3 of them saved);
+    :class:`~qlora_trainer.memory.trace.LiveBytes`: 5 intermediate-wide tensors live, 3 of them saved;
+    with LoRA dropout 6: down_proj's backward regenerates its (tokens, intermediate) mask and forms
+    (du A) next to d(silu(g)*u));
     (b) the attention backward: d(attention output), dq, dk, dv at b, and for SDPA/flash on CUDA the
     kernel's fp32 dq accumulator (tokens, hidden) and, with GQA, its head-expanded dk/dv
     (2 x (tokens, hidden) at b; FlashAttention-2's ``mha_bwd``) - kernel workspace the CPU trace cannot
     see, not yet measured on a GPU. The MLP's saved tensors are freed before (b) starts."""
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
     mlp = tokens if mlp_tokens is None else min(tokens, mlp_tokens)
-    mlp_bwd = mlp * act_bytes * (2 * i + 2 * h)
+    mlp_bwd = mlp * act_bytes * ((3 if dropout else 2) * i + 2 * h)
     attn_bwd = tokens * act_bytes * (2 * h + 2 * kv)
     if attn != "eager":
         attn_bwd += tokens * 4 * h + (tokens * act_bytes * 2 * h if kv < h else 0)
@@ -267,7 +269,7 @@ def estimate(
         forward["logits_loss"] = chunk * arch.vocab * b + tokens * arch.hidden * b
     backward = dict(held, layer_recompute=0 if not checkpointing else layer,
                     layer_backward=layer_backward_bytes(arch, tokens, resid_bytes=r, mlp_tokens=mlp_tokens,
-                                                        act_bytes=b, attn=attn))
+                                                        act_bytes=b, attn=attn, dropout=lora_dropout > 0))
     if attn == "eager":    # (B, heads, T, T) scores and probabilities
         backward["attention_workspace"] = 2 * batch * arch.heads * seq_len * seq_len * b
     else:                  # SDPA / flash: logsumexp + softmax_d rows (fp32)
@@ -354,6 +356,7 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
         optimizer=cfg.train.optimizer, checkpointing=cfg.model.gradient_checkpointing,
         offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
         lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
+        embeddings_on_cpu=cfg.model.embeddings_on_cpu,
         attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours")
 
 

@@ -10,8 +10,9 @@ from qlora_trainer.memory.profile import Profiler, memory_history
 
 
 def measure_training(arch, *, seq_len: int, batch: int = 1, lora_r: int = 16, optimizer: str = "paged_adamw_8bit",
-                     checkpointing: bool = True, offload: bool = False, steps: int = 2,
-                     snapshot: str | None = None, reader=None) -> Profiler:
+                     checkpointing: bool = True, offload: bool = False, lora_dropout: float = 0.05,
+                     embeddings_on_cpu: bool = False, steps: int = 2, snapshot: str | None = None,
+                     reader=None) -> Profiler:
     """Build ``arch`` in NF4 on CUDA, add LoRA, run ``steps`` training steps and one eval forward.
 
     ``snapshot``: write a ``torch.cuda.memory`` history snapshot of the last step to this path.
@@ -26,7 +27,8 @@ def measure_training(arch, *, seq_len: int, batch: int = 1, lora_r: int = 16, op
     prof = Profiler(reader)
     device, dtype = torch.device("cuda"), torch.bfloat16
     cfg = Config()
-    cfg.lora.r, cfg.lora.alpha = lora_r, 2.0 * lora_r
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = lora_r, 2.0 * lora_r, lora_dropout
+    cfg.model.embeddings_on_cpu = embeddings_on_cpu
     cfg.train.optimizer, cfg.train.batch_size, cfg.data.seq_len = optimizer, batch, seq_len
     cfg.model.gradient_checkpointing, cfg.model.offload_activations = checkpointing, offload
     with prof.phase("load"):

@@ -16,6 +16,7 @@ op); the reader protocol needs only a resettable peak, which is these few lines.
 
 from __future__ import annotations
 
+import gc
 import weakref
 
 import torch
@@ -27,12 +28,16 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live tensor storages created inside ``with LiveBytes() as lb:``.
 
     ``lb.current`` / ``lb.max``: bytes now / the peak since the last :meth:`reset_peak`.
+    ``collect_cycles``: before recording a new peak, run the garbage collector, so that tensors kept
+    alive only by reference cycles are not counted (the Triton *interpreter* keeps each launch's
+    arguments in one until the next collection; compiled kernels do not).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, collect_cycles: bool = False) -> None:
         super().__init__()
         self.current = 0
         self.max = 0
+        self.collect_cycles = collect_cycles
         self._seen: dict[int, weakref.ref] = {}  # id(storage) -> weakref (callback frees the bytes)
 
     def track(self, *tensors: torch.Tensor) -> None:
@@ -59,6 +64,8 @@ class LiveBytes(TorchDispatchMode):
 
         self._seen[key] = weakref.ref(st, freed)
         self.current += nbytes
+        if self.current > self.max and self.collect_cycles:
+            gc.collect()  # weakref callbacks of cycle-held storages lower ``current``
         self.max = max(self.max, self.current)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

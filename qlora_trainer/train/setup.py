@@ -27,14 +27,19 @@ def adapter_dtype(cfg: "Config", device: torch.device) -> torch.dtype:
 
 
 def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Inject LoRA (everything else frozen), swap in kernel-backed modules, checkpoint each decoder
-    layer (``model.gradient_checkpointing``), and put the model in train mode. In place; returns it."""
+    """Inject LoRA (everything else frozen), swap in kernel-backed modules, keep the input embeddings
+    in CPU memory (``model.embeddings_on_cpu``), checkpoint each decoder layer
+    (``model.gradient_checkpointing``), and put the model in train mode. In place; returns it."""
     from qlora_trainer.lora import inject_lora
     from qlora_trainer.models.adapt import adapt_model
 
     backend = cfg.model.kernels
     inject_lora(model, cfg.lora, dtype=adapter_dtype(cfg, device), backend=backend)
     adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens)
+    if cfg.model.embeddings_on_cpu:
+        from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
+
+        apply_cpu_embeddings(model)
     if cfg.model.gradient_checkpointing:
         from qlora_trainer.models.checkpointing import apply_checkpointing
 

@@ -39,11 +39,28 @@ def test_text_output_and_model_dir(tmp_path, capsys):
     assert "| base_nf4 |" in out and "fits in 16 GB" in out
 
 
+def test_embeddings_on_cpu_moves_the_table_to_host(capsys):
+    """Llama-3.1-70B at 24k tokens: the 128256 x 8192 bf16 table (2.10 GB) leaves the device total
+    (x1.04 reserve factor) and joins the pinned host memory."""
+    args = ["memory", "llama-3.1-70b", "--seq", "24576", "--budget", "48", "--offload", "--mlp-chunk", "2048",
+            "--json"]
+    main(args)
+    off = _json(capsys)
+    main(args + ["--embeddings-on-cpu"])
+    on = _json(capsys)
+    table = 128256 * 8192 * 2
+    assert off["total_gb"] - on["total_gb"] == pytest.approx(1.04 * table / 1e9, abs=2e-3)   # ~2.19 GB
+    assert on["host_pinned_gib"] - off["host_pinned_gib"] == pytest.approx(table / 2**30, abs=2e-3)
+    assert on["components"]["embeddings"] == 0 and on["settings"]["embeddings_on_cpu"] is True
+
+
 def test_bad_inputs_exit_2(capsys):
     assert main(["memory", "org/never-downloaded", "--budget", "24"]) == 2
     assert "not downloaded" in capsys.readouterr().err
     assert main(["memory", "llama-2-7b", "--budget", "-1"]) == 2
     assert "--budget" in capsys.readouterr().err
+    assert main(["memory", "llama-2-7b", "--budget", "24", "--dropout", "1"]) == 2
+    assert "--dropout" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
