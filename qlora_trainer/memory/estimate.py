@@ -277,7 +277,8 @@ def estimate(
     # bitsandbytes / our kernels dequantize each 4-bit weight to 16 bits for its matmul (freed right after)
     backward["dequant_workspace"] = b * max(i * o for _, i, o, _ in shapes) if quant == "nf4" else 0
     phases = {"forward": forward, "backward": backward}
-    comp.update(max(phases.values(), key=lambda d: sum(d.values())))
+    peak, other = sorted(phases, key=lambda k: sum(phases[k].values()), reverse=True)
+    comp.update(phases[peak])
     if paged:
         notes.append(f"{paged / GIB:.2f} GiB of optimizer state is paged (unified memory, not in allocated)")
     if host:
@@ -289,9 +290,8 @@ def estimate(
     if embeddings_on_cpu and not arch.tied:
         host += wide * counts["embed"]
         notes.append(f"{wide * counts['embed'] / GIB:.2f} GiB input embedding table in CPU memory")
-    peak = max(phases, key=lambda k: sum(phases[k].values()))
     notes.append(f"peak at the {'end of the forward (loss)' if peak == 'forward' else 'backward of a layer'}; "
-                 f"the other moment needs {sum(phases['backward' if peak == 'forward' else 'forward'].values()) / GIB:.2f}"
+                 f"the other moment needs {sum(phases[other].values()) / GIB:.2f}"
                  f" GiB of activations instead of {sum(phases[peak].values()) / GIB:.2f}")
     return MemoryEstimate(arch.name, settings, comp, paged_bytes=paged, host_bytes=host, notes=notes,
                           phases=phases)
