@@ -128,7 +128,8 @@ def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, 
             gemm(f"base.{name}", phase, m, k, n, b)]
 
 
-def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, lora: bool) -> list[Op]:
+def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, lora: bool,
+                          need_dx: bool = True) -> list[Op]:
     b, r, ph, ops = o.act_bytes, o.lora_r, "backward", []
     fused = o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS
     if lora:
@@ -136,12 +137,15 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
         if o.dropout > 0:
             ops.append(elementwise("lora.dropout_mask", ph, 0, m * i, b))
         ops += [gemm("lora.dB", ph, out, m, r, b), elementwise("lora.scale", ph, out * r, out * r, b)]
-    ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused)
+    if need_dx:
+        ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused)
     if lora:
-        if o.dropout > 0:
+        if o.dropout > 0 and need_dx:
             ops += [gemm("lora.dx", ph, m, r, i, b), elementwise("lora.dx_mask", ph, 3 * m * i, m * i, b),
                     elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2)]
-        else:
+        elif o.dropout > 0:
+            ops.append(elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2))
+        elif need_dx:
             ops.append(gemm("lora.dx", ph, m, r, i, b, accumulate=True))
         ops.append(gemm("lora.dA", ph, r, m, i, b))
     return ops
@@ -174,16 +178,11 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     ops += _ours_linear(o, phase, "o_proj", m, q, h, _lora_on("o_proj", targets))
     ops += [elementwise("residual.add", phase, 2 * m * h, m * h, b), elementwise("rmsnorm.fwd", phase, m * h, m * h, b)]
     chunks = _mlp_chunks(o)
-    mc = o.batch * min(o.seq_len, o.mlp_chunk) if chunks > 1 else m
-    passes = 1 if chunks == 1 else (2 if phase == "recompute" or o.ckpt_every == 0 else 1)
-    for _ in range(passes):  # tiled: the chunk's checkpoint forward and, in the recompute, its own again
-        mo = []
-        for name, i, out in mlp:
-            mo += _ours_linear(o, phase, name, mc, i, out, _lora_on(name, targets))
-        mo.append(elementwise("swiglu.fwd", phase, 2 * mc * inter, mc * inter, b))
-        last = phase == "recompute" and o.skip_down_recompute
-        mo += _ours_linear(o, phase, "down_proj", mc, inter, h, _lora_on("down_proj", targets), skip_base=last)
-        ops += [op.times(chunks) for op in mo]
+    # tiled: forward runs every chunk; the layer's recompute stops (early stop) once the last
+    # chunk's checkpoint has saved its input, so it runs chunks - 1 of them (the chunks' own
+    # recomputes in the backward are added by _ours_micro); untiled: once in either phase
+    reps = chunks if phase == "forward" or chunks == 1 else chunks - 1
+    ops += [op.times(reps) for op in _mlp_forward(arch, o, phase, targets)]
     if chunks > 1:
         ops.append(elementwise("mlp.cat", phase, m * h, m * h, b))
     if phase == "forward":  # early stop: the recompute never reaches the last residual add
@@ -191,32 +190,48 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     return ops
 
 
+def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -> list[Op]:
+    """One MLP forward over one chunk (the whole sequence when untiled)."""
+    chunks = _mlp_chunks(o)
+    mc = o.batch * min(o.seq_len, o.mlp_chunk) if chunks > 1 else o.batch * o.seq_len
+    _, mlp = _groups(arch, o)
+    ops = []
+    for name, i, out in mlp:
+        ops += _ours_linear(o, phase, name, mc, i, out, _lora_on(name, targets))
+    ops.append(elementwise("swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate, o.act_bytes))
+    skip = phase == "recompute" and o.skip_down_recompute
+    return ops + _ours_linear(o, phase, "down_proj", mc, arch.intermediate, arch.hidden,
+                              _lora_on("down_proj", targets), skip_base=skip)
+
+
 def _mlp_chunks(o: StepOptions) -> int:
     return -(-o.seq_len // o.mlp_chunk) if 0 < o.mlp_chunk < o.seq_len else 1
 
 
-def _ours_layer_backward(arch: ArchSpec, o: StepOptions, targets: set[str]) -> list[Op]:
+def _ours_layer_backward(arch: ArchSpec, o: StepOptions, targets: set[str], first: bool = False) -> list[Op]:
+    """A layer's backward. ``first``: the first layer, whose input (the frozen embedding's output)
+    needs no gradient: no dx for q/k/v, no input-norm backward, no residual accumulation."""
     b, m, ph = o.act_bytes, o.batch * o.seq_len, "backward"
     h, q, kv, inter = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.intermediate
     attn, mlp = _groups(arch, o)
     chunks = _mlp_chunks(o)
     mc = o.batch * min(o.seq_len, o.mlp_chunk) if chunks > 1 else m
     grad_add = elementwise("grad.accumulate", ph, 2 * m * h, m * h, b)
-    ops = [grad_add]                                                   # residual 2: skip + MLP branch
+    ops: list[Op] = []
     mo = _ours_linear_backward(o, "down_proj", mc, inter, h, _lora_on("down_proj", targets))
     mo.append(elementwise("swiglu.bwd", ph, 3 * mc * inter, 2 * mc * inter, b))
     for name, i, out in reversed(mlp):
         mo += _ours_linear_backward(o, name, mc, i, out, _lora_on(name, targets))
     mo += [elementwise("grad.accumulate", ph, 2 * mc * h, mc * h, b)] * (len(mlp) - 1)
     ops += [op.times(chunks) for op in mo]
-    ops += [elementwise("rmsnorm.bwd", ph, 2 * m * h, m * h, b), grad_add]   # + residual 1
+    ops += [elementwise("rmsnorm.bwd", ph, 2 * m * h, m * h, b), grad_add]   # dh1: skip + MLP branch
     ops += _ours_linear_backward(o, "o_proj", m, q, h, _lora_on("o_proj", targets))
     ops += [attention(ph, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b, backward=True),
             elementwise("rope.bwd", ph, m * (q + kv), m * (q + kv), b)]
     for name, i, out in reversed(attn):
-        ops += _ours_linear_backward(o, name, m, i, out, _lora_on(name, targets))
-    ops += [grad_add] * (len(attn) - 1)
-    ops += [elementwise("rmsnorm.bwd", ph, 2 * m * h, m * h, b)]
+        ops += _ours_linear_backward(o, name, m, i, out, _lora_on(name, targets), need_dx=not first)
+    if not first:  # the q/k/v input gradients summed, the input norm, dx: skip + attention branch
+        ops += [grad_add] * (len(attn) - 1) + [elementwise("rmsnorm.bwd", ph, 2 * m * h, m * h, b), grad_add]
     return ops
 
 
@@ -249,9 +264,13 @@ def _ours_micro(arch: ArchSpec, o: StepOptions) -> list[Op]:
     if ck:
         ops += [op.times(ck) for op in _ours_layer(arch, o, "recompute", targets)]
         ops.append(host("checkpoint.rng", "recompute", 2, count=2 * ck))
+    if _mlp_chunks(o) > 1:  # each chunk's own checkpoint recomputes it in the backward
+        ops += [op.times(_mlp_chunks(o) * arch.layers) for op in _mlp_forward(arch, o, "recompute", targets)]
+        ops.append(host("checkpoint.rng", "recompute", 2, count=2 * _mlp_chunks(o) * arch.layers))
     if o.offload and ck:
         ops.append(Op("offload.h2d", "transfer", "recompute", bytes=float(m * h * b), count=ck))
-    ops += [op.times(arch.layers) for op in _ours_layer_backward(arch, o, targets)]
+    ops += _ours_layer_backward(arch, o, targets, first=True)
+    ops += [op.times(arch.layers - 1) for op in _ours_layer_backward(arch, o, targets)]
     ops.append(host("loop.loss", "loss", 3))                               # /n, ones_like, +=
     return ops
 
