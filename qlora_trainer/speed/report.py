@@ -177,3 +177,59 @@ def markdown(ours: StepPrediction, hf: StepPrediction, *, steps: int, epoch_step
 
 __all__ = ["GROUPS", "StepPrediction", "hf_options", "markdown", "options_for_config", "predict",
            "predict_for_config", "predict_ops"]
+
+
+class StepTimeCheck:
+    """The trainer's start-of-run prediction and, after a few steps, the measured step time beside it.
+
+    ``StepTimeCheck.start(cfg, device)`` logs the predicted step (this GPU's entry in the device
+    table when its name matches one, else the H100) and returns the checker; ``tick()`` after every
+    optimizer step logs the mean of steps 2..``1 + measure`` (the first step warms up) once."""
+
+    def __init__(self, predicted_s: float | None, measure: int = 3) -> None:
+        import time
+
+        self.predicted_s, self.measure, self.n, self._clock = predicted_s, measure, 0, time.perf_counter
+        self._t0 = self._clock()
+
+    @classmethod
+    def start(cls, cfg, device) -> "StepTimeCheck":
+        import logging
+
+        log = logging.getLogger("qlora_trainer.train.loop")
+        try:
+            gpu = _device_table_name(device)
+            pair = predict_for_config(cfg, gpu) if gpu else None
+        except Exception as e:  # noqa: BLE001 - advisory only: training goes on without it
+            log.info("step-time prediction unavailable: %s", e)
+            pair = None
+        if pair is None:
+            return cls(None)
+        ours, hf = pair
+        log.info("predicted step on %s: %.3f s (%.0f tokens/s; HF stack %.3f s; a model, not a measurement)",
+                 gpu, ours.seconds, ours.tokens_per_s, hf.seconds)
+        return cls(ours.seconds)
+
+    def tick(self) -> None:
+        self.n += 1
+        if self.n == 1:
+            self._t0 = self._clock()
+        elif self.n == 1 + self.measure and self.predicted_s is not None:
+            import logging
+
+            measured = (self._clock() - self._t0) / self.measure
+            logging.getLogger("qlora_trainer.train.loop").info(
+                "step time: measured %.3f s (mean of steps 2-%d) vs predicted %.3f s (%+.0f%%)", measured,
+                self.n, self.predicted_s, 100 * (measured / self.predicted_s - 1))
+
+
+def _device_table_name(device) -> str | None:
+    """The device table's name for a CUDA device (by its marketing name), else None (CPU)."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
+
+    from qlora_trainer.speed.devices import DEVICES
+
+    name = torch.cuda.get_device_name(device).lower().replace(" ", "")
+    return next((d for d in DEVICES if d in name), "h100")
