@@ -106,8 +106,8 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
     """One ``LoRALinearFunction`` forward (phase forward/recompute) over m tokens, in -> out."""
     b, r, ops = o.act_bytes, o.lora_r, []
     fused = o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS
-    if lora and o.dropout > 0:
-        ops.append(elementwise("lora.dropout_mask", phase, 0, m * i, b))        # bernoulli_
+    if lora and o.dropout > 0:  # draw_seed (a CPU randint + item) then bernoulli_ on the device
+        ops += [host("lora.draw_seed", phase, 2), elementwise("lora.dropout_mask", phase, 0, m * i, b)]
         ops.append(elementwise("lora.dropout_apply", phase, 3 * m * i, 2 * m * i, b, launches=2))
     if lora:
         ops.append(gemm("lora.A", phase, m, i, r, b))
@@ -277,10 +277,12 @@ def _ours_micro(arch: ArchSpec, o: StepOptions) -> list[Op]:
 
 # -- the HF stack ------------------------------------------------------------------------------------
 
-def _hf_linear(o: StepOptions, phase: str, m: int, i: int, out: int) -> list[Op]:
-    """bnb Linear4bit (fp32 in -> bf16 -> fp32 out) + PEFT fp32 LoRA (x@A^T, @B^T, *s, +)."""
+def _hf_linear(o: StepOptions, phase: str, m: int, i: int, out: int, last: bool = False) -> list[Op]:
+    """bnb Linear4bit (fp32 in -> bf16 -> fp32 out) + PEFT fp32 LoRA (x@A^T, @B^T, *s, +).
+    ``last``: the layer's last linear in a recompute, where torch's early stop ends the recompute
+    once lora_B's input is saved (autograd saves inputs before the kernel runs): no B, *s, +."""
     r, ops = o.lora_r, []
-    ops += [elementwise("hf.cast_in", phase, m * i, 0, 4), elementwise("hf.cast_in", phase, 0, m * i, 2)]
+    ops.append(elementwise("hf.cast_in", phase, m * i * 3, 0, 2))       # read fp32, write bf16
     ops += [dequant("dequant.bnb", phase, i * out, 2, kind="dequant_bnb", launches=3, host_calls=1,
                     blocksize=o.blocksize, double_quant=o.double_quant),
             gemm("base", phase, m, i, out, 2),
@@ -288,10 +290,11 @@ def _hf_linear(o: StepOptions, phase: str, m: int, i: int, out: int) -> list[Op]
             elementwise("hf.clone", phase, m * out, m * out, 4)]              # PEFT's defensive clone
     if o.dropout > 0:
         ops.append(elementwise("lora.dropout", phase, m * i, m * i * 1.25, 4))
-    ops += [gemm("lora.A.fp32", phase, m, i, r, 4, kind="gemm_fp32"),
-            gemm("lora.B.fp32", phase, m, r, out, 4, kind="gemm_fp32"),
-            elementwise("lora.scale+add", phase, 3 * m * out, 2 * m * out, 4, launches=2)]
-    return [op for op in ops if op.bytes or op.flops]
+    ops.append(gemm("lora.A.fp32", phase, m, i, r, 4, kind="gemm_fp32"))
+    if not last:
+        ops += [gemm("lora.B.fp32", phase, m, r, out, 4, kind="gemm_fp32"),
+                elementwise("lora.scale+add", phase, 3 * m * out, 2 * m * out, 4, launches=2)]
+    return ops
 
 
 def _hf_linear_backward(o: StepOptions, m: int, i: int, out: int) -> list[Op]:
@@ -325,7 +328,7 @@ def _hf_layer(arch: ArchSpec, o: StepOptions, phase: str) -> list[Op]:
     for _ in range(2):
         ops += _hf_linear(o, phase, m, h, inter)
     ops.append(elementwise("hf.silu*up", phase, 3 * m * inter, 2 * m * inter, 4, launches=2))
-    ops += _hf_linear(o, phase, m, inter, h)
+    ops += _hf_linear(o, phase, m, inter, h, last=phase == "recompute")
     if phase == "forward":
         ops.append(elementwise("residual.add", phase, 2 * m * h, m * h, 4))
     return ops
