@@ -80,3 +80,17 @@ def test_options_change_what_they_should():
     assert count(replace(o, fused_dequant_gemm=True)) == 0
     hf = count(replace(o, system="hf", kernels=False), "dequant_bnb")
     assert hf == 4 * 7 * 3                                            # every weight three times
+
+
+def test_offload_and_partial_checkpointing():
+    from dataclasses import replace
+
+    arch = ArchSpec("m", hidden=256, intermediate=512, layers=8, heads=4, kv_heads=2, vocab=1000)
+    o = StepOptions(seq_len=512)
+    h2d = [op for op in step_ops(arch, replace(o, offload=True)) if op.kind == "transfer"]
+    assert len(h2d) == 1 and h2d[0].count == 8 and h2d[0].bytes == 512 * 256 * 2   # one checkpoint per layer
+    rec = {k: sum(op.count for op in step_ops(arch, replace(o, ckpt_every=k))
+                  if op.phase == "recompute" and op.name == "dequant") for k in (1, 2, 0)}
+    assert rec == {1: 8 * 7, 2: 4 * 7, 0: 0}
+    hf = {op.name for op in step_ops(arch, replace(o, system="hf", kernels=False))}
+    assert {"hf.cast_in", "hf.clone", "lora.A.fp32", "lm_head.fp32"} <= hf
