@@ -47,6 +47,11 @@ def test_hf_recipe_counts_equal_a_real_peft_bnb_step():
 
     arch, seq, r = CATALOG["tiny"], 96, 8
     model = synthetic_nf4_model(arch, device="cpu", compute_dtype=torch.bfloat16)
+    import bitsandbytes as bnb
+
+    for m in model.modules():  # bitsandbytes' own compute, as from_pretrained gives the HF stack
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.__class__ = bnb.nn.Linear4bit
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     if not model.is_gradient_checkpointing:  # as benchmarks/systems/hf.py
