@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = {"gpu": dev.name, "model": arch.name, "max_steps": steps,
                "memory": mem.to_dict() if mem else None,
-               "fits": mem.fits(dev.memory_gb) if mem else None,
+               "fits": mem.fits(dev.memory_bytes / 1e9) if mem else None,
                "ours": ours.to_dict() | {"wall_s_max_steps": round(ours.wall_seconds(steps), 1)},
                "hf": hf.to_dict() | {"wall_s_max_steps": round(hf.wall_seconds(steps), 1)},
                "predicted_speedup_vs_hf": round(hf.seconds / ours.seconds, 3), "kind": "prediction"}
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     if mem is not None:
-        verdict = "fits" if mem.fits(dev.memory_gb) else "does NOT fit"
+        verdict = "fits" if mem.fits(dev.memory_bytes / 1e9) else "does NOT fit"
         print(f"peak memory (estimate): {mem.total_gb:.2f} GB on the device, {mem.allocated_gib:.2f} GiB "
               f"allocated: {verdict} in the {dev.name}'s {dev.memory_gb:g} GB\n")
     print(markdown(ours, hf, steps=steps, epoch_steps=epoch_steps))

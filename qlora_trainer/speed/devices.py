@@ -26,7 +26,8 @@ from qlora_trainer.speed.ops import Op
 
 @dataclass(frozen=True)
 class Device:
-    """One GPU: datasheet peaks (TFLOP/s, GB/s = 1e9 B/s) and memory (GB)."""
+    """One GPU: datasheet peaks (TFLOP/s, GB/s = 1e9 B/s) and memory as marketed ("80 GB" cards
+    expose 80 GiB = 2**30 B units, like ``torch.cuda.get_device_properties``)."""
 
     name: str
     bf16_tflops: float
@@ -34,6 +35,10 @@ class Device:
     hbm_gbs: float
     pcie_gbs: float
     memory_gb: float
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gb * 2**30)
 
 
 DEVICES: dict[str, Device] = {d.name: d for d in [

@@ -65,6 +65,11 @@ class StepPrediction:
         out["host overhead (exposed)"] = self.seconds - sum(g for g, _ in self.phases.values())
         return out
 
+    def top_ops(self, n: int = 6) -> list[tuple[str, float]]:
+        """The ``n`` op names with the most time (GPU or host, whichever is larger), seconds."""
+        ranked = sorted(((k, max(g, h)) for k, (g, h, _) in self.ops.items()), key=lambda kv: -kv[1])
+        return ranked[:n]
+
     def wall_seconds(self, steps: int) -> float:
         return steps * self.seconds
 
@@ -75,6 +80,7 @@ class StepPrediction:
                 "launches": self.launches, "dequants": self.dequants,
                 "phases": {k: {"gpu_s": round(g, 5), "host_s": round(h, 5)} for k, (g, h) in self.phases.items()},
                 "breakdown_s": {k: round(v, 5) for k, v in self.groups().items()},
+                "top_ops_s": {k: round(v, 5) for k, v in self.top_ops()},
                 "options": self.options.to_dict(), "notes": self.notes}
 
 
@@ -169,6 +175,9 @@ def markdown(ours: StepPrediction, hf: StepPrediction, *, steps: int, epoch_step
     if epoch_steps:
         lines.append(f"| wall time, one epoch ({epoch_steps} steps) | {_hms(ours.wall_seconds(epoch_steps))} | "
                      f"{_hms(hf.wall_seconds(epoch_steps))} |")
+    for label, p in (("ours", ours), ("HF stack", hf)):
+        lines.append(f"\n{label}, largest ops (GPU or host time, s): " +
+                     ", ".join(f"{k} {v:.4f}" for k, v in p.top_ops()))
     lines += ["", f"predicted ours/HF speed ratio: **{hf.seconds / ours.seconds:.2f}x** "
               "(a model prediction, not a measurement; docs/speed-model.md)"]
     lines += [f"- {n}" for n in ours.notes]

@@ -50,3 +50,15 @@ def test_step_time_check_logs_measured_beside_predicted(caplog):
             check.tick()
     lines = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
     assert lines == ["step time: measured 2.000 s (mean of steps 2-4) vs predicted 1.500 s (+33%)"]
+
+
+def test_step_time_check_on_cpu_predicts_nothing(caplog):
+    import torch
+
+    from qlora_trainer.config import Config
+
+    with caplog.at_level(logging.INFO, logger="qlora_trainer.train.loop"):
+        check = StepTimeCheck.start(Config(), torch.device("cpu"))   # no GPU: no GPU-time prediction
+        for _ in range(5):
+            check.tick()
+    assert check.predicted_s is None and not [r for r in caplog.records if "step" in r.getMessage()]
