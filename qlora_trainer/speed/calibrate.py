@@ -6,9 +6,9 @@ Two kinds of measurement (:data:`COMPONENTS`, :data:`STEPS`), both HF stack on a
   ``gemm`` (the mean of measured/predicted over both shapes, in log space) and the bitsandbytes
   dequant's bandwidth and per-call GPU cost (``dequant_bnb``, ``bnb_call_us``: two equations, two
   unknowns) directly.
-* **step times** (tokens/s of four rows): these fit the host cost per launch ``launch_us`` and the
-  fp32 attention efficiency ``attention_fp32`` (the HF stack runs attention on fp32 q/k/v), by
-  least squares of log(predicted/measured) over a grid (no scipy).
+* **step times** (tokens/s of four rows): these fit the host cost per launch ``launch_us``, by least
+  squares of log(predicted/measured) over a grid (no scipy); measured rows of our trainer, when
+  there are any, fit ``ours_launch_us`` the same way.
 
 ``benchmarks/results/*.json`` rows (``benchmarks/README.md``: ``system`` hf|qlora_trainer, ``model``,
 ``seq_len``, ``batch``, ``status`` ok, ``tokens_per_s``; the file's ``device.gpu``) are step times
@@ -52,7 +52,7 @@ COMPONENTS = {("llama-3-8b", 2048): {"gemm": 0.119, "dequant": 0.061},
               ("llama-2-7b", 512): {"gemm": 0.029, "dequant": 0.058}}
 UNSLOTH = {("llama-3-8b", 2048): 4743.0, ("llama-2-7b", 512): 1480.0}  # tok/s, for comparison only
 STEP_FIT = ("launch_us",)
-_GRID = {"launch_us": [2.0 * 1.06 ** k for k in range(60)],
+_GRID = {"launch_us": [2.0 * 1.06 ** k for k in range(60)], "ours_launch_us": [2.0 * 1.06 ** k for k in range(60)],
          "attention_fp32": [0.08 * 1.06 ** k for k in range(45)]}
 
 
@@ -111,8 +111,11 @@ def fit_steps(rows, eff: Efficiency, names: tuple[str, ...] = STEP_FIT, sweeps: 
 
 
 def fit(rows=STEPS, components: dict = COMPONENTS) -> Efficiency:
-    """All fitted constants: components first, then the step-time parameters."""
-    return fit_steps(rows, fit_components(Efficiency(), components))
+    """All fitted constants: components first, then ``launch_us`` on the HF rows, then (when there
+    are measured rows of ours) ``ours_launch_us`` on ours."""
+    eff = fit_steps(tuple(r for r in rows if r.system == "hf"), fit_components(Efficiency(), components))
+    ours = tuple(r for r in rows if r.system == "ours")
+    return fit_steps(ours, eff, ("ours_launch_us",)) if ours else eff
 
 
 @functools.lru_cache(maxsize=1)

@@ -73,7 +73,9 @@ class Efficiency:
     host time per kernel launch (eager PyTorch dispatch + autograd + Python). bnb_call_us: GPU time
     per bitsandbytes dequantize_4bit call beyond its bandwidth term (its absmax kernels, tails);
     bnb_host_us: that call's Python cost beyond its launches; opt_param_us: per parameter tensor in bitsandbytes' optimizer
-    loop. graph_launch_us: per kernel inside a replayed CUDA graph."""
+    loop. graph_launch_us: per kernel inside a replayed CUDA graph. ours_launch_us: our trainer's
+    host time per launch once our own step rows have been measured (None: ``launch_us``, which is
+    fitted on the HF stack, whose PEFT/bitsandbytes modules add Python per op)."""
 
     gemm: float = 0.73
     gemm_fp32: float = 0.70
@@ -85,6 +87,7 @@ class Efficiency:
     fused_gemm: float = 0.80
     transfer: float = 0.80
     launch_us: float = 12.0
+    ours_launch_us: float | None = None
     bnb_call_us: float = 29.0
     bnb_host_us: float = 10.0
     opt_param_us: float = 15.0
@@ -104,11 +107,13 @@ FITTED = {
     "dequant_bnb": "H100 profile: bitsandbytes dequant x3 0.061 s (8B/2048), 0.058 s (7B/512)",
     "bnb_call_us": "same two dequant figures (bandwidth + per-call cost, two equations)",
     "launch_us": "the four HF-stack step times (least squares in log space)",
+    "ours_launch_us": "our step rows in benchmarks/results/*.json, when there are any",
 }
 
 
-def op_seconds(op: Op, dev: Device, eff: Efficiency, *, cuda_graphs: bool = False) -> tuple[float, float]:
-    """(GPU seconds, host seconds) of one instance of ``op`` on ``dev``."""
+def op_seconds(op: Op, dev: Device, eff: Efficiency, *, cuda_graphs: bool = False,
+               system: str = "hf") -> tuple[float, float]:
+    """(GPU seconds, host seconds) of one instance of ``op`` of ``system`` (hf | ours) on ``dev``."""
     hbm = dev.hbm_gbs * 1e9
     if op.kind == "host":
         gpu = 0.0
@@ -130,7 +135,8 @@ def op_seconds(op: Op, dev: Device, eff: Efficiency, *, cuda_graphs: bool = Fals
         gpu = max(op.flops / (peak * 1e12 * f_eff), op.bytes / (hbm * m_eff))
         if op.kind == "dequant_bnb":
             gpu += op.host_calls * eff.bnb_call_us * 1e-6
-    per_launch = eff.graph_launch_us if cuda_graphs else eff.launch_us
+    launch = eff.ours_launch_us if system == "ours" and eff.ours_launch_us is not None else eff.launch_us
+    per_launch = eff.graph_launch_us if cuda_graphs else launch
     call = {"dequant_bnb": eff.bnb_host_us, "optimizer": eff.opt_param_us}.get(op.kind, 0.0)
     host = (op.launches * per_launch + (0.0 if cuda_graphs else op.host_calls * call)) * 1e-6
     return gpu, host

@@ -84,13 +84,13 @@ class StepPrediction:
                 "options": self.options.to_dict(), "notes": self.notes}
 
 
-def predict_ops(ops: list[Op], dev: Device, eff: Efficiency, *, cuda_graphs: bool = False
-                ) -> tuple[float, dict[str, tuple[float, float]], dict[str, tuple[float, float, int]]]:
+def predict_ops(ops: list[Op], dev: Device, eff: Efficiency, *, cuda_graphs: bool = False,
+                system: str = "hf") -> tuple[float, dict[str, tuple[float, float]], dict[str, tuple[float, float, int]]]:
     """(step seconds, per-phase (gpu, host), per-op-name (gpu, host, launches)) of ``ops``."""
     phases = {p: [0.0, 0.0] for p in PHASES}
     per_op: dict[str, list] = {}
     for op in ops:
-        g, h = op_seconds(op, dev, eff, cuda_graphs=cuda_graphs)
+        g, h = op_seconds(op, dev, eff, cuda_graphs=cuda_graphs, system=system)
         phases[op.phase][0] += g * op.count
         phases[op.phase][1] += h * op.count
         row = per_op.setdefault(op.name, [0.0, 0.0, 0])
@@ -111,7 +111,7 @@ def predict(arch: ArchSpec, options: StepOptions, gpu: str | Device = "h100",
     dev = gpu if isinstance(gpu, Device) else get_device(gpu)
     eff = eff or default_efficiency(dev.name)
     ops = step_ops(arch, options)
-    seconds, phases, per_op = predict_ops(ops, dev, eff, cuda_graphs=options.cuda_graphs)
+    seconds, phases, per_op = predict_ops(ops, dev, eff, cuda_graphs=options.cuda_graphs, system=options.system)
     notes = []
     if dev.name != "h100":
         notes.append(f"{dev.name}: datasheet peaks x the H100-fitted efficiencies (not calibrated on this GPU)")

@@ -59,5 +59,8 @@ def test_results_reader(tmp_path):
     rows = cal.load_results(tmp_path)
     assert [(r.system, r.tokens_per_s, r.gpu) for r in rows] == [("hf", 3600.0, "h100"), ("ours", 7000.0, "h100")]
     assert cal.load_results(tmp_path / "missing") == []
-    refit = cal.fit_steps(tuple(rows), cal.fit_components(Efficiency()))
-    assert refit.launch_us != cal.default_efficiency().launch_us   # the rows move the fit
+    refit = cal.fit(cal.STEPS + tuple(rows))
+    assert refit.launch_us != cal.default_efficiency().launch_us   # the HF row moves the HF fit
+    assert refit.ours_launch_us is not None and cal.default_efficiency().ours_launch_us is None
+    ours = predict(CATALOG["llama-3-8b"], StepOptions(seq_len=2048), "h100", refit)
+    assert ours.tokens_per_s == pytest.approx(7000.0, rel=0.06)     # one row, one parameter
