@@ -5,10 +5,9 @@ accumulation, fp32 non-tensor TFLOP/s (PyTorch's default matmul precision: TF32 
 bandwidth and the PCIe link (x16, one direction, usable). Achieved = peak x an efficiency factor.
 
 Per op instance (``Op``): ``gpu = max(flops / (peak_kind * eff_kind), bytes / (hbm * eff_mem_kind))``
-and ``host = launches * launch_us + host_calls * call_us(kind)``. Within a phase of the step
-(forward, recompute, backward, loss, optimizer) the host enqueues kernels ahead of the GPU, so the
-phase takes ``max(sum gpu, sum host)``; the step is the sum of its phases (the host waits for the
-GPU at ``loss.item()`` / optimizer boundaries; no overlap across phases is assumed).
+and ``host = launches * launch_us + host_calls * call_us(kind)``. Between host-device syncs the
+host enqueues kernels ahead of the GPU, so such a stretch takes ``max(sum gpu, sum host)``: the
+forward + loss + recompute + backward is one stretch, the optimizer another (``report.SEGMENTS``).
 
 Which constants are fitted and which are assumed is recorded in :data:`FITTED` (see
 ``calibrate.py`` and docs/speed-model.md): on the H100 the GEMM efficiency and bitsandbytes'

@@ -15,6 +15,10 @@ from qlora_trainer.speed.devices import Device, Efficiency, get_device, op_secon
 from qlora_trainer.speed.ops import PHASES, Op
 from qlora_trainer.speed.recipes import StepOptions, step_ops
 
+# Stretches of a step without a host-device sync: forward, loss, recompute and backward are enqueued
+# back to back (CUDA's launch queue absorbs GPU-heavy and host-heavy stretches alternating); the
+# host then waits (grad norm / loss .item(), the paged optimizer's synchronize) before the optimizer.
+SEGMENTS = (("forward", "loss", "recompute", "backward"), ("optimizer",))
 # Rows of the breakdown: op names grouped into what a reader wants to compare.
 GROUPS = (("dequant", ("dequant",)), ("linear GEMMs", ("base",)), ("LoRA", ("lora.",)),
           ("attention", ("attention.",)), ("lm_head + loss", ("lm_head", "ce.", "loss")),
@@ -25,7 +29,8 @@ GROUPS = (("dequant", ("dequant",)), ("linear GEMMs", ("base",)), ("LoRA", ("lor
 @dataclass
 class StepPrediction:
     """One step's predicted time. ``phases``: phase -> (gpu s, host s); ``ops``: op -> (gpu s,
-    host s, launches) summed over its instances; ``seconds`` = sum over phases of max(gpu, host)."""
+    host s, launches) summed over its instances; ``seconds`` = sum over :data:`SEGMENTS` of
+    max(gpu, host) of the segment's phases."""
 
     arch: str
     gpu: str
@@ -97,7 +102,7 @@ def predict_ops(ops: list[Op], dev: Device, eff: Efficiency, *, cuda_graphs: boo
         row[0] += g * op.count
         row[1] += h * op.count
         row[2] += op.launches * op.count
-    seconds = sum(max(g, h) for g, h in phases.values())
+    seconds = sum(max(sum(phases[p][0] for p in seg), sum(phases[p][1] for p in seg)) for seg in SEGMENTS)
     return (seconds, {p: (g, h) for p, (g, h) in phases.items() if g or h},
             {k: (v[0], v[1], v[2]) for k, v in per_op.items()})
 

@@ -13,7 +13,7 @@ from qlora_trainer.speed.recipes import StepOptions
 from qlora_trainer.speed.report import predict
 
 # docs/speed-model.md quotes these (error of the prediction for the held-out row)
-LOO = {"llama-3-8b": -0.189, "llama-2-7b": 0.391, "llama-2-70b": -0.150, "llama-3-70b": 0.068}
+LOO = {"llama-3-8b": -0.132, "llama-2-7b": 0.327, "llama-2-70b": -0.192, "llama-3-70b": -0.016}
 
 
 def test_components_are_reproduced():
@@ -28,13 +28,16 @@ def test_components_are_reproduced():
 
 
 def test_leave_one_out_table():
-    """Fit launch_us on three rows, predict the fourth. 70B rows come within 7% and 15%; 8B/2048 and
-    7B/512 are not: measured, 7B/512 takes longer per step (0.755 s) than 8B/2048 (0.565 s) with
-    the same layer count and a smaller shape, which no model monotone in the shape reproduces."""
+    """Fit launch_us on three rows, predict the fourth. 8B/2048 and Llama-3-70B come within 15%;
+    7B/512 and Llama-2-70B do not: measured, 7B/512 takes longer per step (0.755 s) than 8B/2048
+    (0.565 s) with the same layer count and a smaller shape, which no model monotone in the shape
+    reproduces, and Llama-2-70B and Llama-3-70B (same layers, vocab 32k vs 128k) differ by 0.28 s,
+    far more than the larger lm_head and loss cost."""
     rows = cal.leave_one_out()
     for r in rows:
         assert r["error"] == pytest.approx(LOO[r["model"]], abs=0.01), r
-    assert abs(next(r for r in rows if r["model"] == "llama-3-70b")["error"]) < 0.15
+    within = {r["model"] for r in rows if abs(r["error"]) < 0.15}
+    assert within == {"llama-3-8b", "llama-3-70b"}
 
 
 def test_monotone_model_cannot_fit_7b_and_8b_together():
@@ -43,12 +46,12 @@ def test_monotone_model_cannot_fit_7b_and_8b_together():
     for eff in (Efficiency(), Efficiency(launch_us=5.0), Efficiency(launch_us=200.0, mem=0.2)):
         p8 = predict(CATALOG["llama-3-8b"], StepOptions(system="hf", seq_len=2048), "h100", eff)
         p7 = predict(CATALOG["llama-2-7b"], StepOptions(system="hf", seq_len=512), "h100", eff)
-        assert p7.seconds < p8.seconds                              # any setting of the model
+        assert p7.seconds <= p8.seconds                             # any setting of the model
 
 
 def test_results_reader(tmp_path):
     doc = {"device": {"gpu": "NVIDIA H100 80GB HBM3"}, "rows": [
-        {"model": "llama-3-8b", "seq_len": 2048, "batch": 1, "system": "hf", "status": "ok", "tokens_per_s": 3600.0},
+        {"model": "llama-3-8b", "seq_len": 2048, "batch": 1, "system": "hf", "status": "ok", "tokens_per_s": 2000.0},
         {"model": "llama-3-8b", "seq_len": 2048, "batch": 1, "system": "qlora_trainer", "status": "ok",
          "tokens_per_s": 7000.0},
         {"model": "llama-3-8b", "seq_len": 2048, "batch": 1, "system": "unsloth", "status": "ok", "tokens_per_s": 1.0},
@@ -57,7 +60,7 @@ def test_results_reader(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(doc))
     (tmp_path / "broken.json").write_text("{")
     rows = cal.load_results(tmp_path)
-    assert [(r.system, r.tokens_per_s, r.gpu) for r in rows] == [("hf", 3600.0, "h100"), ("ours", 7000.0, "h100")]
+    assert [(r.system, r.tokens_per_s, r.gpu) for r in rows] == [("hf", 2000.0, "h100"), ("ours", 7000.0, "h100")]
     assert cal.load_results(tmp_path / "missing") == []
     refit = cal.fit(cal.STEPS + tuple(rows))
     assert refit.launch_us != cal.default_efficiency().launch_us   # the HF row moves the HF fit
