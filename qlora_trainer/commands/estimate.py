@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", metavar="NAME",
                    help="catalog shape to use (e.g. llama-3-8b) when model.name_or_path is a hub id")
     p.add_argument("--samples", type=int, default=0, metavar="N",
-                   help="training samples in one epoch (for the epoch wall time; 0 = not shown)")
+                   help="training samples in one epoch, for the epoch wall time (default: data.max_samples "
+                        "when set and not packing; else not shown)")
     for name, what in (("fused-qkv", "q/k/v as one dequant + GEMM"), ("fused-gate-up", "gate/up as one"),
                        ("skip-down-recompute", "no down_proj GEMM in the recompute"),
                        ("fused-dequant-gemm", "NF4 decoded inside the GEMM at every M"),
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     mem = estimate_for_config(cfg)
     steps = cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    epoch_steps = -(-args.samples // per_step) if args.samples else None
+    samples = args.samples or (0 if cfg.data.pack else int((cfg.data.max_samples or 0) * (1 - cfg.data.eval_fraction)))
+    epoch_steps = -(-samples // per_step) if samples else None  # (--samples, else data.max_samples unpacked)
     if args.json:
         out = {"gpu": dev.name, "model": arch.name, "max_steps": steps,
                "memory": mem.to_dict() if mem else None,

@@ -167,8 +167,8 @@ def _lora_on(name: str, targets: set[str]) -> bool:
 def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -> list[Op]:
     """A decoder layer's forward (``phase`` forward or recompute; the recompute stops after down_proj)."""
     b, m = o.act_bytes, o.batch * o.seq_len
-    h, q, kv, inter = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.intermediate
-    attn, mlp = _groups(arch, o)
+    h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    attn, _ = _groups(arch, o)
     ops = [elementwise("rmsnorm.fwd", phase, m * h, m * h, b)]
     for name, i, out in attn:
         ops += _ours_linear(o, phase, name, m, i, out, _lora_on(name, targets))

@@ -27,6 +27,8 @@ def test_estimate_json(tmp_path, capsys):
     assert ours["wall_s_max_steps"] == round(100 * ours["step_s"], 1)
     assert out["epoch_steps"] == 500                       # 1000 samples / (batch 1 x grad_accum 2)
     assert hf["dequants"] == 2 * 32 * 7 * 3                # 2 micro-batches, every weight three times
+    assert main(["estimate", _cfg(tmp_path), "data.max_samples=300", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch_steps"] == 150   # data.max_samples by default
     faster = main(["estimate", _cfg(tmp_path), "--json", "--fused-qkv", "--fused-gate-up"])
     assert faster == 0 and json.loads(capsys.readouterr().out)["ours"]["step_s"] < ours["step_s"]
 
