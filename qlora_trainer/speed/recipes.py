@@ -30,7 +30,7 @@ real CPU step of the tiny model (``tests/speed/test_counts.py``).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from qlora_trainer.models.catalog import ArchSpec
 from qlora_trainer.speed.ops import Op, attention, dequant, elementwise, gemm, host, merge_ops
@@ -42,7 +42,7 @@ FUSED_MAX_TOKENS = 64  # kernels/lora_linear.py: fused dequant-in-GEMM at or bel
 class StepOptions:
     """Everything about a run that changes the step's ops (all explicit, nothing read implicitly).
 
-    system: ``ours`` | ``hf``. kernels: our Triton kernels (False: the torch/bitsandbytes fallbacks).
+    system: ``ours`` | ``hf``. kernels: our Triton kernels (False: their torch references, ``model.kernels: torch``).
     ckpt_every: checkpoint one decoder layer in every k (1 = all, 0 = none). mlp_chunk: tokens per
     sequence-tiled MLP chunk (0 = off). offload: checkpoints to pinned CPU memory (copied back over
     PCIe before each recompute). dropout: LoRA dropout p. loss_chunk: rows per loss chunk (0 = auto).
@@ -101,11 +101,28 @@ def checkpointed_layers(layers: int, every: int) -> int:
 
 # -- ours -------------------------------------------------------------------------------------------
 
+# ``kernels=False`` (``model.kernels: torch``): the torch references run instead of one Triton launch
+# each. (launches, traffic multiple of the Triton kernel's bytes), counted on the CPU in fp32 by a
+# dispatch mode (tests/speed/test_counts.py); in 16-bit the RMSNorm reference casts twice more.
+REFERENCE = {"rmsnorm.fwd": (6, 3.5), "rmsnorm.bwd": (12, 4.0), "rope.fwd": (10, 4.0), "rope.bwd": (10, 4.0),
+             "swiglu.fwd": (2, 1.7), "swiglu.bwd": (3, 2.0), "ce.chunk": (15, 6.0)}
+REF_DEQUANT_LAUNCHES = 14     # kernels/nf4.py dequantize_nf4_reference: nibbles, int64 codes, gathers
+REF_DEQUANT_BYTES = 52        # per element beyond the NF4 read and the output write (int64 codes, fp32)
+
+
+def _kernel(o: StepOptions, name: str, phase: str, read: float, write: float) -> Op:
+    """One of our Triton kernels (1 launch, ``read`` + ``write`` elements), or its torch reference."""
+    if o.kernels:
+        return elementwise(name, phase, read, write, o.act_bytes)
+    launches, traffic = REFERENCE[name]
+    launches += 2 if name.startswith("rmsnorm") and o.act_bytes != 4 else 0
+    return elementwise(name, phase, read * traffic, write * traffic, o.act_bytes, launches=launches)
+
 def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int, lora: bool,
                  skip_base: bool = False) -> list[Op]:
     """One ``LoRALinearFunction`` forward (phase forward/recompute) over m tokens, in -> out."""
     b, r, ops = o.act_bytes, o.lora_r, []
-    fused = o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS
+    fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
     if lora and o.dropout > 0:  # draw_seed (a CPU randint + item) then bernoulli_ on the device
         ops += [host("lora.draw_seed", phase, 2), elementwise("lora.dropout_mask", phase, 0, m * i, b)]
         ops.append(elementwise("lora.dropout_apply", phase, 3 * m * i, 2 * m * i, b, launches=2))
@@ -124,6 +141,10 @@ def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, 
     b = o.act_bytes
     if fused:  # the Triton NF4 GEMM decodes W tile by tile: no bf16 copy in HBM
         return [gemm(f"base.{name}.fused", phase, m, k, n, b, w_bytes=nf4_bytes(k * n, o.blocksize, o.double_quant))]
+    if not o.kernels:  # the torch reference dequantization
+        d = dequant("dequant", phase, k * n, b, blocksize=o.blocksize, double_quant=o.double_quant,
+                    launches=REF_DEQUANT_LAUNCHES)
+        return [replace(d, bytes=d.bytes + REF_DEQUANT_BYTES * k * n), gemm(f"base.{name}", phase, m, k, n, b)]
     return [dequant("dequant", phase, k * n, b, blocksize=o.blocksize, double_quant=o.double_quant),
             gemm(f"base.{name}", phase, m, k, n, b)]
 
@@ -131,7 +152,7 @@ def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, 
 def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, lora: bool,
                           need_dx: bool = True) -> list[Op]:
     b, r, ph, ops = o.act_bytes, o.lora_r, "backward", []
-    fused = o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS
+    fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
     if lora:
         ops += [gemm("lora.du", ph, m, out, r, b), elementwise("lora.scale", ph, m * r, m * r, b)]
         if o.dropout > 0:
@@ -169,14 +190,14 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     b, m = o.act_bytes, o.batch * o.seq_len
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     attn, _ = _groups(arch, o)
-    ops = [elementwise("rmsnorm.fwd", phase, m * h, m * h, b)]
+    ops = [_kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
     for name, i, out in attn:
         ops += _ours_linear(o, phase, name, m, i, out, _lora_on(name, targets))
-    ops += [elementwise("rope.fwd", phase, m * (q + kv), m * (q + kv), b),
+    ops += [_kernel(o, "rope.fwd", phase, m * (q + kv), m * (q + kv)),
             attention(phase, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b),
             elementwise("attn_out.transpose", phase, m * q, m * q, b)]
     ops += _ours_linear(o, phase, "o_proj", m, q, h, _lora_on("o_proj", targets))
-    ops += [elementwise("residual.add", phase, 2 * m * h, m * h, b), elementwise("rmsnorm.fwd", phase, m * h, m * h, b)]
+    ops += [elementwise("residual.add", phase, 2 * m * h, m * h, b), _kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
     chunks = _mlp_chunks(o)
     # tiled: forward runs every chunk; the layer's recompute stops (early stop) once the last
     # chunk's checkpoint has saved its input, so it runs chunks - 1 of them (the chunks' own
@@ -198,7 +219,7 @@ def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) 
     ops = []
     for name, i, out in mlp:
         ops += _ours_linear(o, phase, name, mc, i, out, _lora_on(name, targets))
-    ops.append(elementwise("swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate, o.act_bytes))
+    ops.append(_kernel(o, "swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate))
     skip = phase == "recompute" and o.skip_down_recompute
     return ops + _ours_linear(o, phase, "down_proj", mc, arch.intermediate, arch.hidden,
                               _lora_on("down_proj", targets), skip_base=skip)
@@ -219,19 +240,19 @@ def _ours_layer_backward(arch: ArchSpec, o: StepOptions, targets: set[str], firs
     grad_add = elementwise("grad.accumulate", ph, 2 * m * h, m * h, b)
     ops: list[Op] = []
     mo = _ours_linear_backward(o, "down_proj", mc, inter, h, _lora_on("down_proj", targets))
-    mo.append(elementwise("swiglu.bwd", ph, 3 * mc * inter, 2 * mc * inter, b))
+    mo.append(_kernel(o, "swiglu.bwd", ph, 3 * mc * inter, 2 * mc * inter))
     for name, i, out in reversed(mlp):
         mo += _ours_linear_backward(o, name, mc, i, out, _lora_on(name, targets))
     mo += [elementwise("grad.accumulate", ph, 2 * mc * h, mc * h, b)] * (len(mlp) - 1)
     ops += [op.times(chunks) for op in mo]
-    ops += [elementwise("rmsnorm.bwd", ph, 2 * m * h, m * h, b), grad_add]   # dh1: skip + MLP branch
+    ops += [_kernel(o, "rmsnorm.bwd", ph, 2 * m * h, m * h), grad_add]   # dh1: skip + MLP branch
     ops += _ours_linear_backward(o, "o_proj", m, q, h, _lora_on("o_proj", targets))
     ops += [attention(ph, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b, backward=True),
-            elementwise("rope.bwd", ph, m * (q + kv), m * (q + kv), b)]
+            _kernel(o, "rope.bwd", ph, m * (q + kv), m * (q + kv))]
     for name, i, out in reversed(attn):
         ops += _ours_linear_backward(o, name, m, i, out, _lora_on(name, targets), need_dx=not first)
     if not first:  # the q/k/v input gradients summed, the input norm, dx: skip + attention branch
-        ops += [grad_add] * (len(attn) - 1) + [elementwise("rmsnorm.bwd", ph, 2 * m * h, m * h, b), grad_add]
+        ops += [grad_add] * (len(attn) - 1) + [_kernel(o, "rmsnorm.bwd", ph, 2 * m * h, m * h), grad_add]
     return ops
 
 
@@ -246,7 +267,7 @@ def _ours_loss(arch: ArchSpec, o: StepOptions) -> list[Op]:
         ops.append(elementwise("loss.hidden_copy", "loss", n * h, n * h, b))
     for s in range(0, n, c):
         rows = min(c, n - s)
-        ops += [gemm("lm_head.logits", "loss", rows, h, v, b), elementwise("ce.chunk", "loss", rows * v, rows * v, b),
+        ops += [gemm("lm_head.logits", "loss", rows, h, v, b), _kernel(o, "ce.chunk", "loss", rows * v, rows * v),
                 gemm("lm_head.dh", "loss", rows, v, h, b), host("loss.sum", "loss", 2)]
     ops.append(elementwise("loss.dh_scale", "loss", n * h, n * h, b, launches=1 + (b != 4)))
     return ops
@@ -258,9 +279,9 @@ def _ours_micro(arch: ArchSpec, o: StepOptions) -> list[Op]:
     ck = checkpointed_layers(arch.layers, o.ckpt_every)
     ops = [elementwise("embedding", "forward", m * h, m * h, b), host("rotary+mask", "forward", 8)]
     ops += [op.times(arch.layers) for op in _ours_layer(arch, o, "forward", targets)]
-    ops.append(elementwise("rmsnorm.fwd", "forward", m * h, m * h, b))
+    ops.append(_kernel(o, "rmsnorm.fwd", "forward", m * h, m * h))
     ops += _ours_loss(arch, o)
-    ops.append(elementwise("rmsnorm.bwd", "backward", 2 * m * h, m * h, b))
+    ops.append(_kernel(o, "rmsnorm.bwd", "backward", 2 * m * h, m * h))
     if ck:
         ops += [op.times(ck) for op in _ours_layer(arch, o, "recompute", targets)]
         ops.append(host("checkpoint.rng", "recompute", 2, count=2 * ck))
@@ -335,8 +356,6 @@ def _hf_layer(arch: ArchSpec, o: StepOptions, phase: str) -> list[Op]:
 
 
 def _fp32(op: Op) -> Op:
-    from dataclasses import replace
-
     return replace(op, kind="attention_fp32" if op.kind == "attention" else op.kind)
 
 
@@ -410,23 +429,9 @@ def step_ops(arch: ArchSpec, o: StepOptions) -> list[Op]:
 
 @functools.lru_cache(maxsize=256)
 def _step_ops(arch: ArchSpec, o: StepOptions) -> tuple[Op, ...]:
-    micro = _ours_micro(arch, o) if o.system == "ours" and o.kernels else _fallback_micro(arch, o)
+    micro = _ours_micro(arch, o) if o.system == "ours" else _hf_micro(arch, o)
     ops = [op.times(o.grad_accum) for op in micro] + _optimizer(arch, o)
     return tuple(merge_ops(ops))
-
-
-def _fallback_micro(arch: ArchSpec, o: StepOptions) -> list[Op]:
-    """HF's recipe, or ours with ``kernels=False`` (bnb dequant and torch references, no fp32 upcast:
-    modelled as the HF recipe with bf16 activations and our chunked loss)."""
-    if o.system == "hf":
-        return _hf_micro(arch, o)
-    from dataclasses import replace
-
-    hf = _hf_micro(arch, o)
-    keep = [replace(op, bytes=op.bytes / 2, kind="attention" if op.kind == "attention_fp32" else op.kind)
-            if op.kind in ("elementwise", "attention_fp32") else op
-            for op in hf if not op.name.startswith(("hf.cast", "lm_head", "loss."))]
-    return keep + _ours_loss(arch, o)
 
 
 __all__ = ["FUSED_MAX_TOKENS", "StepOptions", "checkpointed_layers", "lora_tensors", "step_ops"]

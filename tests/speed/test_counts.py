@@ -52,7 +52,7 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _real_step(seq: int, dropout: float, mlp_chunk: int) -> tuple[Counter, _Count]:
+def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton") -> tuple[Counter, _Count]:
     import importlib
 
     from qlora_trainer.config import Config
@@ -63,7 +63,7 @@ def _real_step(seq: int, dropout: float, mlp_chunk: int) -> tuple[Counter, _Coun
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 8, dropout, "float32"
     cfg.train.optimizer, cfg.data.seq_len = "adamw", seq
-    cfg.model.kernels, cfg.model.mlp_chunk_tokens = "triton", mlp_chunk
+    cfg.model.kernels, cfg.model.mlp_chunk_tokens = backend, mlp_chunk
     cpu = torch.device("cpu")
     model = prepare_model(synthetic_nf4_model(arch, device=cpu, compute_dtype=torch.float32), cfg,
                           device=cpu, dtype=torch.float32)
@@ -86,9 +86,17 @@ def _real_step(seq: int, dropout: float, mlp_chunk: int) -> tuple[Counter, _Coun
                 mode.inside -= 1
 
         mp.setattr(m, fn, wrapped)
+    nf4 = importlib.import_module("qlora_trainer.kernels.nf4")
+    ref = nf4.dequantize_nf4_reference
+
+    def counted(*a, **k):  # the torch reference's ops are launches: counted by the mode as well
+        launches["dequant.reference"] += 1
+        return ref(*a, **k)
+
+    mp.setattr(nf4, "dequantize_nf4_reference", counted)
     try:
         with mode:
-            loss, n = causal_lm_loss(model, batch, backend="triton")
+            loss, n = causal_lm_loss(model, batch, backend=backend)
             (loss / n).backward()
     finally:
         mp.undo()
@@ -97,8 +105,9 @@ def _real_step(seq: int, dropout: float, mlp_chunk: int) -> tuple[Counter, _Coun
     return launches, mode
 
 
-def _options(seq: int, dropout: float, mlp_chunk: int) -> StepOptions:
-    return StepOptions(seq_len=seq, lora_r=8, dropout=dropout, act_bytes=4, optimizer="adamw", mlp_chunk=mlp_chunk)
+def _options(seq: int, dropout: float, mlp_chunk: int, kernels: bool = True) -> StepOptions:
+    return StepOptions(seq_len=seq, lora_r=8, dropout=dropout, act_bytes=4, optimizer="adamw", mlp_chunk=mlp_chunk,
+                       kernels=kernels)
 
 
 def _predicted(seq: int, dropout: float, mlp_chunk: int) -> dict:
@@ -133,3 +142,19 @@ def test_model_counts_equal_a_real_step(seq, dropout, mlp_chunk):
         assert launches["fused"] == 0            # 96 tokens > FUSED_MAX_TOKENS: dequant + cuBLAS
     else:  # 32-token chunks take the fused NF4 GEMM (<= 64 tokens); 3 chunks: 3 + 2 + 3 + 3 passes
         assert launches["fused"] == 4 * 3 * (3 + 2 + 3 + 3)
+
+
+def test_model_counts_equal_a_real_step_with_the_torch_references():
+    """``model.kernels: torch``: every kernel is its torch reference (the dequantization 14 aten ops,
+    RMSNorm 6 + 12, RoPE 10 + 10, SwiGLU 2 + 3, the loss chunk 15)."""
+    launches, mode = _real_step(96, 0.0, 0, backend="torch")
+    ops = step_ops(CATALOG["tiny"], _options(96, 0.0, 0, kernels=False))
+    assert sum(launches[k] for k in LAUNCHERS.values()) == 0              # no Triton at all
+    assert launches["dequant.reference"] == sum(op.count for op in ops if op.kind == "dequant") == 81
+    gemm = [op for op in ops if op.kind == "gemm"]
+    assert mode.gemms == sum(op.count for op in gemm)
+    assert mode.flops == pytest.approx(sum(op.total_flops for op in gemm), rel=1e-9)
+    real = sum(mode.aten.values())
+    modelled = sum(op.total_launches for op in ops if op.phase != "optimizer")
+    print(f"tiny step, torch references: {real} launches, {modelled} modelled")
+    assert modelled == pytest.approx(real, rel=0.05)
