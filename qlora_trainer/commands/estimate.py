@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from qlora_trainer.config import load_config
     from qlora_trainer.errors import ConfigError
-    from qlora_trainer.memory.estimate import estimate_for_config, resolve_arch
+    from qlora_trainer.memory.estimate import estimate, estimate_for_config, resolve_arch
     from qlora_trainer.speed.devices import get_device
     from qlora_trainer.speed.report import hf_options, markdown, options_for_config, predict
 
@@ -54,13 +54,17 @@ def run(args: argparse.Namespace) -> int:
                    cuda_graphs=args.cuda_graphs)
     ours, hf = predict(arch, opts, dev), predict(arch, hf_options(opts), dev)
     mem = estimate_for_config(cfg)
+    hf_mem = estimate(arch, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size, lora_r=cfg.lora.r,
+                      targets=cfg.lora.targets, optimizer=cfg.train.optimizer, lora_dropout=cfg.lora.dropout,
+                      blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
+                      system="hf")
     steps = cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     samples = args.samples or (0 if cfg.data.pack else int((cfg.data.max_samples or 0) * (1 - cfg.data.eval_fraction)))
     epoch_steps = -(-samples // per_step) if samples else None  # (--samples, else data.max_samples unpacked)
     if args.json:
         out = {"gpu": dev.name, "model": arch.name, "max_steps": steps,
-               "memory": mem.to_dict() if mem else None,
+               "memory": mem.to_dict() if mem else None, "memory_hf": hf_mem.to_dict(),
                "fits": mem.fits(dev.memory_bytes / 1e9) if mem else None,
                "ours": ours.to_dict() | {"wall_s_max_steps": round(ours.wall_seconds(steps), 1)},
                "hf": hf.to_dict() | {"wall_s_max_steps": round(hf.wall_seconds(steps), 1)},
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if mem is not None:
         verdict = "fits" if mem.fits(dev.memory_bytes / 1e9) else "does NOT fit"
         print(f"peak memory (estimate): {mem.total_gb:.2f} GB on the device, {mem.allocated_gib:.2f} GiB "
-              f"allocated: {verdict} in the {dev.name}'s {dev.memory_gb:g} GB\n")
+              f"allocated: {verdict} in the {dev.name}'s {dev.memory_gb:g} GB (HF stack: "
+              f"{hf_mem.total_gb:.2f} GB, {hf_mem.allocated_gib:.2f} GiB allocated)\n")
     print(markdown(ours, hf, steps=steps, epoch_steps=epoch_steps))
     return 0

@@ -21,6 +21,7 @@ def test_estimate_json(tmp_path, capsys):
     assert main(["estimate", _cfg(tmp_path), "--gpu", "h100", "--json", "--samples", "1000"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "prediction" and out["memory"]["total_gb"] > 0 and out["fits"] is True
+    assert out["memory_hf"]["allocated_gib"] > out["memory"]["allocated_gib"]     # fp32 upcast, logits
     ours, hf = out["ours"], out["hf"]
     assert ours["tokens_per_s"] > 0 and hf["step_s"] > ours["step_s"]
     assert out["predicted_speedup_vs_hf"] == round(hf["step_s"] / ours["step_s"], 3)
