@@ -33,7 +33,7 @@ import functools
 from dataclasses import dataclass, fields, replace
 
 from qlora_trainer.models.catalog import ArchSpec
-from qlora_trainer.speed.ops import Op, attention, dequant, elementwise, gemm, host, merge_ops
+from qlora_trainer.speed.ops import Op, attention, dequant, elementwise, gemm, host, merge_ops, nf4_bytes
 
 FUSED_MAX_TOKENS = 64  # kernels/lora_linear.py: fused dequant-in-GEMM at or below this many tokens
 
@@ -118,16 +118,24 @@ def _kernel(o: StepOptions, name: str, phase: str, read: float, write: float) ->
     launches += 2 if name.startswith("rmsnorm") and o.act_bytes != 4 else 0
     return elementwise(name, phase, read * traffic, write * traffic, o.act_bytes, launches=launches)
 
+
+def _members(name: str) -> int:
+    """Projections in a (fused) group: their LoRA A matrices are stacked, (k r, in)."""
+    return {"qkv_proj": 3, "gate_up_proj": 2}.get(name, 1)
+
+
 def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int, lora: bool,
                  skip_base: bool = False) -> list[Op]:
-    """One ``LoRALinearFunction`` forward (phase forward/recompute) over m tokens, in -> out."""
+    """One ``LoRALinearFunction`` forward (phase forward/recompute) over m tokens, in -> out. A fused
+    group (issue 16) reads x once for its stacked A (k r, in); its B GEMMs total r x out."""
     b, r, ops = o.act_bytes, o.lora_r, []
+    ra = r * _members(name)
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
     if lora and o.dropout > 0:  # draw_seed (a CPU randint + item) then bernoulli_ on the device
         ops += [host("lora.draw_seed", phase, 2), elementwise("lora.dropout_mask", phase, 0, m * i, b)]
         ops.append(elementwise("lora.dropout_apply", phase, 3 * m * i, 2 * m * i, b, launches=2))
     if lora:
-        ops.append(gemm("lora.A", phase, m, i, r, b))
+        ops.append(gemm("lora.A", phase, m, i, ra, b))
     if not skip_base:
         ops += _base_matmul(o, phase, name, m, i, out, fused)
     if lora and not skip_base:
@@ -136,8 +144,6 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
 
 
 def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, fused: bool) -> list[Op]:
-    from qlora_trainer.speed.ops import nf4_bytes
-
     b = o.act_bytes
     if fused:  # the Triton NF4 GEMM decodes W tile by tile: no bf16 copy in HBM
         return [gemm(f"base.{name}.fused", phase, m, k, n, b, w_bytes=nf4_bytes(k * n, o.blocksize, o.double_quant))]
@@ -152,6 +158,7 @@ def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, 
 def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, lora: bool,
                           need_dx: bool = True) -> list[Op]:
     b, r, ph, ops = o.act_bytes, o.lora_r, "backward", []
+    ra = r * _members(name)
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
     if lora:
         ops += [gemm("lora.du", ph, m, out, r, b), elementwise("lora.scale", ph, m * r, m * r, b)]
@@ -162,13 +169,13 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
         ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused)
     if lora:
         if o.dropout > 0 and need_dx:
-            ops += [gemm("lora.dx", ph, m, r, i, b), elementwise("lora.dx_mask", ph, 3 * m * i, m * i, b),
+            ops += [gemm("lora.dx", ph, m, ra, i, b), elementwise("lora.dx_mask", ph, 3 * m * i, m * i, b),
                     elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2)]
         elif o.dropout > 0:
             ops.append(elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2))
         elif need_dx:
-            ops.append(gemm("lora.dx", ph, m, r, i, b, accumulate=True))
-        ops.append(gemm("lora.dA", ph, r, m, i, b))
+            ops.append(gemm("lora.dx", ph, m, ra, i, b, accumulate=True))
+        ops.append(gemm("lora.dA", ph, ra, m, i, b))
     return ops
 
 
