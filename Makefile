@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# a new output directory per run: re-running the demo never touches an earlier run's results
+DEMO_OUT ?= outputs/demo/$(shell date +%Y%m%d-%H%M%S)
+
 demo: $(STAMP)
-	$(BIN)/qlora-trainer train configs/demo.yaml
+	$(BIN)/qlora-trainer train configs/demo.yaml output_dir=$(DEMO_OUT)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/pytest -m "not gpu and not slow" $(PYTEST_ARGS)
