@@ -28,7 +28,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        full = disk_full(e, path)  # decided before the clean-up frees the space
+        full = write_failure(e, path)  # decided before the clean-up frees the space
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if full is not None:
@@ -60,7 +60,7 @@ def atomic_directory(path: Path, *, replace: bool = True) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except BaseException as e:
-        full = disk_full(e, path)  # decided before the clean-up frees the space
+        full = write_failure(e, path)  # decided before the clean-up frees the space
         shutil.rmtree(tmp, ignore_errors=True)
         if full is not None:
             raise full from None
@@ -73,17 +73,28 @@ _VAGUE_TEXT = ("file write failed", "unexpected pos")
 _LOW_SPACE = 16 * 2**20  # bytes free below which a vague write failure is taken for a full disk
 
 
-def disk_full(e: BaseException, path: Path) -> "Exception | None":
-    """The one-line :class:`DiskFullError` for ``path`` when ``e`` is a write that ran out of space
-    (an ENOSPC/EDQUOT OSError, a writer's message saying so, or a vague write failure while the
-    filesystem is nearly full), else None. A DiskFullError from a nested write is re-labelled with
-    ``path`` (the user's target, not our temporary)."""
-    from qlora_trainer.errors import DiskFullError
+_PLACE = (errno.EEXIST, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
+
+
+def write_failure(e: BaseException, path: Path) -> "Exception | None":
+    """The one-line error for ``e`` raised while writing ``path``, or None for anything else.
+
+    :class:`DiskFullError` when the write ran out of space (an ENOSPC/EDQUOT OSError, a writer's
+    message saying so, or a vague write failure while the filesystem is nearly full); a QloraError
+    when the place cannot hold the file (inside a file, no permission, read-only filesystem). A
+    DiskFullError from a nested write is re-labelled with ``path`` (the user's target, not our
+    temporary)."""
+    from qlora_trainer.errors import DiskFullError, QloraError
 
     if isinstance(e, DiskFullError):
         return DiskFullError(path)
-    if not isinstance(e, Exception):
+    if not isinstance(e, Exception) or isinstance(e, QloraError):
         return None
+    if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return QloraError(f"cannot write {path}: {e.filename} is in the way (a file, not a directory); "
+                          f"choose another path")
+    if isinstance(e, OSError) and e.errno in _PLACE:
+        return QloraError(f"cannot write {path}: {e.strerror} ({e.filename}); choose another path")
     text = str(e)
     full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(t in text for t in _FULL_TEXT)
     if not full and any(t in text for t in _VAGUE_TEXT):
@@ -101,11 +112,11 @@ def _existing_parent(path: Path) -> Path:
 
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """Turn a full disk during the block into ``DiskFullError(path)`` (one line, no traceback)."""
+    """Turn a full disk (or an unwritable place) during the block into one line naming ``path``."""
     try:
         yield
     except Exception as e:
-        full = disk_full(e, path)
+        full = write_failure(e, path)
         if full is not None:
             raise full from None
         raise

@@ -41,8 +41,9 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("override,text", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
-def test_bad_value_is_one_line_error_naming_key_and_range(cli_error, override, text):
-    assert text in cli_error("train", DEMO, override)
+def test_bad_value_is_one_line_error_naming_key_and_range(cli_error, tmp_path, override, text):
+    assert text in cli_error("train", DEMO, f"output_dir={tmp_path / 'out'}", override)
+    assert not (tmp_path / "out").exists()  # refused at load time, before anything is created
 
 
 def _numeric_keys() -> list[str]:
@@ -92,3 +93,10 @@ def test_memory_table_chart_extension_checked_before_work(cli_error, tmp_path, c
     msg = cli_error("memory-table", "--chart", tmp_path / chart)
     assert msg.startswith("--chart: ") and "end it in .png, .svg, .pdf" in msg
     assert not list(tmp_path.iterdir())
+
+
+def test_chart_path_inside_a_file_is_one_line(cli_error, tmp_path):
+    (tmp_path / "f").write_text("mine")
+    msg = cli_error("memory-table", "--chart", tmp_path / "f" / "c.png")
+    assert msg == f"cannot write {tmp_path / 'f' / 'c.png'}: {tmp_path / 'f'} is in the way (a file, not a " \
+                  f"directory); choose another path"
