@@ -119,7 +119,10 @@ class StepGuard:
 
 def check_finite_params(model: torch.nn.Module, step: int) -> None:
     """Refuse to save trainable weights that hold NaN/inf."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and not bool(torch.isfinite(p).all()):
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):  # one sync
+        return
+    for name, p in params:
+        if not bool(torch.isfinite(p).all()):
             raise NonFiniteError(f"train: after step {step} the trainable weight {name} is not finite; nothing "
                                  f"was saved for this step (lower train.lr or keep train.max_grad_norm > 0)")

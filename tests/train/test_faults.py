@@ -280,3 +280,38 @@ def test_rerunning_the_demo_config_never_destroys_the_finished_run(cli_error, tm
     assert msg == f"output_dir: '{tmp_path / 'demo'}' already holds a finished adapter; pick another output_dir " \
                   f"or set output.overwrite=true"
     assert adapter.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_kill_9_then_damaged_newest_checkpoint_resumes_from_the_one_before(tiny_cfg, tmp_path):
+    """A real ``kill -9`` of the CLI once step-3 is on disk; the newest checkpoint then loses its
+    adapter weights; resume=auto continues from the checkpoint before it and logs the uninterrupted
+    run's losses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny_cfg.train.max_steps, tiny_cfg.train.save_every = 8, 1
+    full = copy.deepcopy(tiny_cfg)
+    full.output_dir = str(tmp_path / "full")
+    train(full)
+    out = Path(tiny_cfg.output_dir)
+    cfg_file = _yaml(tiny_cfg, tmp_path / "c.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_trainer.cli", "train", str(cfg_file), "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-3").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = sorted((p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()),
+                    key=lambda p: int(p.name[5:]))
+    assert len(newest) >= 2, "killed too late or too early"
+    (newest[-1] / "adapter" / "adapter_model.safetensors").unlink()
+    tiny_cfg.resume = "auto"
+    res = train(tiny_cfg)
+    assert res.resumed_from == newest[-2]
+    assert _losses(out) == _losses(Path(full.output_dir))
