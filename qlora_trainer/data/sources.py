@@ -24,7 +24,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 log = logging.getLogger(__name__)
 
 
-def load_records(path: str, *, split: str = "train") -> "Dataset":
+def load_records(path: str, *, split: str = "train", key: str = "data.path") -> "Dataset":
     """Load ``path`` as a ``datasets.Dataset`` of raw records (one row per record).
 
     ``.txt`` files become one row per file with a ``text`` column (the text format chunks them).
@@ -35,7 +35,7 @@ def load_records(path: str, *, split: str = "train") -> "Dataset":
         from qlora_trainer.data.demo import demo_dataset
 
         if path != "builtin:demo":
-            raise DataError(f"data.path: unknown built-in dataset {path!r}; the only one is 'builtin:demo'")
+            raise DataError(f"{key}: unknown built-in dataset {path!r}; the only one is 'builtin:demo'")
         return demo_dataset()
     p = Path(expand_path(path))
     if p.is_file():
@@ -45,7 +45,7 @@ def load_records(path: str, *, split: str = "train") -> "Dataset":
     elif _HUB_NAME.match(path) and Path(path).suffix.lower() not in EXTENSIONS:
         ds = _load_hub(path, split)
     else:
-        raise DataError(f"{p}: data file not found (data.path; $QLORA_DATA = {expand_path('$QLORA_DATA')})")
+        raise DataError(f"{p}: data file not found ({key}; $QLORA_DATA = {expand_path('$QLORA_DATA')})")
     if len(ds) == 0:
         raise DataError(f"{p if p.exists() else path}: dataset is empty (split {split!r})")
     return ds

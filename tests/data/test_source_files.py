@@ -62,3 +62,8 @@ def test_file_of_blank_lines_is_refused(cli_error, tmp_path, name):
     f = tmp_path / name
     f.write_text("\n  \n\n")
     assert _check(cli_error, f) == f"{f}: holds only blank lines, no records; add data or point data.path elsewhere"
+
+
+def test_missing_eval_file_names_its_key(cli_error, tmp_path):
+    msg = cli_error("data-check", DEMO, f"data.eval_path={tmp_path / 'nope.jsonl'}")
+    assert msg.startswith(f"{tmp_path / 'nope.jsonl'}: data file not found (data.eval_path; $QLORA_DATA = ")
