@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _OURS = {
     ".": re.compile(r"^\.(adapter\.[\w-]+(\.tmp)?|adapter\.old|metrics\.jsonl\.[\w-]+\.tmp)$"),
     "checkpoints": re.compile(r"^\.step-\d+(\.[\w-]+\.tmp|\.deleting|\.old)$"),
+    "adapter": re.compile(r"^\.[\w.-]+\.\w{8}\.tmp$"),  # io.atomic_write_bytes into an existing adapter
 }
 
 
@@ -113,8 +114,9 @@ class StepGuard:
             log.warning("%s", e)
         skipped = f" after skipping steps {self.skipped}" if self.skipped else ""
         raise NonFiniteError(f"train: step {step}: {what}{skipped}; stopped without applying it (the last good "
-                             f"step is {step - 1}): lower train.lr, keep train.max_grad_norm > 0, or set "
-                             f"train.skip_bad_steps=N to skip such steps")
+                             f"step is {step - 1}): lower train.lr (then resume=auto resume_allow_changes=true continues from "
+                             f"the last checkpoint), keep train.max_grad_norm > 0, or set train.skip_bad_steps=N "
+                             f"to skip such steps")
 
 
 def check_finite_params(model: torch.nn.Module, step: int) -> None:

@@ -287,7 +287,8 @@ def _check_output_dir(cfg: "Config", out: Path, resume: Path | None) -> None:
     if resume is None and cfg.output.overwrite:
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for old in checkpoint_dirs(out):  # our step-N checkpoints only: other files there are the user's
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_memory_estimate(cfg: "Config", device: torch.device) -> None:

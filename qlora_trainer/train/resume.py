@@ -185,6 +185,7 @@ def metrics_lines(path: Path, keep_until: int) -> list[str]:
         except ValueError:
             log.warning("%s:%d: dropped an unreadable line (a run killed while writing it)", path, i)
             continue
-        if isinstance(row, dict) and row.get("step", 0) <= keep_until:
+        step = row.get("step", 0) if isinstance(row, dict) else None
+        if isinstance(step, int) and step <= keep_until:
             keep.append(line)
     return keep

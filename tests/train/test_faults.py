@@ -174,6 +174,9 @@ def test_our_temporaries_are_removed_and_user_files_kept(tiny_cfg, monkeypatch):
         (d / "optimizer.pt").parent.mkdir(parents=True)
         (d / "optimizer.pt").write_bytes(b"0" * 1000)
     (out / ".metrics.jsonl.k3j2.tmp").write_text("{}")
+    (out / "adapter").mkdir()  # an adapter directory of ours (overwrite) with a half-written file replacement
+    (out / "adapter" / ".adapter_model.safetensors.ab12cd34.tmp").write_bytes(b"0" * 100)
+    tiny_cfg.output.overwrite = True
     mine = [out / "notes.txt", out / ".step-9.tmp", out / "checkpoints" / "README"]
     for f in mine:
         f.write_text("mine")
@@ -185,7 +188,8 @@ def test_our_temporaries_are_removed_and_user_files_kept(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr("qlora_trainer.lora.save_adapter", leaves_staging)
     train(tiny_cfg)
-    assert not [p for p in ours + [out / ".metrics.jsonl.k3j2.tmp", out / ".adapter.late1.tmp"] if p.exists()]
+    assert not [p for p in ours + [out / ".metrics.jsonl.k3j2.tmp", out / ".adapter.late1.tmp",
+                                   out / "adapter" / ".adapter_model.safetensors.ab12cd34.tmp"] if p.exists()]
     assert all(f.read_text() == "mine" for f in mine)
 
 
