@@ -13,7 +13,8 @@ A config file is YAML with the sections below (each optional) plus the top-level
 
 Every field's comment is its documentation (``qlora-trainer train --help-config`` prints them).
 Unknown keys and bad values raise :class:`ConfigError` with a one-line message that names the key
-(and the file) and, for a misspelling, the nearest valid name.
+(and the file) and, for a misspelling, the nearest valid name. Each field's allowed values are in one
+table, :data:`qlora_trainer.config_rules.RULES`, checked at load time and shown by ``--help-config``.
 """
 
 from __future__ import annotations
@@ -309,7 +310,8 @@ def field_docs() -> dict[str, str]:
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
                     isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 key = f"{prefix}.{stmt.target.id}" if prefix else stmt.target.id
-                docs[key] = " ".join([*str(nxt.value.value).split(), *[describe(key) or ""]]).strip()
+                rule = describe(key)  # the enforced range, from config_rules.RULES
+                docs[key] = " ".join(str(nxt.value.value).split() + ([rule] if rule else []))
     return docs
 
 

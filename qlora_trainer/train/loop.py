@@ -30,8 +30,8 @@ from qlora_trainer.io import writing
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
                                             restore_rng, rng_state, save_checkpoint)
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
-from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, metrics_lines, json_line
 from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
