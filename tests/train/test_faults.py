@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qlora_trainer.config import save_config
+from qlora_trainer.errors import QloraError
 from qlora_trainer.train import loop, train
 
 
@@ -146,7 +147,10 @@ def test_resume_with_changed_config_lists_the_differences(cli_error, tiny_cfg, t
     ckpt = Path(tiny_cfg.output_dir) / "checkpoints" / "step-1"
     assert msg == (f"resume: this run differs from checkpoint {ckpt}: lora.r: 4 -> 8; train.batch_size: 2 -> 1; "
                    f"train.seed: 0 -> 1; restore those values, or set resume_allow_changes=true to continue anyway")
-    tiny_cfg.resume, tiny_cfg.resume_allow_changes, tiny_cfg.train.lr = "auto", True, 1e-3
+    tiny_cfg.resume, tiny_cfg.resume_allow_changes, tiny_cfg.lora.r = "auto", True, 8
+    with pytest.raises(QloraError, match=r"checkpoint tensor shapes differ .* \(4, 128\) vs \(8, 128\)"):
+        train(tiny_cfg)  # allowed, but a rank change cannot load: one line, not a shape traceback
+    tiny_cfg.lora.r, tiny_cfg.train.lr = 4, 1e-3
     assert train(tiny_cfg).resumed_from == ckpt  # the user who means it
 
 
