@@ -258,13 +258,17 @@ def test_two_process_resume_after_kill_is_exact(tmp_path):
     full = _write(tmp_path, "full", **sections)
     _launch(full, tmp_path, "--quiet")
     part = _write(tmp_path, "part", **sections)
-    proc = subprocess.Popen(_launch_cmd(part, "--quiet"), cwd=tmp_path, env=_env(), start_new_session=True,
+    proc = subprocess.Popen(_launch_cmd(part, "--quiet"), cwd=tmp_path, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "part" / "checkpoints" / "step-2"
     deadline = time.time() + 400
     while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    import psutil  # an accelerate dependency; torchrun's workers leave the launcher's process group
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.is_dir() and not (tmp_path / "part" / "adapter").exists()  # killed mid-run
     _launch(part, tmp_path, "resume=auto", "--quiet")
