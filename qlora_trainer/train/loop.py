@@ -100,16 +100,17 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         torch.cuda.reset_peak_memory_stats(device)
     saved, rng = (state.step, resume), par.gather_rng(rng_state())  # (step, path) of the last checkpoint; RNG after the last step
 
-    def checkpoint() -> None:  # the last completed step, unless saved already
-        nonlocal saved
+    def checkpoint(sync: bool = True) -> None:  # the last completed step, unless saved already
+        nonlocal saved  # rank 0 writes; its `rng` holds every rank's state after that step (gathered in it)
         if state.step != saved[0]:
             path = save_checkpoint(model, optimizer, scheduler, state, cfg, rng=rng) if par.is_main else None
             saved = state.step, path
-            par.barrier()
+            if sync:
+                par.barrier()
 
     def on_interrupt() -> None:
         bar.close()
-        checkpoint()
+        checkpoint(sync=False)  # no collective: the other ranks may be stopping anywhere
         log.warning("interrupted after step %d (%s); continue with resume=auto", state.step,
                     f"checkpoint {saved[1]}" if saved[1] else "nothing to resume from")
 

@@ -155,6 +155,27 @@ def test_multi_process_launch_needs_distributed(monkeypatch, tiny_cfg):
         distributed.setup(tiny_cfg)
 
 
+def test_resume_with_another_process_count_is_refused(tmp_path):
+    from qlora_trainer.train.checkpoint import rng_state
+    from qlora_trainer.train.distributed import Parallel
+
+    def par(rank: int, world: int) -> Parallel:
+        return Parallel(None, "ddp" if world > 1 else "none", rank, world, torch.device("cpu"))
+
+    torch.save(rng_state(), tmp_path / "rng.pt")  # a one-process checkpoint
+    with pytest.raises(QloraError, match="written by 1 process.*--num_processes 1"):
+        par(0, 2).restore_rng(tmp_path)
+    torch.manual_seed(1)
+    first = rng_state()
+    torch.manual_seed(2)
+    second = rng_state()
+    torch.save(dict(first, ranks=[first, second]), tmp_path / "rng.pt")
+    with pytest.raises(QloraError, match="--num_processes 2"):
+        par(0, 1).restore_rng(tmp_path)
+    par(1, 2).restore_rng(tmp_path)  # rank 1 gets its own stream back
+    assert torch.equal(torch.get_rng_state(), second["torch"])
+
+
 def test_fsdp_config_rules(tiny_cfg):
     tiny_cfg.train.distributed = "fsdp"
     with pytest.raises(ConfigError, match="quantization.quant_storage: FSDP shards floating-point"):
@@ -250,11 +271,13 @@ def test_fsdp_two_processes_shard_the_base_and_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_resume_after_kill_is_exact(tmp_path):
-    """SIGKILL a 2-process DDP run (dropout on, packing: per-rank RNG and data position matter) once
-    its step-2 checkpoint exists; resume=auto with 2 processes logs the uninterrupted run's losses."""
-    sections = dict(train={"distributed": "ddp", "max_steps": 6, "save_every": 2},
-                    lora={"dropout": 0.1}, data={"pack": True, "max_samples": 24})
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_resume_after_kill_is_exact(tmp_path, mode):
+    """SIGKILL a 2-process run (dropout on, packing: per-rank RNG and data position matter) once its
+    step-2 checkpoint exists; resume=auto with 2 processes logs the uninterrupted run's losses."""
+    sections = dict(train={"distributed": mode, "max_steps": 6, "save_every": 2},
+                    lora={"dropout": 0.1}, data={"pack": True, "max_samples": 24},
+                    quantization={"quant_storage": "float32" if mode == "fsdp" else "uint8"})
     full = _write(tmp_path, "full", **sections)
     _launch(full, tmp_path, "--quiet")
     part = _write(tmp_path, "part", **sections)
