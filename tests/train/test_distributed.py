@@ -23,10 +23,10 @@ from qlora_trainer.errors import ConfigError, QloraError
 RUN = {
     "model": {"name_or_path": "random:tiny", "quantization": "nf4"},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "data": {"path": "builtin:demo", "seq_len": 48, "max_samples": 40,
+    "data": {"path": "builtin:demo", "seq_len": 48, "max_samples": 50, "eval_fraction": 0.2,
              "template": "{instruction}\nInput: {input}\nOutput: "},
     "train": {"max_steps": 3, "lr": 3e-3, "batch_size": 2, "grad_accum": 1, "seed": 0, "device": "cpu",
-              "optimizer": "adamw"},
+              "optimizer": "adamw", "eval_batches": 2},
     "output": {"progress_bar": False, "keep_last": 5},
 }
 
@@ -70,9 +70,9 @@ def _launch(config: Path, tmp_path: Path, *extra: str) -> str:
     return p.stdout + p.stderr
 
 
-def _losses(out: Path) -> dict[int, float]:
+def _losses(out: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def _one_process(path: Path, tmp_path: Path, name: str, grad_accum: int) -> Path:
@@ -94,11 +94,14 @@ def _adapter(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _assert_same_run(two: Path, one: Path) -> None:
-    """Same losses (fp32 tolerance: only the summation order differs) and the same adapter file."""
+    """Same losses (fp32 tolerance: only the summation order differs), the same final eval loss
+    (every rank evaluates through the engine) and the same adapter file."""
     l2, l1 = _losses(two), _losses(one)
     assert list(l2) == list(l1) == [1, 2, 3]
     for s in l1:
         assert l2[s] == pytest.approx(l1[s], rel=1e-5, abs=1e-6), (l2, l1)
+    e2, e1 = _losses(two, "eval_loss"), _losses(one, "eval_loss")
+    assert list(e2) == list(e1) == [3] and e2[3] == pytest.approx(e1[3], rel=1e-5)
     (c2, t2), (c1, t1) = _adapter(two), _adapter(one)
     assert c2 == c1 and set(t2) == set(t1)
     for k in t1:
@@ -225,6 +228,17 @@ def test_per_gpu_estimate_hand_computed():
     assert ddp.allocated_bytes == one.allocated_bytes + one.components["lora_grads"]
 
 
+def test_trainer_start_up_estimate_is_per_gpu(monkeypatch, tiny_cfg):
+    from qlora_trainer.memory.estimate import estimate_for_config
+
+    tiny_cfg.train.distributed, tiny_cfg.quantization.quant_storage = "fsdp", "float32"
+    one = estimate_for_config(tiny_cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = estimate_for_config(tiny_cfg)
+    assert (one.settings["gpus"], two.settings["gpus"]) == (1, 2)
+    assert two.components["base_nf4"] == one.components["base_nf4"] // 2
+
+
 def test_memory_command_per_gpu(capsys):
     from qlora_trainer.cli import main
 
@@ -241,11 +255,12 @@ def test_memory_command_per_gpu(capsys):
 
 
 def test_ddp_two_processes_match_one_process_and_adapter_loads_alone(tmp_path):
-    """DDP, 2 ranks x 1 micro-batch of 2 per step == 1 process x 2 micro-batches of 2 over the same
-    samples (strided shards): equal losses and adapters; the adapter loads in one process."""
-    cfg = _write(tmp_path, "ddp", train={"distributed": "ddp"})
+    """DDP, 2 ranks x 2 micro-batches of 2 per step (no_sync on the first) == 1 process x 4
+    micro-batches of 2 over the same samples (strided shards): equal losses and adapters; the
+    adapter loads in one process."""
+    cfg = _write(tmp_path, "ddp", train={"distributed": "ddp", "grad_accum": 2})
     _launch(cfg, tmp_path, "--quiet")
-    one = _one_process(cfg, tmp_path, "one", grad_accum=2)
+    one = _one_process(cfg, tmp_path, "one", grad_accum=4)
     _assert_same_run(tmp_path / "ddp", one)
     from qlora_trainer.lora.loading import load_with_adapters
 
@@ -276,7 +291,7 @@ def test_two_process_resume_after_kill_is_exact(tmp_path, mode):
     """SIGKILL a 2-process run (dropout on, packing: per-rank RNG and data position matter) once its
     step-2 checkpoint exists; resume=auto with 2 processes logs the uninterrupted run's losses."""
     sections = dict(train={"distributed": mode, "max_steps": 6, "save_every": 2},
-                    lora={"dropout": 0.1}, data={"pack": True, "max_samples": 24},
+                    lora={"dropout": 0.1}, data={"pack": True, "max_samples": 24, "eval_fraction": 0.0},
                     quantization={"quant_storage": "float32" if mode == "fsdp" else "uint8"})
     full = _write(tmp_path, "full", **sections)
     _launch(full, tmp_path, "--quiet")
