@@ -188,7 +188,19 @@ def setup(cfg: "Config") -> Parallel:
                          f"WORLD_SIZE is {world}; launch with accelerate launch --num_processes N")
     if device.type == "cuda":
         device = accelerator.device  # cuda:<local rank>
+    if mode == "fsdp" and world == 1:
+        _single_process_group(device)
     return Parallel(accelerator, mode, accelerator.process_index, world, device)
+
+
+def _single_process_group(device: torch.device) -> None:
+    """FSDP without a launcher (world size 1, e.g. checking the FSDP path on one GPU): a process
+    group of one over an in-process store, so ``fully_shard`` has a mesh."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
 
 
 # --------------------------------------------------------------------------------------------------

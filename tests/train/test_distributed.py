@@ -271,6 +271,7 @@ def test_ddp_two_processes_match_one_process_and_adapter_loads_alone(tmp_path):
     torch.testing.assert_close(layer.lora_B[loaded.names[-1]].detach().float(), tensors[key].float())
 
 
+@pytest.mark.slow  # ~45 s; the default suite has the 2-process DDP launch and FSDP at world size 1
 def test_fsdp_two_processes_shard_the_base_and_match_one_process(tmp_path):
     """FSDP2 fully_shard over gloo on CPU tensors (torch 2.13 supports it): each rank holds about half
     the frozen bytes, and the run equals the one-process run (fp32 NF4 storage on the CPU)."""
@@ -283,6 +284,26 @@ def test_fsdp_two_processes_shard_the_base_and_match_one_process(tmp_path):
         assert total / 2 <= local <= total / 2 + 4096  # per-parameter padding to a multiple of 2 rows
     one = _one_process(cfg, tmp_path, "one", grad_accum=2)
     _assert_same_run(tmp_path / "fsdp", one)
+
+
+def test_fsdp_world_size_one_matches_the_plain_path(tmp_path):
+    """train.distributed=fsdp without a launcher: a process group of one, fully_shard on every layer,
+    and the same losses as distributed=none (the CPU analogue of the one-GPU FSDP check)."""
+    import torch.distributed as dist
+
+    from qlora_trainer.config import load_config
+    from qlora_trainer.train import train
+
+    path = _write(tmp_path, "f1", train={"distributed": "fsdp", "max_steps": 2},
+                  quantization={"quant_storage": "float32"}, data={"eval_fraction": 0.0})
+    try:
+        fsdp = train(load_config(path)).losses
+        assert type(dist.group.WORLD).__name__ == "ProcessGroup" and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    plain = train(load_config(path, ["train.distributed=none", f"output_dir={tmp_path / 'p1'}"])).losses
+    assert fsdp == pytest.approx(plain, rel=1e-6) and len(fsdp) == 2
 
 
 @pytest.mark.slow
