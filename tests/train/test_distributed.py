@@ -202,6 +202,36 @@ def test_fsdp_refuses_a_quant_storage_it_would_cast():
     check_fsdp_dtypes(model, torch.bfloat16)
 
 
+def test_fsdp_all_gather_keeps_packed_nf4_bytes_and_quant_state():
+    """bf16-stored NF4 codes include bf16 NaN bit patterns; FSDP2's gather must return them bit for
+    bit (bitsandbytes issue 1945 reports NaN canonicalization on GPUs), and the layer must still
+    find its quant_state on the gathered plain Parameter (our pre-hook)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from qlora_trainer.models.quantize import quantize_model
+    from qlora_trainer.train.distributed import _keep_quant_state, _single_process_group
+
+    torch.manual_seed(0)
+    model = quantize_model(torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False)),
+                           compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16)
+    packed = model[0].weight.data
+    before = packed.view(torch.int16).clone()
+    assert torch.isnan(packed).any()  # codes that read as NaN in bf16
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    ref = model(x)
+    _single_process_group(torch.device("cpu"))
+    try:
+        _keep_quant_state(model)
+        fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        model.unshard()
+        assert type(model[0].weight).__name__ != "Params4bit"  # bitsandbytes' metadata is gone here
+        assert torch.equal(model[0].weight.data.view(torch.int16), before)
+        assert torch.equal(model(x), ref)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_per_gpu_estimate_hand_computed():
     """tiny (hidden 128, intermediate 352, 2 layers, vocab 260, untied): FSDP on 2 GPUs shards the NF4
     base, embeddings and norms (ceil(bytes/2)); lm_head is gathered (full + its shard); the constants,
