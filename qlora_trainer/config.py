@@ -169,6 +169,11 @@ class TrainConfig:
     skip_bad_steps: int = 0
     """Steps with a non-finite loss or gradient norm to skip (their batches are consumed, nothing is
     applied) before the run stops with an error; 0 = stop at the first one."""
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallel under ``accelerate launch --num_processes N``: ``ddp`` replicates the model and
+    averages gradients; ``fsdp`` also shards the NF4 base, adapters and optimizer state across the
+    GPUs (FSDP2 ``fully_shard`` per decoder layer; needs ``quantization.quant_storage`` = the compute
+    dtype). ``none``: one process. See docs/distributed.md."""
 
 
 @dataclass
@@ -209,6 +214,14 @@ class Config:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
+        if self.train.distributed == "fsdp":
+            if self.model.quantization == "nf4" and self.quantization.quant_storage == "uint8":
+                raise ConfigError("quantization.quant_storage: FSDP shards floating-point tensors only; set it to "
+                                  "the compute dtype (bfloat16 on CUDA, float32 on the CPU) with train.distributed=fsdp")
+            for bad, key in ((self.model.embeddings_on_cpu, "model.embeddings_on_cpu"),
+                             (self.lora.variant == "dora", "lora.variant=dora")):
+                if bad:
+                    raise ConfigError(f"{key}: not supported with train.distributed=fsdp; use ddp or turn it off")
         return self
 
     def to_dict(self) -> dict[str, Any]:
