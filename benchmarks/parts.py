@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.spec import RunSpec
-from benchmarks.stage import REPO, child_cwd, child_env
+from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
 
 # Part 2: (model, seq_len) shapes; systems in order of value (Unsloth last: it needs a checkpoint).
 SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
@@ -91,11 +91,9 @@ def part_correctness(p: Part) -> None:
     env = child_env(smoke=p.dry)
     env["TRITON_INTERPRET"] = "1" if p.dry else "0"
     t0, budget = time.time(), max(5.0, p.left() - (10.0 if p.dry else 30.0))  # leave time for the step check
-    try:
-        rc = subprocess.run(cmd, cwd=child_cwd(), env=env, timeout=budget).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
-    p.emit({"kind": "kernel_tests", "status": "ok" if rc == 0 else "failed" if rc == 1 else str(rc),
+    rc = run_boxed(cmd, timeout=budget, own_group=True, cwd=child_cwd(), env=env)  # xdist workers die with it
+    status = "timeout" if rc is None else "ok" if rc == 0 else "failed" if rc == 1 else f"exit {rc}"
+    p.emit({"kind": "kernel_tests", "status": status,
             "command": " ".join(cmd[1:]), "duration_s": round(time.time() - t0, 1), **junit_summary(junit)})
     from benchmarks.kernel_step import compare_step
 
@@ -210,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 3 or argv[0] not in PARTS:
         print(f"usage: python -m benchmarks.parts {{{','.join(PARTS)}}} CTX_JSON ROWS_JSONL", file=sys.stderr)
         return 2
-    from benchmarks.stage import assert_not_shadowed
+    from benchmarks.stage import assert_not_shadowed, kill_groups_on_sigterm
 
     assert_not_shadowed()
+    kill_groups_on_sigterm()
     part = Part(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
     PARTS[argv[0]](part)
     return 0

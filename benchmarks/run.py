@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.spec import CHECKPOINT_MAX_PARAMS_B, MODELS, RunSpec, base_row
-from benchmarks.stage import REPO, child_cwd, child_env
+from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
 from benchmarks.systems import MODULES, SYSTEMS, UNSLOTH_MISSING
 
 def params_billion(model: str) -> float:
@@ -45,10 +45,8 @@ def launch(spec: RunSpec, work: Path, *, timeout: float, smoke: bool = False, ex
     row_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", MODULES[spec.system], str(spec_path), str(row_path)]
     out = subprocess.DEVNULL if (smoke if quiet is None else quiet) else None
-    try:
-        rc = subprocess.run(cmd, cwd=child_cwd(), env=child_env(extra_path, smoke=smoke), timeout=max(1.0, timeout),
-                            stdout=out, stderr=out).returncode
-    except subprocess.TimeoutExpired:
+    rc = run_boxed(cmd, timeout=timeout, cwd=child_cwd(), env=child_env(extra_path, smoke=smoke), stdout=out, stderr=out)
+    if rc is None:
         return {**base_row(spec), "status": "timeout", "error": f"killed after its {timeout:.0f} s time box"}
     if row_path.is_file():
         return json.loads(row_path.read_text())

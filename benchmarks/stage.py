@@ -17,7 +17,9 @@ stdlib only: the suite's parent process imports this before anything else.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,6 +97,48 @@ def assert_not_shadowed() -> None:
     if origin is not None and origin.is_relative_to(REPO / "kernels"):
         raise RuntimeError(f"the repo root is on sys.path ({origin} is importable as `kernels`): run benchmark "
                            "processes through benchmarks.stage (cwd and PYTHONPATH without the repo root)")
+
+
+_GROUPS: set[int] = set()  # process groups this process started and has not reaped yet
+
+
+def run_boxed(cmd: list[str], *, timeout: float, own_group: bool = False, **kw) -> int | None:
+    """``subprocess.run`` inside a time box: the exit code, or None when the box ran out and the child
+    was killed. ``own_group``: the child leads a new process group, killed as a whole (SIGTERM, then
+    SIGKILL after 5 s), so its own children (pytest-xdist workers, a part's row processes) die too."""
+    proc = subprocess.Popen(cmd, start_new_session=own_group, **kw)
+    if own_group:
+        _GROUPS.add(proc.pid)
+    try:
+        return proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        if not own_group:
+            proc.kill()
+            proc.wait()
+            return None
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+    finally:
+        _GROUPS.discard(proc.pid)
+
+
+def kill_groups_on_sigterm() -> None:
+    """On SIGTERM (the suite ending a part's box), kill the process groups this process leads, then
+    exit: a part's pytest and its workers must not outlive the part."""
+    def handler(signum, frame):
+        for pgid in list(_GROUPS):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _is_repo_root(p: str) -> bool:

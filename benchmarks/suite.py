@@ -139,14 +139,11 @@ class Suite:
         self.say(f"part {i + 1} {name}: box {box:.0f} s (planned {self.planned[name]:.0f} s)")
         t = time.time()
         cmd = [sys.executable, "-m", "benchmarks.parts", name, str(ctx_path), str(rows_path)]
-        try:
-            env = stage.child_env(smoke=self.a.dry_run)
-            env["TRITON_INTERPRET"] = "1" if self.a.dry_run else "0"  # CPU tensors / compiled kernels
-            rc = subprocess.run(cmd, cwd=stage.child_cwd(), env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                timeout=box).returncode
-            status = "done" if rc == 0 else f"exit {rc}"
-        except subprocess.TimeoutExpired:
-            status = "timeout"
+        env = stage.child_env(smoke=self.a.dry_run)
+        env["TRITON_INTERPRET"] = "1" if self.a.dry_run else "0"  # CPU tensors / compiled kernels
+        rc = stage.run_boxed(cmd, timeout=box, own_group=True, cwd=stage.child_cwd(), env=env, stdout=self.log,
+                             stderr=subprocess.STDOUT)
+        status = "timeout" if rc is None else "done" if rc == 0 else f"exit {rc}"
         rows = [json.loads(ln) for ln in rows_path.read_text().splitlines()] if rows_path.is_file() else []
         for r in rows:
             r["part"] = name

@@ -81,12 +81,15 @@ def test_in_process_weights_equal_checkpoint(bench, tmp_path):
     in_proc = weights.build_nf4_in_process("tiny", seed=3, device=torch.device("cpu"), dtype=torch.float32)
     other_seed = weights.build_nf4_in_process("tiny", seed=4, device=torch.device("cpu"), dtype=torch.float32)
     q = "model.layers.1.mlp.down_proj"
-    assert type(in_proc.get_submodule(q)).__name__ == "Linear4bit"
+    assert type(in_proc.get_submodule(q)).__name__ == type(from_disk.get_submodule(q)).__name__ == "NF4Linear"
     assert torch.equal(from_disk.get_submodule(q).weight.data, in_proc.get_submodule(q).weight.data)
     assert not torch.equal(other_seed.get_submodule(q).weight.data, in_proc.get_submodule(q).weight.data)
+    hf.bnb_compute(other_seed, torch.device("cuda"))  # swaps classes only: no CUDA needed
+    assert type(other_seed.get_submodule(q)).__name__ == "Linear4bit"  # the HF stack's own compute on a GPU
     ids = torch.randint(0, 260, (2, 24))
+    want = from_disk(ids).logits
     with torch.no_grad():
-        torch.testing.assert_close(from_disk(ids).logits, in_proc(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(want, in_proc(ids).logits, rtol=0, atol=0)
 
 
 def test_max_context_binary_search(bench):

@@ -145,3 +145,29 @@ def test_repo_root_on_sys_path_is_refused(bench, monkeypatch, tmp_path):
     env = stage.child_env("/first")
     assert env["PYTHONPATH"].split(":") == ["/first", str(tmp_path), "/keep"]  # the repo root is dropped
     assert stage.child_cwd() == tmp_path
+
+
+def test_a_time_box_kills_the_whole_process_group(bench, tmp_path):
+    """A part killed at the end of its box takes its children (row processes, pytest workers) along."""
+    import os
+    import time
+
+    stage = bench("stage")
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(60)\n")
+    t0 = time.time()
+    assert stage.run_boxed([sys.executable, "-c", code], timeout=8, own_group=True) is None
+    assert time.time() - t0 < 30
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # reparented to init, reaped there
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"process {grandchild} outlived its group's time box")
+    assert stage.run_boxed([sys.executable, "-c", "raise SystemExit(4)"], timeout=30) == 4
