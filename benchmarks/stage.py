@@ -42,7 +42,21 @@ def build_wheel(dest: str | Path, python: str = sys.executable) -> Path:
     wheels = list(dest.glob("qlora_trainer-*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         raise RuntimeError(f"building the wheel failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    check_wheel(wheels[0])
     return wheels[0]
+
+
+def check_wheel(wheel: Path) -> None:
+    """Every module in the wheel exists in this checkout (setuptools builds in ``build/``, where a
+    deleted module lingers) and ``qlora_trainer.kernels`` is in it."""
+    with zipfile.ZipFile(wheel) as z:
+        mods = [n for n in z.namelist() if n.endswith(".py")]
+    src = {m: REPO / ("kernels/" + m.removeprefix("qlora_trainer/kernels/") if m.startswith("qlora_trainer/kernels/")
+                      else m) for m in mods}
+    stale = [m for m, f in src.items() if not f.is_file()]
+    if stale or "qlora_trainer/kernels/__init__.py" not in src:
+        raise RuntimeError(f"{wheel}: modules not in the source tree {stale[:5]} (remove build/ and rebuild) "
+                           "or qlora_trainer.kernels missing")
 
 
 def install_wheel(wheel: str | Path, site: str | Path) -> Path:
@@ -177,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m benchmarks.stage WHEEL_DIR", file=sys.stderr)
         return 2
-    print(build_wheel(argv[0]))
+    try:
+        print(build_wheel(argv[0]))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

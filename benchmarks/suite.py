@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="qlora-suite-"))
     try:
-        site = stage.stage(work, a.wheel)
+        try:
+            site = stage.stage(work, a.wheel)
+        except (RuntimeError, OSError, zipfile.BadZipFile) as e:
+            print(f"error: staging the project failed: {e}", file=sys.stderr)
+            return 2
         sys.path.insert(0, str(site))  # this process too reads versions and writes through qlora_trainer.io
         suite = Suite(a, command)
         suite.say(f"budget {suite.budget:.0f} s; plan: " +
