@@ -4,8 +4,9 @@ Python that cannot import ``qlora_trainer`` (a fresh venv seeing this venv's pac
 ``.pth`` line, so neither the editable finder nor the repo root is on its path). Every part's output
 is checked, then the results page is generated from that JSON.
 
-The dry run gets a generous ``--budget-s`` here so that a loaded CI box cannot time a part out; the
-default dry-run budget (97 s) is what keeps it under 2 minutes.
+The dry run gets a generous ``--budget-s`` here so that a loaded box cannot time a part out (seen at
+load 12 on 2 cores with 400 s); the default dry-run budget (102 s) is what keeps it under 2 minutes.
+On an idle 2-core box it takes about 75 s of CPU.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def dry_run(tmp_path_factory):
     out = tmp / "out"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "OMP_NUM_THREADS": "1"}  # no PYTHONPATH, no TRITON_INTERPRET
     proc = subprocess.run([str(py), "-m", "benchmarks.suite", "--dry-run", "--out", str(out), "--wheel", wheel,
-                           "--budget-s", "400"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--budget-s", "700"], cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
     doc = json.loads((out / "suite.json").read_text())
     return proc, out, doc
 
@@ -53,13 +54,14 @@ def _rows(doc, kind, part=None):
     return [r for r in doc["rows"] if r.get("kind", "step") == kind and (part is None or r["part"] == part)]
 
 
+@pytest.mark.timeout(900)  # the module fixture's dry run counts against its first user
 def test_dry_run_writes_every_part(dry_run):
     proc, out, doc = dry_run
     assert sorted(p.name for p in out.iterdir()) == ["suite.json", "suite.log", "suite.md"], proc.stdout[-3000:]
     parts = doc["suite"]["parts"]
     assert [p["part"] for p in parts] == PARTS
     assert all(p["status"] == "done" and p["rows"] > 0 and 0 < p["used_s"] <= p["box_s"] for p in parts), parts
-    assert doc["suite"]["dry_run"] and doc["suite"]["budget_s"] == 400
+    assert doc["suite"]["dry_run"] and doc["suite"]["budget_s"] == 700
     d = doc["device"]
     assert {"gpu", "driver", "cuda", "python", "date", "command"} <= set(d) and d["gpu"] == "cpu"
     assert d["command"].startswith("python -m benchmarks.suite --dry-run") and d["versions"]["qlora-trainer"]
@@ -101,6 +103,7 @@ def test_dry_run_writes_every_part(dry_run):
     assert "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.timeout(900)
 def test_page_is_generated_from_the_json(dry_run, bench, tmp_path):
     page = bench("page")
     _, out, doc = dry_run
