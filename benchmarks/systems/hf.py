@@ -16,9 +16,12 @@ from benchmarks.spec import RunSpec
 
 
 def load_model(spec: RunSpec):
-    """The NF4 base model, loaded as ``from_pretrained`` users do (or built in-process), its 4-bit
-    layers computed by bitsandbytes (:func:`bnb_compute`)."""
+    """The NF4 base model, loaded as ``from_pretrained`` users do (or built in-process for 70B), its
+    4-bit layers computed by bitsandbytes, with bitsandbytes' lossy AVX512-BF16 CPU repacking off
+    (``claim_4bit_layers(own_compute=False)``; a no-op on CUDA)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_trainer.models.nf4_linear import claim_4bit_layers
 
     if spec.weights == "in_process":
         from benchmarks.weights import build_nf4_in_process
@@ -31,25 +34,7 @@ def load_model(spec: RunSpec):
         model = AutoModelForCausalLM.from_pretrained(spec.checkpoint_dir, quantization_config=q,
                                                      dtype=spec.torch_dtype, device_map={"": spec.device},
                                                      attn_implementation="sdpa")
-    return bnb_compute(model, torch.device(spec.device))
-
-
-def bnb_compute(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """On CUDA, every 4-bit layer computes as the HF stack's users get it: bitsandbytes' own
-    ``Linear4bit`` (our in-process builder hands out layers claimed for our kernels; they go back).
-    On the CPU smoke both systems compute NF4 with ours: bitsandbytes' native CPU dequantize is wrong
-    when in_features is not a multiple of the block size (docs/bitsandbytes-cpu.md), which would
-    break the step-0 loss check on tiny's 352-wide down_proj."""
-    import bitsandbytes as bnb
-
-    from qlora_trainer.models.nf4_linear import NF4Linear, claim_4bit_layers
-
-    if device.type != "cuda":
-        claim_4bit_layers(model)
-        return model
-    for m in model.modules():
-        if type(m) is NF4Linear:
-            m.__class__ = bnb.nn.Linear4bit
+    claim_4bit_layers(model, own_compute=False)
     return model
 
 

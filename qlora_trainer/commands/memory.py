@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from qlora_trainer.errors import ConfigError
     from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dropout: must be in [0, 1) (got {args.dropout})")
     if args.mlp_chunk < 0:
         raise ConfigError(f"--mlp-chunk: must be >= 0 (got {args.mlp_chunk})")
-    if args.budget <= 0:
-        raise ConfigError(f"--budget: must be > 0 GB (got {args.budget})")
+    if not math.isfinite(args.budget) or args.budget <= 0:
+        raise ConfigError(f"--budget: must be a finite number of GB > 0, e.g. --budget 24 (got {args.budget})")
     if args.measure and args.system != "ours":
         raise ConfigError("--measure runs our stack only; drop --system hf (HF figures: memory/references.py)")
     arch, reason = resolve_arch(args.model)

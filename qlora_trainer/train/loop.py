@@ -26,9 +26,12 @@ import torch
 
 from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import DataError, QloraError
+from qlora_trainer.io import writing
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
                                             restore_rng, rng_state, save_checkpoint)
+from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
 from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -64,8 +67,10 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
+    preflight(cfg, out)  # output location, our leftover temporaries, the model directory: before loading
     resume = resolve_resume(cfg)
     _check_output_dir(cfg, out, resume)
+    check_resume_config(cfg, resume)  # refuses a changed config (resume_allow_changes overrides)
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     _log_memory_estimate(cfg, device)
@@ -75,13 +80,16 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)  # data errors before loading
     if len(train_ds) == 0:
         raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
+    fingerprint = data_fingerprint(train_ds)
+    check_data(cfg, resume, fingerprint)  # refuses changed data before the model loads
     model = load_base_model(cfg, device=device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    state = TrainerState()
+    state = TrainerState(data=fingerprint)
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer, scheduler)
+        state.data = fingerprint
         restore_rng(resume)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", resume, state.step, state.epoch, state.batch)
     metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step)
@@ -109,6 +117,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         log.warning("interrupted after step %d (%s); continue with resume=auto", state.step,
                     f"checkpoint {saved[1]}" if saved[1] else "nothing to resume from")
 
+    guard = StepGuard(cfg.train.skip_bad_steps, on_stop=checkpoint)  # non-finite steps are never applied
     with _Interrupts(on_interrupt) as interrupts:
         while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
             micro = [next(stream) for _ in range(cfg.train.grad_accum)]
@@ -124,6 +133,10 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                 window_tokens += int(batch["input_ids"].numel())
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if guard.bad(state.step + 1, float(step_loss) / max(n_loss, 1), grad_norm):  # skipped: data moves on
+                optimizer.zero_grad(set_to_none=True)
+                state.epoch, state.batch, rng = micro[-1][0], micro[-1][1], rng_state()
+                continue
             lr = optimizer.param_groups[0]["lr"]
             with interrupts.held():  # a step is applied and logged whole or not at all
                 optimizer.step()
@@ -158,10 +171,13 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
             if eval_ds is not None and not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
                 result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
-            result.adapter_dir = save_adapter(model, out / "adapter", cfg=cfg.lora,
-                                              base_model=cfg.model.name_or_path, tokenizer=tokenizer,
-                                              run_config=cfg, revision=cfg.model.revision)
+            check_finite_params(model, state.step)  # never a NaN adapter
+            with writing(out / "adapter"):
+                result.adapter_dir = save_adapter(model, out / "adapter", cfg=cfg.lora,
+                                                  base_model=cfg.model.name_or_path, tokenizer=tokenizer,
+                                                  run_config=cfg, revision=cfg.model.revision)
             log.info("adapter saved to %s", result.adapter_dir)
+    clean_temporaries(out)
     result.step, result.tokens, result.seconds = state.step, state.tokens, time.perf_counter() - t0
     return result
 
@@ -271,7 +287,8 @@ def _check_output_dir(cfg: "Config", out: Path, resume: Path | None) -> None:
     if resume is None and cfg.output.overwrite:
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for old in checkpoint_dirs(out):  # our step-N checkpoints only: other files there are the user's
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_memory_estimate(cfg: "Config", device: torch.device) -> None:
@@ -321,11 +338,10 @@ class _MetricsFile:
 
         self.path = path
         if path.exists():
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+            lines = metrics_lines(path, keep_until)  # a truncated last line (killed mid-write) is dropped
             atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
     def write(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
+            f.write(json_line(row))  # strict JSON: a non-finite value is written as null

@@ -96,7 +96,7 @@ def test_dry_run_writes_every_part(dry_run):
 
     md, log = (out / "suite.md").read_text(), (out / "suite.log").read_text()
     for head in ("## Time boxes", "## Kernel tests: ok", "## One training step, kernels on vs off",
-                 "## Long context", "## CUDA context", "## Memory estimate vs measured", "| tiny | 64 | 1 | hf-tuned | ok |"):
+                 "## Long context", "## CUDA context", "## Memory estimate vs measured", "| tiny-64 | 64 | 1 | hf-tuned | ok |"):
         assert head in md
     assert d["command"] in md
     assert all(f"part {i + 1} {p}: done" in log for i, p in enumerate(PARTS)) and "passed" in log
@@ -108,7 +108,7 @@ def test_page_is_generated_from_the_json(dry_run, bench, tmp_path):
     page = bench("page")
     _, out, doc = dry_run
     text = page.render(doc)
-    assert "| tiny | 64 | " in text and "hf-tuned tok/s" in text and "x unsloth speed" in text
+    assert "| tiny-64 | 64 | " in text and "hf-tuned tok/s" in text and "x unsloth speed" in text
     verdicts = {g: v for g, v, _ in page.goals(doc)}
     assert len(verdicts) == 7 and set(verdicts.values()) == {"not measured"}  # the CPU measures no GPU goal
     readme = tmp_path / "README.md"
