@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve_backend
+from .backend import resolve_backend
 
 
 # Each chunk re-reads W (V, H) twice (logits, dh): a chunk of C rows does 4*C*H*V FLOPs on

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .dispatch import resolve_backend
+from .backend import resolve_backend
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity equality
