@@ -56,6 +56,7 @@ def _dropped_(mask: torch.Tensor, x2: torch.Tensor, p: float) -> torch.Tensor:
 
 class LoRALinearFunction(torch.autograd.Function):
     """forward(x (..., in), A (r, in), B (out, r), base, scale, dropout, fuse) -> (..., out).
+    ``base`` None: the adapter term s * (x_l A^T) B^T alone (no base matmul, no dy @ W).
 
     ``dropout`` is the probability p of zeroing an adapter input (applied whenever p > 0: the
     caller passes 0 in eval mode); the mask is never saved (see the module docstring)."""
@@ -72,8 +73,11 @@ class LoRALinearFunction(torch.autograd.Function):
             u = x2 @ a.t()  # (M, r)
         else:
             u = _dropped_(dropout_mask(seed, x2.shape, dropout, x2.device, x2.dtype), x2, dropout) @ a.t()
-        y = base.forward_matmul(x2, fuse)  # (M, out)
-        y.addmm_(u, b.t(), alpha=scale)
+        if base is None:  # adapter term only (see lora_linear(base_last=True))
+            y = torch.mm(u, b.t()).mul_(scale)  # (M, out)
+        else:
+            y = base.forward_matmul(x2, fuse)  # (M, out)
+            y.addmm_(u, b.t(), alpha=scale)
         ctx.save_for_backward(x2, u, lora_A, lora_B)
         ctx.base, ctx.scale, ctx.fuse, ctx.p, ctx.seed = base, scale, fuse, dropout, seed
         return y.view(*lead, y.shape[-1])
@@ -95,10 +99,12 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b:
             d_b = (dy2.t() @ u).mul_(s).to(lora_B.dtype)  # (out, r)
         if need_x:
-            dx = ctx.base.backward_matmul(dy2, ctx.fuse)  # (M, in)
-            if mask is None:
-                dx.addmm_(du, a)
+            if ctx.base is None:
+                dx = du @ a if mask is None else (du @ a).mul_(mask).mul_(1.0 / (1.0 - p))
+            elif mask is None:
+                dx = ctx.base.backward_matmul(dy2, ctx.fuse).addmm_(du, a)  # (M, in)
             else:
+                dx = ctx.base.backward_matmul(dy2, ctx.fuse)  # (M, in)
                 dx.addcmul_(du @ a, mask, value=1.0 / (1.0 - p))
             dx = dx.view(*lead, dx.shape[-1])
         if need_a:  # last: x_l is built over the mask
@@ -114,30 +120,40 @@ class FrozenLinearFunction(torch.autograd.Function):
     nothing is saved for backward (W and bias are frozen: no dW, no db)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, base: BaseWeight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, base: BaseWeight, fuse: bool | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = base.forward_matmul(x.reshape(-1, x.shape[-1]).contiguous(), None)  # (M, out)
-        ctx.base = base
+        y = base.forward_matmul(x.reshape(-1, x.shape[-1]).contiguous(), fuse)  # (M, out)
+        ctx.base, ctx.fuse = base, fuse
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         lead = dy.shape[:-1]
-        dx = ctx.base.backward_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), None)  # (M, in)
-        return dx.view(*lead, dx.shape[-1]), None
+        dx = ctx.base.backward_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), ctx.fuse)  # (M, in)
+        return dx.view(*lead, dx.shape[-1]), None, None
 
 
-def frozen_linear(x: torch.Tensor, base: BaseWeight) -> torch.Tensor:
+def frozen_linear(x: torch.Tensor, base: BaseWeight, *, fuse: bool | None = None) -> torch.Tensor:
     """y (..., out) = x @ W^T (+ bias) via :class:`FrozenLinearFunction` (W never saved)."""
-    return FrozenLinearFunction.apply(x, base)
+    return FrozenLinearFunction.apply(x, base, fuse)
 
 
 def lora_linear(x: torch.Tensor, base: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                scale: float, dropout: float = 0.0, *, fuse: bool | None = None) -> torch.Tensor:
+                scale: float, dropout: float = 0.0, *, fuse: bool | None = None,
+                base_last: bool = False) -> torch.Tensor:
     """y (..., out) = x @ W^T (+ bias) + scale * (dropout(x) @ A^T) @ B^T via :class:`LoRALinearFunction`.
 
     ``dropout``: probability p in [0, 1) of zeroing an adapter input element (0 in eval mode).
-    ``fuse``: force (True) / forbid (False) the fused NF4 dequant-in-GEMM kernel; None = by size."""
+    ``fuse``: force (True) / forbid (False) the fused NF4 dequant-in-GEMM kernel; None = by size.
+    ``base_last``: for a layer whose output only feeds ops that save nothing (down_proj, before the
+    residual add): the adapter term runs first as its own node (it saves x, u, A, B), then the base
+    matmul as a :class:`FrozenLinearFunction` (saves nothing), then one add. A non-reentrant
+    checkpoint's recompute stops (early stop) once the last saved tensor is packed, i.e. before
+    the base matmul and its dequantization, whose output the backward never uses. Same saved
+    tensors as the fused form; the sum is rounded once more (``y_base + y_lora`` vs ``addmm_``)."""
+    if base_last:
+        y_lora = LoRALinearFunction.apply(x, lora_A, lora_B, None, scale, dropout, fuse)
+        return frozen_linear(x, base, fuse=fuse) + y_lora
     return LoRALinearFunction.apply(x, lora_A, lora_B, base, scale, dropout, fuse)
 
 

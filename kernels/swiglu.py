@@ -77,6 +77,8 @@ class SwiGLUMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.backend = backend
         self.chunk_tokens = chunk_tokens
+        if chunk_tokens and isinstance(getattr(down_proj, "base_last", None), bool):
+            down_proj.base_last = True  # each chunk's recompute stops before down_proj's base matmul
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H) through (..., I) gate/up activations, untiled."""

@@ -86,6 +86,9 @@ class LoRALinear(nn.Module):
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
         self.backend = backend
+        # adapter term before the base matmul, so a checkpoint recompute's early stop skips the base
+        # GEMM (set on a layer's last projection by models/checkpointing.py; see kernels.lora_linear)
+        self.base_last = False
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # name -> (out,), DoRA only
@@ -161,7 +164,8 @@ class LoRALinear(nn.Module):
             return dora_forward(x, x_lora, self.base_layer, a, b, self.lora_magnitude_vector[name],
                                 spec.scale, backend=self.backend, norm=self._eval_norm(name))
         p = spec.dropout if self.training else 0.0  # applied inside lora_matmul (mask not saved)
-        return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend)
+        return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend,
+                           base_last=self.base_last)
 
     def _eval_norm(self, name: str) -> torch.Tensor | None:
         """DoRA's ||W + s B A||_row, cached in eval mode (generation would otherwise dequantize W for

@@ -41,9 +41,11 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
         apply_cpu_embeddings(model)
     if cfg.model.gradient_checkpointing:
+        from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
         from qlora_trainer.models.checkpointing import apply_checkpointing
 
-        apply_checkpointing(model, offload=cfg.model.offload_activations)
+        max_layers = plan_checkpoint_layers(cfg, device_budget(device))
+        apply_checkpointing(model, offload=cfg.model.offload_activations, max_layers=max_layers)
     # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
     # and adapters are created on their base layer's device
     return model.train()
