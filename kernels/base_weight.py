@@ -74,6 +74,13 @@ class BaseWeight:
             return dequantize_nf4(self.nf4, dtype, backend=self.backend)
         return self.dense if dtype is None else self.dense.to(dtype)
 
+    def weight_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Write W into ``out`` (contiguous (out, in), its dtype), e.g. a group's rows; returns it."""
+        if self.nf4 is not None:
+            COUNTS["dequant"] += 1
+            return dequantize_nf4(self.nf4, backend=self.backend, out=out)
+        return out.copy_(self.dense)
+
     def merged(self, lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float) -> torch.Tensor:
         """W + scale * B @ A (out, in) in fp32: B (out, r), A (r, in)."""
         return torch.addmm(self.weight().float(), lora_B.detach().float(), lora_A.detach().float(), alpha=scale)

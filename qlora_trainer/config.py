@@ -63,6 +63,10 @@ class ModelConfig:
     """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
     resize_embeddings: bool = False
     """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
+    group_projections: bool = True
+    """Run q/k/v and gate/up as one grouped matmul each (one GEMM over the stacked weights, one adapter-A
+    GEMM, one dx GEMM) where the adapters allow it (plain LoRA/rsLoRA, no active dropout). Same modules,
+    same parameter names and adapter files; see docs/speed.md."""
     checkpoint_layers: Literal["auto", "all"] | int = "auto"
     """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
     their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the

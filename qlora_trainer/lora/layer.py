@@ -167,6 +167,21 @@ class LoRALinear(nn.Module):
         return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend,
                            base_last=self.base_last)
 
+    def grouping_operands(self):
+        """(BaseWeight, A, B, scale) of the active adapter when this layer's forward can join a grouped
+        matmul (``kernels.grouped_linear``: q/k/v, gate/up): a plain LoRA/rsLoRA adapter, not merged,
+        no active dropout, a base our kernels read. None otherwise (the layer then runs alone)."""
+        name = self.active_adapter
+        if self.merged_layer is not None or name is None:
+            return None
+        spec = self.specs[name]
+        if spec.use_dora or (self.training and spec.dropout > 0):
+            return None
+        bw = base_weight_of(self.base_layer, self.backend)
+        if bw is None:
+            return None
+        return bw, self.lora_A[name], self.lora_B[name], spec.scale
+
     def _eval_norm(self, name: str) -> torch.Tensor | None:
         """DoRA's ||W + s B A||_row, cached in eval mode (generation would otherwise dequantize W for
         every token). The key holds A's and B's version counters, so in-place edits invalidate it."""

@@ -35,7 +35,8 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
     backend = cfg.model.kernels
     inject_lora(model, cfg.lora, dtype=adapter_dtype(cfg, device), backend=backend)
-    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens)
+    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
+                group_projections=cfg.model.group_projections)
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 
