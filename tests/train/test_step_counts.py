@@ -81,13 +81,16 @@ def step_grads(model, batch, backend: str = "torch") -> tuple[torch.Tensor, dict
     return loss.detach(), grads
 
 
-def count_step(seq: int = 96, **model_keys) -> dict[str, int]:
+def count_step(seq: int = 96, kernels: str = "triton", **model_keys) -> dict[str, int]:
     """Forward + backward of one micro-batch of ``seq`` tokens (Triton kernels under the
-    interpreter, fp32, r=8, no dropout); ``model_keys`` are ``cfg.model`` overrides. Returns
-    {"dequant", "gemm", "launches" (aten ops + Triton launches), <each Triton label>}."""
+    interpreter, or the torch references; fp32, r=8, no dropout); ``model_keys`` are ``cfg.model``
+    overrides. Returns {"dequant" (NF4 decodes, counted by the base-weight object), "gemm" (aten
+    GEMMs), "launches" (aten ops + Triton launches), <each Triton label>}."""
+    from qlora_trainer.kernels.base_weight import COUNTS
     from qlora_trainer.train import causal_lm_loss
 
-    model, batch = tiny_model(seq, **model_keys)
+    model, batch = tiny_model(seq, kernels=kernels, **model_keys)
+    COUNTS.clear()
     launches: Counter = Counter()
     mode = _Count()
     mp = pytest.MonkeyPatch()
@@ -105,11 +108,13 @@ def count_step(seq: int = 96, **model_keys) -> dict[str, int]:
         mp.setattr(m, fn, wrapped)
     try:
         with mode:
-            loss, n = causal_lm_loss(model, batch, backend="triton")
+            loss, n = causal_lm_loss(model, batch, backend=kernels)
             (loss / n).backward()
     finally:
         mp.undo()
-    return {"dequant": launches["dequant"], "gemm": mode.gemms,
+    if kernels == "triton":
+        assert launches["dequant"] == COUNTS["dequant"]
+    return {"dequant": COUNTS["dequant"], "gemm": mode.gemms,
             "launches": sum(mode.aten.values()) + sum(launches.values()), **launches}
 
 
@@ -172,8 +177,25 @@ def test_base_last_saves_the_same_tensors():
     assert sorted(saved[True]) == sorted(saved[False])
 
 
-def test_print_counts():
-    print(count_step())
+# docs/speed.md: one step of the tiny model, 96 tokens, every layer checkpointed (the default).
+BEFORE = {"dequant": 81, "gemm": 304, "launches": 560}  # e264338 (3 x 28 - 3 dequantizations)
+AFTER = {"dequant": 77, "gemm": 220, "launches": 542}   # + recompute skip + grouped q/k/v, gate/up
+
+
+def test_step_counts_torch_backend():
+    """Dequantizations and GEMMs do not depend on the backend: the fast torch path checks them."""
+    got = count_step(kernels="torch")
+    assert (got["dequant"], got["gemm"]) == (AFTER["dequant"], AFTER["gemm"])
+    assert got["dequant"] == BEFORE["dequant"] - 4 and got["gemm"] < BEFORE["gemm"]
+    off = count_step(kernels="torch", group_projections=False)
+    assert off["dequant"] == got["dequant"] and off["gemm"] == BEFORE["gemm"] - 4  # down_proj W x, recompute
+
+
+@pytest.mark.slow
+def test_step_counts_triton_backend():
+    got = count_step()
+    print(got)
+    assert {k: got[k] for k in AFTER} == AFTER
 
 
 def test_partial_checkpointing_recomputes_only_the_first_n_layers():
