@@ -77,3 +77,31 @@ def test_group_weight_is_cached_and_counts_one_gemm():
     y1, y2 = grouped_lora_linear(x, gw, A, B, [1.0, 1.0])
     (y1.sum() + y2.sum()).backward()
     assert COUNTS == {"forward": 1, "dx": 1, "dequant": 4}  # 2 members x (forward, dx), one GEMM each
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_matches_per_member_calls_on_cuda(dtype):
+    """CUDA copy: the grouped Function vs each member's own LoRALinearFunction (Triton dequant)."""
+    from qlora_trainer.kernels.lora_linear import lora_linear
+
+    dev = torch.device("cuda")
+    outs, ranks, scales = (96, 32, 32), (8, 8, 8), (2.0, 2.0, 2.0)
+    members = []
+    for bw in _members(outs, 128, dtype, "triton", nf4=True):
+        nf4 = bw.nf4
+        moved = NF4Weight(**{f: (getattr(nf4, f).to(dev) if isinstance(getattr(nf4, f), torch.Tensor) else
+                                 getattr(nf4, f)) for f in nf4.__dataclass_fields__})
+        members.append(BaseWeight(nf4=moved, bias=None if bw.bias is None else bw.bias.to(dev), backend="triton"))
+    x = torch.randn(4, 100, 128, device=dev, dtype=dtype, requires_grad=True)
+    As = [(torch.randn(r, 128, device=dev) * 0.2).requires_grad_() for r in ranks]
+    Bs = [(torch.randn(o, r, device=dev) * 0.2).requires_grad_() for o, r in zip(outs, ranks)]
+    ys = grouped_lora_linear(x, GroupWeight.build(tuple(members)), As, Bs, list(scales))
+    ref = [lora_linear(x, bw, a, b, s) for bw, a, b, s in zip(members, As, Bs, scales)]
+    dys = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(ys, [x, *As, *Bs], dys)
+    want = torch.autograd.grad(ref, [x, *As, *Bs], dys)
+    for y, r in zip(ys, ref):
+        assert rel_err(y, r) < TOL[dtype]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOL[dtype]
