@@ -167,6 +167,10 @@ class TrainConfig:
     """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda[:N]``."""
 
 
+# experiment trackers accelerate knows (``output.report_to``)
+TRACKERS = ("tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+
+
 @dataclass
 class OutputConfig:
     log_every: int = 1
@@ -177,6 +181,12 @@ class OutputConfig:
     """Show a tqdm progress bar with loss, lr, tokens/s and memory."""
     overwrite: bool = False
     """Allow training into an ``output_dir`` that already holds a finished adapter."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers through accelerate, e.g. ``[tensorboard, wandb]`` (also trackio, aim, comet_ml,
+    mlflow, clearml, dvclive, swanlab). They get the config, every metrics line and the memory estimate;
+    a missing package or no network is a one-line warning. Local logs go to ``output_dir/tracking``."""
+    run_name: str | None = None
+    """Run (project) name the trackers show; default: the ``output_dir`` folder name."""
 
 
 @dataclass
@@ -221,6 +231,11 @@ class Config:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
+        for name in self.output.report_to:
+            if name not in TRACKERS:
+                near = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
         return self

@@ -86,8 +86,11 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         log.info("resumed from %s (step %d, epoch %d, batch %d)", resume, state.step, state.epoch, state.batch)
     metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step)
 
+    from qlora_trainer.train.trackers import accelerator_kwargs, start_trackers
+
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" and dtype == torch.bfloat16
-                              else "no", cpu=device.type == "cpu")
+                              else "no", cpu=device.type == "cpu", **accelerator_kwargs(cfg))
+    metrics = start_trackers(accelerator, cfg, metrics)  # metrics.jsonl + output.report_to trackers
     params = [p for p in model.parameters() if p.requires_grad]
     stream = _micro_batches(train_ds, cfg, tokenizer, state.epoch, state.batch)
     result = TrainResult(output_dir=out, adapter_dir=None, step=state.step, resumed_from=resume)
@@ -162,6 +165,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                                               base_model=cfg.model.name_or_path, tokenizer=tokenizer,
                                               run_config=cfg, revision=cfg.model.revision)
             log.info("adapter saved to %s", result.adapter_dir)
+    metrics.end()
     result.step, result.tokens, result.seconds = state.step, state.tokens, time.perf_counter() - t0
     return result
 
