@@ -105,8 +105,10 @@ class DataConfig:
     path: str = "builtin:demo"
     """A file (.jsonl .json .csv .parquet .txt), a directory, a hub dataset name, or ``builtin:demo``
     (a small generated instruction set). ``$QLORA_DATA`` (default ``../shared/data``) expands in paths."""
-    format: Literal["text", "instruction", "chat", "prompt_completion"] = "instruction"
-    """How records become token sequences and which tokens carry loss."""
+    format: Literal["text", "instruction", "chat", "prompt_completion", "sharegpt"] = "instruction"
+    """How records become token sequences and which tokens carry loss. ``chat``: OpenAI messages
+    (``messages: [{role, content}]``); ``sharegpt``: ``conversations: [{from, value}]``; both render
+    through the chat template and train on assistant turns only."""
     seq_len: int = 512
     """Maximum tokens per training sequence (packed block length when ``pack`` is on)."""
     split: str = "train"
@@ -120,7 +122,12 @@ class DataConfig:
     template: str = "alpaca"
     """Prompt template for ``instruction`` data (``alpaca`` or a format string with ``{instruction}`` ``{input}``)."""
     chat_template: str | None = None
-    """Fallback chat template name when the tokenizer has none (e.g. ``chatml``)."""
+    """Chat template: ``chatml``, ``llama-2``, ``llama-3``, ``mistral`` or a Jinja string; unset = the
+    tokenizer's own."""
+    marker_tokens: Literal["require", "add", "split"] = "require"
+    """When a chat-template marker (e.g. ``<|im_start|>``) is not one token of the tokenizer: ``require``
+    refuses, ``add`` adds it as a special token (embeddings grow, the new rows train and are saved with
+    the adapter; needs ``model.resize_embeddings``), ``split`` keeps the pieces."""
     train_on_prompt: bool = False
     """Put loss on the prompt tokens too (default: completion only)."""
     pack: bool = False
@@ -236,6 +243,8 @@ class Config:
                 near = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
+        if self.data.marker_tokens == "add" and not self.model.resize_embeddings:
+            raise ConfigError("data.marker_tokens: 'add' grows the vocabulary; also set model.resize_embeddings=true")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
         return self

@@ -78,6 +78,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     tensors = adapter_state_dict(model, adapter_name)
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
+    from qlora_trainer.lora.tokens import peft_token_entries
+
+    token_tensors, token_indices = peft_token_entries(model, PREFIX)  # rows of added tokens (lora/tokens.py)
+    tensors |= token_tensors
     layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.specs}
     names = list(layers)
     spec = layers[names[0]].specs[adapter_name]
@@ -88,6 +92,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         "use_dora": spec.use_dora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "trainable_token_indices": token_indices,
     }
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -198,6 +198,7 @@ def estimate(
     mlp_chunk: int = 0,
     act_bytes: int = 2,
     embeddings_on_cpu: bool = False,
+    new_tokens: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
@@ -208,6 +209,8 @@ def estimate(
     the untiled count already omits as the next residual.
     ``act_bytes``: bytes of an activation element (2 for bf16/fp16 compute; 4 for fp32, the CPU).
     ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``model.embeddings_on_cpu``).
+    ``new_tokens``: tokens added to the vocabulary (``data.marker_tokens: add``): the embedding, output
+    layer and logits grow by them, and their embedding (and untied output) rows train (``lora/tokens.py``).
 
     The peak is the static part (weights, adapters, optimizer) plus the larger of two moments that
     never coexist (``MemoryEstimate.phases``): the end of the forward (checkpoints, final hidden
@@ -217,6 +220,8 @@ def estimate(
     if system not in PROFILES:
         raise ValueError(f"unknown system {system!r}; choose from {', '.join(PROFILES)}")
     prof = PROFILES[system]
+    if new_tokens:
+        arch = replace(arch, vocab=arch.vocab + new_tokens)
     if chunked_loss is not None:
         prof = replace(prof, full_logits=not chunked_loss)
     wide = 4 if prof.upcast else 2          # embeddings / lm_head / norms / residual stream
@@ -242,6 +247,11 @@ def estimate(
     opt = [adam_state_bytes(n, optimizer=optimizer, param_bytes=prof.adapter_bytes) for n in lora_tensors]
     comp["optimizer_states"] = arch.layers * sum(a for a, _ in opt)
     paged = arch.layers * sum(p for _, p in opt)
+    if new_tokens:  # trainable rows of the added tokens: values, gradients, optimizer state
+        n_rows = new_tokens * arch.hidden * (1 if arch.tied else 2)
+        state, paged_rows = adam_state_bytes(n_rows, optimizer=optimizer, param_bytes=prof.adapter_bytes)
+        comp["token_rows"] = 2 * prof.adapter_bytes * n_rows + state
+        paged += paged_rows
 
     # -- activations: the loss moment (end of forward) and a layer's backward never coexist --------
     b, r = act_bytes, max(wide, act_bytes)   # activation / residual-stream bytes
@@ -286,7 +296,8 @@ def estimate(
     settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, targets=targets, quant=quant,
                     double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
                     offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn,
-                    mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu)
+                    mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu,
+                    new_tokens=new_tokens)
     if embeddings_on_cpu and not arch.tied:
         host += wide * counts["embed"]
         notes.append(f"{wide * counts['embed'] / GIB:.2f} GiB input embedding table in CPU memory")
@@ -345,6 +356,8 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
     reason logged) when the model's shape cannot be known without downloading."""
     import logging
 
+    from qlora_trainer.data.templates import new_token_bound
+
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:
         logging.getLogger(__name__).info("no memory estimate: %s", reason)
@@ -357,7 +370,8 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
         offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
         lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
         embeddings_on_cpu=cfg.model.embeddings_on_cpu,
-        attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours")
+        attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours",
+        new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens))
 
 
 __all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate",

@@ -57,6 +57,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from qlora_trainer.data import build_datasets
+    from qlora_trainer.data.templates import add_marker_tokens
+    from qlora_trainer.lora.tokens import make_tokens_trainable
     from qlora_trainer.lora import save_adapter
     from qlora_trainer.models.load import load_base_model, load_tokenizer
     from qlora_trainer.runtime import resolve_device, resolve_dtype
@@ -72,11 +74,13 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
+    new_tokens = add_marker_tokens(tokenizer, cfg.data)  # data.marker_tokens=add: before the model is sized
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)  # data errors before loading
     if len(train_ds) == 0:
         raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
     model = load_base_model(cfg, device=device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
+    make_tokens_trainable(model, new_tokens)  # the added tokens' embedding / output rows train
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     state = TrainerState()

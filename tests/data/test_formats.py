@@ -62,7 +62,8 @@ def test_chat_chatml_fallback_trains_assistant_turns_only(tmp_path, tokenizer):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
             {"role": "user", "content": "x"}, {"role": "assistant", "content": "z"}]
     path = _write(tmp_path, [{"messages": msgs}])
-    (row,) = _build(tokenizer, path, format="chat", chat_template="chatml")
+    # the byte tokenizer can only split the markers: say so (data.marker_tokens=split)
+    (row,) = _build(tokenizer, path, format="chat", chat_template="chatml", marker_tokens="split")
     text = ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
             "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nz<|im_end|>\n")
     assert row["input_ids"] == _ids(text) + [EOS]
@@ -80,7 +81,7 @@ def test_chat_template_without_generation_tags_is_diffed(tmp_path, tokenizer):
         "{% endgeneration %}", "")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     path = _write(tmp_path, [{"messages": msgs}])
-    (row,) = _build(tokenizer, path, format="chat")
+    (row,) = _build(tokenizer, path, format="chat", marker_tokens="split")
     text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     start = text.index("yo")
     assert row["input_ids"] == _ids(text) + [EOS]
