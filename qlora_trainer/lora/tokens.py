@@ -99,3 +99,30 @@ def peft_token_entries(model: nn.Module, prefix: str) -> tuple[dict[str, torch.T
     if any(m.tied for m in layers.values()):
         return tensors, ids
     return tensors, {n.rsplit(".", 1)[-1]: m.token_indices.tolist() for n, m in layers.items()}
+
+
+def load_token_rows(model: nn.Module, tensors: dict[str, torch.Tensor], indices: object, prefix: str,
+                    where: str) -> list[str]:
+    """Apply an adapter's saved token rows (``tensors``: the PEFT ``...token_adapter.trainable_tokens_delta``
+    entries; ``indices``: its ``trainable_token_indices``) to ``model``, frozen. Returns the module names."""
+    from qlora_trainer.errors import QloraError
+
+    if not tensors:
+        return []
+    if token_layers(model):
+        raise QloraError(f"{where}: the model already has added-token rows from another adapter; load one such "
+                         "adapter at a time")
+    ids = indices if isinstance(indices, list) else next(iter(dict(indices or {}).values()), None)
+    if not ids:
+        raise QloraError(f"{where}: token rows saved but adapter_config.json has no trainable_token_indices")
+    done = make_tokens_trainable(model, list(ids))
+    layers = token_layers(model)
+    with torch.no_grad():
+        for key, t in tensors.items():
+            name = key.removeprefix(prefix).removesuffix(PEFT_SUFFIX)
+            if name not in layers or layers[name].trainable_tokens_delta.shape != t.shape:
+                raise QloraError(f"{where}: token rows {key!r} {tuple(t.shape)} do not fit this model")
+            layers[name].trainable_tokens_delta.copy_(t)
+    for m in layers.values():
+        m.trainable_tokens_delta.requires_grad_(False)
+    return done
