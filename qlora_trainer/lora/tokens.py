@@ -37,6 +37,7 @@ class TrainableTokens(nn.Module):
         if not isinstance(base, (nn.Embedding, nn.Linear)) or getattr(base, "bias", None) is not None:
             raise TypeError(f"TrainableTokens wraps an nn.Embedding or a bias-free nn.Linear, got {type(base).__name__}")
         self.base = base
+        base.weight.requires_grad_(False)  # only the selected rows train
         idx = torch.tensor(sorted(set(token_indices)), dtype=torch.long, device=base.weight.device)
         self.register_buffer("token_indices", idx, persistent=False)
         slot = torch.full((base.weight.shape[0],), -1, dtype=torch.long, device=idx.device)

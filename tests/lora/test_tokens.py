@@ -98,3 +98,22 @@ def test_estimate_counts_added_token_rows(tmp_path):
     assert with_rows.components["token_rows"] > 0 and "token_rows" not in without.components
     assert with_rows.components["embeddings"] - without.components["embeddings"] == 2 * 128 * 2  # 2 bf16 rows
     assert with_rows.total_gb > without.total_gb
+
+
+def test_tied_embeddings_share_one_row_parameter_saved_once():
+    import dataclasses
+
+    from qlora_trainer.lora.tokens import make_tokens_trainable, peft_token_entries
+    from qlora_trainer.models.catalog import get_arch
+    from qlora_trainer.models.tiny import random_model
+
+    model = random_model(dataclasses.replace(get_arch("tiny"), tied=True), seed=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(True)  # make_tokens_trainable freezes the table itself
+    make_tokens_trainable(model, [5, 9])
+    assert model.lm_head.trainable_tokens_delta is model.model.embed_tokens.trainable_tokens_delta
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 128
+    tensors, indices = peft_token_entries(model, "base_model.model.")
+    assert indices == [5, 9]  # a list targets the input embedding; PEFT ties the output layer to it
+    assert list(tensors) == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
