@@ -272,11 +272,27 @@ def memory_check(cfg: Any) -> Check:
                  f"{total / 1e9:.1f} GB" + (f" but only {free / 1e9:.1f} GB are free now" if warn else ""), data)
 
 
+def config_check(cfg: Any, triton: Check) -> Check:
+    """What the config asks of this machine: a CUDA device, Triton kernels."""
+    import torch
+
+    dev = cfg.train.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        return Check("config", "error", f"train.device={dev} but no CUDA device is visible; use auto or cpu")
+    if dev.startswith("cuda:") and int(dev.split(":")[1] or 0) >= torch.cuda.device_count():
+        return Check("config", "error", f"train.device={dev} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if cfg.model.kernels == "triton" and not triton.data.get("usable"):
+        return Check("config", "error", "model.kernels=triton but Triton is not usable here (no GPU and no "
+                     "TRITON_INTERPRET=1); use auto or torch")
+    return Check("config", "ok", f"train.device={dev}, model.kernels={cfg.model.kernels}")
+
+
 def run_checks(cfg: Any | None = None) -> list[Check]:
-    """All checks, in report order; ``cfg`` adds the memory verdict."""
-    checks = dependency_checks() + [cuda_check(), bitsandbytes_check(), triton_check(), kernels_name_check()]
+    """All checks, in report order; ``cfg`` adds what the config asks of the machine and the memory verdict."""
+    triton = triton_check()
+    checks = dependency_checks() + [cuda_check(), bitsandbytes_check(), triton, kernels_name_check()]
     if cfg is not None:
-        checks.append(memory_check(cfg))
+        checks += [config_check(cfg, triton), memory_check(cfg)]
     return checks
 
 

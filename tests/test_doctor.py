@@ -78,3 +78,13 @@ def test_memory_verdict_with_a_config(capsys):
     mem = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "memory")
     assert mem["data"]["estimate_gb"] > 0
     assert mem["status"] == "ok" or "fit" in mem["detail"]
+
+
+def test_config_asking_for_cuda_on_a_cpu_machine_fails(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["doctor", str(ROOT / "configs" / "demo.yaml"), "train.device=cuda"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] config: train.device=cuda but no CUDA device is visible" in out

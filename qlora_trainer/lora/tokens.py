@@ -127,3 +127,13 @@ def load_token_rows(model: nn.Module, tensors: dict[str, torch.Tensor], indices:
     for m in layers.values():
         m.trainable_tokens_delta.requires_grad_(False)
     return done
+
+
+def merge_token_rows(model: nn.Module) -> None:
+    """Write the trained rows into the wrapped tables and put the plain modules back (for ``merge``)."""
+    from qlora_trainer.lora.inject import replace_module
+
+    for name, m in token_layers(model).items():
+        with torch.no_grad():
+            m.base.weight.index_copy_(0, m.token_indices, m.trainable_tokens_delta.to(m.base.weight))
+        replace_module(model, name, m.base)

@@ -84,7 +84,13 @@ def test_added_tokens_train_and_load_in_peft_and_ours(tmp_path):
     ours = loaded.model
     x = torch.tensor([[260, 117, 115, 101, 114, 10, 97, 261, 10, 260]])
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+        want = peft_model(input_ids=x).logits
+        torch.testing.assert_close(want, ours(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+        from qlora_trainer.lora import merge_lora
+
+        merged = merge_lora(ours)  # rows written into plain embedding / lm_head tables
+        assert type(merged.model.embed_tokens) is torch.nn.Embedding and type(merged.lm_head) is torch.nn.Linear
+        torch.testing.assert_close(want, merged(input_ids=x).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_estimate_counts_added_token_rows(tmp_path):
