@@ -9,9 +9,10 @@ Each check returns a :class:`Check` (name, status, one-line detail, optional dat
 - bitsandbytes: the native library actually loaded and the CPU features that change its behaviour
   (AVX512-BF16: ``Linear4bit`` repacks NF4 weights for the CPU in eval/no_grad forwards;
   AVX512F: torch's CPU capability is ``AVX512``, which selects bitsandbytes' native CPU kernels);
+  our NF4 compute bypasses both (docs/bitsandbytes-cpu.md), HF-stack baselines do not;
 - Triton importable and usable (a GPU, or ``TRITON_INTERPRET=1`` on the CPU);
-- the ``kernels`` name: ``import kernels`` must not find our repo folder (transformers probes for
-  Hugging Face's ``kernels`` package by that name);
+- the ``kernels`` name: ``import kernels`` should not find our repo folder (inert under that name,
+  but it hides Hugging Face's ``kernels`` package that transformers and bitsandbytes probe for);
 - given a config, the memory estimator's verdict for this machine's GPU.
 """
 
@@ -179,12 +180,13 @@ def bitsandbytes_check() -> Check:
     native = getattr(getattr(lib, "_lib", None), "_name", None)
     data |= {"version": bnb.__version__, "backend": BNB_BACKEND, "native_library": native,
              "compiled_with_cuda": bool(getattr(lib, "compiled_with_cuda", False))}
-    notes = []
+    notes = []  # both branches are bypassed by our NF4 compute (docs/bitsandbytes-cpu.md); the HF stack hits them
     if feats["avx512_bf16"]:
-        notes.append("AVX512-BF16: Linear4bit repacks NF4 weights for the CPU in eval/no_grad forwards")
+        notes.append("AVX512-BF16: bitsandbytes' Linear4bit repacks NF4 weights for the CPU in eval/no_grad "
+                     "forwards (off in our NF4Linear)")
     if feats["avx512f"]:
-        notes.append("AVX512F: native CPU NF4 dequantize is wrong when in_features is not a multiple of the "
-                      "blocksize")
+        notes.append("AVX512F: bitsandbytes' native CPU NF4 dequantize is wrong when in_features is not a "
+                     "multiple of the blocksize (we dequantize with our own kernel)")
     data["caveats"] = notes
     lib_name = Path(native).name if native else "none (pure-torch fallback)"
     detail = f"{bnb.__version__}, backend {BNB_BACKEND}, native {lib_name}"
@@ -193,8 +195,8 @@ def bitsandbytes_check() -> Check:
 
     if torch.cuda.is_available() and not data["compiled_with_cuda"]:
         status, detail = "error", detail + "; a GPU is present but the CUDA library did not load"
-    return Check("bitsandbytes", "warn" if notes and status == "ok" else status,
-                 detail + ("; " + "; ".join(notes) if notes else ""), data)
+    suffix = "; " + "; ".join(notes) + "; HF-stack baselines on this CPU are affected" if notes else ""
+    return Check("bitsandbytes", status, detail + suffix, data)
 
 
 def triton_check() -> Check:
@@ -232,10 +234,10 @@ def kernels_name_check() -> Check:
     ours = Path(__file__).resolve().parent.parent / "kernels"
     data = {"origin": str(origin)}
     if origin and Path(origin).resolve().is_relative_to(ours.resolve()):
-        return Check("kernels-name", "error", f"'import kernels' finds this repo's folder {ours} (run from "
-                     "another directory or drop it from PYTHONPATH): transformers and bitsandbytes' CPU backend would "
-                     "take it for Hugging Face's kernels package",
-                     data)
+        # inert under the bare name (kernels/__init__.py), but it hides Hugging Face's package
+        return Check("kernels-name", "warn", f"'import kernels' finds this repo's folder {ours} (inert under "
+                     "that name, but it hides Hugging Face's kernels package from transformers and bitsandbytes; "
+                     "run from another directory or drop it from PYTHONPATH)", data)
     try:
         hf = md.version("kernels")
     except md.PackageNotFoundError:

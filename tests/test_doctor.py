@@ -40,7 +40,7 @@ def test_doctor_json_reports_cpu_features(capsys):
         assert cpu["avx512_bf16"] and cpu["avx512f"]
         assert any("repacks" in n for n in bnb["data"]["caveats"])
         assert any("in_features" in n for n in bnb["data"]["caveats"])
-        assert bnb["status"] == "warn"
+        assert bnb["status"] == "ok"  # our NF4 compute bypasses both branches (docs/bitsandbytes-cpu.md)
     assert bnb["data"]["backend"] in ("CPU", "CUDA", "ROCm", "XPU")
     names = {c["name"] for c in rep["checks"]}
     assert {"dep:torch", "dep:bitsandbytes", "dep:transformers", "cuda", "triton", "kernels-name"} <= names
@@ -67,10 +67,10 @@ def test_kernels_folder_on_path_is_reported(monkeypatch):
     sys.modules.pop("kernels", None)
     clean = [p for p in sys.path if p not in ("", ".") and Path(p or ".").resolve() != ROOT]
     monkeypatch.setattr(sys, "path", clean)
-    assert doctor.kernels_name_check().status != "error"
+    assert doctor.kernels_name_check().status == "ok"
     monkeypatch.setattr(sys, "path", [str(ROOT)] + clean)  # e.g. `python -m ...` run from the repo root
     c = doctor.kernels_name_check()
-    assert c.status == "error" and "repo's folder" in c.detail
+    assert c.status == "warn" and "repo's folder" in c.detail and "hides Hugging Face's kernels" in c.detail
 
 
 def test_memory_verdict_with_a_config(capsys):

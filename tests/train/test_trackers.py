@@ -30,6 +30,8 @@ def test_tensorboard_events_hold_every_metrics_line(tiny_cfg):
     pytest.importorskip("tensorboard")
     tiny_cfg.output.report_to = ["tensorboard"]
     tiny_cfg.train.max_steps = 3
+    tiny_cfg.data.eval_fraction = 0.1
+    tiny_cfg.train.eval_every = 2
     train(tiny_cfg)
     out = Path(tiny_cfg.output_dir)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]  # metrics.jsonl stays
@@ -40,6 +42,9 @@ def test_tensorboard_events_hold_every_metrics_line(tiny_cfg):
     assert [s for s, _ in scalars["lr"]] == [1, 2, 3]
     for key in ("grad_norm", "tokens_per_s", "mem_gb", "tokens", "epoch"):  # every numeric field of a line
         assert [v for _, v in scalars[key]] == pytest.approx([r[key] for r in steps], rel=1e-6), key
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [s for s, _ in scalars["eval_loss"]] == [r["step"] for r in evals] == [2, 3]
+    assert [v for _, v in scalars["eval_loss"]] == pytest.approx([r["eval_loss"] for r in evals], rel=1e-6)
     assert scalars["memory/estimate_gb"][0][0] == 0 and scalars["memory/estimate_gb"][0][1] > 0
     hparams = list((out / "tracking").rglob("hparams.yml"))  # the config, as accelerate stores it
     import yaml
