@@ -92,3 +92,28 @@ def test_tracker_that_cannot_start_or_log_is_dropped(caplog):
 def test_unknown_tracker_is_a_config_error():
     with pytest.raises(ConfigError, match=r"output.report_to: 'tensorbord' is not a tracker.*did you mean 'tensorboard'"):
         config_from_dict({"output": {"report_to": ["tensorbord"]}}).validate()
+
+
+def test_wandb_without_a_key_starts_offline(monkeypatch, tmp_path, caplog):
+    from qlora_trainer.train.trackers import start_trackers
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    seen = {}
+
+    class Acc:
+        log_with, trackers = ["wandb"], []
+
+        def init_trackers(self, name, config, init_kwargs):
+            seen.update(name=name, config=config, init_kwargs=init_kwargs)
+
+    cfg = config_from_dict({"output_dir": str(tmp_path / "myrun"), "lora": {"targets": ["q_proj", "v_proj"]}})
+    with caplog.at_level(logging.WARNING):
+        start_trackers(Acc(), cfg, None)
+    assert seen["name"] == "myrun" and seen["init_kwargs"]["wandb"]["mode"] == "offline"
+    assert seen["config"]["lora.targets"] == "['q_proj', 'v_proj']" and seen["config"]["train.lr"] == cfg.train.lr
+    assert any("logging offline" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    start_trackers(Acc(), cfg, None)
+    assert seen["init_kwargs"] == {}
