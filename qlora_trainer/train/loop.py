@@ -58,11 +58,12 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
 
     from qlora_trainer.data import build_datasets
     from qlora_trainer.data.templates import add_marker_tokens
-    from qlora_trainer.lora.tokens import make_tokens_trainable
     from qlora_trainer.lora import save_adapter
+    from qlora_trainer.lora.tokens import make_tokens_trainable
     from qlora_trainer.models.load import load_base_model, load_tokenizer
     from qlora_trainer.runtime import resolve_device, resolve_dtype
     from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
+    from qlora_trainer.train.trackers import accelerator_kwargs, start_trackers
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -89,8 +90,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         restore_rng(resume)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", resume, state.step, state.epoch, state.batch)
     metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step)
-
-    from qlora_trainer.train.trackers import accelerator_kwargs, start_trackers
 
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" and dtype == torch.bfloat16
                               else "no", cpu=device.type == "cpu", **accelerator_kwargs(cfg))
