@@ -142,11 +142,20 @@ def resolve_chat_template(tokenizer: Any, name: str | None, policy: str) -> tupl
 
 
 def check_bos(tokenizer: Any, template: str, label: str = "the chat template") -> bool:
-    """Warn (and return False) when ``template`` renders ``bos_token`` but the tokenizer has none."""
-    if "bos_token" in template and getattr(tokenizer, "bos_token", None) is None:
+    """Warn (and return False) when ``template`` renders ``bos_token`` but the tokenizer has none, or when
+    the tokenizer adds a BOS to plain text (the model expects one) but the template renders none
+    (``apply_chat_template`` adds no special tokens itself)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if "bos_token" in template and bos is None:
         log.warning("data.chat_template: %s starts turns with a BOS token but the tokenizer has none; samples "
                     "will start without one (set the tokenizer's bos_token or pick a template without BOS)", label)
         return False
+    if bos is not None and "bos_token" not in template and bos not in template:
+        ids = tokenizer("a")["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            log.warning("data.chat_template: the tokenizer adds BOS %r to plain text but %s renders none; chat "
+                        "samples will start without it (pick a template that starts with {{ bos_token }})", bos, label)
+            return False
     return True
 
 

@@ -234,3 +234,21 @@ def test_bos_warning_when_template_expects_one_and_tokenizer_has_none(tokenizer,
         resolve_chat_template(tokenizer, "chatml", "split")
     bos = [r.getMessage() for r in caplog.records if "BOS" in r.getMessage()]
     assert len(bos) == 1 and "'llama-2'" in bos[0]
+
+
+@pytest.mark.skipif(not (LLAMA2_TOK / "tokenizer.json").is_file(), reason="needs $QLORA_DATA/llama2-tokenizer")
+def test_bos_warning_when_tokenizer_adds_bos_but_template_renders_none(caplog):
+    from transformers import AutoTokenizer
+
+    from qlora_trainer.data.templates import check_bos
+
+    tok = AutoTokenizer.from_pretrained(str(LLAMA2_TOK))
+    assert check_bos(tok, CHAT_TEMPLATES["chatml"])  # this tokenizer adds no BOS itself: nothing expected
+    tok.add_bos_token = True  # as Llama-2's hub tokenizer does
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    with caplog.at_level(logging.WARNING, logger="qlora_trainer.data.templates"):
+        assert not check_bos(tok, CHAT_TEMPLATES["chatml"], "'chatml'")
+        assert check_bos(tok, CHAT_TEMPLATES["llama-2"], "'llama-2'")
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.chat_template: the tokenizer adds BOS '<s>' to plain text but 'chatml' renders none; chat samples "
+        "will start without it (pick a template that starts with {{ bos_token }})"]
