@@ -114,7 +114,7 @@ def chat_encode(tokenizer: Any, messages: list[dict], template: str) -> tuple[li
     full = render(messages, False)
     segments, pos = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight") == 0:
             continue
         start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
         if start < pos or not full.startswith(render(messages[: i + 1], False)):
@@ -202,8 +202,14 @@ def validate_records(ds: Any, fmt: str, cols: dict[str, str], where: Any) -> Non
 
 def to_messages(messages: list[dict]) -> list[dict]:
     """OpenAI messages -> ``{role, content}`` with string content (a list of ``{type: text, text}``
-    parts is joined); other keys (name, weight, ...) are dropped."""
-    return [{"role": m["role"], "content": _content(m["content"])} for m in messages]
+    parts is joined), plus ``weight`` where set (``0``: an assistant turn shown but not trained);
+    other keys (name, ...) are dropped."""
+    out = []
+    for m in messages:
+        out.append({"role": m["role"], "content": _content(m["content"])})
+        if m.get("weight") is not None:
+            out[-1]["weight"] = m["weight"]
+    return out
 
 
 def sharegpt_messages(turns: list[dict]) -> list[dict]:
@@ -227,7 +233,9 @@ def _check_messages(v: Any, col: str, where: Any) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not _is_content(m.get("content")):
             raise DataError(f"{where()}: field {col!r} message {j} needs string 'role' and 'content' (a string "
                             "or a list of {type: text, text} parts)")
-    if not any(m["role"] == "assistant" for m in v):
+        if m.get("weight") not in (None, 0, 1):
+            raise DataError(f"{where()}: field {col!r} message {j}: weight must be 0 or 1, got {m['weight']!r}")
+    if not any(m["role"] == "assistant" and m.get("weight") != 0 for m in v):
         raise DataError(f"{where()}: field {col!r} has no assistant turn (nothing to train on)")
 
 

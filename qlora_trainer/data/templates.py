@@ -30,12 +30,21 @@ log = logging.getLogger(__name__)
 _SYSTEM_SPLIT = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
                  "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}")
 
+
+
+def _assistant(text: str) -> str:
+    """Render assistant ``text`` (a Jinja expression) inside a ``{% generation %}`` block, unless the
+    message has OpenAI's ``weight: 0`` (shown, not trained)."""
+    return (f"{{% set text = {text} %}}{{% if message['weight'] is defined and message['weight'] == 0 %}}"
+            "{{ text }}{% else %}{% generation %}{{ text }}{% endgeneration %}{% endif %}")
+
+
 CHAT_TEMPLATES: dict[str, str] = {
     # <|im_start|>role\ncontent<|im_end|>\n
     "chatml": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-        "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+        "{% if message['role'] == 'assistant' %}" + _assistant("message['content'] + '<|im_end|>'") +
+        "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     # <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] answer </s><s>[INST] ...
@@ -45,15 +54,15 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{% if loop.first and system %}{% set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + message['content'] %}"
         "{% else %}{% set content = message['content'] %}{% endif %}"
         "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}{% generation %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
-        "{% endgeneration %}{% endif %}{% endfor %}"
+        "{% elif message['role'] == 'assistant' %}" + _assistant("' ' + message['content'] | trim + ' ' + eos_token") +
+        "{% endif %}{% endfor %}"
     ),
     # <|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
     "llama-3": (
         "{{ bos_token }}{% for message in messages %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
-        "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+        "{% if message['role'] == 'assistant' %}" + _assistant("message['content'] | trim + '<|eot_id|>'") +
+        "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
     # <s>[INST] system\n\nuser [/INST]answer</s>[INST] ...
@@ -62,8 +71,8 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{% for message in turns %}{% if message['role'] == 'user' %}"
         "{% if loop.first and system %}{% set content = system + '\n\n' + message['content'] %}"
         "{% else %}{% set content = message['content'] %}{% endif %}{{ '[INST] ' + content + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
-        "{% endgeneration %}{% endif %}{% endfor %}"
+        "{% elif message['role'] == 'assistant' %}" + _assistant("message['content'] + eos_token") +
+        "{% endif %}{% endfor %}"
     ),
 }
 

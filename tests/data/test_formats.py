@@ -252,3 +252,19 @@ def test_bos_warning_when_tokenizer_adds_bos_but_template_renders_none(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "data.chat_template: the tokenizer adds BOS '<s>' to plain text but 'chatml' renders none; chat samples "
         "will start without it (pick a template that starts with {{ bos_token }})"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama-2", "llama-3", "mistral", "diffed"])
+def test_openai_weight_0_turn_is_shown_not_trained(tmp_path, tokenizer, template):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "AAA", "weight": 0},
+            {"role": "user", "content": "r"}, {"role": "assistant", "content": "BBB", "weight": 1}]
+    kw = {"chat_template": template}
+    if template == "diffed":  # the tokenizer's own template without generation blocks
+        tokenizer.chat_template = CHAT_TEMPLATES["chatml"].replace("{% generation %}", "").replace(
+            "{% endgeneration %}", "")
+        kw = {}
+    (row,) = _build(tokenizer, _write(tmp_path, [{"messages": msgs}]), format="chat", marker_tokens="split", **kw)
+    shown = tokenizer.decode(row["input_ids"])
+    trained = tokenizer.decode([t for _, t in _trained(row)])
+    assert "AAA" in shown and "BBB" in shown
+    assert "BBB" in trained and "AAA" not in trained
