@@ -17,8 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import logging
 
     from qlora_trainer.doctor import report, run_checks
+
+    # bitsandbytes' CPU backend logs a warning at import when Hugging Face's `kernels` package is absent
+    # (it would fetch a gemm kernel from the hub); doctor reports that name itself
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     cfg = None
     if args.config is not None:

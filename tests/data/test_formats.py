@@ -268,3 +268,10 @@ def test_openai_weight_0_turn_is_shown_not_trained(tmp_path, tokenizer, template
     trained = tokenizer.decode([t for _, t in _trained(row)])
     assert "AAA" in shown and "BBB" in shown
     assert "BBB" in trained and "AAA" not in trained
+
+
+def test_tokenizers_own_template_markers_are_checked_too(tmp_path, tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]  # e.g. a hub tokenizer's ChatML template
+    path = _write(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"marker '<\|im_start\|>' of the chat template is not one token"):
+        _build(tokenizer, path, format="chat")
