@@ -84,6 +84,13 @@ def make_tokens_trainable(model: nn.Module, token_ids: list[int]) -> list[str]:
     return done
 
 
+def peft_token_key(param_name: str, prefix: str) -> str | None:
+    """PEFT file key of a ``<module>.trainable_tokens_delta`` parameter name (None for other names)."""
+    if not param_name.endswith(f".{DELTA}"):
+        return None
+    return f"{prefix}{param_name.removesuffix(f'.{DELTA}')}{PEFT_SUFFIX}"
+
+
 def token_layers(model: nn.Module) -> dict[str, TrainableTokens]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TrainableTokens)}
 

@@ -17,6 +17,7 @@ from qlora_trainer.lora.tokens import TrainableTokens
 def _chat_cfg(tmp_path, **model):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(8)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return config_from_dict({
@@ -123,3 +124,14 @@ def test_tied_embeddings_share_one_row_parameter_saved_once():
     tensors, indices = peft_token_entries(model, "base_model.model.")
     assert indices == [5, 9]  # a list targets the input embedding; PEFT ties the output layer to it
     assert list(tensors) == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+
+
+def test_resume_with_added_token_rows_is_exact(tmp_path):
+    from qlora_trainer.train import train
+
+    whole = train(_chat_cfg(tmp_path / "a"))
+    cfg = _chat_cfg(tmp_path / "b")
+    first = train(cfg, stop_after=2)
+    cfg.resume = "auto"
+    rest = train(cfg)  # the token rows come back from the checkpoint's adapter file
+    assert rest.resumed_from is not None and first.losses + rest.losses == whole.losses
