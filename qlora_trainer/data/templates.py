@@ -31,7 +31,6 @@ _SYSTEM_SPLIT = ("{% if messages[0]['role'] == 'system' %}{% set system = messag
                  "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}")
 
 
-
 def _assistant(text: str) -> str:
     """Render assistant ``text`` (a Jinja expression) inside a ``{% generation %}`` block, unless the
     message has OpenAI's ``weight: 0`` (shown, not trained)."""
