@@ -197,8 +197,8 @@ class OutputConfig:
     """Show a tqdm progress bar with loss, lr, tokens/s and memory."""
     overwrite: bool = False
     """Allow training into an ``output_dir`` that already holds a finished adapter."""
-    report_to: list[str] = field(default_factory=list)
-    """Experiment trackers through accelerate, e.g. ``[tensorboard, wandb]`` (also trackio, aim, comet_ml,
+    report_to: list[str] | None = None
+    """Experiment trackers through accelerate, e.g. ``[tensorboard, wandb]`` (unset: none; also trackio, aim, comet_ml,
     mlflow, clearml, dvclive, swanlab). They get the config, every metrics line and the memory estimate;
     a missing package or no network is a one-line warning. Local logs go to ``output_dir/tracking``."""
     run_name: str | None = None
@@ -229,7 +229,7 @@ class Config:
             msg = problem(key, _get(self, key))
             if msg:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
-        for name in self.output.report_to:
+        for name in self.output.report_to or []:
             if name not in TRACKERS:
                 near = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
