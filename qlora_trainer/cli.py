@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",
     "doctor": "qlora_trainer.commands.doctor",
+    "estimate": "qlora_trainer.commands.estimate",
 }
 
 
