@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "data-check": "qlora_trainer.commands.data_check",
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",
+    "doctor": "qlora_trainer.commands.doctor",
     "estimate": "qlora_trainer.commands.estimate",
 }
 

@@ -114,8 +114,10 @@ class DataConfig:
     path: str = "builtin:demo"
     """A file (.jsonl .json .csv .parquet .txt), a directory, a hub dataset name, or ``builtin:demo``
     (a small generated instruction set). ``$QLORA_DATA`` (default ``../shared/data``) expands in paths."""
-    format: Literal["text", "instruction", "chat", "prompt_completion"] = "instruction"
-    """How records become token sequences and which tokens carry loss."""
+    format: Literal["text", "instruction", "chat", "prompt_completion", "sharegpt"] = "instruction"
+    """How records become token sequences and which tokens carry loss. ``chat``: OpenAI messages
+    (``messages: [{role, content}]``); ``sharegpt``: ``conversations: [{from, value}]``; both render
+    through the chat template and train on assistant turns only."""
     seq_len: int = 512
     """Maximum tokens per training sequence (packed block length when ``pack`` is on)."""
     split: str = "train"
@@ -129,7 +131,12 @@ class DataConfig:
     template: str = "alpaca"
     """Prompt template for ``instruction`` data (``alpaca`` or a format string with ``{instruction}`` ``{input}``)."""
     chat_template: str | None = None
-    """Fallback chat template name when the tokenizer has none (e.g. ``chatml``)."""
+    """Chat template: ``chatml``, ``llama-2``, ``llama-3``, ``mistral`` or a Jinja string; unset = the
+    tokenizer's own."""
+    marker_tokens: Literal["require", "add", "split"] = "require"
+    """When a chat-template marker (e.g. ``<|im_start|>``) is not one token of the tokenizer: ``require``
+    refuses, ``add`` adds it as a special token (embeddings grow, the new rows train and are saved with
+    the adapter; needs ``model.resize_embeddings``), ``split`` keeps the pieces."""
     train_on_prompt: bool = False
     """Put loss on the prompt tokens too (default: completion only)."""
     pack: bool = False
@@ -184,6 +191,10 @@ class TrainConfig:
     dtype). ``none``: one process. See docs/distributed.md."""
 
 
+# experiment trackers accelerate knows (``output.report_to``)
+TRACKERS = ("tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+
+
 @dataclass
 class OutputConfig:
     log_every: int = 1
@@ -194,6 +205,12 @@ class OutputConfig:
     """Show a tqdm progress bar with loss, lr, tokens/s and memory."""
     overwrite: bool = False
     """Allow training into an ``output_dir`` that already holds a finished adapter."""
+    report_to: list[str] | None = None
+    """Experiment trackers through accelerate, e.g. ``[tensorboard, wandb]`` (unset: none; also trackio, aim, comet_ml,
+    mlflow, clearml, dvclive, swanlab). They get the config, every metrics line and the memory estimate;
+    a missing package or no network is a one-line warning. Local logs go to ``output_dir/tracking``."""
+    run_name: str | None = None
+    """Run (project) name the trackers show; default: the ``output_dir`` folder name."""
 
 
 @dataclass
@@ -220,6 +237,13 @@ class Config:
             msg = problem(key, _get(self, key))
             if msg:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
+        for name in self.output.report_to or []:
+            if name not in TRACKERS:
+                near = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
+        if self.data.marker_tokens == "add" and not self.model.resize_embeddings:
+            raise ConfigError("data.marker_tokens: 'add' grows the vocabulary; also set model.resize_embeddings=true")
         n_ckpt = self.model.checkpoint_layers
         if isinstance(n_ckpt, int) and n_ckpt < 0:
             raise ConfigError(f"model.checkpoint_layers: must be auto, all or an integer >= 0 (got {n_ckpt!r})")

@@ -68,7 +68,7 @@ def format_prompt(prompt: str, cfg, tokenizer, template: str) -> str:
 
     if cfg.data.format == "instruction":
         return instruction_prompt(prompt, None, cfg.data.template)
-    if cfg.data.format == "chat":
+    if cfg.data.format in ("chat", "sharegpt"):
         tpl = chat_template_for(tokenizer, cfg.data.chat_template)
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=tpl,
                                              add_generation_prompt=True, tokenize=False)

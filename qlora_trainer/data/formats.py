@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from qlora_trainer.data.templates import CHAT_TEMPLATES, chat_template_for  # noqa: F401 - re-exported
 from qlora_trainer.errors import DataError
 
 IGNORE_INDEX = -100
@@ -29,23 +30,20 @@ ALPACA = {
                  "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
 }
 
-# ChatML with generation markers, so the assistant mask comes straight from apply_chat_template.
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-        "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-}
-
 # format -> {field: required}
 FIELDS: dict[str, dict[str, bool]] = {
     "text": {"text": True},
     "instruction": {"instruction": True, "input": False, "output": True},
     "prompt_completion": {"prompt": True, "completion": True},
     "chat": {"messages": True},
+    "sharegpt": {"conversations": True},
 }
+CHAT_FORMATS = ("chat", "sharegpt")  # rendered through a chat template
+
+# ShareGPT ``from`` -> chat role
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool",
+                  "function_response": "tool"}
 
 
 def column_names(fmt: str, mapping: dict[str, str]) -> dict[str, str]:
@@ -73,19 +71,6 @@ def instruction_prompt(instruction: str, inp: str | None, template: str) -> str:
     if template == "alpaca":
         return ALPACA["with_input" if inp else "no_input"].format(instruction=instruction, input=inp or "")
     return template.format(instruction=instruction, input=inp or "")
-
-
-def chat_template_for(tokenizer: Any, fallback: str | None) -> str:
-    """The tokenizer's own chat template, else the named (or literal) fallback ``data.chat_template``."""
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, str) and own:
-        return own
-    if fallback in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[fallback]
-    if fallback and "{%" in fallback:
-        return fallback
-    raise DataError("data.chat_template: the tokenizer has no chat template; set data.chat_template to one of "
-                    f"{', '.join(CHAT_TEMPLATES)} (or a Jinja template string)")
 
 
 def encode_segments(tokenizer: Any, segments: list[tuple[str, bool]], *, add_special_tokens: bool = True
@@ -129,7 +114,7 @@ def chat_encode(tokenizer: Any, messages: list[dict], template: str) -> tuple[li
     full = render(messages, False)
     segments, pos = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight") == 0:
             continue
         start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
         if start < pos or not full.startswith(render(messages[: i + 1], False)):
@@ -179,7 +164,10 @@ def encode_records(batch: dict[str, list], fmt: str, cols: dict[str, str], *, te
     n = len(next(iter(batch.values())))
     recs = [{k: v[i] for k, v in batch.items()} for i in range(n)]
     if fmt == "chat":
-        return [chat_encode(tokenizer, r[cols["messages"]], chat_template or "") for r in recs]
+        return [chat_encode(tokenizer, to_messages(r[cols["messages"]]), chat_template or "") for r in recs]
+    if fmt == "sharegpt":
+        return [chat_encode(tokenizer, sharegpt_messages(r[cols["conversations"]]), chat_template or "")
+                for r in recs]
     return encode_segments_batch(tokenizer, [render_segments(r, fmt, cols, template) for r in recs])
 
 
@@ -204,17 +192,61 @@ def validate_records(ds: Any, fmt: str, cols: dict[str, str], where: Any) -> Non
                 continue
             if fmt == "chat":
                 _check_messages(v, col, lambda: where(i))
+            elif fmt == "sharegpt":
+                _check_sharegpt(v, col, lambda: where(i))
             elif not isinstance(v, str):
                 raise DataError(f"{where(i)}: field {col!r} must be a string, got {type(v).__name__}")
             elif required and fmt != "text" and name in ("output", "completion") and not v.strip():
                 raise DataError(f"{where(i)}: field {col!r} is empty (nothing to train on)")
 
 
+def to_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages -> ``{role, content}`` with string content (a list of ``{type: text, text}``
+    parts is joined), plus ``weight`` where set (``0``: an assistant turn shown but not trained);
+    other keys (name, ...) are dropped."""
+    out = []
+    for m in messages:
+        out.append({"role": m["role"], "content": _content(m["content"])})
+        if m.get("weight") is not None:
+            out[-1]["weight"] = m["weight"]
+    return out
+
+
+def sharegpt_messages(turns: list[dict]) -> list[dict]:
+    """ShareGPT ``[{from, value}]`` -> chat messages (``human`` -> user, ``gpt`` -> assistant, ...)."""
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def _content(c: Any) -> str:
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if p.get("type") == "text")
+
+
+def _is_content(c: Any) -> bool:
+    return isinstance(c, str) or (isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                              and isinstance(p.get("text"), str) for p in c))
+
+
 def _check_messages(v: Any, col: str, where: Any) -> None:
     if not isinstance(v, list) or not v:
         raise DataError(f"{where()}: field {col!r} must be a non-empty list of {{role, content}} messages")
     for j, m in enumerate(v):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where()}: field {col!r} message {j} needs string 'role' and 'content'")
-    if not any(m["role"] == "assistant" for m in v):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not _is_content(m.get("content")):
+            raise DataError(f"{where()}: field {col!r} message {j} needs string 'role' and 'content' (a string "
+                            "or a list of {type: text, text} parts)")
+        if m.get("weight") not in (None, 0, 1):
+            raise DataError(f"{where()}: field {col!r} message {j}: weight must be 0 or 1, got {m['weight']!r}")
+    if not any(m["role"] == "assistant" and m.get("weight") != 0 for m in v):
         raise DataError(f"{where()}: field {col!r} has no assistant turn (nothing to train on)")
+
+
+def _check_sharegpt(v: Any, col: str, where: Any) -> None:
+    if not isinstance(v, list) or not v:
+        raise DataError(f"{where()}: field {col!r} must be a non-empty list of {{from, value}} turns")
+    for j, t in enumerate(v):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise DataError(f"{where()}: field {col!r} turn {j} needs string 'from' and 'value'")
+        if t.get("from") not in SHAREGPT_ROLES:
+            raise DataError(f"{where()}: field {col!r} turn {j}: 'from' is {t.get('from')!r}, not one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+    if not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in v):
+        raise DataError(f"{where()}: field {col!r} has no gpt/assistant turn (nothing to train on)")

@@ -69,7 +69,8 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     cols = formats.column_names(cfg.format, cfg.fields)
     if cfg.format == "instruction":
         formats.check_template(cfg.template)
-    chat_template = formats.chat_template_for(tokenizer, cfg.chat_template) if cfg.format == "chat" else None
+    chat = cfg.format in formats.CHAT_FORMATS
+    chat_template = formats.chat_template_for(tokenizer, cfg.chat_template) if chat else None
 
     raw = load_records(cfg.path, split=cfg.split)
     formats.validate_records(raw, cfg.format, cols, _namer(cfg.path, raw))
@@ -77,6 +78,10 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     if cfg.eval_path:
         raw_eval = load_records(cfg.eval_path, split=cfg.split, key="data.eval_path")
         formats.validate_records(raw_eval, cfg.format, cols, _namer(cfg.eval_path, raw_eval))
+    if chat:  # markers are single tokens (or added, or split as configured); BOS warning
+        from qlora_trainer.data.templates import resolve_chat_template
+
+        chat_template, _ = resolve_chat_template(tokenizer, cfg.chat_template, cfg.marker_tokens)
 
     text = cfg.format == "text"
     n_records = len(raw)

@@ -78,6 +78,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     tensors = adapter_state_dict(model, adapter_name)
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
+    from qlora_trainer.lora.tokens import peft_token_entries
+
+    token_tensors, token_indices = peft_token_entries(model, PREFIX)  # rows of added tokens (lora/tokens.py)
+    tensors |= token_tensors
     layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.specs}
     names = list(layers)
     spec = layers[names[0]].specs[adapter_name]
@@ -88,6 +92,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         "use_dora": spec.use_dora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "trainable_token_indices": token_indices,
     }
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +124,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     config = read_json_object(file)
     if config.get("peft_type", "LORA") != "LORA":
         raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("modules_to_save", "trainable_token_indices", "layer_replication"):
+    for key in ("modules_to_save", "layer_replication"):
         if config.get(key):
             raise QloraError(f"{file}: {key} is not supported by qlora_trainer's loader")
     return config
@@ -163,7 +168,11 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
     if not file.is_file():
         other = " (adapter_model.bin is not read: safetensors only)" if (path / "adapter_model.bin").exists() else ""
         raise QloraError(f"{path}: no {WEIGHTS_NAME}{other}")
-    modules = _group(load_file(str(file)), file)
+    from qlora_trainer.lora.tokens import PEFT_SUFFIX, load_token_rows
+
+    tensors = load_file(str(file))
+    token_rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(PEFT_SUFFIX)}
+    modules = _group(tensors, file)
     if dtype is None:
         dtype = resolve_dtype("auto", next(model.parameters()).device)
     use_dora = bool(config.get("use_dora", False))
@@ -196,6 +205,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
         module.lora_B[adapter_name].data = b.to(device, dtype)
         if use_dora:
             module.lora_magnitude_vector[adapter_name] = nn.Parameter(parts["m"].to(device, dtype))
+    load_token_rows(model, token_rows, config.get("trainable_token_indices"), PREFIX, str(file))
     set_active_adapter(model, adapter_name)
     for p in model.parameters():  # the base is frozen; adapters train only when asked
         p.requires_grad_(False)

@@ -200,6 +200,7 @@ def estimate(
     embeddings_on_cpu: bool = False,
     gpus: int = 1,
     distributed: str = "none",
+    new_tokens: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
@@ -212,6 +213,8 @@ def estimate(
     ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``model.embeddings_on_cpu``).
     ``gpus`` / ``distributed`` (``none|ddp|fsdp``, ``train.distributed``): the estimate is **per GPU**
     (``batch`` is the per-GPU micro-batch); see :func:`per_gpu` for what each mode shares.
+    ``new_tokens``: tokens added to the vocabulary (``data.marker_tokens: add``): the embedding, output
+    layer and logits grow by them, and their embedding (and untied output) rows train (``lora/tokens.py``).
 
     The peak is the static part (weights, adapters, optimizer) plus the larger of two moments that
     never coexist (``MemoryEstimate.phases``): the end of the forward (checkpoints, final hidden
@@ -221,6 +224,8 @@ def estimate(
     if system not in PROFILES:
         raise ValueError(f"unknown system {system!r}; choose from {', '.join(PROFILES)}")
     prof = PROFILES[system]
+    if new_tokens:
+        arch = replace(arch, vocab=arch.vocab + new_tokens)
     if chunked_loss is not None:
         prof = replace(prof, full_logits=not chunked_loss)
     wide = 4 if prof.upcast else 2          # embeddings / lm_head / norms / residual stream
@@ -246,6 +251,11 @@ def estimate(
     opt = [adam_state_bytes(n, optimizer=optimizer, param_bytes=prof.adapter_bytes) for n in lora_tensors]
     comp["optimizer_states"] = arch.layers * sum(a for a, _ in opt)
     paged = arch.layers * sum(p for _, p in opt)
+    if new_tokens:  # trainable rows of the added tokens: values, gradients, optimizer state
+        n_rows = new_tokens * arch.hidden * (1 if arch.tied else 2)
+        state, paged_rows = adam_state_bytes(n_rows, optimizer=optimizer, param_bytes=prof.adapter_bytes)
+        comp["token_rows"] = 2 * prof.adapter_bytes * n_rows + state
+        paged += paged_rows
 
     # -- activations: the loss moment (end of forward) and a layer's backward never coexist --------
     b, r = act_bytes, max(wide, act_bytes)   # activation / residual-stream bytes
@@ -271,6 +281,9 @@ def estimate(
 
         chunk = min(tokens, loss_chunk or auto_chunk_size(tokens, arch.vocab, arch.hidden))
         forward["logits_loss"] = chunk * arch.vocab * b + tokens * arch.hidden * b
+        if new_tokens:  # token-row output layer: train/loss.py's module-head path, one checkpointed chunk
+            chunk = min(tokens, loss_chunk or 1024)  # of logits, their row-replaced copy, fp32 copy and grad
+            forward["logits_loss"] = chunk * arch.vocab * (2 * b + 8) + tokens * arch.hidden * b
     backward = dict(held, layer_recompute=0 if not checkpointing else layer,
                     layer_backward=layer_backward_bytes(arch, tokens, resid_bytes=r, mlp_tokens=mlp_tokens,
                                                         act_bytes=b, attn=attn, dropout=lora_dropout > 0))
@@ -293,7 +306,7 @@ def estimate(
                     double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
                     offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn,
                     mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu,
-                    gpus=gpus, distributed=distributed)
+                    gpus=gpus, distributed=distributed, new_tokens=new_tokens)
     if embeddings_on_cpu and not arch.tied:
         host += wide * counts["embed"]
         notes.append(f"{wide * counts['embed'] / GIB:.2f} GiB input embedding table in CPU memory")
@@ -388,6 +401,7 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
     reason logged) when the model's shape cannot be known without downloading."""
     import logging
 
+    from qlora_trainer.data.templates import new_token_bound
     from qlora_trainer.train.distributed import launched_world
 
     arch, reason = resolve_arch(cfg.model.name_or_path)
@@ -403,7 +417,8 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
         lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
         embeddings_on_cpu=cfg.model.embeddings_on_cpu,
         attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours",
-        gpus=launched_world(), distributed=cfg.train.distributed)
+        gpus=launched_world(), distributed=cfg.train.distributed,
+        new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens))
 
 
 __all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate",

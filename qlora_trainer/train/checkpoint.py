@@ -119,7 +119,9 @@ def _peft_key(name: str) -> str | None:
 
     m = _LORA_PARAM.match(name)
     if m is None:
-        return None
+        from qlora_trainer.lora.tokens import peft_token_key
+
+        return peft_token_key(name, PREFIX)  # rows of added tokens (data.marker_tokens=add), or None
     return f"{PREFIX}{m[1]}.{m[2]}" + ("" if m[2] == "lora_magnitude_vector" else ".weight")
 
 

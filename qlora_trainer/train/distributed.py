@@ -181,8 +181,10 @@ def setup(cfg: "Config") -> Parallel:
                          f"train.distributed=ddp (replicated model) or fsdp (sharded base)")
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
+    from qlora_trainer.train.trackers import accelerator_kwargs
+
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" and dtype == torch.bfloat16 else "no",
-                              cpu=device.type == "cpu")
+                              cpu=device.type == "cpu", **accelerator_kwargs(cfg))  # + output.report_to trackers
     if accelerator.num_processes != world:
         raise QloraError(f"train.distributed: accelerate sees {accelerator.num_processes} processes, "
                          f"WORLD_SIZE is {world}; launch with accelerate launch --num_processes N")

@@ -58,11 +58,14 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from qlora_trainer.data import build_datasets
+    from qlora_trainer.data.templates import add_marker_tokens
     from qlora_trainer.lora import save_adapter
+    from qlora_trainer.lora.tokens import make_tokens_trainable
     from qlora_trainer.models.load import load_base_model, load_tokenizer
     from qlora_trainer.runtime import resolve_dtype
     from qlora_trainer.train import distributed
     from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
+    from qlora_trainer.train.trackers import start_trackers
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -81,6 +84,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
+    new_tokens = add_marker_tokens(tokenizer, cfg.data)  # data.marker_tokens=add: before the model is sized
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)  # data errors before loading
     if len(train_ds) == 0:
         raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
@@ -88,6 +92,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     check_data(cfg, resume, fingerprint)  # refuses changed data before the model loads
     model = load_base_model(cfg, device=par.load_device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
+    make_tokens_trainable(model, new_tokens)  # the added tokens' embedding / output rows train
     engine = par.wrap(model, cfg, dtype, loss=causal_lm_loss)  # micro-batch -> summed loss (DDP / FSDP when launched so)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -100,6 +105,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     elif par.world > 1:
         torch.manual_seed(cfg.train.seed + par.rank)  # the model is built alike on every rank; dropout differs
     metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step) if par.is_main else _NoMetrics()
+    metrics = start_trackers(accelerator, cfg, metrics)  # metrics.jsonl + output.report_to trackers
     params = [p for p in model.parameters() if p.requires_grad]
     stream = _micro_batches(train_ds, cfg, tokenizer, state.epoch, state.batch, rank=par.rank, world=par.world)
     result = TrainResult(output_dir=out, adapter_dir=None, step=state.step, resumed_from=resume)
@@ -190,6 +196,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                                                       run_config=cfg, revision=cfg.model.revision)
                 log.info("adapter saved to %s", result.adapter_dir)
             par.barrier()
+    metrics.end()
     if par.is_main:
         clean_temporaries(out)
     result.step, result.tokens, result.seconds = state.step, state.tokens, time.perf_counter() - t0

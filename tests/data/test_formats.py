@@ -1,16 +1,23 @@
-"""Exact label positions of every format's loss mask on hand-built samples (byte tokenizer: 1 char = 1 id)."""
+"""Exact label positions of every format's loss mask on hand-built samples (byte tokenizer: 1 char = 1 id);
+chat data (ShareGPT, OpenAI messages) through the named templates, the marker check (refuse / add / split)
+on the byte and the real Llama-2 tokenizer, the BOS warning."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data import IGNORE_INDEX, build_datasets
 from qlora_trainer.data.formats import ALPACA, CHAT_TEMPLATES, truncate
+from qlora_trainer.data.templates import resolve_chat_template, split_markers, template_markers
+from qlora_trainer.errors import DataError
+from qlora_trainer.runtime import data_root
 
-EOS = 258
+BOS, EOS = 257, 258
+LLAMA2_TOK = data_root() / "llama2-tokenizer"
 
 
 def _write(tmp_path, rows, name="d.jsonl"):
@@ -62,7 +69,8 @@ def test_chat_chatml_fallback_trains_assistant_turns_only(tmp_path, tokenizer):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
             {"role": "user", "content": "x"}, {"role": "assistant", "content": "z"}]
     path = _write(tmp_path, [{"messages": msgs}])
-    (row,) = _build(tokenizer, path, format="chat", chat_template="chatml")
+    # the byte tokenizer can only split the markers: say so (data.marker_tokens=split)
+    (row,) = _build(tokenizer, path, format="chat", chat_template="chatml", marker_tokens="split")
     text = ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
             "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nz<|im_end|>\n")
     assert row["input_ids"] == _ids(text) + [EOS]
@@ -80,7 +88,7 @@ def test_chat_template_without_generation_tags_is_diffed(tmp_path, tokenizer):
         "{% endgeneration %}", "")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     path = _write(tmp_path, [{"messages": msgs}])
-    (row,) = _build(tokenizer, path, format="chat")
+    (row,) = _build(tokenizer, path, format="chat", marker_tokens="split")
     text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     start = text.index("yo")
     assert row["input_ids"] == _ids(text) + [EOS]
@@ -143,3 +151,127 @@ def test_dataset_directory_with_split(tmp_path, tokenizer):
     dd.save_to_disk(str(tmp_path / "ds"))
     rows = _build(tokenizer, str(tmp_path / "ds"), format="prompt_completion", split="test")
     assert [r["input_ids"] for r in rows] == [_ids("cd") + [EOS], _ids("ef") + [EOS]]
+
+
+def _trained(row) -> list[tuple[int, int]]:
+    return [(i, t) for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX]
+
+
+def test_sharegpt_llama2_renders_and_trains_only_gpt_turns(tmp_path, tokenizer):
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "yo"}, {"from": "human", "value": "x"}, {"from": "gpt", "value": "z"}]
+    (row,) = _build(tokenizer, _write(tmp_path, [{"conversations": conv}]), format="sharegpt", chat_template="llama-2")
+    u1 = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhi [/INST]"
+    want = [BOS] + _ids(u1) + _ids(" yo ") + [EOS] + [BOS] + _ids("[INST] x [/INST]") + _ids(" z ") + [EOS]
+    assert row["input_ids"] == want  # <s> / </s> are single special tokens; no extra EOS appended
+    a1 = 1 + len(u1)
+    a2 = a1 + 5 + 1 + len("[INST] x [/INST]")
+    expect = [(a1 + k, t) for k, t in enumerate(_ids(" yo ") + [EOS])] + \
+        [(a2 + k, t) for k, t in enumerate(_ids(" z ") + [EOS])]
+    assert _trained(row) == expect
+
+
+def test_openai_messages_mistral_with_content_parts(tmp_path, tokenizer):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                          {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c", "weight": 1}]
+    (row,) = _build(tokenizer, _write(tmp_path, [{"messages": msgs}]), format="chat", chat_template="mistral")
+    prompt = "[INST] S\n\nab [/INST]"
+    assert row["input_ids"] == [BOS] + _ids(prompt) + _ids("c") + [EOS]
+    assert _trained(row) == [(1 + len(prompt), ord("c")), (2 + len(prompt), EOS)]
+
+
+def test_sharegpt_bad_role_names_the_line(tmp_path, tokenizer):
+    path = _write(tmp_path, [{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+                             {"conversations": [{"from": "bot", "value": "a"}]}])
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'conversations' turn 0: 'from' is 'bot'"):
+        _build(tokenizer, path, format="sharegpt", chat_template="llama-2")
+
+
+def test_markers_not_tokens_are_refused_by_default(tmp_path, tokenizer):
+    path = _write(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError) as e:
+        _build(tokenizer, path, format="chat", chat_template="llama-3")
+    msg = str(e.value)
+    assert "\n" not in msg and "'<|start_header_id|>'" in msg and "splits into 19 pieces" in msg
+    assert "data.marker_tokens=add" in msg and "data.marker_tokens=split" in msg
+
+
+def test_marker_tokens_add_makes_each_marker_one_token(tmp_path, tokenizer):
+    path = _write(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    (row,) = _build(tokenizer, path, format="chat", chat_template="chatml", marker_tokens="add")
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert (start, end) == (260, 261) and len(tokenizer) == 262
+    assert row["input_ids"] == [start] + _ids("user\na") + [end] + _ids("\n") + [start] + _ids("assistant\nb") + \
+        [end] + _ids("\n") + [EOS]
+    assert [t for _, t in _trained(row)] == [ord("b"), end, EOS]  # the end marker is learned as one token
+
+
+@pytest.mark.skipif(not (LLAMA2_TOK / "tokenizer.json").is_file(), reason="needs $QLORA_DATA/llama2-tokenizer")
+def test_real_llama2_tokenizer_chatml_refused_llama2_template_works(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(LLAMA2_TOK))
+    tok.pad_token = tok.unk_token
+    assert split_markers(tok, template_markers(CHAT_TEMPLATES["chatml"], "chatml")) == {"<|im_start|>": 7,
+                                                                                        "<|im_end|>": 7}
+    with pytest.raises(DataError, match=r"marker '<\|im_start\|>' of 'chatml' is not one token .* 7 pieces"):
+        resolve_chat_template(tok, "chatml", "require")
+    conv = [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]
+    (row,) = _build(tok, _write(tmp_path, [{"conversations": conv}]), format="sharegpt", chat_template="llama-2")
+    assert row["input_ids"][0] == tok.bos_token_id and row["input_ids"][-1] == tok.eos_token_id
+    trained = [t for _, t in _trained(row)]
+    assert tok.decode(trained).strip() == "4 </s>" or tok.decode(trained, skip_special_tokens=True).strip() == "4"
+    assert trained[-1] == tok.eos_token_id and tok.bos_token_id not in trained
+    _, added = resolve_chat_template(tok, "chatml", "add")
+    assert added == [32000, 32001] and split_markers(tok, ["<|im_start|>", "<|im_end|>"]) == {}
+
+
+def test_bos_warning_when_template_expects_one_and_tokenizer_has_none(tokenizer, caplog):
+    tokenizer.bos_token = None
+    with caplog.at_level(logging.WARNING, logger="qlora_trainer.data.templates"):
+        resolve_chat_template(tokenizer, "llama-2", "require")
+        resolve_chat_template(tokenizer, "chatml", "split")
+    bos = [r.getMessage() for r in caplog.records if "BOS" in r.getMessage()]
+    assert len(bos) == 1 and "'llama-2'" in bos[0]
+
+
+@pytest.mark.skipif(not (LLAMA2_TOK / "tokenizer.json").is_file(), reason="needs $QLORA_DATA/llama2-tokenizer")
+def test_bos_warning_when_tokenizer_adds_bos_but_template_renders_none(caplog):
+    from transformers import AutoTokenizer
+
+    from qlora_trainer.data.templates import check_bos
+
+    tok = AutoTokenizer.from_pretrained(str(LLAMA2_TOK))
+    assert check_bos(tok, CHAT_TEMPLATES["chatml"])  # this tokenizer adds no BOS itself: nothing expected
+    tok.add_bos_token = True  # as Llama-2's hub tokenizer does
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    with caplog.at_level(logging.WARNING, logger="qlora_trainer.data.templates"):
+        assert not check_bos(tok, CHAT_TEMPLATES["chatml"], "'chatml'")
+        assert check_bos(tok, CHAT_TEMPLATES["llama-2"], "'llama-2'")
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.chat_template: the tokenizer adds BOS '<s>' to plain text but 'chatml' renders none; chat samples "
+        "will start without it (pick a template that starts with {{ bos_token }})"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama-2", "llama-3", "mistral", "diffed"])
+def test_openai_weight_0_turn_is_shown_not_trained(tmp_path, tokenizer, template):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "AAA", "weight": 0},
+            {"role": "user", "content": "r"}, {"role": "assistant", "content": "BBB", "weight": 1}]
+    kw = {"chat_template": template}
+    if template == "diffed":  # the tokenizer's own template without generation blocks
+        tokenizer.chat_template = CHAT_TEMPLATES["chatml"].replace("{% generation %}", "").replace(
+            "{% endgeneration %}", "")
+        kw = {}
+    (row,) = _build(tokenizer, _write(tmp_path, [{"messages": msgs}]), format="chat", marker_tokens="split", **kw)
+    shown = tokenizer.decode(row["input_ids"])
+    trained = tokenizer.decode([t for _, t in _trained(row)])
+    assert "AAA" in shown and "BBB" in shown
+    assert "BBB" in trained and "AAA" not in trained
+
+
+def test_tokenizers_own_template_markers_are_checked_too(tmp_path, tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]  # e.g. a hub tokenizer's ChatML template
+    path = _write(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"marker '<\|im_start\|>' of the chat template is not one token"):
+        _build(tokenizer, path, format="chat")
