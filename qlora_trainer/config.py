@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qlora_trainer.errors import ConfigError
+from qlora_trainer.errors import ConfigError, QloraError
 
 # --------------------------------------------------------------------------------------------------
 # sections
@@ -161,6 +161,15 @@ class TrainConfig:
     """Evaluation loss every N optimizer steps (0: never)."""
     eval_batches: int = 0
     """Evaluation batches per evaluation (0: the whole eval set)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Generation tasks scored by exact match every ``eval_every`` steps and at the last step, logged to
+    metrics.jsonl (``eval_<task>_exact_match``) with predictions under ``output_dir/eval/step-N/``: a
+    task name (``gsm8k``, ``gsm8k-train``) or a data file with prompt/answer fields, ``FILE@extractor``
+    (see docs/eval.md)."""
+    eval_limit: int = 50
+    """Examples per eval task (the first N; 0: all)."""
+    eval_max_new_tokens: int = 0
+    """New-token limit of in-training generation (0: the task's default, 256 for GSM8K)."""
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
     device: str = "auto"
@@ -221,6 +230,17 @@ class Config:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
+        for key in ("train.eval_limit", "train.eval_max_new_tokens"):
+            if _get(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0 (got {_get(self, key)!r})")
+        if self.train.eval_tasks:
+            from qlora_trainer.evaluate.tasks import resolve_task
+
+            for spec in self.train.eval_tasks:
+                try:
+                    resolve_task(spec)
+                except QloraError as e:  # an unknown task or extractor
+                    raise ConfigError(f"train.eval_tasks: {e}") from None
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
         return self

@@ -150,6 +150,11 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
             if eval_ds is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
+            if cfg.train.eval_tasks and (state.step == cfg.train.max_steps or (
+                    cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
+                from qlora_trainer.evaluate import training_eval  # generation tasks (evaluate/runner.py)
+
+                metrics.write(training_eval(model, tokenizer, cfg, state.step))
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 checkpoint()
         bar.close()
