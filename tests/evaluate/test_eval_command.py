@@ -33,11 +33,11 @@ def trained(tmp_path_factory):
     qa = root / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in QA))
     cfg = config_from_dict({
-        "model": {"name_or_path": "random:tiny", "quantization": "none"},
+        "model": {"name_or_path": "random:tiny", "quantization": "nf4"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"path": "builtin:demo", "seq_len": 48, "max_samples": 40, "eval_fraction": 0.25,
                  "template": "{instruction}\nInput: {input}\nOutput: "},
-        "train": {"max_steps": 3, "lr": 1e-2, "batch_size": 2, "grad_accum": 1, "seed": 0, "device": "cpu",
+        "train": {"max_steps": 3, "lr": 3e-3, "batch_size": 2, "grad_accum": 1, "seed": 0, "device": "cpu",
                   "eval_every": 2, "eval_tasks": [f"{qa}@last_number"], "eval_limit": 4, "eval_max_new_tokens": 6},
         "output": {"progress_bar": False},
         "output_dir": str(root / "run"),

@@ -38,7 +38,7 @@ def _model(quantization: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("quantization", ["none"])
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_batched_generation_equals_one_at_a_time(quantization):
     model, tok = _model(quantization), byte_tokenizer()
     settings = GenerationSettings(max_new_tokens=10, batch_size=1)
