@@ -14,6 +14,7 @@ returns completions in the input order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ class Completion:
 
 
 MAX_AUTO_BATCH = 64
+log = logging.getLogger(__name__)
 
 
 def format_prompt(prompt: str, cfg: Any, tokenizer: Any, template: str = "auto") -> str:
@@ -134,6 +136,8 @@ def generate_texts(model: nn.Module, tokenizer: Any, texts: list[str], settings:
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     bs = settings.batch_size or auto_batch_size(model, prompt_len=max(lengths), new_tokens=settings.max_new_tokens)
+    log.info("%s: %d prompts in batches of %d (%s)", desc, len(texts), bs,
+             "set" if settings.batch_size else "largest that fits the memory budget")
     results: list[Completion | None] = [None] * len(texts)
     with tqdm(total=len(texts), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
         for b, start in enumerate(range(0, len(order), bs)):
