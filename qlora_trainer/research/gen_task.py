@@ -17,28 +17,8 @@ from __future__ import annotations
 import json
 import random
 import string
-from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class TaskScore:
-    """Exact match of one model on one task, with the generation throughput."""
-
-    exact_match: float
-    n: int
-    seconds: float
-    new_tokens: int
-    completions: tuple[str, ...]
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.n / max(self.seconds, 1e-9)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / max(self.seconds, 1e-9)
 
 
 def upper_task(n: int | None = None, *, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -98,11 +78,12 @@ def gsm8k_examples(n: int) -> tuple[list[str], list[str]]:
 
 
 def exact_match_of(model: torch.nn.Module, prompts: list[str], references: list[str], *, extractor: str,
-                   max_new_tokens: int, batch_size: int = 0) -> TaskScore:
-    """Greedy batched generation for every prompt, scored by ``extractor`` (see ``evaluate.extractors``)."""
+                   max_new_tokens: int, batch_size: int = 0):
+    """Greedy batched generation for every prompt, scored by ``extractor`` (see ``evaluate.extractors``):
+    an ``evaluate.TaskResult`` (``exact_match``, ``samples_per_s``, ``tokens_per_s``, per-sample ``records``)."""
     import time
 
-    from qlora_trainer.evaluate import GenerationSettings, exact_match, generate_texts
+    from qlora_trainer.evaluate import GenerationSettings, TaskResult, exact_match, generate_texts
     from qlora_trainer.models.tiny import byte_tokenizer
 
     tok = byte_tokenizer()
@@ -110,8 +91,11 @@ def exact_match_of(model: torch.nn.Module, prompts: list[str], references: list[
     t0 = time.perf_counter()
     outs = generate_texts(model, tok, prompts, settings, progress=False)
     seconds = time.perf_counter() - t0
-    acc, _ = exact_match([o.text for o in outs], references, extractor)
-    return TaskScore(acc, len(prompts), seconds, sum(len(o.ids) for o in outs), tuple(o.text for o in outs))
+    acc, scored = exact_match([o.text for o in outs], references, extractor)
+    records = [{"prompt": p, "completion": o.text, "predicted_answer": s.predicted, "correct": s.correct}
+               for p, o, s in zip(prompts, outs, scored)]
+    return TaskResult("task", "model", len(prompts), sum(s.correct for s in scored), acc, seconds,
+                      sum(len(o.ids) for o in outs), sum(o.prompt_tokens for o in outs), records)
 
 
 def sft_batch(prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:

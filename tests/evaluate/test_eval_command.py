@@ -16,14 +16,6 @@ from qlora_trainer.evaluate.extractors import EXTRACTORS, register_extractor
 QA = [{"prompt": f"Add {a} and {b}.", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9)]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-step run with the QA task evaluated at steps 2 and 3 (the last)."""
