@@ -86,13 +86,13 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise QloraError(f"--{name.replace('_', '-')}: must be >= 0 (got {value})")
+    if args.no_tasks and not args.perplexity:
+        raise QloraError("nothing to evaluate: --no-tasks without --perplexity")
+    for s in args.task:
+        resolve_task(s)  # bad specs fail before the model loads
     loaded, default_out = load_target(args.target, overrides=args.overrides, device=args.device)
     cfg, model, tok = loaded.config, loaded.model, loaded.tokenizer
     specs = [] if args.no_tasks else (args.task or list(cfg.train.eval_tasks) or ["gsm8k"])
-    for s in specs:
-        resolve_task(s)  # bad specs fail before any generation
-    if not specs and not args.perplexity:
-        raise QloraError("nothing to evaluate: --no-tasks without --perplexity")
     settings = replace(settings_from_args(args), batch_size=args.batch_size)
     runs: list[str | None] = ([None] if args.with_base or not loaded.names else []) + list(loaded.names)
     results, losses = [], {}

@@ -90,3 +90,5 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "notadapter").mkdir()
     assert main(["eval", str(tmp_path / "notadapter")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "notadapter"), "--task", "gsm9k"]) == 2      # checked before loading
+    assert "eval task 'gsm9k': not a known task" in capsys.readouterr().err
