@@ -36,6 +36,9 @@ class GenerationSettings:
     """Sampling seed; batch ``i`` uses ``seed + i``."""
     batch_size: int = 0
     """Prompts per batch; 0 = the largest that fits the memory budget (at most ``MAX_AUTO_BATCH``)."""
+    add_special_tokens: bool = True
+    """Let the tokenizer add BOS etc. (as training does for text/instruction data; a rendered chat
+    template carries its own, so chat prompts use False)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def generate_batch(model: nn.Module, tokenizer: Any, texts: list[str], settings:
                    *, batch_index: int = 0) -> list[Completion]:
     """Decode one left-padded batch of ``texts``; returns each one's new text and tokens."""
     device = next(model.parameters()).device
-    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    encoded = [tokenizer(t, add_special_tokens=settings.add_special_tokens)["input_ids"] for t in texts]
     width, pad = max(len(e) for e in encoded), _pad_id(tokenizer)
     ids = torch.full((len(texts), width), pad, dtype=torch.long)       # (B, P) left-padded
     mask = torch.zeros((len(texts), width), dtype=torch.long)         # (B, P) 1 = real token
@@ -133,7 +136,7 @@ def generate_texts(model: nn.Module, tokenizer: Any, texts: list[str], settings:
 
     if not texts:
         return []
-    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    lengths = [len(tokenizer(t, add_special_tokens=settings.add_special_tokens)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     bs = settings.batch_size or auto_batch_size(model, prompt_len=max(lengths), new_tokens=settings.max_new_tokens)
     log.info("%s: %d prompts in batches of %d (%s)", desc, len(texts), bs,

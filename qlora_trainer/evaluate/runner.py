@@ -68,6 +68,8 @@ def run_task(model: nn.Module, tokenizer: Any, cfg: "Config", spec: str, setting
     task, examples = load_examples(resolve_task(spec), limit=limit)
     if settings.max_new_tokens <= 0:
         settings = replace(settings, max_new_tokens=task.max_new_tokens)
+    if template == "auto" and cfg is not None and cfg.data.format == "chat":
+        settings = replace(settings, add_special_tokens=False)  # the rendered template has its BOS
     texts = [format_prompt(e.prompt, cfg, tokenizer, template) for e in examples]
     t0 = time.perf_counter()
     outs = generate_texts(model, tokenizer, texts, settings, progress=progress, desc=f"{task.name} [{label}]")
