@@ -162,8 +162,8 @@ class TrainConfig:
     """Evaluation loss every N optimizer steps (0: never)."""
     eval_batches: int = 0
     """Evaluation batches per evaluation (0: the whole eval set)."""
-    eval_tasks: list[str] = field(default_factory=list)
-    """Generation tasks scored by exact match every ``eval_every`` steps and at the last step, logged to
+    eval_tasks: list[str] | None = None
+    """Generation tasks (unset: none) scored by exact match every ``eval_every`` steps and at the last step, logged to
     metrics.jsonl (``eval_<task>_exact_match``) with predictions under ``output_dir/eval/step-N/``: a
     task name (``gsm8k``, ``gsm8k-train``) or a data file with prompt/answer fields, ``FILE@extractor``
     (see docs/eval.md)."""
@@ -221,9 +221,6 @@ class Config:
             msg = problem(key, _get(self, key))
             if msg:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
-        for key in ("train.eval_limit", "train.eval_max_new_tokens"):
-            if _get(self, key) < 0:
-                raise ConfigError(f"{key}: must be >= 0 (got {_get(self, key)!r})")
         if self.train.eval_tasks:
             from qlora_trainer.evaluate.tasks import resolve_task
 
@@ -239,7 +236,8 @@ class Config:
                 raise ConfigError("quantization.quant_storage: FSDP shards floating-point tensors only; set it to "
                                   "the compute dtype (bfloat16 on CUDA, float32 on the CPU) with train.distributed=fsdp")
             for bad, key in ((self.model.embeddings_on_cpu, "model.embeddings_on_cpu"),
-                             (self.lora.variant == "dora", "lora.variant=dora")):
+                             (self.lora.variant == "dora", "lora.variant=dora"),
+                             (bool(self.train.eval_tasks), "train.eval_tasks")):  # generation needs whole weights
                 if bad:
                     raise ConfigError(f"{key}: not supported with train.distributed=fsdp; use ddp or turn it off")
         return self

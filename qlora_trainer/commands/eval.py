@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_task(s)  # bad specs fail before the model loads
     loaded, default_out = load_target(args.target, overrides=args.overrides, device=args.device)
     cfg, model, tok = loaded.config, loaded.model, loaded.tokenizer
-    specs = [] if args.no_tasks else (args.task or list(cfg.train.eval_tasks) or ["gsm8k"])
+    specs = [] if args.no_tasks else (args.task or list(cfg.train.eval_tasks or []) or ["gsm8k"])
     settings = replace(settings_from_args(args), batch_size=args.batch_size)
     runs: list[str | None] = ([None] if args.with_base or not loaded.names else []) + list(loaded.names)
     results, losses = [], {}

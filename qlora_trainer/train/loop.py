@@ -175,7 +175,9 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                     cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
                 from qlora_trainer.evaluate import training_eval  # generation tasks (evaluate/runner.py)
 
-                metrics.write(training_eval(model, tokenizer, cfg, state.step))
+                if par.is_main:  # DDP: every rank holds the whole model; rank 0 generates, the others wait
+                    metrics.write(training_eval(model, tokenizer, cfg, state.step))
+                par.barrier()
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 checkpoint()
         bar.close()

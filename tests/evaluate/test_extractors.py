@@ -95,5 +95,8 @@ def test_config_validates_eval_tasks():
     assert cfg.validate().train.eval_tasks == ["gsm8k", "data/qa.jsonl@first_line"]
     with pytest.raises(ConfigError, match="train.eval_tasks: eval task 'gsm9k'"):
         config_from_dict({"train": {"eval_tasks": ["gsm9k"]}}).validate()
+    with pytest.raises(ConfigError, match="train.eval_tasks: not supported with train.distributed=fsdp"):
+        config_from_dict({"train": {"eval_tasks": ["gsm8k"], "distributed": "fsdp"},
+                          "quantization": {"quant_storage": "float32"}}).validate()
     with pytest.raises(ConfigError, match="train.eval_limit: must be >= 0"):
         config_from_dict({"train": {"eval_limit": -1}}).validate()
