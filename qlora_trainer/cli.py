@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "data-check": "qlora_trainer.commands.data_check",
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",
+    "estimate": "qlora_trainer.commands.estimate",
 }
 
 

@@ -64,6 +64,14 @@ class ModelConfig:
     """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
     resize_embeddings: bool = False
     """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
+    group_projections: bool = True
+    """Run q/k/v and gate/up as one grouped matmul each (one GEMM over the stacked weights, one adapter-A
+    GEMM, one dx GEMM) where the adapters allow it (plain LoRA/rsLoRA, no active dropout). Same modules,
+    same parameter names and adapter files; see docs/speed.md."""
+    checkpoint_layers: Literal["auto", "all"] | int = "auto"
+    """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
+    their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the
+    memory estimate says fit in the CUDA device's memory (all on the CPU; see docs/speed.md)."""
 
 
 @dataclass
@@ -229,6 +237,9 @@ class Config:
                     resolve_task(spec)
                 except QloraError as e:  # an unknown task or extractor
                     raise ConfigError(f"train.eval_tasks: {e}") from None
+        n_ckpt = self.model.checkpoint_layers
+        if isinstance(n_ckpt, int) and n_ckpt < 0:
+            raise ConfigError(f"model.checkpoint_layers: must be auto, all or an integer >= 0 (got {n_ckpt!r})")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
         if self.train.distributed == "fsdp":

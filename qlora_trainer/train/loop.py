@@ -76,6 +76,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     device, accelerator = par.device, par.accelerator
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     _log_memory_estimate(cfg, device)
+    from qlora_trainer.speed.report import StepTimeCheck
+    step_time = StepTimeCheck.start(cfg, device)  # predicted step now, measured beside it after a few steps
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -151,6 +153,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 steps_this_run += 1
+                step_time.tick()
                 state.epoch, state.batch = micro[-1][0], micro[-1][1]
                 state.tokens += n_loss
                 rng = par.gather_rng(rng_state())
