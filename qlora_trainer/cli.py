@@ -20,6 +20,7 @@ from qlora_trainer.errors import QloraError
 COMMANDS: dict[str, str] = {
     "train": "qlora_trainer.commands.train",
     "generate": "qlora_trainer.commands.generate",
+    "eval": "qlora_trainer.commands.eval",
     "merge": "qlora_trainer.commands.merge",
     "data-check": "qlora_trainer.commands.data_check",
     "memory": "qlora_trainer.commands.memory",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qlora_trainer.errors import ConfigError
+from qlora_trainer.errors import ConfigError, QloraError
 
 # --------------------------------------------------------------------------------------------------
 # sections
@@ -177,6 +177,15 @@ class TrainConfig:
     """Evaluation loss every N optimizer steps (0: never)."""
     eval_batches: int = 0
     """Evaluation batches per evaluation (0: the whole eval set)."""
+    eval_tasks: list[str] | None = None
+    """Generation tasks (unset: none) scored by exact match every ``eval_every`` steps and at the last step, logged to
+    metrics.jsonl (``eval_<task>_exact_match``) with predictions under ``output_dir/eval/step-N/``: a
+    task name (``gsm8k``, ``gsm8k-train``) or a data file with prompt/answer fields, ``FILE@extractor``
+    (see docs/eval.md)."""
+    eval_limit: int = 50
+    """Examples per eval task (the first N; 0: all)."""
+    eval_max_new_tokens: int = 0
+    """New-token limit of in-training generation (0: the task's default, 256 for GSM8K)."""
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
     device: str = "auto"
@@ -244,6 +253,14 @@ class Config:
                 raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
         if self.data.marker_tokens == "add" and not self.model.resize_embeddings:
             raise ConfigError("data.marker_tokens: 'add' grows the vocabulary; also set model.resize_embeddings=true")
+        if self.train.eval_tasks:
+            from qlora_trainer.evaluate.tasks import resolve_task
+
+            for spec in self.train.eval_tasks:
+                try:
+                    resolve_task(spec)
+                except QloraError as e:  # an unknown task or extractor
+                    raise ConfigError(f"train.eval_tasks: {e}") from None
         n_ckpt = self.model.checkpoint_layers
         if isinstance(n_ckpt, int) and n_ckpt < 0:
             raise ConfigError(f"model.checkpoint_layers: must be auto, all or an integer >= 0 (got {n_ckpt!r})")
@@ -254,7 +271,8 @@ class Config:
                 raise ConfigError("quantization.quant_storage: FSDP shards floating-point tensors only; set it to "
                                   "the compute dtype (bfloat16 on CUDA, float32 on the CPU) with train.distributed=fsdp")
             for bad, key in ((self.model.embeddings_on_cpu, "model.embeddings_on_cpu"),
-                             (self.lora.variant == "dora", "lora.variant=dora")):
+                             (self.lora.variant == "dora", "lora.variant=dora"),
+                             (bool(self.train.eval_tasks), "train.eval_tasks")):  # generation needs whole weights
                 if bad:
                     raise ConfigError(f"{key}: not supported with train.distributed=fsdp; use ddp or turn it off")
         return self

@@ -102,6 +102,8 @@ RULES: dict[str, Any] = {
     "train.save_every": AT_LEAST_0,
     "train.eval_every": AT_LEAST_0,
     "train.eval_batches": AT_LEAST_0,
+    "train.eval_limit": AT_LEAST_0,
+    "train.eval_max_new_tokens": AT_LEAST_0,
     "train.loss_chunk_size": AT_LEAST_0,
     "train.skip_bad_steps": AT_LEAST_0,
     "train.device": Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N (N a GPU index)"),

@@ -60,42 +60,17 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def format_prompt(prompt: str, cfg, tokenizer, template: str) -> str:
-    """The prompt as the model saw prompts in training (``data.format``), or raw."""
-    if template == "raw":
-        return prompt
-    from qlora_trainer.data.formats import chat_template_for, instruction_prompt
+def settings_from_args(args: argparse.Namespace):
+    """The decoding settings of ``--max-new-tokens/--sample/--temperature/--top-p/--seed``."""
+    from qlora_trainer.evaluate.generation import GenerationSettings
 
-    if cfg.data.format == "instruction":
-        return instruction_prompt(prompt, None, cfg.data.template)
-    if cfg.data.format in ("chat", "sharegpt"):
-        tpl = chat_template_for(tokenizer, cfg.data.chat_template)
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=tpl,
-                                             add_generation_prompt=True, tokenize=False)
-    return prompt
-
-
-def generate_one(model, tokenizer, text: str, args: argparse.Namespace) -> str:
-    """Decode up to ``--max-new-tokens`` after ``text``; returns the new text only."""
-    import torch
-
-    device = next(model.parameters()).device
-    enc = tokenizer(text, return_tensors="pt").to(device)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, use_cache=True,
-                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                  else tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if args.sample:
-        torch.manual_seed(args.seed)
-        kwargs.update(temperature=args.temperature, top_p=args.top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, batch_size=1)
 
 
 def run(args: argparse.Namespace) -> int:
     from qlora_trainer.errors import QloraError
+    from qlora_trainer.evaluate.generation import format_prompt, generate_batch
     from qlora_trainer.lora import disable_adapters, set_active_adapter
     from qlora_trainer.lora.loading import load_with_adapters
 
@@ -106,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     loaded = load_with_adapters(args.adapter, base=args.base, overrides=args.overrides, device=args.device)
     model, tok = loaded.model, loaded.tokenizer
+    settings = settings_from_args(args)
     runs: list[str | None] = ([None] if args.with_base or not loaded.names else []) + list(loaded.names)
     records = []
     for i, prompt in enumerate(prompts, 1):
@@ -114,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
         for name in runs:
             if name is None:
                 with disable_adapters(model):
-                    completion = generate_one(model, tok, text, args)
+                    completion = generate_batch(model, tok, [text], settings)[0].text
             else:
                 set_active_adapter(model, name)
-                completion = generate_one(model, tok, text, args)
+                completion = generate_batch(model, tok, [text], settings)[0].text
             print(f"--- {name or 'base'} ---\n{completion}")
             records.append({"prompt": prompt, "adapter": name or "base", "completion": completion})
     if args.output:

@@ -64,6 +64,8 @@ class FinetuneResult:
     trainable: int = 0
     total: int = 0
     seconds: float = 0.0
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    """The fine-tuned model (eval mode), for generation after the run."""
 
     def row(self) -> dict:
         """A flat dict for tables."""
@@ -145,4 +147,4 @@ def finetune(lm: SmallLM, cfg: FinetuneConfig, train_ids: torch.Tensor, eval_ids
                                   warmup_steps=cfg.warmup_steps, seq_len=cfg.seq_len,
                                   batch_size=cfg.batch_size, seed=cfg.seed)
     after = evaluate(model, windows)
-    return FinetuneResult(cfg, before, after, losses, trainable, total, seconds)
+    return FinetuneResult(cfg, before, after, losses, trainable, total, seconds, model.eval())

@@ -140,3 +140,39 @@ def quantized_copy(model: torch.nn.Module, kind: str, *, blocksize: int = 64, do
             deq, _ = roundtrip(m.weight.data, kind, blocksize=blocksize, double_quant=double_quant)
             m.weight.data.copy_(deq)
     return out
+
+
+# The paper's Table 2: mean Pile-CC perplexity over 125M-13B models (FP4 is E2M1, bitsandbytes' FP4).
+PAPER_PERPLEXITY = {"int4": 34.34, "fp4": 31.07, "nf4": 27.41}
+
+
+@torch.no_grad()
+def window_losses(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each window (W, T) separately: (W,) fp32, eval mode."""
+    import torch.nn.functional as F
+
+    was = model.training
+    model.eval()
+    logits = model(windows).logits[:, :-1].float()                       # (W, T-1, V), V = 260 bytes
+    loss = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")  # (W, T-1)
+    model.train(was)
+    return loss.mean(dim=1)
+
+
+def perplexity_table(model: torch.nn.Module, windows: torch.Tensor, *, blocksize: int = 64,
+                     double_quant: bool = True) -> list[dict]:
+    """Held-out perplexity of ``model`` (16-bit) and of its NF4 / FP4 / Int4 round trips, with the paired
+    standard error of each kind's loss difference from 16-bit over the windows (same windows for all,
+    so the window-to-window spread cancels) and the paper's Table 2 perplexity for reference."""
+    import math
+
+    base = window_losses(model, windows)
+    rows = [{"kind": "16-bit", "loss": base.mean().item(), "perplexity": math.exp(base.mean().item()),
+             "delta_loss": 0.0, "delta_se": 0.0, "paper_perplexity": float("nan")}]
+    for kind in KINDS:
+        q = window_losses(quantized_copy(model, kind, blocksize=blocksize, double_quant=double_quant), windows)
+        d = q - base
+        rows.append({"kind": kind, "loss": q.mean().item(), "perplexity": math.exp(q.mean().item()),
+                     "delta_loss": d.mean().item(), "delta_se": (d.std() / math.sqrt(d.numel())).item(),
+                     "paper_perplexity": PAPER_PERPLEXITY[kind]})
+    return rows

@@ -132,13 +132,15 @@ def split_ids(text: str, train_fraction: float) -> tuple[torch.Tensor, torch.Ten
     return ids[:cut], ids[cut:]
 
 
-def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, *, steps: int,
+def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor | None, *, steps: int,
                 warmup_steps: int, seq_len: int, batch_size: int, seed: int,
-                log_name: str | None = None) -> tuple[list[float], float]:
+                log_name: str | None = None, batch_fn=None) -> tuple[list[float], float]:
     """``steps`` optimizer steps on random (batch_size, seq_len) windows of the 1-D ``ids`` (window
     order from ``seed``), cosine LR after warm-up, gradients of the trainable parameters clipped to
-    norm 1. Logs every 50th loss as ``<log_name> step N`` when ``log_name`` is set. Returns (loss
-    per step, seconds)."""
+    norm 1. ``batch_fn(step) -> {input_ids, labels, ...}`` replaces the windows (e.g. masked
+    prompt/answer batches). Logs every 50th loss as ``<log_name> step N`` when ``log_name`` is set.
+    Returns (loss per step, seconds)."""
+    from qlora_trainer.train.loss import causal_lm_loss
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,8 +150,11 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.T
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        batch = sample_windows(ids, seq_len=seq_len, batch_size=batch_size, generator=gen)
-        loss = lm_loss(model, batch)
+        if batch_fn is None:
+            loss = lm_loss(model, sample_windows(ids, seq_len=seq_len, batch_size=batch_size, generator=gen))
+        else:
+            loss_sum, n_tokens = causal_lm_loss(model, batch_fn(step), backend="torch")
+            loss = loss_sum / n_tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

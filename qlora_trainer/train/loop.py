@@ -180,6 +180,13 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
             if eval_ds is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator, engine=engine)
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
+            if cfg.train.eval_tasks and (state.step == cfg.train.max_steps or (
+                    cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
+                from qlora_trainer.evaluate import training_eval  # generation tasks (evaluate/runner.py)
+
+                if par.is_main:  # DDP: every rank holds the whole model; rank 0 generates, the others wait
+                    metrics.write(training_eval(model, tokenizer, cfg, state.step))
+                par.barrier()
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 checkpoint()
         bar.close()
