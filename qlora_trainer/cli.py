@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "train": "qlora_trainer.commands.train",
     "generate": "qlora_trainer.commands.generate",
     "merge": "qlora_trainer.commands.merge",
+    "combine": "qlora_trainer.commands.combine",
     "data-check": "qlora_trainer.commands.data_check",
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",
