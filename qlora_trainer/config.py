@@ -92,8 +92,13 @@ class LoRAConfig:
     such as ``q_proj``)."""
     variant: Literal["lora", "rslora", "dora"] = "lora"
     """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction)."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Initialisation of A (B is zero so the adapter starts as the identity on the base model)."""
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    """Initialisation of A (B is zero so the adapter starts as the identity on the base model).
+    ``loftq`` (Li et al. 2023): A and B from the SVD of the quantization error, so NF4 base + s B A
+    starts closer to the 16-bit W than NF4 alone (needs ``model.quantization: nf4``; see docs/adapters.md)."""
+    loftq_iters: int = 1
+    """LoftQ alternations (quantize W - s B A, then B A from the SVD of W - that). 1 keeps the base
+    exactly NF4(W), so the adapter fits any NF4 load of the model; more re-quantize the base too."""
     dtype: Literal["bfloat16", "float32", "auto"] = "auto"
     """Adapter parameter dtype. ``auto`` = bfloat16 on CUDA, float32 on CPU."""
     loraplus_ratio: float = 1.0
@@ -199,6 +204,7 @@ class Config:
             (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
             (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
             (self.lora.loraplus_ratio > 0, "lora.loraplus_ratio", "must be > 0"),
+            (self.lora.loftq_iters >= 1, "lora.loftq_iters", "must be >= 1"),
             (self.model.mlp_chunk_tokens >= 0, "model.mlp_chunk_tokens", "must be >= 0 (0 disables tiling)"),
             (self.data.seq_len >= 8, "data.seq_len", "must be >= 8"),
             (0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
@@ -221,6 +227,10 @@ class Config:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
+        if self.lora.init == "loftq" and self.model.quantization != "nf4":
+            raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
+        if self.lora.init == "loftq" and self.lora.variant == "dora":
+            raise ConfigError("lora.init: loftq is for lora/rslora adapters (lora.variant is dora)")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
         return self

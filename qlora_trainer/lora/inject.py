@@ -82,7 +82,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, backend=backend)
             replace_module(model, name, module)
-        module.add_adapter(adapter_name, spec, dtype=dtype, init=cfg.init)
+        # LoftQ sets A and B afterwards from the 16-bit weights (lora/loftq.py; train/setup.py)
+        module.add_adapter(adapter_name, spec, dtype=dtype, init="kaiming" if cfg.init == "loftq" else cfg.init)
     set_active_adapter(model, adapter_name)
     set_trainable(model, adapter_name)
     trainable, total = trainable_parameters(model)

@@ -110,6 +110,12 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
     model = load_base_model(cfg, device=dev, dtype=dtype, vocab_size=len(tokenizer))
     names = _unique_names(dirs)
     adapter_dtype = resolve_dtype(cfg.lora.dtype, dev)
+    if dirs and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1 and cfg.model.quantization == "nf4":
+        # the adapter was trained on a LoftQ re-quantized base: rebuild it (deterministic from W)
+        from qlora_trainer.lora.loftq import rebuild_loftq_base, weight_source
+        from qlora_trainer.lora.peft_format import read_adapter
+
+        rebuild_loftq_base(model, read_adapter(dirs[0]), weight_source(cfg, len(tokenizer)), cfg.lora.loftq_iters)
     swaps: dict[str, tuple[str, Any]] = {}
     if hotswap and dirs:
         from qlora_trainer.lora.multi import prepare_hotswap

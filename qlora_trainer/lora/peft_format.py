@@ -94,7 +94,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         "revision": revision, "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": _target_modules(model, names), "use_rslora": spec.use_rslora,
         "use_dora": spec.use_dora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "modules_to_save": None,
+        "init_lora_weights": True if cfg.init in ("kaiming", "loftq") else cfg.init, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
     }
     return write_adapter_dir(out_dir, adapter_config, tensors, tokenizer=tokenizer, run_config=run_config)
