@@ -63,6 +63,26 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+def model_adapter_weights(model: nn.Module, adapter_name: str = "default") -> AdapterWeights:
+    """Adapter ``adapter_name`` of ``model`` as ``AdapterWeights`` (detached CPU copies), with a PEFT
+    config that reproduces each layer's scale (``alpha_pattern`` where alphas differ)."""
+    layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.specs}
+    if not layers:
+        raise QloraError(f"the model has no adapter named {adapter_name!r}")
+    specs = {n: layer.specs[adapter_name] for n, layer in layers.items()}
+    first = next(iter(specs.values()))
+    weights = {n: LayerWeights(a=layer.lora_A[adapter_name].detach().cpu().clone(),
+                               b=layer.lora_B[adapter_name].detach().cpu().clone(), scale=specs[n].scale,
+                               magnitude=layer.lora_magnitude_vector[adapter_name].detach().cpu().clone()
+                               if specs[n].use_dora else None)
+               for n, layer in layers.items()}
+    config = {"peft_type": "LORA", "r": first.r, "lora_alpha": first.alpha, "use_rslora": first.use_rslora,
+              "use_dora": first.use_dora, "lora_dropout": first.dropout,
+              "target_modules": _target_modules(model, list(layers)),
+              "alpha_pattern": {n: sp.alpha for n, sp in specs.items() if sp.alpha != first.alpha}}
+    return AdapterWeights(layers=weights, config=config)
+
+
 def weights_state_dict(weights: AdapterWeights) -> dict[str, torch.Tensor]:
     """PEFT-keyed tensors of ``weights`` (an adapter apart from a model)."""
     out: dict[str, torch.Tensor] = {}
@@ -204,11 +224,18 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
     and make it active. The base stays as it is; other adapters stay loaded. ``dtype`` defaults to
     the runtime's compute dtype for the model's device. Everything is frozen except, with
     ``trainable``, this adapter's parameters. Returns the adapted module names."""
+    return attach_adapter(model, read_adapter(path), adapter_name=adapter_name, dtype=dtype, backend=backend,
+                          trainable=trainable)
+
+
+def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: str = "default",
+                   dtype: torch.dtype | None = None, backend: str = "auto", trainable: bool = False) -> list[str]:
+    """Put ``weights`` on ``model`` as adapter ``adapter_name`` (see :func:`load_adapter`)."""
     from qlora_trainer.lora.inject import replace_module, set_trainable
     from qlora_trainer.runtime import resolve_dtype
 
-    weights = read_adapter(path)
-    config, file = weights.config, Path(path) / WEIGHTS_NAME
+    config = weights.config
+    file = weights.path / WEIGHTS_NAME if weights.path is not None else Path(weights.name)
     if dtype is None:
         dtype = resolve_dtype("auto", next(model.parameters()).device)
     use_dora = weights.use_dora
