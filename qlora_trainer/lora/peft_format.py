@@ -35,7 +35,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
-             ".lora_magnitude_vector.weight": "m"}
+             ".lora_magnitude_vector.weight": "m", ".lora_A": "A", ".lora_B": "B", ".lora_E": "E"}  # last 3: AdaLoRA
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -103,7 +103,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     replaced atomically and other files are left alone. ``tokenizer`` (``save_pretrained``) and
     ``run_config`` (our ``Config``, as ``config.yaml``) are saved alongside when given.
     """
-    tensors = adapter_state_dict(model, adapter_name)
+    if cfg.variant == "adalora":
+        from qlora_trainer.lora.adalora import adalora_tensors_and_config
+
+        total = run_config.train.max_steps if run_config is not None else None
+        tensors, fields = adalora_tensors_and_config(model, adapter_name, cfg, total)
+    else:
+        tensors, fields = adapter_state_dict(model, adapter_name), {}
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
     layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.specs}
@@ -116,6 +122,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         "use_dora": spec.use_dora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True if cfg.init in ("kaiming", "loftq") else cfg.init, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        **fields,
     }
     return write_adapter_dir(out_dir, adapter_config, tensors, tokenizer=tokenizer, run_config=run_config)
 
@@ -163,8 +170,8 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise QloraError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter directory")
     config = read_json_object(file)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
+        raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (LORA or ADALORA)")
     for key in ("modules_to_save", "trainable_token_indices", "layer_replication"):
         if config.get(key):
             raise QloraError(f"{file}: {key} is not supported by qlora_trainer's loader")
@@ -204,8 +211,13 @@ def read_adapter(path: str | Path) -> AdapterWeights:
         other = " (adapter_model.bin is not read: safetensors only)" if (path / "adapter_model.bin").exists() else ""
         raise QloraError(f"{path}: no {WEIGHTS_NAME}{other}")
     use_dora, use_rslora = bool(config.get("use_dora", False)), bool(config.get("use_rslora", False))
+    groups = _group(load_file(str(file)), file)
+    if config.get("peft_type") == "ADALORA":
+        from qlora_trainer.lora.adalora import adalora_as_lora
+
+        return AdapterWeights(layers=adalora_as_lora(groups, config, file), config=config, path=path)
     layers: dict[str, LayerWeights] = {}
-    for name, parts in _group(load_file(str(file)), file).items():
+    for name, parts in groups.items():
         if "A" not in parts or "B" not in parts or (use_dora and "m" not in parts):
             raise QloraError(f"{file}: incomplete tensors for {name!r} (have {sorted(parts)})")
         a, b = parts["A"], parts["B"]
@@ -249,6 +261,8 @@ def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: s
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8)))
         spec = AdapterSpec(r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
                            use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora)
+        if config.get("peft_type") == "ADALORA":  # scale alpha / init_r, not alpha / (kept rank)
+            spec = AdapterSpec(r=r, alpha=lw.scale * r, dropout=spec.dropout)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, backend=backend)
             replace_module(model, name, module)
