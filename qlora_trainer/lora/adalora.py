@@ -187,6 +187,9 @@ class RankAllocator:
             self.ema_unc[key] = self.beta2 * unc + (1 - self.beta2) * (ipt - avg).abs()
 
     def _score(self, key: tuple[str, str]) -> torch.Tensor:
+        if key not in self.ema_ipt:  # no averages yet (a run resumed right before pruning): rank by |E|
+            p = self._params()[key]
+            return p.detach().abs() if key[1] == "E" else torch.zeros_like(p)
         return self.ema_ipt[key] * self.ema_unc[key]
 
     @torch.no_grad()
@@ -229,6 +232,17 @@ class RankAllocator:
                 keep = torch.tensor(self.rank_pattern[n], device=layer.lora_E[self.name].device)
                 layer.lora_E[self.name].masked_fill_(~keep.view(-1, 1), 0.0)
         return None
+
+    def resume(self, step: int) -> None:
+        """After resuming at ``step`` (steps done): past the final allocation the kept triplets are
+        the nonzero E's (pruned ones are exactly 0). The importance averages are not checkpointed:
+        they start afresh (until they have values, pruning ranks triplets by |E|)."""
+        if step > self.total_step - self.tfinal:
+            layers = ada_layers(self.model, self.name)
+            self.rank_pattern = {n: (layer.lora_E[self.name] != 0).view(-1).tolist() for n, layer in layers.items()}
+            for n, layer in layers.items():
+                layer.rank_mask[self.name] = self.rank_pattern[n]
+            self.budget = self.target_budget
 
     def final(self, step: int) -> bool:
         """Whether ``step`` is the one that fixes the ranks (T - tfinal)."""

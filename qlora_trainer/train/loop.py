@@ -86,6 +86,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer, scheduler)
         restore_rng(resume)
+        if allocator is not None:
+            allocator.resume(state.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", resume, state.step, state.epoch, state.batch)
     metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step)
 

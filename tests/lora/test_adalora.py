@@ -127,13 +127,7 @@ def test_train_with_adalora_reaches_the_budget(tmp_path):
     from qlora_trainer.lora.peft_format import read_adapter_config
     from qlora_trainer.train.loop import train
 
-    cfg = Config()
-    cfg.model.name_or_path, cfg.train.device, cfg.output_dir = "random:tiny", "cpu", str(tmp_path / "run")
-    cfg.lora = LoRAConfig(r=4, alpha=8, dropout=0.0, variant="adalora", adalora_target_r=2, adalora_tinit=1,
-                          adalora_tfinal=1)
-    cfg.train.max_steps, cfg.train.batch_size, cfg.data.seq_len, cfg.data.max_samples = 5, 2, 32, 20
-    cfg.output.progress_bar, cfg.train.grad_accum = False, 1
-    result = train(cfg.validate())
+    result = train(_adalora_run_cfg(tmp_path))
     config = read_adapter_config(result.adapter_dir)
     assert config["peft_type"] == "ADALORA" and config["total_step"] == 5
     kept = sum(sum(mask) for mask in config["rank_pattern"].values())
@@ -142,6 +136,31 @@ def test_train_with_adalora_reaches_the_budget(tmp_path):
     ranks = [r["adalora_ranks"] for r in rows if "adalora_ranks" in r]
     assert len(ranks) == 1 and sum(ranks[0].values()) == kept  # the allocation, logged per layer
     assert [r["adalora_budget"] for r in rows if "adalora_budget" in r][-1] == kept
+
+
+def test_adalora_run_resumes_after_the_final_allocation(tmp_path):
+    """A run stopped after the ranks are fixed resumes with the same ranks (pruned E's stay 0)."""
+    from qlora_trainer.lora.peft_format import read_adapter_config
+    from qlora_trainer.train.loop import train
+
+    cfg = _adalora_run_cfg(tmp_path)
+    cfg.train.save_every, cfg.train.max_steps, cfg.lora.adalora_tfinal = 1, 6, 2
+    train(cfg, stop_after=5)  # the ranks are fixed at step index T - tfinal = 4
+    cfg.resume = "auto"
+    result = train(cfg)
+    assert result.step == 6
+    pattern = read_adapter_config(result.adapter_dir)["rank_pattern"]
+    assert sum(sum(m) for m in pattern.values()) == 2 * len(pattern)
+
+
+def _adalora_run_cfg(tmp_path) -> Config:
+    cfg = Config()
+    cfg.model.name_or_path, cfg.train.device, cfg.output_dir = "random:tiny", "cpu", str(tmp_path / "run")
+    cfg.lora = LoRAConfig(r=4, alpha=8, dropout=0.0, variant="adalora", adalora_target_r=2, adalora_tinit=1,
+                          adalora_tfinal=1)
+    cfg.train.max_steps, cfg.train.batch_size, cfg.data.seq_len, cfg.data.max_samples = 5, 2, 32, 20
+    cfg.output.progress_bar, cfg.train.grad_accum = False, 1
+    return cfg.validate()
 
 
 def test_adalora_config_is_validated():
