@@ -24,8 +24,6 @@ from qlora_trainer.lora import load_adapter, lora_layers
 from qlora_trainer.lora.combine import METHODS, combine_adapters, merge_tensors
 from qlora_trainer.lora.multi import delete_adapter
 from qlora_trainer.lora.peft_format import read_adapter, weights_state_dict, write_adapter_dir
-from qlora_trainer.models.quantize import quantize_model
-from qlora_trainer.models.tiny import random_model
 
 peft = pytest.importorskip("peft")
 
@@ -34,24 +32,8 @@ DENSITY = 0.5
 SEED = 123
 
 
-def _base(nf4: bool):
-    model = random_model("tiny", seed=0)
-    if nf4:
-        model = quantize_model(model, compute_dtype=torch.float32)
-    return model.train()
-
-
-def _logits(model, ids):
-    with torch.enable_grad():
-        return model(ids).logits.detach()
-
-
-def _ids():
-    return torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["fp32", "nf4"])
-def setup(request, tmp_path_factory):
+def setup(request, tmp_path_factory, tiny_base):
     """A PEFT model with adapters facts and style, both saved; our fresh base for loading combined adapters."""
     nf4 = request.param
     root = tmp_path_factory.mktemp("combine")
@@ -59,7 +41,7 @@ def setup(request, tmp_path_factory):
                                                                "up_proj", "down_proj"], lora_dropout=0.0)
     cfg_b = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
     torch.manual_seed(0)
-    pm = peft.get_peft_model(_base(nf4), cfg_a, adapter_name="facts")
+    pm = peft.get_peft_model(tiny_base(nf4), cfg_a, adapter_name="facts")
     pm.add_adapter("style", cfg_b)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -71,7 +53,7 @@ def setup(request, tmp_path_factory):
     order = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
              and "facts" in getattr(m, "lora_A", {})]
     pm.train()
-    return {"nf4": nf4, "peft": pm, "dirs": dirs, "ours": _base(nf4), "order": order, "root": root}
+    return {"nf4": nf4, "peft": pm, "dirs": dirs, "ours": tiny_base(nf4), "order": order, "root": root}
 
 
 def _peft_combined(pm, method: str):
@@ -86,7 +68,7 @@ def _peft_combined(pm, method: str):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_combine_equals_peft(setup, method, tmp_path):
+def test_combine_equals_peft(setup, method, tmp_path, logits_of, probe_ids):
     pm, ours = setup["peft"], setup["ours"]
     state = _peft_combined(pm, method)
     g = torch.Generator()
@@ -112,22 +94,22 @@ def test_combine_equals_peft(setup, method, tmp_path):
     out = write_adapter_dir(tmp_path / method, combined.config, weights_state_dict(combined))
     load_adapter(ours, out, adapter_name=method, dtype=torch.float32)
     ours.train()
-    ids = _ids()
+    ids = probe_ids
     pm.set_adapter(method)
-    expected = _logits(pm, ids)
-    got = _logits(ours, ids)
+    expected = logits_of(pm, ids)
+    got = logits_of(ours, ids)
     delete_adapter(ours, method)
     pm.delete_adapter(method)
     with pm.disable_adapter():
-        base = _logits(pm, ids)
+        base = logits_of(pm, ids)
     assert (expected - base).abs().max() > 1e-3  # the combination does something
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_cat_of_unequal_ranks_loads_in_peft(tmp_path):
+def test_cat_of_unequal_ranks_loads_in_peft(tmp_path, tiny_base, logits_of, probe_ids):
     """cat sums ranks per layer: 4 + 6 where both adapters are, 4 elsewhere (a rank_pattern), and PEFT
     loads the result with the same logits as ours; B A equals w_a Δ_a + w_b Δ_b exactly (1e-6)."""
-    a, b = _random_adapter(r=4, alpha=8, seed=1), _random_adapter(r=6, alpha=6, seed=2, only=("q_proj",))
+    a, b = _random_adapter(tiny_base, r=4, alpha=8, seed=1), _random_adapter(tiny_base, r=6, alpha=6, seed=2, only=("q_proj",))
     combined = combine_adapters([a, b], [1.0, 0.5], "cat")
     q, k = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"
     assert combined.layers[q].r == 10 and combined.layers[k].r == 4
@@ -136,20 +118,20 @@ def test_cat_of_unequal_ranks_loads_in_peft(tmp_path):
     torch.testing.assert_close(combined.layers[q].b @ combined.layers[q].a, want, atol=1e-6, rtol=1e-6)
     out = write_adapter_dir(tmp_path / "cat", combined.config, weights_state_dict(combined))
     assert json.loads((out / "adapter_config.json").read_text())["alpha_pattern"][q] == 10
-    ours = _base(False)
+    ours = tiny_base(False)
     load_adapter(ours, out, dtype=torch.float32)
-    theirs = peft.PeftModel.from_pretrained(_base(False), str(out))
-    ids = _ids()
-    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-4, rtol=1e-4)
+    theirs = peft.PeftModel.from_pretrained(tiny_base(False), str(out))
+    ids = probe_ids
+    torch.testing.assert_close(logits_of(theirs, ids), logits_of(ours, ids), atol=1e-4, rtol=1e-4)
 
 
-def _random_adapter(r: int, alpha: float, seed: int, only: tuple[str, ...] = ()):
+def _random_adapter(tiny_base, r: int, alpha: float, seed: int, only: tuple[str, ...] = ()):
     """An AdapterWeights for the tiny model from our own injection, with random A and B."""
     from qlora_trainer.config import LoRAConfig
     from qlora_trainer.lora import inject_lora
     from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
 
-    model = _base(False)
+    model = tiny_base(False)
     inject_lora(model, LoRAConfig(r=r, alpha=alpha, **({"targets": list(only)} if only else {})), dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     layers = {n: LayerWeights(a=torch.randn(layer.lora_A["default"].shape, generator=g) * 0.1,
@@ -161,8 +143,8 @@ def _random_adapter(r: int, alpha: float, seed: int, only: tuple[str, ...] = ())
                                                  "base_model_name_or_path": "random:tiny"})
 
 
-def test_rank_rules_and_bad_input_are_explained():
-    a, b = _random_adapter(r=4, alpha=8, seed=1), _random_adapter(r=6, alpha=6, seed=2)
+def test_rank_rules_and_bad_input_are_explained(tiny_base):
+    a, b = _random_adapter(tiny_base, r=4, alpha=8, seed=1), _random_adapter(tiny_base, r=6, alpha=6, seed=2)
     with pytest.raises(QloraError, match=r"ranks must be equal on every layer.*r=4.*r=6; use --method cat "
                                          r"\(rank 10\) or svd"):
         combine_adapters([a, b], [1, 1], "ties", density=0.5)
@@ -170,7 +152,7 @@ def test_rank_rules_and_bad_input_are_explained():
         combine_adapters([a, a], [1, 1], "dare_ties")
     with pytest.raises(QloraError, match="2 adapters but 1 weights"):
         combine_adapters([a, b], [1], "cat")
-    dora = _random_adapter(r=4, alpha=8, seed=3)
+    dora = _random_adapter(tiny_base, r=4, alpha=8, seed=3)
     dora.config["use_dora"] = True
     with pytest.raises(QloraError, match="DoRA"):
         combine_adapters([a, dora], [1, 1], "cat")

@@ -18,10 +18,8 @@ import torch
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import QloraError
 from qlora_trainer.lora import (hotswap_adapter, inject_lora, load_adapter, lora_layers, prepare_hotswap,
-                                read_adapter, save_adapter, set_active_adapter)
+                                read_adapter, save_adapter)
 from qlora_trainer.lora.weights import AdapterWeights
-from qlora_trainer.models.quantize import quantize_model
-from qlora_trainer.models.tiny import random_model
 
 # name -> (variant, r, alpha, targets, seed)
 ADAPTERS = {"a": ("lora", 4, 8, "all-linear", 1), "b": ("rslora", 2, 8, ["q_proj", "v_proj"], 2),
@@ -29,26 +27,10 @@ ADAPTERS = {"a": ("lora", 4, 8, "all-linear", 1), "b": ("rslora", 2, 8, ["q_proj
 DORA = {"d1": ("dora", 4, 8, "all-linear", 4), "d2": ("dora", 2, 2, "all-linear", 5)}
 
 
-def _base(nf4: bool):
-    model = random_model("tiny", seed=0)
-    if nf4:
-        model = quantize_model(model, compute_dtype=torch.float32)
-    return model.train()
-
-
-def _logits(model, ids):
-    with torch.enable_grad():
-        return model(ids).logits.detach()
-
-
-def _ids():
-    return torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def _save(root, specs: dict, nf4: bool) -> dict:
+def _save(tiny_base, root, specs: dict, nf4: bool) -> dict:
     dirs = {}
     for name, (variant, r, alpha, targets, seed) in specs.items():
-        model, cfg = _base(nf4), LoRAConfig(r=r, alpha=alpha, variant=variant, targets=targets, dropout=0.0)
+        model, cfg = tiny_base(nf4), LoRAConfig(r=r, alpha=alpha, variant=variant, targets=targets, dropout=0.0)
         torch.manual_seed(seed)
         inject_lora(model, cfg, dtype=torch.float32)
         g = torch.Generator().manual_seed(seed)
@@ -68,63 +50,63 @@ def _identity(model) -> dict:
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["fp32", "nf4"])
 @pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_hotswap_gives_each_adapters_logits_in_place(tmp_path, nf4, kind):
+def test_hotswap_gives_each_adapters_logits_in_place(tmp_path, nf4, kind, tiny_base, logits_of, probe_ids):
     specs = ADAPTERS if kind == "lora" else DORA
-    dirs = _save(tmp_path, specs, nf4)
-    ids = _ids()
-    ref = _base(nf4)
+    dirs = _save(tiny_base, tmp_path, specs, nf4)
+    ids = probe_ids
+    ref = tiny_base(nf4)
     expected = {}
     for name, d in dirs.items():
         load_adapter(ref, d, adapter_name=name, dtype=torch.float32)
         ref.train()
-        expected[name] = _logits(ref, ids)
+        expected[name] = logits_of(ref, ids)
     adapters = {name: read_adapter(d) for name, d in dirs.items()}
 
-    model = _base(nf4)
+    model = tiny_base(nf4)
     rank = prepare_hotswap(model, list(adapters.values()), dtype=torch.float32)
     assert rank == max(r for _, r, *_ in specs.values())
     before = _identity(model)
     first = {}
     for name, weights in adapters.items():
         hotswap_adapter(model, weights)
-        first[name] = _logits(model, ids)
+        first[name] = logits_of(model, ids)
         torch.testing.assert_close(first[name], expected[name], atol=1e-5, rtol=1e-5)
     names = list(adapters)
     assert (first[names[0]] - first[names[1]]).abs().max() > 1e-3  # the adapters differ
     hotswap_adapter(model, adapters[names[0]])
-    assert torch.equal(_logits(model, ids), first[names[0]])  # swapping back is exact
+    assert torch.equal(logits_of(model, ids), first[names[0]])  # swapping back is exact
     assert _identity(model) == before  # nothing re-created, no storage moved
 
 
-def test_hotswap_refusals_change_nothing(tmp_path):
-    dirs = _save(tmp_path, {k: ADAPTERS[k] for k in ("b", "c")}, nf4=False)
+def test_hotswap_refusals_change_nothing(tmp_path, tiny_base, logits_of, probe_ids):
+    dirs = _save(tiny_base, tmp_path, {k: ADAPTERS[k] for k in ("b", "c")}, nf4=False)
     b, c = read_adapter(dirs["b"]), read_adapter(dirs["c"])
-    model = _base(False)
+    model = tiny_base(False)
     prepare_hotswap(model, [b])  # slot: q/v, rank 2
     hotswap_adapter(model, b)
-    ids = _ids()
-    want = _logits(model, ids)
+    ids = probe_ids
+    want = logits_of(model, ids)
     with pytest.raises(QloraError, match="does not cover"):
         hotswap_adapter(model, c)  # c also adapts down_proj/up_proj
     narrow = AdapterWeights(layers={n: lw for n, lw in c.layers.items() if n in b.layers}, config=c.config)
     with pytest.raises(QloraError, match="takes rank <= 2"):
         hotswap_adapter(model, narrow)  # rank 8 > 2
-    assert torch.equal(_logits(model, ids), want)
+    assert torch.equal(logits_of(model, ids), want)
     with pytest.raises(QloraError, match="below the largest adapter rank 8"):
-        prepare_hotswap(_base(False), [c], rank=4)
-    dora = read_adapter(_save(tmp_path / "d", {"d2": DORA["d2"]}, nf4=False)["d2"])
+        prepare_hotswap(tiny_base(False), [c], rank=4)
+    dora = read_adapter(_save(tiny_base, tmp_path / "d", {"d2": DORA["d2"]}, nf4=False)["d2"])
     with pytest.raises(QloraError, match="DoRA and plain LoRA"):
-        prepare_hotswap(_base(False), [b, dora])
+        prepare_hotswap(tiny_base(False), [b, dora])
 
 
-def test_compiled_model_does_not_recompile_on_swap(tmp_path):
+def test_compiled_model_does_not_recompile_on_swap(tmp_path, tiny_base, probe_ids):
     import torch._dynamo
 
-    dirs = _save(tmp_path, ADAPTERS, nf4=False)
+    dirs = _save(tiny_base, tmp_path, ADAPTERS, nf4=False)
     adapters = [read_adapter(d) for d in dirs.values()]
-    model = _base(False).eval()
+    model = tiny_base(False).eval()
     prepare_hotswap(model, adapters)
-    ids = _ids()
+    ids = probe_ids
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", dynamic=False)
     hotswap_adapter(model, adapters[0])
