@@ -4,15 +4,30 @@ Layering per op (Liger-Kernel style): Triton kernel -> launcher -> ``torch.autog
 ``nn.Module``/function, with a torch reference that is both the CPU fallback and the test oracle.
 ``dispatch.py`` is the one place that decides which runs. Nothing here imports the rest of
 ``qlora_trainer``.
+
+This folder sits at the repository's top level but is only ever ``qlora_trainer.kernels``: imported
+as a bare ``kernels`` (from the repo root, ``sys.path`` holds ``.``) it would impersonate the
+Hugging Face ``kernels`` package that transformers and bitsandbytes probe for, so it refuses.
 """
 
-from qlora_trainer.kernels.cross_entropy import linear_cross_entropy
-from qlora_trainer.kernels.dispatch import lora_matmul, resolve_backend
-from qlora_trainer.kernels.lora_linear import lora_linear
-from qlora_trainer.kernels.nf4 import NF4Weight, dequantize_nf4
-from qlora_trainer.kernels.rmsnorm import rms_norm
-from qlora_trainer.kernels.rope import apply_rope
-from qlora_trainer.kernels.swiglu import swiglu
+if __name__ == "kernels":  # imported under the bare name: inert, and every use says why
+    __file__ = None  # transformers' probe reads "no version, no file" as "not installed"
+    __path__: list[str] = []  # no submodules either
 
-__all__ = ["lora_matmul", "resolve_backend", "linear_cross_entropy", "lora_linear", "NF4Weight",
-           "dequantize_nf4", "rms_norm", "apply_rope", "swiglu"]
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError("the repository's kernels/ folder is qlora_trainer.kernels, not the Hugging Face "
+                          "`kernels` package: import qlora_trainer.kernels (run from outside the repo root, "
+                          "or install the Hugging Face package if you need it)")
+else:
+    from qlora_trainer.kernels.cross_entropy import linear_cross_entropy
+    from qlora_trainer.kernels.dispatch import lora_matmul, resolve_backend
+    from qlora_trainer.kernels.lora_linear import lora_linear
+    from qlora_trainer.kernels.nf4 import NF4Weight, dequantize_nf4
+    from qlora_trainer.kernels.rmsnorm import rms_norm
+    from qlora_trainer.kernels.rope import apply_rope
+    from qlora_trainer.kernels.swiglu import swiglu
+
+    __all__ = ["lora_matmul", "resolve_backend", "linear_cross_entropy", "lora_linear", "NF4Weight",
+               "dequantize_nf4", "rms_norm", "apply_rope", "swiglu"]

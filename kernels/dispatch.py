@@ -48,21 +48,32 @@ def lora_matmul(
     Returns:
         (..., out_features) in ``x.dtype``.
 
-    On the triton backend a frozen NF4 ``Linear4bit`` or dense ``nn.Linear`` base goes through
-    ``lora_linear.LoRALinearFunction`` (W recomputed in the backward, fused NF4 dequant); other
-    bases (trainable, FP4, unknown modules) take the plain path below, where dropout is
-    ``F.dropout`` (device RNG, its mask kept for backward by autograd); the Function instead
-    regenerates a seeded mask in the backward and saves nothing for it.
+    A frozen NF4 ``Linear4bit`` or dense ``nn.Linear`` base goes through
+    ``lora_linear.LoRALinearFunction`` on either backend (W recomputed in the backward, our NF4
+    dequantization: Triton, or the torch reference; never bitsandbytes' CPU-feature-dependent
+    kernels); other bases (trainable, FP4, unknown modules) take the plain path below, where
+    dropout is ``F.dropout`` (device RNG, its mask kept for backward by autograd); the Function
+    instead regenerates a seeded mask in the backward and saves nothing for it.
     """
-    if resolve_backend(backend, x.device) == "triton":
-        from .lora_linear import BaseWeight, lora_linear
+    from .lora_linear import BaseWeight, lora_linear
 
-        bw = BaseWeight.from_module(base, backend="triton")
-        if bw is not None:
-            return lora_linear(x, bw, lora_A, lora_B, scale, dropout)
+    bw = BaseWeight.from_module(base, backend=resolve_backend(backend, x.device))
+    if bw is not None:
+        return lora_linear(x, bw, lora_A, lora_B, scale, dropout)
     xa = torch.nn.functional.dropout(x, dropout, training=True) if dropout > 0 else x
     y = base(x)
     return y + (xa.to(lora_A.dtype) @ lora_A.t() @ lora_B.t()).to(y.dtype) * scale
+
+
+def frozen_matmul(x: torch.Tensor, base: nn.Module, backend: str = "auto") -> torch.Tensor | None:
+    """y = base(x) = x @ W^T (+ bias) for a frozen NF4 ``Linear4bit`` or dense ``nn.Linear``, through
+    our dequantization (see :func:`lora_matmul`); None for a base the kernels do not read.
+
+    x: (..., in) -> (..., out) in ``x.dtype``."""
+    from .lora_linear import BaseWeight, frozen_linear
+
+    bw = BaseWeight.from_module(base, backend=resolve_backend(backend, x.device))
+    return None if bw is None else frozen_linear(x, bw)
 
 
 def sm_count(device: torch.device) -> int:

@@ -61,9 +61,12 @@ class BaseWeight:
             return None
         state = getattr(weight, "quant_state", None)
         if state is not None:
-            # bnb's CPU inference path may repack the weight (AVX512 layout): not ours to read
-            if state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
+            if state.quant_type != "nf4":
                 return None
+            if getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError("this NF4 weight was repacked by bitsandbytes' AVX512 CPU inference path "
+                                   "(lossy, no autograd); claim the model's 4-bit layers before running it: "
+                                   "qlora_trainer.models.nf4_linear.claim_4bit_layers(model)")
             return cls(nf4=NF4Weight.from_bnb(weight.data, state), bias=bias, backend=backend)
         if type(base) is nn.Linear:
             return cls(dense=weight, bias=bias, backend=backend)
@@ -173,6 +176,31 @@ class LoRALinearFunction(torch.autograd.Function):
             xl2 = x2 if mask is None else _dropped_(mask, x2, p)
             d_a = (du.t() @ xl2).to(lora_A.dtype)  # (r, in)
         return dx, d_a, d_b, None, None, None, None
+
+
+class FrozenLinearFunction(torch.autograd.Function):
+    """forward(x (..., in), base) -> x @ W^T + bias (..., out) for a frozen base weight.
+
+    Backward: dL/dx = dy @ W (M, in), with W recomputed (dequantized again) rather than saved, so
+    nothing is saved for backward (W and bias are frozen: no dW, no db)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: BaseWeight) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = base.forward_matmul(x.reshape(-1, x.shape[-1]).contiguous(), None)  # (M, out)
+        ctx.base = base
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        lead = dy.shape[:-1]
+        dx = ctx.base.backward_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), None)  # (M, in)
+        return dx.view(*lead, dx.shape[-1]), None
+
+
+def frozen_linear(x: torch.Tensor, base: BaseWeight) -> torch.Tensor:
+    """y (..., out) = x @ W^T (+ bias) via :class:`FrozenLinearFunction` (W never saved)."""
+    return FrozenLinearFunction.apply(x, base)
 
 
 def lora_linear(x: torch.Tensor, base: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,

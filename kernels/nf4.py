@@ -10,8 +10,13 @@ A bitsandbytes ``Params4bit`` weight of logical shape (out, in) is stored as ``p
     absmax_f32[b] = state2.code[absmax[b]] * state2.absmax[b // 256] + offset         (double quant)
 
 :class:`NF4Weight` gathers those tensors once (no host sync), :func:`dequantize_nf4` dispatches,
-:func:`dequantize_nf4_reference` is ``bitsandbytes.functional.dequantize_4bit`` (the CPU fallback
-and the test oracle; the Triton kernel is bit-exact with it in fp32).
+:func:`dequantize_nf4_reference` is the same formula in plain torch (the CPU path and the test
+oracle; the Triton kernel is bit-exact with it in fp32).
+
+Our compute path never calls bitsandbytes' dequantization: its CPU kernel depends on the CPU's
+features (on AVX512F it mis-indexes the block scales when ``in`` is not a multiple of the block
+size, see docs/bitsandbytes-cpu.md), so the numbers would depend on the machine. bitsandbytes stays
+the owner of the format, the quantization and the storage (``Params4bit``/``QuantState``).
 """
 
 from __future__ import annotations
@@ -81,23 +86,36 @@ class NF4Weight:
         return n
 
 
+def block_scales(w: NF4Weight) -> torch.Tensor:
+    """The fp32 scale of every quantization block (ceil(n/blocksize),), double-quant aware:
+    ``code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset`` (a multiply, then an add: the same
+    two roundings as bitsandbytes and the Triton kernel)."""
+    if w.code2 is None:
+        return w.absmax.float()
+    blk2 = torch.arange(w.absmax.numel(), device=w.absmax.device) // w.blocksize2
+    return w.code2[w.absmax.long()] * w.absmax2[blk2] + w.offset
+
+
 def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """bitsandbytes' own dequantization: (out, in) in ``dtype`` (default: the quant state's)."""
-    import copy
+    """Pure-torch NF4 dequantization: (out, in) in ``dtype`` (default: the quant state's).
 
-    import bitsandbytes.functional as bnbF
-
-    state = w.quant_state
-    if dtype is not None and dtype != state.dtype:  # one rounding from fp32, as the kernel does
-        state = copy.copy(state)
-        state.dtype = dtype
-    return bnbF.dequantize_4bit(w.packed.view(-1, 1), state)
+    ``W_flat[i] = code[nibble(i)] * scale[i // blocksize]`` in fp32, one rounding to ``dtype``.
+    Extra memory: the nibble indices (int64) and the fp32 result, one layer at a time (the CPU
+    path; CUDA uses the Triton kernel)."""
+    n = w.numel
+    q = w.packed[: (n + 1) // 2]
+    codes = torch.stack((q >> 4, q & 15), dim=1).reshape(-1).long()  # (2 * bytes,) nibble per element
+    scale = block_scales(w)  # (n_blocks,)
+    n_pad = scale.numel() * w.blocksize  # whole blocks, so the scale broadcasts per row
+    codes = torch.nn.functional.pad(codes[:n], (0, n_pad - n))
+    out = w.code[codes].view(-1, w.blocksize).mul_(scale[:, None]).view(-1)[:n]
+    return out.reshape(w.shape).to(dtype or w.dtype)
 
 
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """Dequantize ``w`` to a new (out, in) tensor in ``dtype`` (default: the quant state's dtype).
 
-    ``backend``: ``auto|triton|torch`` (torch = bitsandbytes' kernel). The Triton kernel writes
+    ``backend``: ``auto|triton|torch`` (torch = :func:`dequantize_nf4_reference`). The Triton kernel writes
     ``dtype`` directly (fp32 math, one rounding), so bf16 output costs no extra pass."""
     dtype = dtype or w.dtype
     if resolve_backend(backend, w.packed.device) == "triton":

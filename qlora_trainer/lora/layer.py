@@ -62,21 +62,20 @@ class AdapterSpec:
 def dequantized_weight(base: nn.Module, backend: str = "auto") -> torch.Tensor:
     """The base layer's weight (out, in) as a dense tensor (a transient copy for a 4-bit layer).
 
-    ``backend`` (``auto|triton|torch``) goes to the kernels' NF4 dequantization."""
+    NF4 goes through the kernels' dequantization (Triton on CUDA, the torch reference elsewhere;
+    ``backend`` is ``auto|triton|torch``), never bitsandbytes' CPU kernels; FP4 through bitsandbytes."""
     w = base.weight
     quant_state = getattr(w, "quant_state", None)
     if quant_state is None:
         return w.detach()
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes repacked the weight for its AVX512-BF16 CPU inference kernel (eval mode, no
-        # grad), a layout dequantize_4bit cannot read: recover W through the layer, I W^T + b.
-        with torch.no_grad():
-            eye = torch.eye(base.in_features, device=w.device, dtype=base_compute_dtype(base))
-            wt = base(eye)  # (in, out)
-            return (wt - base.bias if base.bias is not None else wt).t()
-    if quant_state.quant_type == "nf4":  # the kernels' dispatch picks Triton on CUDA, bitsandbytes elsewhere
+    if quant_state.quant_type == "nf4":
         from qlora_trainer.kernels import NF4Weight, dequantize_nf4
 
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
+            claim_4bit_layers(base)  # undo bitsandbytes' AVX512 repacking (warns: lossy)
+            w, quant_state = base.weight, base.weight.quant_state
         return dequantize_nf4(NF4Weight.from_bnb(w.data, quant_state), backend=backend)
     import bitsandbytes.functional as bnbf
 
@@ -112,6 +111,12 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, *, backend: str = "auto") -> None:
         super().__init__()
+        from qlora_trainer.models.quantize import is_4bit
+
+        if is_4bit(base_layer):  # our NF4 compute, no bitsandbytes CPU repacking (nf4_linear.py)
+            from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
+            claim_4bit_layers(base_layer, backend=backend)
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)

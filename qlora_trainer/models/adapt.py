@@ -69,9 +69,11 @@ class RoPEAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values=None,
-                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None,
+                past_key_value=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, T, hidden); position_embeddings = (cos, sin), each (B|1, T, D).
+        The KV cache comes as ``cache`` (transformers >= 5.24), ``past_key_values`` or
+        ``past_key_value`` (earlier releases); whichever is set is updated.
         Returns (attn_output (B, T, hidden), attention weights or None)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -86,8 +88,9 @@ class RoPEAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin, backend=self.backend)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        kv_cache = next((c for c in (cache, past_key_values, past_key_value) if c is not None), None)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           eager_attention_forward)
         if self.sliding_window is not None:

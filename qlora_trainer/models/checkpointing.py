@@ -77,6 +77,21 @@ class CpuOffloader:
         return cpu.to(device, non_blocking=True)
 
 
+CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")  # its name across transformers releases
+
+
+def without_cache(kwargs: dict) -> dict:
+    """``kwargs`` with every KV cache dropped (whatever its argument name: transformers 5.24 renamed
+    ``past_key_values`` to ``cache``) and ``use_cache=False``: a recompute must not append the
+    keys to a cache a second time."""
+    from transformers.cache_utils import Cache
+
+    out = {k: (None if k in CACHE_KWARGS or isinstance(v, Cache) else v) for k, v in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
 class CheckpointedLayer(nn.Module):
     """A decoder layer run under non-reentrant activation checkpointing while training.
 
@@ -114,10 +129,7 @@ class CheckpointedLayer(nn.Module):
         layer = self._layer
         if not (self.training and torch.is_grad_enabled()):
             return layer(hidden_states, *args, **kwargs)
-        if kwargs.get("use_cache"):
-            kwargs["use_cache"] = False
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = None
+        kwargs = without_cache(kwargs)
 
         def run(h: torch.Tensor) -> torch.Tensor:  # only h is saved by the checkpoint
             return layer(h, *args, **kwargs)

@@ -113,6 +113,10 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
             model.resize_token_embeddings(vocab_size)
     for p in model.parameters():
         p.requires_grad_(False)
+    if m.quantization == "nf4":  # our NF4 compute on every device, no bitsandbytes CPU repacking
+        from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
+        claim_4bit_layers(model)
     model.config.use_cache = False
     return model
 

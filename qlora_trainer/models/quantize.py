@@ -21,11 +21,14 @@ def quantize_linear(
     blocksize: int = 64,
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Return a frozen ``bnb.nn.Linear4bit`` holding ``linear``'s weight in 4 bits.
+    """Return a frozen ``bnb.nn.Linear4bit`` holding ``linear``'s weight in 4 bits, claimed by
+    :func:`~qlora_trainer.models.nf4_linear.claim_4bit_layers` (NF4 computes through our kernels).
 
     The weight (out, in) is quantized when the module moves to ``device`` (default: the weight's
     device; a meta weight is an error). The bias, if any, is kept in ``compute_dtype``.
     """
+    from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
     import bitsandbytes as bnb
 
     if linear.weight.is_meta:
@@ -43,7 +46,9 @@ def quantize_linear(
     )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-    return q.to(device)
+    q = q.to(device)
+    claim_4bit_layers(q)
+    return q
 
 
 def quantize_model(
@@ -67,4 +72,4 @@ def quantize_model(
 
 def is_4bit(module: nn.Module) -> bool:
     """True for a bitsandbytes 4-bit linear layer."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4", "NF4Linear")

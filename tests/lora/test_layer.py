@@ -112,9 +112,9 @@ def test_dora_training_dropout_matches_peft_formula():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("nf4", [False, True])
 def test_lora_training_dropout(backend, nf4):
-    """Training mode with dropout p: y = base(x) + s B A (x ⊙ k / (1 - p)). The torch backend draws k
-    with ``F.dropout``; the Triton Function from the seed it draws (:func:`dropout_mask`). Eval mode
-    drops nothing. The ``lora_dropout`` module stays (PEFT layout) though only DoRA calls it."""
+    """Training mode with dropout p: y = base(x) + s B A (x ⊙ k / (1 - p)). Both backends run the
+    Function, which draws k from the seed it draws (:func:`dropout_mask`). Eval mode drops nothing.
+    The ``lora_dropout`` module stays (PEFT layout) though only DoRA calls it."""
     from qlora_trainer.kernels.lora_linear import draw_seed, dropout_mask
 
     layer = _layer("lora", nf4, dropout=0.3).train()
@@ -124,11 +124,8 @@ def test_lora_training_dropout(backend, nf4):
     torch.manual_seed(2)
     y = layer(x)
     torch.manual_seed(2)
-    if backend == "torch":
-        xd = nn.functional.dropout(x, 0.3, training=True)
-    else:
-        keep = dropout_mask(draw_seed(), (15, IN), 0.3, x.device, x.dtype).view(3, 5, IN)
-        xd = x * keep / 0.7
+    keep = dropout_mask(draw_seed(), (15, IN), 0.3, x.device, x.dtype).view(3, 5, IN)
+    xd = x * keep / 0.7
     a, b, s = layer.lora_A["a"], layer.lora_B["a"], layer.specs["a"].scale
     ref = layer.base_layer(x) + s * (xd @ a.t() @ b.t())
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
@@ -211,12 +208,21 @@ def test_triton_backend_matches_torch(variant):
 
 
 def test_dequantized_weight_after_bnb_cpu_repacking():
-    """bitsandbytes repacks NF4 weights for its AVX512-BF16 CPU kernel in eval mode; the dense W
-    (used by DoRA and merging) must then still reproduce the layer's own output."""
-    base = quantize_linear(nn.Linear(64, 64), compute_dtype=torch.float32).eval()  # the packing needs 32 | out, in
+    """A raw bitsandbytes layer that its AVX512-BF16 CPU path already repacked (eval, no grad): the
+    dense W (DoRA, merging) undoes the repacking and still reproduces the layer's output (within
+    the bf16 rounding of the scales that the repacking did)."""
+    import bitsandbytes as bnb
+
+    base = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(nn.Linear(64, 64).state_dict())
+    base = base.to("cpu").eval()  # the packing needs 32 | out, in
     base.support_avx512bf16_for_cpu = True  # force the repacking path whatever this CPU has
     x = torch.randn(3, 64)
     with torch.no_grad():
         y = base(x)
     assert getattr(base.weight.quant_state, "packing_format_for_cpu", False)
-    torch.testing.assert_close(x @ dequantized_weight(base).t() + base.bias, y, atol=1e-5, rtol=1e-5)
+    w = dequantized_weight(base)
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(x @ w.t() + base.bias, y, atol=2e-2, rtol=2e-2)
+
+

@@ -63,7 +63,7 @@ def test_adapted_nf4_model_matches(tiny_nf4_model):
     ids, mask = _batch()
     want = _logits_and_grads(model, ids, mask)
     adapted = adapt_model(copy.deepcopy(model), "triton")
-    assert type(adapted.model.layers[0].mlp.gate_proj).__name__ == "Linear4bit"
+    assert type(adapted.model.layers[0].mlp.gate_proj).__name__ == "NF4Linear"
     _assert_same(_logits_and_grads(adapted, ids, mask), want)
 
 

@@ -137,3 +137,22 @@ def test_demo_config_loss_decreases(tmp_path):
     losses = train(cfg).losses
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.8, losses
+
+
+def test_eval_every_n_steps_leaves_training_bit_identical(tiny_cfg, tmp_path, monkeypatch):
+    """Evaluating every step changes no training loss, even where bitsandbytes would repack NF4
+    weights for its AVX512-BF16 CPU kernel in eval mode (forced on here whatever this CPU has): that
+    repacking dropped input gradients in every step after the first eval (issue 13)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    tiny_cfg.data.eval_fraction = 0.25
+    tiny_cfg.train.max_steps = 3
+    runs = {}
+    for every in (0, 1):
+        cfg = copy.deepcopy(tiny_cfg)
+        cfg.train.eval_every = every
+        cfg.output_dir = str(tmp_path / f"eval{every}")
+        runs[every] = train(cfg)
+    assert runs[1].eval_loss is not None and runs[1].eval_loss > 0
+    assert runs[1].losses == runs[0].losses and len(runs[0].losses) == 3

@@ -1,0 +1,29 @@
+"""kernels/ is ``qlora_trainer.kernels``; from the repo root (where ``sys.path`` holds ``.``) a bare
+``import kernels`` must not impersonate the Hugging Face ``kernels`` package that transformers and
+bitsandbytes probe for (issue 13)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bare_kernels_is_inert_from_the_repo_root():
+    code = (
+        "import transformers.utils.import_utils as iu, kernels, bitsandbytes\n"
+        "assert not iu.is_kernels_available(), 'transformers believes HF kernels is installed'\n"
+        "try:\n"
+        "    from kernels import get_kernel\n"
+        "except ImportError as e:\n"
+        "    assert 'qlora_trainer.kernels' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('imported get_kernel from our folder')\n"
+        "import qlora_trainer.kernels as k\n"
+        "assert k.__name__ == 'qlora_trainer.kernels' and callable(k.lora_matmul)\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
