@@ -1,6 +1,5 @@
-"""Builders shared by the adapter tests (combine, hot-swap): the tiny Llama, fp32 or NF4, in train
-mode, and its logits from a forward with grad enabled - not bitsandbytes' CPU inference path, which
-repacks NF4 weights in eval/no-grad forwards (issue 13) and is not what these tests are about."""
+"""Builders shared by the adapter tests (combine, hot-swap): the tiny Llama, fp32 or NF4 (fp32
+compute), in eval mode, and its logits from a no-grad forward."""
 
 from __future__ import annotations
 
@@ -15,23 +14,24 @@ def build_tiny(nf4: bool) -> torch.nn.Module:
     model = random_model("tiny", seed=0)
     if nf4:
         model = quantize_model(model, compute_dtype=torch.float32)
-    return model.train()
+    return model.eval()
 
 
 def grad_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.enable_grad():
+    model.eval()
+    with torch.no_grad():
         return model(ids).logits.detach()
 
 
 @pytest.fixture(scope="session")
 def tiny_base():
-    """``tiny_base(nf4)``: a fresh tiny Llama (seed 0) in train mode, NF4 (fp32 compute) or fp32."""
+    """``tiny_base(nf4)``: a fresh tiny Llama (seed 0) in eval mode, NF4 (fp32 compute) or fp32."""
     return build_tiny
 
 
 @pytest.fixture(scope="session")
 def logits_of():
-    """``logits_of(model, ids)``: detached logits of a forward with grad enabled."""
+    """``logits_of(model, ids)``: logits of an eval-mode, no-grad forward."""
     return grad_logits
 
 

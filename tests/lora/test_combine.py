@@ -8,8 +8,6 @@ singular vectors' signs may differ) and our combined adapter, written to disk an
 base, gives PEFT's logits within atol 1e-4 (fp32, summation order only). DARE's random pruning uses
 PEFT's draws: the generator starts from the state PEFT reaches after creating the new adapter (its
 A init), and the layers go in the model's module order.
-Forwards run in train mode with grad (no dropout anywhere): bitsandbytes' CPU inference repack of
-NF4 weights (issue 13) is not what is tested here.
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ def setup(request, tmp_path_factory, tiny_base):
     dirs = {name: root / name for name in ("facts", "style")}
     order = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
              and "facts" in getattr(m, "lora_A", {})]
-    pm.train()
+    pm.eval()
     return {"nf4": nf4, "peft": pm, "dirs": dirs, "ours": tiny_base(nf4), "order": order, "root": root}
 
 
@@ -93,7 +91,6 @@ def test_combine_equals_peft(setup, method, tmp_path, logits_of, probe_ids):
 
     out = write_adapter_dir(tmp_path / method, combined.config, weights_state_dict(combined))
     load_adapter(ours, out, adapter_name=method, dtype=torch.float32)
-    ours.train()
     ids = probe_ids
     pm.set_adapter(method)
     expected = logits_of(pm, ids)
