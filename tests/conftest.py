@@ -12,6 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+if os.environ.get("QLORA_SIMULATE_CPU") == "avx2":
+    # `make test-lowest` simulates a CPU without AVX512 (whatever this one has): torch's dispatch (and
+    # bitsandbytes' Python checks of it) see AVX2 through ATEN_CPU_CAPABILITY, and bitsandbytes'
+    # native AVX512-BF16 probe answers no, so no Linear4bit is created with repacking enabled.
+    assert os.environ.get("ATEN_CPU_CAPABILITY") == "avx2", "set ATEN_CPU_CAPABILITY=avx2 before torch loads"
+    import bitsandbytes.functional as _bnb_functional
+    import bitsandbytes.nn.modules as _bnb_modules
+
+    _bnb_functional.has_avx512bf16 = _bnb_modules.has_avx512bf16 = lambda: False
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

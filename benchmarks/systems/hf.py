@@ -16,18 +16,26 @@ from benchmarks.spec import RunSpec
 
 
 def load_model(spec: RunSpec):
-    """The NF4 base model, loaded as ``from_pretrained`` users do (or built in-process for 70B)."""
+    """The NF4 base model, loaded as ``from_pretrained`` users do (or built in-process for 70B), its
+    4-bit layers computed by bitsandbytes, with bitsandbytes' lossy AVX512-BF16 CPU repacking off
+    (``claim_4bit_layers(own_compute=False)``; a no-op on CUDA)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_trainer.models.nf4_linear import claim_4bit_layers
 
     if spec.weights == "in_process":
         from benchmarks.weights import build_nf4_in_process
 
-        return build_nf4_in_process(spec.model, seed=spec.seed, device=torch.device(spec.device),
-                                    dtype=spec.torch_dtype)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=spec.torch_dtype)
-    return AutoModelForCausalLM.from_pretrained(spec.checkpoint_dir, quantization_config=q, dtype=spec.torch_dtype,
-                                                device_map={"": spec.device}, attn_implementation="sdpa")
+        model = build_nf4_in_process(spec.model, seed=spec.seed, device=torch.device(spec.device),
+                                     dtype=spec.torch_dtype)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=spec.torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.checkpoint_dir, quantization_config=q,
+                                                     dtype=spec.torch_dtype, device_map={"": spec.device},
+                                                     attn_implementation="sdpa")
+    claim_4bit_layers(model, own_compute=False)
+    return model
 
 
 def build(spec: RunSpec) -> Built:

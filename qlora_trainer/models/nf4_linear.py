@@ -70,7 +70,8 @@ def claim_4bit_layers(model: nn.Module, *, own_compute: bool = True, backend: st
     Always: the AVX512-BF16 repacking is switched off (and undone where it already happened), which
     is enough for HF-stack code paths (the benchmarks' baseline, PEFT interop). With
     ``own_compute`` (our models), NF4 layers also become :class:`NF4Linear` (our dequantization and
-    matmul, ``backend`` for the kernels); FP4 layers keep bitsandbytes' compute."""
+    matmul, ``backend`` for the kernels); FP4 layers keep bitsandbytes' compute. Without it,
+    :class:`NF4Linear` layers go back to plain ``Linear4bit`` (bitsandbytes computes: the HF stack)."""
     n = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -82,5 +83,7 @@ def claim_4bit_layers(model: nn.Module, *, own_compute: bool = True, backend: st
         if own_compute and is_nf4 and type(module) in (bnb.nn.Linear4bit, bnb.nn.LinearNF4, NF4Linear):
             module.__class__ = NF4Linear
             module.kernel_backend = backend
+        elif not own_compute and type(module) is NF4Linear:
+            module.__class__ = bnb.nn.Linear4bit
         n += 1
     return n

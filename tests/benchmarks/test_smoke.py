@@ -63,14 +63,14 @@ def test_smoke_run_hf_and_ours_agree(tmp_path):
     hf = rows["hf"]
     assert hf["status"] == "ok", hf
     assert ROW_KEYS <= set(hf)
-    assert (hf["model"], hf["seq_len"], hf["batch"], len(hf["losses"])) == ("tiny", 64, 2, 2)
+    assert (hf["model"], hf["seq_len"], hf["batch"], len(hf["losses"])) == ("tiny-64", 64, 2, 2)
     assert hf["tokens_per_s"] > 0 and hf["speedup_vs_hf"] == 1.0
     # random N(0, 0.02) weights predict ~uniformly over the 260-token vocabulary
     assert abs(hf["step0_loss"] - math.log(260)) < 0.1
     md = (out / "smoke.md").read_text()
-    assert "| tiny | 64 | 2 | hf | ok |" in md and doc["device"]["command"] in md
+    assert "| tiny-64 | 64 | 2 | hf | ok |" in md and doc["device"]["command"] in md
     assert (out / "smoke-tokens_per_s.png").stat().st_size > 1000
-    assert not (tmp_path / "ckpt" / "tiny-seed0").exists()  # the checkpoint is cleaned up
+    assert not (tmp_path / "ckpt" / "tiny-64-seed0").exists()  # the checkpoint is cleaned up
     if not _ours_available():
         pytest.skip("qlora_trainer.train pieces not landed yet: only the HF stack was checked")
     ours = rows["qlora_trainer"]
@@ -85,11 +85,15 @@ def test_in_process_weights_equal_checkpoint(bench, tmp_path):
     import torch
 
     weights, hf, spec = bench("weights"), bench("systems.hf"), bench("spec")
-    ckpt = weights.write_checkpoint("tiny", tmp_path / "ck", seed=3)
-    from_disk = hf.load_model(spec.RunSpec(system="hf", model="tiny", seq_len=16, device="cpu", dtype="float32",
+    ckpt = weights.write_checkpoint("tiny-64", tmp_path / "ck", seed=3)
+    from_disk = hf.load_model(spec.RunSpec(system="hf", model="tiny-64", seq_len=16, device="cpu", dtype="float32",
                                            checkpoint_dir=str(ckpt)))
-    in_proc = weights.build_nf4_in_process("tiny", seed=3, device=torch.device("cpu"), dtype=torch.float32)
-    other_seed = weights.build_nf4_in_process("tiny", seed=4, device=torch.device("cpu"), dtype=torch.float32)
+    in_proc = weights.build_nf4_in_process("tiny-64", seed=3, device=torch.device("cpu"), dtype=torch.float32)
+    other_seed = weights.build_nf4_in_process("tiny-64", seed=4, device=torch.device("cpu"), dtype=torch.float32)
+    from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
+    for m in (in_proc, other_seed):  # as the hf system runs it: bitsandbytes computes
+        claim_4bit_layers(m, own_compute=False)
     q = "model.layers.1.mlp.down_proj"
     assert type(in_proc.get_submodule(q)).__name__ == "Linear4bit"
     assert torch.equal(from_disk.get_submodule(q).weight.data, in_proc.get_submodule(q).weight.data)

@@ -22,14 +22,10 @@ VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": Tru
 
 
 def _base(nf4: bool):
-    """The tiny Llama with intermediate 384 instead of 352: PEFT's DoRA dequantizes NF4 through
-    bitsandbytes, whose AVX512F CPU kernel is wrong when in_features is not a multiple of the block
-    size (docs/bitsandbytes-cpu.md), so the oracle gets a shape that kernel handles."""
-    import dataclasses
-
-    from qlora_trainer.models.catalog import get_arch
-
-    model = random_model(dataclasses.replace(get_arch("tiny"), intermediate=384), seed=0)
+    """``tiny-64`` (tiny with intermediate 384): PEFT's DoRA dequantizes NF4 through bitsandbytes,
+    whose AVX512F CPU kernel is wrong when in_features is not a multiple of the block size
+    (docs/bitsandbytes-cpu.md), so the oracle gets a shape that kernel handles."""
+    model = random_model("tiny-64", seed=0)
     if nf4:
         model = quantize_model(model, compute_dtype=torch.float32)
     return model.eval()

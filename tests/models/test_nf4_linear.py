@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from qlora_trainer.kernels.nf4 import NF4Weight
-from qlora_trainer.models.nf4_linear import NF4Linear, claim_4bit_layers
 from qlora_trainer.models.quantize import quantize_linear
 
 
@@ -44,7 +43,6 @@ def test_odd_shapes_compute_the_reference_dequantization(shape):
     """in = 352 or 96 is not a multiple of 64 (bitsandbytes' AVX512F kernel mis-indexes scales)."""
     out_f, in_f = shape
     layer = quantize_linear(nn.Linear(in_f, out_f), compute_dtype=torch.float32).eval()
-    assert type(layer) is NF4Linear
     x = torch.randn(3, in_f)
     with torch.no_grad():
         y = layer(x)
@@ -77,6 +75,8 @@ def test_claim_turns_repacking_off_for_hf_stack_layers(avx512bf16_forced):
     switches the repacking off, so an eval pass leaves the weight as it was."""
     import bitsandbytes as bnb
 
+    from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
     raw = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
     raw.load_state_dict(nn.Linear(64, 64).state_dict())
     model = nn.Sequential(raw.to("cpu"))
@@ -90,7 +90,10 @@ def test_claim_turns_repacking_off_for_hf_stack_layers(avx512bf16_forced):
 
 def test_nf4_linear_saves_nothing_for_backward():
     """The frozen 4-bit matmul re-dequantizes W in the backward instead of saving it."""
+    from qlora_trainer.models.nf4_linear import NF4Linear
+
     layer = quantize_linear(nn.Linear(96, 40), compute_dtype=torch.float32).train()
+    assert type(layer) is NF4Linear
     saved: list[torch.Tensor] = []
     x = torch.randn(4, 96, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
