@@ -16,6 +16,7 @@ import json
 
 import pytest
 import torch
+from packaging.version import Version
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.lora import load_adapter, lora_layers
@@ -65,8 +66,16 @@ def _peft_combined(pm, method: str):
     return state
 
 
+# PEFT 0.18 (our lowest supported) puts a negative weight's sign on both A and B (so it cancels) and
+# scales the SVD methods' updates twice; 0.21.2 (the newest tested) has both fixed. The oracle is the
+# fixed behaviour; with an older PEFT only ``cat`` is compared.
+_OLD_PEFT = Version(peft.__version__) < Version("0.21")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_combine_equals_peft(setup, method, tmp_path, logits_of, probe_ids):
+    if _OLD_PEFT and method != "cat":
+        pytest.skip(f"peft {peft.__version__} has add_weighted_adapter sign/scale bugs that 0.21.2 has fixed")
     pm, ours = setup["peft"], setup["ours"]
     state = _peft_combined(pm, method)
     g = torch.Generator()
