@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.kernels import lora_matmul
-from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
+from qlora_trainer.lora.layer import AdapterSpec, LoRALinear, dequantized_weight
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, LoRAConfig
@@ -84,14 +84,13 @@ class AdaLoRALinear(LoRALinear):
         name = self.active_adapter if name is None else name
         if name not in self.ranknum:
             return super().merged_weight(name, dtype)
-        from qlora_trainer.lora.layer import dequantized_weight
-
         w = dequantized_weight(self.base_layer, self.backend).float()
         a = self.lora_A[name].float() * self.lora_E[name].float()
         return (w + self.ada_scale(name) * (self.lora_B[name].float() @ a)).to(dtype)
 
     def delete_adapter(self, name: str) -> None:
-        self.lora_E.pop(name, None)
+        if name in self.lora_E:
+            del self.lora_E[name]
         self.ranknum.pop(name, None)
         self.rank_mask.pop(name, None)
         super().delete_adapter(name)

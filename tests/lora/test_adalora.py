@@ -163,6 +163,28 @@ def _adalora_run_cfg(tmp_path) -> Config:
     return cfg.validate()
 
 
+def test_adalora_layer_merges_and_deletes():
+    """merge_lora of an AdaLoRA model equals its forward (fp32 atol 1e-5); deleting the adapter
+    leaves no AdaLoRA tensors."""
+    from qlora_trainer.lora import delete_adapter, merge_lora
+
+    model = random_model("tiny", seed=0).eval()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="adalora", adalora_target_r=2), dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in ada_layers(model).values():
+            layer.lora_E["default"].copy_(torch.randn(layer.lora_E["default"].shape, generator=g))
+    ids = _ids()
+    adapted = _logits(model, ids)
+    assert (adapted - _logits(random_model("tiny", seed=0), ids)).abs().max() > 1e-3
+    other = random_model("tiny", seed=0)
+    inject_lora(other, LoRAConfig(r=4, alpha=8, variant="adalora", adalora_target_r=2), dtype=torch.float32)
+    delete_adapter(other, "default")
+    assert not ada_layers(other) and not any("lora_E" in n for n, _ in other.named_parameters())
+    merge_lora(model)
+    torch.testing.assert_close(_logits(model, ids), adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_adalora_config_is_validated():
     cfg = Config()
     cfg.lora.variant, cfg.lora.r, cfg.lora.adalora_target_r = "adalora", 4, 8
