@@ -32,8 +32,11 @@ $(STAMP_LOWEST): pyproject.toml ci/constraints-lowest.txt
 
 install: $(STAMP)
 
+# a new output directory per run: re-running the demo never touches an earlier run's results
+DEMO_OUT ?= outputs/demo/$(shell date +%Y%m%d-%H%M%S)
+
 demo: $(STAMP)
-	$(BIN)/qlora-trainer train configs/demo.yaml
+	$(BIN)/qlora-trainer train configs/demo.yaml output_dir=$(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|bitsandbytes|accelerate|datasets|peft|safetensors|triton)==' | tr '\n' ' '; echo

@@ -114,6 +114,9 @@ def system_main(name: str, build: Callable[[RunSpec], Built], argv: list[str] | 
     if len(argv) != 2:
         print(f"usage: python -m benchmarks.systems.{name} SPEC_JSON ROW_JSON", file=sys.stderr)
         return 2
+    from benchmarks.stage import assert_not_shadowed
+
+    assert_not_shadowed()
     spec = RunSpec.from_file(argv[0])
     base = {**base_row(spec), "system": name}
     code = EXIT_OK

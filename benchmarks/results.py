@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.spec import LOSS_RTOL, loss_rtol
+from benchmarks.systems import PEERS, SYSTEMS
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "unsloth", "qlora-trainer")
 
@@ -56,6 +57,11 @@ def device_info(command: str | None = None) -> dict:
             "command": command or shlex.join([Path(sys.executable).name] + sys.argv)}
 
 
+def peer_key(peer: str) -> str:
+    """``hf-tuned`` -> ``hf_tuned``: the suffix of a row's ``speedup_vs_*`` / ``memory_vs_*`` fields."""
+    return peer.replace("-", "_")
+
+
 def annotate(rows: list[dict]) -> list[dict]:
     """Add ratios vs hf and vs unsloth (throughput and peak allocated memory) and the step-0 loss check
     (reference: hf's loss in the same (model, seq_len, batch, cap) group, else the first ok row)."""
@@ -69,11 +75,11 @@ def annotate(rows: list[dict]) -> list[dict]:
         for r in group:
             if r.get("status") != "ok":
                 continue
-            for peer in ("hf", "unsloth"):
-                p = ok.get(peer)
-                r[f"speedup_vs_{peer}"] = r["tokens_per_s"] / p["tokens_per_s"] if p else None
+            for peer in PEERS:
+                p, key = ok.get(peer), peer_key(peer)
+                r[f"speedup_vs_{key}"] = r["tokens_per_s"] / p["tokens_per_s"] if p else None
                 pa, ra = (p or {}).get("peak_allocated_gb"), r.get("peak_allocated_gb")
-                r[f"memory_vs_{peer}"] = ra / pa if pa and ra is not None else None
+                r[f"memory_vs_{key}"] = ra / pa if pa and ra is not None else None
             tol = loss_rtol(r.get("dtype", "bfloat16"))
             r["step0_loss_ref"] = ref["system"]
             r["step0_loss_rdiff"] = abs(r["step0_loss"] - ref["step0_loss"]) / abs(ref["step0_loss"])
@@ -100,9 +106,9 @@ def to_markdown(doc: dict) -> str:
              f"Step-0 loss must agree with the reference (hf) within rtol {doc['loss_rtol']}.", ""]
     step = [r for r in doc["rows"] if r.get("kind", "step") == "step"]
     if step:
+        ratio_heads = " | ".join(f"x {p} speed | x {p} mem" for p in PEERS)
         lines += ["| model | seq | batch | system | status | tok/s | step s | peak alloc | peak reserved | weights | "
-                  "x hf speed | x hf mem | x unsloth speed | x unsloth mem | step-0 loss | loss ok |",
-                  "|" + "---|" * 16]
+                  f"{ratio_heads} | step-0 loss | loss ok |", "|" + "---|" * (12 + 2 * len(PEERS))]
         for r in step:
             ok = r.get("status") == "ok"
             note = r["status"] if ok else f"{r['status']}: {r.get('reason') or r.get('error', '')}"[:80]
@@ -110,8 +116,8 @@ def to_markdown(doc: dict) -> str:
                 f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['system']} | {note} | "
                 f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('median_step_s'), '.3f')} | "
                 f"{_fmt(r.get('peak_allocated_gb'))} | {_fmt(r.get('peak_reserved_gb'))} | {_fmt(r.get('weights_gb'))} | "
-                f"{_fmt(r.get('speedup_vs_hf'))} | {_fmt(r.get('memory_vs_hf'))} | "
-                f"{_fmt(r.get('speedup_vs_unsloth'))} | {_fmt(r.get('memory_vs_unsloth'))} | "
+                + "".join(f"{_fmt(r.get('speedup_vs_' + peer_key(p)))} | {_fmt(r.get('memory_vs_' + peer_key(p)))} | "
+                          for p in PEERS) +
                 f"{_fmt(r.get('step0_loss'), '.5f')} | {'-' if 'step0_loss_ok' not in r else r['step0_loss_ok']} |")
         bad = disagreements(step)
         lines += ["", f"**Step-0 loss disagreement in {len(bad)} row(s).**" if bad else
@@ -171,7 +177,7 @@ def charts(doc: dict, out_dir: Path, stem: str) -> list[Path]:
     """Grouped bar charts by system: tokens/s and peak allocated GB per (model, seq_len, batch), and
     max seq_len per (model, cap)."""
     paths = []
-    systems = ("hf", "unsloth", "qlora_trainer")
+    systems = SYSTEMS
     rows = [r for r in doc["rows"] if r.get("kind", "step") == "step" and r.get("status") == "ok"]
     keys = sorted({(r["model"], r["seq_len"], r["batch"]) for r in rows}, key=str)
     present = [s for s in systems if any(r["system"] == s for r in rows)]

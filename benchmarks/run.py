@@ -21,10 +21,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.spec import CHECKPOINT_MAX_PARAMS_B, MODELS, RunSpec, base_row
+from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
 from benchmarks.systems import MODULES, SYSTEMS, UNSLOTH_MISSING
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 def params_billion(model: str) -> float:
     """Parameter count of a catalog arch in billions (linear layers + embeddings + lm_head)."""
@@ -34,35 +32,22 @@ def params_billion(model: str) -> float:
     return (c["linear"] + c["embed"] + c["lm_head"]) / 1e9
 
 
-def _env(smoke: bool = False, extra_path: str | None = None) -> dict[str, str]:
-    """The children's environment: repo root (and ``extra_path``, e.g. Unsloth's wheels) first on
-    PYTHONPATH, offline hub, no tokenizer threads."""
-    env = dict(os.environ)
-    first = [extra_path, str(REPO)] if extra_path else [str(REPO)]
-    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if smoke:  # tiny CPU shapes: one thread avoids oversubscription on a shared machine
-        env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def launch(spec: RunSpec, work: Path, *, timeout: float, smoke: bool = False, extra_path: str | None = None) -> dict:
-    """Run one system on one spec in a fresh process; return its row (an ``error`` row if the process
-    died without writing one, e.g. killed by the timeout or a CUDA abort). ``smoke``: quiet, one thread.
-    ``extra_path``: prepended to this process's PYTHONPATH (Unsloth's unpacked wheels)."""
+def launch(spec: RunSpec, work: Path, *, timeout: float, smoke: bool = False, extra_path: str | None = None,
+           quiet: bool | None = None) -> dict:
+    """Run one system on one spec in a fresh process (cwd and PYTHONPATH from :mod:`benchmarks.stage`:
+    never the repo root); return its row (a ``timeout`` / ``error`` row if the process died without
+    writing one, e.g. killed by the timeout or a CUDA abort). ``smoke``: one thread; ``quiet`` (default
+    ``smoke``): its output discarded. ``extra_path``: first on its PYTHONPATH (Unsloth's wheels)."""
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{spec.system}-{spec.model}-{spec.seq_len}-{spec.batch}-{spec.cap_gb}"
     spec_path, row_path = work / f"{tag}.spec.json", work / f"{tag}.row.json"
     spec_path.write_text(spec.to_json())
     row_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", MODULES[spec.system], str(spec_path), str(row_path)]
-    out = subprocess.DEVNULL if smoke else None
-    try:
-        rc = subprocess.run(cmd, cwd=REPO, env=_env(smoke, extra_path), timeout=timeout, stdout=out, stderr=out).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    out = subprocess.DEVNULL if (smoke if quiet is None else quiet) else None
+    rc = run_boxed(cmd, timeout=timeout, cwd=child_cwd(), env=child_env(extra_path, smoke=smoke), stdout=out, stderr=out)
+    if rc is None:
+        return {**base_row(spec), "status": "timeout", "error": f"killed after its {timeout:.0f} s time box"}
     if row_path.is_file():
         return json.loads(row_path.read_text())
     return {**base_row(spec), "status": "error", "error": f"process ended ({rc}) without a result row"}
@@ -83,7 +68,7 @@ def prepare_weights(model: str, ckpt_root: Path, seed: int, *, timeout: float,
         return "in_process", None
     path = ckpt_root / f"{model}-seed{seed}"
     subprocess.run([sys.executable, "-m", "benchmarks.weights", model, str(path), "--seed", str(seed)],
-                   cwd=REPO, env=_env(smoke), timeout=timeout, check=True,
+                   cwd=child_cwd(), env=child_env(smoke=smoke), timeout=timeout, check=True,
                    stdout=subprocess.DEVNULL if smoke else None)
     return "checkpoint", str(path)
 

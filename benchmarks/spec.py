@@ -79,7 +79,8 @@ class RunSpec:
 def base_row(spec: RunSpec) -> dict:
     """The fields that identify a spec's result row (every row, whatever its status)."""
     return {"system": spec.system, "model": spec.model, "seq_len": spec.seq_len, "batch": spec.batch,
-            "device": spec.device, "dtype": spec.dtype, "weights": spec.weights, "cap_gb": spec.cap_gb}
+            "device": spec.device, "dtype": spec.dtype, "weights": spec.weights, "cap_gb": spec.cap_gb,
+            **({"extra": spec.extra} if spec.extra else {})}
 
 
 def make_batch(spec: RunSpec, vocab: int, device: "torch.device") -> "dict[str, torch.Tensor]":

@@ -7,8 +7,12 @@ Modules are imported only when their command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from qlora_trainer import __version__
 from qlora_trainer.errors import QloraError
@@ -21,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "data-check": "qlora_trainer.commands.data_check",
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",
+    "estimate": "qlora_trainer.commands.estimate",
 }
 
 
@@ -55,13 +60,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     try:
-        return int(args._run(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args._run(args) or 0)
     except QloraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (loading, data checks): unwinds like Ctrl-C, then exits 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`_Terminated` (train's loop installs its own handler,
+    which saves a checkpoint first). A handler someone else installed is left alone."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ A config file is YAML with the sections below (each optional) plus the top-level
 
 Every field's comment is its documentation (``qlora-trainer train --help-config`` prints them).
 Unknown keys and bad values raise :class:`ConfigError` with a one-line message that names the key
-(and the file) and, for a misspelling, the nearest valid name.
+(and the file) and, for a misspelling, the nearest valid name. Each field's allowed values are in one
+table, :data:`qlora_trainer.config_rules.RULES`, checked at load time and shown by ``--help-config``.
 """
 
 from __future__ import annotations
@@ -187,6 +188,14 @@ class TrainConfig:
     """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
     device: str = "auto"
     """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda[:N]``."""
+    skip_bad_steps: int = 0
+    """Steps with a non-finite loss or gradient norm to skip (their batches are consumed, nothing is
+    applied) before the run stops with an error; 0 = stop at the first one."""
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallel under ``accelerate launch --num_processes N``: ``ddp`` replicates the model and
+    averages gradients; ``fsdp`` also shards the NF4 base, adapters and optimizer state across the
+    GPUs (FSDP2 ``fully_shard`` per decoder layer; needs ``quantization.quant_storage`` = the compute
+    dtype). ``none``: one process. See docs/distributed.md."""
 
 
 @dataclass
@@ -212,55 +221,40 @@ class Config:
     output_dir: str = "outputs/run"
     """Where the adapter, metrics.jsonl and checkpoints go."""
     resume: str | None = None
-    """``auto`` (newest checkpoint in ``output_dir``), a checkpoint path, or unset to start fresh."""
+    """``auto`` (newest complete checkpoint in ``output_dir``), a checkpoint path, or unset to start fresh."""
+    resume_allow_changes: bool = False
+    """Resume even though the config or the training data differ from the checkpoint's (the run then
+    continues at a data position that may not mean what it did); by default such a resume is refused."""
 
     def validate(self) -> "Config":
         """Check value ranges and cross-field rules; raise ConfigError naming the key."""
-        checks: list[tuple[bool, str, str]] = [
-            (self.lora.r >= 1, "lora.r", "must be >= 1"),
-            (self.lora.alpha > 0, "lora.alpha", "must be > 0"),
-            (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
-            (self.lora.loraplus_ratio > 0, "lora.loraplus_ratio", "must be > 0"),
-            (self.lora.loftq_iters >= 1, "lora.loftq_iters", "must be >= 1"),
-            (1 <= self.lora.adalora_target_r <= self.lora.r, "lora.adalora_target_r", "must be in 1..lora.r"),
-            (0 < self.lora.adalora_beta1 < 1, "lora.adalora_beta1", "must be in (0, 1)"),
-            (0 < self.lora.adalora_beta2 < 1, "lora.adalora_beta2", "must be in (0, 1)"),
-            (self.lora.adalora_orth_reg_weight >= 0, "lora.adalora_orth_reg_weight", "must be >= 0"),
-            (self.lora.adalora_delta_t >= 1, "lora.adalora_delta_t", "must be >= 1"),
-            (min(self.lora.adalora_tinit, self.lora.adalora_tfinal) >= 0, "lora.adalora_tinit",
-             "adalora_tinit and adalora_tfinal must be >= 0"),
-            (self.model.mlp_chunk_tokens >= 0, "model.mlp_chunk_tokens", "must be >= 0 (0 disables tiling)"),
-            (self.data.seq_len >= 8, "data.seq_len", "must be >= 8"),
-            (0.0 <= self.data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)"),
-            (self.train.max_steps >= 1, "train.max_steps", "must be >= 1"),
-            (self.train.lr > 0, "train.lr", "must be > 0"),
-            (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
-            (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
-            (self.train.save_every >= 0, "train.save_every", "must be >= 0"),
-            (self.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
-            (self.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)"),
-            (self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
-            (self.quantization.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quantization.blocksize",
-             "must be a power of two in 64..4096"),
-            (self.output.keep_last >= 1, "output.keep_last", "must be >= 1"),
-            (self.output.log_every >= 1, "output.log_every", "must be >= 1"),
-            (bool(self.output_dir), "output_dir", "must not be empty"),
-            (self.train.device == "auto" or self.train.device == "cpu" or self.train.device.startswith("cuda"),
-             "train.device", "must be auto, cpu or cuda[:N]"),
-        ]
-        for ok, key, msg in checks:
-            if not ok:
+        from qlora_trainer.config_rules import problem
+
+        for key in valid_keys():  # every field against its rule (config_rules.RULES)
+            msg = problem(key, _get(self, key))
+            if msg:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
         if self.lora.init == "loftq" and self.model.quantization != "nf4":
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
         if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):
             raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.lora.variant})")
         lc = self.lora
+        if lc.variant == "adalora" and lc.adalora_target_r > lc.r:
+            raise ConfigError(f"lora.adalora_target_r: must be <= lora.r, AdaLoRA's initial rank "
+                              f"(got {lc.adalora_target_r} > {lc.r})")
         if lc.variant == "adalora" and lc.adalora_tinit >= self.train.max_steps - lc.adalora_tfinal:
             raise ConfigError(f"lora.adalora_tinit: {lc.adalora_tinit} + adalora_tfinal {lc.adalora_tfinal} leave no "
                               f"budget phase in train.max_steps {self.train.max_steps}; lower them")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
+        if self.train.distributed == "fsdp":
+            if self.model.quantization == "nf4" and self.quantization.quant_storage == "uint8":
+                raise ConfigError("quantization.quant_storage: FSDP shards floating-point tensors only; set it to "
+                                  "the compute dtype (bfloat16 on CUDA, float32 on the CPU) with train.distributed=fsdp")
+            for bad, key in ((self.model.embeddings_on_cpu, "model.embeddings_on_cpu"),
+                             (self.lora.variant == "dora", "lora.variant=dora")):
+                if bad:
+                    raise ConfigError(f"{key}: not supported with train.distributed=fsdp; use ddp or turn it off")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,6 +338,8 @@ def field_docs() -> dict[str, str]:
     import ast
     import inspect
 
+    from qlora_trainer.config_rules import describe
+
     docs: dict[str, str] = {}
     tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))
     classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
@@ -360,7 +356,8 @@ def field_docs() -> dict[str, str]:
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
                     isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 key = f"{prefix}.{stmt.target.id}" if prefix else stmt.target.id
-                docs[key] = " ".join(str(nxt.value.value).split())
+                rule = describe(key)  # the enforced range, from config_rules.RULES
+                docs[key] = " ".join(str(nxt.value.value).split() + ([rule] if rule else []))
     return docs
 
 

@@ -15,3 +15,13 @@ class ConfigError(QloraError, ValueError):
 
 class DataError(QloraError, ValueError):
     """A dataset problem: file, line and field named."""
+
+
+class DiskFullError(QloraError, OSError):
+    """A write ran out of space (or quota); ``path`` is what was being written. Whatever was there
+    before the write is left as it was (writes go to a temporary and are renamed into place)."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+        super().__init__(f"no space left on device writing {path}; free some space and run again "
+                         f"(files written before, such as earlier checkpoints, are kept)")

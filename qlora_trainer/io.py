@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -17,17 +18,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = write_failure(e, path)  # decided before the clean-up frees the space
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -39,10 +44,11 @@ def atomic_directory(path: Path, *, replace: bool = True) -> Iterator[Path]:
     ``replace=False`` an existing ``path`` is an error (FileExistsError).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not replace:
-        raise FileExistsError(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not replace:
+            raise FileExistsError(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
@@ -53,8 +59,66 @@ def atomic_directory(path: Path, *, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = write_failure(e, path)  # decided before the clean-up frees the space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
+        raise
+
+
+# Messages of writers that drop the errno: safetensors (Rust io::Error text), torch.save's zip writer.
+_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded", "code: 28,")
+_VAGUE_TEXT = ("file write failed", "unexpected pos")
+_LOW_SPACE = 16 * 2**20  # bytes free below which a vague write failure is taken for a full disk
+
+
+_PLACE = (errno.EEXIST, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
+
+
+def write_failure(e: BaseException, path: Path) -> "Exception | None":
+    """The one-line error for ``e`` raised while writing ``path``, or None for anything else.
+
+    :class:`DiskFullError` when the write ran out of space (an ENOSPC/EDQUOT OSError, a writer's
+    message saying so, or a vague write failure while the filesystem is nearly full); a QloraError
+    when the place cannot hold the file (inside a file, no permission, read-only filesystem). A
+    DiskFullError from a nested write is re-labelled with ``path`` (the user's target, not our
+    temporary)."""
+    from qlora_trainer.errors import DiskFullError, QloraError
+
+    if isinstance(e, DiskFullError):
+        return DiskFullError(path)
+    if not isinstance(e, Exception) or isinstance(e, QloraError):
+        return None
+    if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return QloraError(f"cannot write {path}: {e.filename} is in the way (a file, not a directory); "
+                          f"choose another path")
+    if isinstance(e, OSError) and e.errno in _PLACE:
+        return QloraError(f"cannot write {path}: {e.strerror} ({e.filename}); choose another path")
+    text = str(e)
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(t in text for t in _FULL_TEXT)
+    if not full and any(t in text for t in _VAGUE_TEXT):
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(_existing_parent(path)).free < _LOW_SPACE
+    return DiskFullError(path) if full else None
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a full disk (or an unwritable place) during the block into one line naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        full = write_failure(e, path)
+        if full is not None:
+            raise full from None
         raise
 
 

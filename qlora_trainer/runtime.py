@@ -11,14 +11,28 @@ from pathlib import Path
 
 import torch
 
+from qlora_trainer.errors import ConfigError
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available else cpu; otherwise ``torch.device(name)``."""
+    """``auto`` -> cuda if available else cpu; otherwise ``torch.device(name)``, which must exist here
+    (ConfigError naming ``train.device`` otherwise)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"train.device: {name!r} but this machine has no CUDA GPU that torch can use; "
+                              f"set train.device=cpu (or auto)")
+        if device.index is not None and device.index >= n:
+            raise ConfigError(f"train.device: {name!r} but there are only {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

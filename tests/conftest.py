@@ -62,3 +62,21 @@ def tiny_nf4_model():
     from qlora_trainer.models.tiny import random_model
 
     return quantize_model(random_model("tiny", seed=0), compute_dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run ``qlora-trainer ARGS`` in-process and return its error message: asserts the exit status
+    (2 by default), exactly one ``error: ...`` line on stderr and no traceback."""
+    from qlora_trainer.cli import main
+
+    def run(*argv, code: int = 2) -> str:
+        rc = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        assert rc == code, err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert len(lines) == 1, err
+        return lines[0][len("error: "):]
+
+    return run

@@ -38,12 +38,18 @@ def load_model(spec: RunSpec):
     return model
 
 
-def build(spec: RunSpec) -> Built:
+def build(spec: RunSpec, upcast: bool = True) -> Built:
+    """``upcast``: PEFT's ``prepare_model_for_kbit_training`` (fp32 copies of embeddings, norms and
+    lm_head); False (``hf-tuned``) does the rest of that recipe only: freeze, non-reentrant
+    checkpointing, input grads."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_model(spec)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.requires_grad_(False)
     if not model.is_gradient_checkpointing:  # in-process models are not flagged as loaded in 4 bit
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

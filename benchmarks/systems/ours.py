@@ -28,6 +28,10 @@ def make_config(spec: RunSpec):
     cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr = spec.batch, 1, spec.lr
     cfg.train.weight_decay, cfg.train.seed, cfg.train.device = 0.0, spec.seed, spec.device
     cfg.train.optimizer = "paged_adamw_8bit" if spec.paged else "adamw"
+    for key, value in spec.extra.get("model", {}).items():  # e.g. long context: mlp_chunk_tokens, offload
+        if not hasattr(cfg.model, key):
+            raise ValueError(f"spec.extra.model.{key}: no such model setting")
+        setattr(cfg.model, key, value)
     return cfg.validate()
 
 

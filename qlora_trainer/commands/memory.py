@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.05, metavar="P",
                    help="LoRA dropout probability (lora.dropout; default 0.05 as in the config); "
                         "0 leaves out the memory dropout costs (masks, dropped copies)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="GPUs the run is spread over: the estimate is per GPU (--batch is per GPU; default 1)")
+    p.add_argument("--distributed", choices=("none", "ddp", "fsdp"), default=None,
+                   help="train.distributed: ddp replicates the model, fsdp shards the NF4 base "
+                        "(default: none on one GPU; required with --gpus > 1)")
     p.add_argument("--basis", choices=("device", "allocated"), default="device",
                    help="compare the budget with the whole device footprint (default) or the allocator peak (GiB)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -37,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from qlora_trainer.errors import ConfigError
     from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
@@ -48,8 +54,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dropout: must be in [0, 1) (got {args.dropout})")
     if args.mlp_chunk < 0:
         raise ConfigError(f"--mlp-chunk: must be >= 0 (got {args.mlp_chunk})")
-    if args.budget <= 0:
-        raise ConfigError(f"--budget: must be > 0 GB (got {args.budget})")
+    if not math.isfinite(args.budget) or args.budget <= 0:
+        raise ConfigError(f"--budget: must be a finite number of GB > 0, e.g. --budget 24 (got {args.budget})")
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus: must be >= 1 (got {args.gpus})")
+    if args.distributed is None:
+        if args.gpus > 1:
+            raise ConfigError("--distributed: say how the run uses several GPUs, --distributed ddp or fsdp")
+        args.distributed = "none"
+    if args.distributed == "none" and args.gpus > 1:
+        raise ConfigError("--distributed none runs on one GPU; use --gpus 1, or --distributed ddp|fsdp")
+    if args.measure and args.distributed != "none":
+        raise ConfigError("--measure runs on one GPU; drop --gpus/--distributed")
     if args.measure and args.system != "ours":
         raise ConfigError("--measure runs our stack only; drop --system hf (HF figures: memory/references.py)")
     arch, reason = resolve_arch(args.model)
@@ -57,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"MODEL: {reason}")
     kw = dict(lora_r=args.r, optimizer=args.optimizer, system=args.system,
               checkpointing=args.checkpointing, offload=args.offload, mlp_chunk=args.mlp_chunk,
-              lora_dropout=args.dropout, embeddings_on_cpu=args.embeddings_on_cpu)
+              lora_dropout=args.dropout, embeddings_on_cpu=args.embeddings_on_cpu, gpus=args.gpus,
+              distributed=args.distributed)
     est = estimate(arch, seq_len=args.seq, batch=args.batch, **kw)
     fits = est.fits(args.budget, args.basis)
     max_seq = largest_fitting(arch, args.budget, vary="seq_len", basis=args.basis, batch=args.batch, **kw)
@@ -81,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(est.to_markdown())
         verdict = "fits" if fits else "does NOT fit"
-        print(f"\n{verdict} in {args.budget:g} GB ({args.basis} basis); at batch {args.batch} the longest "
+        per = f" per GPU ({args.gpus} GPUs, {args.distributed})" if args.distributed != "none" else ""
+        print(f"\n{verdict} in {args.budget:g} GB{per} ({args.basis} basis); at batch {args.batch} the longest "
               f"sequence that fits is {max_seq} tokens; at seq {args.seq} the largest batch is {max_batch}.")
         if measured is not None:
             print("\n" + measured.to_markdown(est))

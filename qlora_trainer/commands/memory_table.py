@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "reproduce the QLoRA paper's memory table (LLaMA 7B-65B) with our estimates, as markdown/JSON/chart"
+
+
+CHART_TYPES = (".png", ".svg", ".pdf")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +23,11 @@ def run(args: argparse.Namespace) -> int:
 
     from qlora_trainer.memory.paper import paper_chart, paper_markdown, paper_table
 
+    if args.chart and Path(args.chart).suffix.lower() not in CHART_TYPES:
+        from qlora_trainer.errors import ConfigError
+
+        raise ConfigError(f"--chart: {args.chart!r} has no supported extension; end it in "
+                          f"{', '.join(CHART_TYPES)} (e.g. --chart memory.png)")
     rows = paper_table()
     if args.measure:
         _measure(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "train a LoRA adapter on an NF4 base model from a YAML config (+ section.key=value overrides)"
 
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from qlora_trainer.train import train
 
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: rank 0 reports for the run
+        return 0
     if result.losses:
         first, last = result.losses[0], result.losses[-1]
         print(f"loss {first:.4f} -> {last:.4f} over steps {result.step - len(result.losses) + 1}..{result.step} "

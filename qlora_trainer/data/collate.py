@@ -138,26 +138,55 @@ class _Packed(torch.utils.data.Dataset):
 
 
 def make_dataloader(dataset: Any, *, cfg: "DataConfig", tokenizer: Any, batch_size: int, shuffle: bool,
-                    seed: int, epoch: int = 0) -> DataLoader:
+                    seed: int, epoch: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     """A DataLoader over ``{input_ids, labels}`` rows, deterministic for ``(seed, epoch)``.
 
     Batches: ``input_ids`` (B,T) long, ``labels`` (B,T) (-100 = no loss) and either ``attention_mask``
     (B,T) (padded batches) or, with ``cfg.pack``, ``position_ids`` (B,T) restarting per sample and no
     attention mask (see the module docstring).
+
+    Data parallel (``world`` > 1): rank ``rank`` reads its shard of the epoch's global order
+    (:func:`shard_order`) and packs or length-groups only that shard; every rank yields the same
+    number of batches (the shortest shard's count, computed alike on every rank), so ranks step together.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lengths = _lengths(dataset)
-    order = torch.randperm(len(lengths), generator=_generator(seed, epoch)).tolist() if shuffle \
-        else list(range(len(lengths)))
-    if cfg.pack:
-        blocks = pack_indices(lengths, cfg.seq_len, order)
+    per_rank = [_rank_batches(lengths, shard_order(len(lengths), seed=seed, epoch=epoch, shuffle=shuffle,
+                                                   rank=r, world=world), cfg, batch_size, seed, epoch, shuffle, world)
+                for r in range(world)]
+    batches = per_rank[rank][: min(len(b) for b in per_rank)]
+    if cfg.pack:  # batches of blocks, consecutive: the DataLoader's batching re-forms them
+        blocks = [block for batch in batches for block in batch]
         return DataLoader(_Packed(dataset, blocks), batch_size=batch_size, shuffle=False,
                           collate_fn=partial(pack_collate, pad_id=pad_id))
-    if cfg.group_by_length and shuffle:
-        sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=seed, epoch=epoch)
-    else:
-        sampler = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(pad_collate, pad_id=pad_id))
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=partial(pad_collate, pad_id=pad_id))
+
+
+def shard_order(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world: int = 1) -> list[int]:
+    """Rank ``rank``'s sample indices for ``epoch``: the global order (a ``(seed, epoch)`` permutation,
+    or 0..n-1 unshuffled; the same for every ``world``) cut to a multiple of ``world`` and strided,
+    ``order[rank::world]`` (one rank: the whole order). Striding keeps each step's samples the same
+    set however many ranks share it: without packing or length grouping, a W-rank step of
+    ``grad_accum`` micro-batches of B reads exactly the samples of a one-rank step of
+    ``W * grad_accum`` micro-batches of B. Up to W-1 samples per epoch are left out to keep shards equal."""
+    order = torch.randperm(n, generator=_generator(seed, epoch)).tolist() if shuffle else list(range(n))
+    if world == 1:
+        return order
+    return order[: n - n % world][rank::world]
+
+
+def _rank_batches(lengths: Sequence[int], order: list[int], cfg: "DataConfig", batch_size: int, seed: int,
+                  epoch: int, shuffle: bool, world: int) -> list[list[Any]]:
+    """One rank's batches over its shard ``order``: lists of sample indices, or with ``cfg.pack``
+    lists of blocks (each block a list of sample indices)."""
+    if cfg.pack:
+        blocks = pack_indices(lengths, cfg.seq_len, order)
+        return [blocks[i: i + batch_size] for i in range(0, len(blocks), batch_size)]
+    if cfg.group_by_length and shuffle:  # the sampler shuffles; a single rank groups the whole set
+        shard = order if world > 1 else list(range(len(lengths)))
+        sampler = LengthGroupedBatchSampler([lengths[i] for i in shard], batch_size, seed=seed, epoch=epoch)
+        return [[shard[j] for j in b] for b in sampler]
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _lengths(dataset: Any) -> list[int]:

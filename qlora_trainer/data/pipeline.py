@@ -75,7 +75,7 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     formats.validate_records(raw, cfg.format, cols, _namer(cfg.path, raw))
     raw_eval = None
     if cfg.eval_path:
-        raw_eval = load_records(cfg.eval_path, split=cfg.split)
+        raw_eval = load_records(cfg.eval_path, split=cfg.split, key="data.eval_path")
         formats.validate_records(raw_eval, cfg.format, cols, _namer(cfg.eval_path, raw_eval))
 
     text = cfg.format == "text"

@@ -8,6 +8,7 @@ naming the file, the line and the problem instead of a pyarrow traceback.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,9 +21,10 @@ if TYPE_CHECKING:
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+log = logging.getLogger(__name__)
 
 
-def load_records(path: str, *, split: str = "train") -> "Dataset":
+def load_records(path: str, *, split: str = "train", key: str = "data.path") -> "Dataset":
     """Load ``path`` as a ``datasets.Dataset`` of raw records (one row per record).
 
     ``.txt`` files become one row per file with a ``text`` column (the text format chunks them).
@@ -33,7 +35,7 @@ def load_records(path: str, *, split: str = "train") -> "Dataset":
         from qlora_trainer.data.demo import demo_dataset
 
         if path != "builtin:demo":
-            raise DataError(f"data.path: unknown built-in dataset {path!r}; the only one is 'builtin:demo'")
+            raise DataError(f"{key}: unknown built-in dataset {path!r}; the only one is 'builtin:demo'")
         return demo_dataset()
     p = Path(expand_path(path))
     if p.is_file():
@@ -43,35 +45,87 @@ def load_records(path: str, *, split: str = "train") -> "Dataset":
     elif _HUB_NAME.match(path) and Path(path).suffix.lower() not in EXTENSIONS:
         ds = _load_hub(path, split)
     else:
-        raise DataError(f"{p}: data file not found (data.path; $QLORA_DATA = {expand_path('$QLORA_DATA')})")
+        raise DataError(f"{p}: data file not found ({key}; $QLORA_DATA = {expand_path('$QLORA_DATA')})")
     if len(ds) == 0:
         raise DataError(f"{p if p.exists() else path}: dataset is empty (split {split!r})")
     return ds
 
 
 def _load_file(p: Path) -> "Dataset":
-    import datasets
-
     kind = EXTENSIONS.get(p.suffix.lower())
     if kind is None:
         raise DataError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(EXTENSIONS)}")
-    if p.stat().st_size == 0:
-        raise DataError(f"{p}: file is empty")
-    if kind == "text":
+    return _load_files(kind, [p])
+
+
+def _load_files(kind: str, files: list[Path]) -> "Dataset":
+    """Files of one loader ``kind`` as one Dataset, each checked first (file:line errors)."""
+    import datasets
+
+    texts = []
+    for p in files:
+        if p.stat().st_size == 0:
+            raise DataError(f"{p}: file is empty")
+        if kind == "parquet":
+            continue
+        raw = p.read_bytes()
         try:
-            text = p.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _not_utf8(p, p.read_bytes(), e) from None
-        return datasets.Dataset.from_dict({"text": [text]})
-    if kind == "json":
-        _diagnose_json(p)  # cheap, exact line numbers; pyarrow's errors name none
+            raise _not_utf8(p, raw, e) from None
+        if not text.strip():
+            raise DataError(f"{p}: holds only blank lines, no records; add data or point data.path elsewhere")
+        if kind == "json":
+            _diagnose_json(p)  # cheap, exact line numbers; pyarrow's errors name none
+        elif kind == "csv":
+            _diagnose_csv(p, text)
+        texts.append(text)
+    if kind == "text":
+        return datasets.Dataset.from_dict({"text": texts})
     try:
-        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-        raise DataError(f"{p}: could not read as {kind}: {_first_line(e)}") from None
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} {kind} files)"
+        raise DataError(f"{where}: could not read as {kind}: {_first_line(e)}") from None
     return ds
+
+
+def _dir_files(p: Path, split: str) -> tuple[str, list[Path]]:
+    """The data files of ``split`` in directory ``p`` (datasets' split naming: ``train*.jsonl``,
+    ``test.csv``, ...; all files when none is named for a split) and their one loader kind. Files of
+    unsupported types (README.md, LICENSE) are ignored; several kinds at once are refused."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(p)), base_path=str(p))
+    except Exception:  # noqa: BLE001 - no data files at all
+        found = {}
+    if split not in found:
+        names = ", ".join(map(str, found)) or "none"
+        raise DataError(f"{p}: no data files for split {split!r} (splits found: {names}); set data.split or "
+                        f"name files like {split}.jsonl")
+    files = sorted(Path(f) for f in found[split] if Path(f).suffix.lower() in EXTENSIONS)
+    in_splits = {Path(f) for fs in found.values() for f in fs}
+    stray = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts) and f not in in_splits)
+    if stray:
+        raise DataError(f"{p}: {', '.join(f.name for f in stray[:3])} belong to no split while other files are "
+                        f"named for one ({', '.join(map(str, found))}); rename them (e.g. {split}-2{stray[0].suffix}) "
+                        f"or move them out")
+    kinds: dict[str, list[Path]] = {}
+    for f in files:
+        kinds.setdefault(EXTENSIONS[f.suffix.lower()], []).append(f)
+    if not kinds:
+        raise DataError(f"{p}: no data files ({', '.join(EXTENSIONS)}) for split {split!r}")
+    if len(kinds) > 1:
+        counts = "; ".join(f"{len(v)} {k} ({', '.join(f.name for f in v[:3])})" for k, v in kinds.items())
+        raise DataError(f"{p}: mixes data file types ({counts}); a directory must hold one type: move the "
+                        f"others out or point data.path at one file")
+    kind, used = next(iter(kinds.items()))
+    log.info("data: %s split %r: %d %s file(s): %s", p, split, len(used), kind, ", ".join(f.name for f in used))
+    return kind, used
 
 
 def _load_dir(p: Path, split: str) -> "Dataset":
@@ -86,7 +140,8 @@ def _load_dir(p: Path, split: str) -> "Dataset":
                     raise DataError(f"{p}: no split {split!r} (splits: {', '.join(obj)}); set data.split")
                 return obj[split]
             return obj
-        return datasets.load_dataset(str(p), split=split)
+        kind, files = _dir_files(p, split)
+        return _load_files(kind, files)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -137,6 +192,22 @@ def _diagnose_json(p: Path) -> None:
             if seen[0] != kind:
                 raise DataError(f"{p}:{i}: field {k!r} is {kind} here but {seen[0]} on line {seen[1]}; "
                                 "use one type per field")
+
+
+def _diagnose_csv(p: Path, text: str) -> None:
+    """Every CSV row must have the header's number of fields (pyarrow names no line)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader, None)
+        for row in reader:
+            if row and len(row) != len(header or []):
+                raise DataError(f"{p}:{reader.line_num}: row has {len(row)} fields, the header {len(header or [])}; "
+                                f"quote values that contain commas (\"a, b\") or fix the row")
+    except csv.Error as e:
+        raise DataError(f"{p}:{reader.line_num}: invalid CSV ({e})") from None
 
 
 def _not_utf8(p: Path, raw: bytes, e: UnicodeDecodeError) -> DataError:

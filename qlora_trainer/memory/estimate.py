@@ -198,6 +198,8 @@ def estimate(
     mlp_chunk: int = 0,
     act_bytes: int = 2,
     embeddings_on_cpu: bool = False,
+    gpus: int = 1,
+    distributed: str = "none",
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
@@ -208,6 +210,8 @@ def estimate(
     the untiled count already omits as the next residual.
     ``act_bytes``: bytes of an activation element (2 for bf16/fp16 compute; 4 for fp32, the CPU).
     ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``model.embeddings_on_cpu``).
+    ``gpus`` / ``distributed`` (``none|ddp|fsdp``, ``train.distributed``): the estimate is **per GPU**
+    (``batch`` is the per-GPU micro-batch); see :func:`per_gpu` for what each mode shares.
 
     The peak is the static part (weights, adapters, optimizer) plus the larger of two moments that
     never coexist (``MemoryEstimate.phases``): the end of the forward (checkpoints, final hidden
@@ -276,6 +280,8 @@ def estimate(
         backward["attention_workspace"] = 2 * batch * arch.heads * seq_len * 4
     # bitsandbytes / our kernels dequantize each 4-bit weight to 16 bits for its matmul (freed right after)
     backward["dequant_workspace"] = b * max(i * o for _, i, o, _ in shapes) if quant == "nf4" else 0
+    per_gpu(comp, backward, arch, shapes, gpus=gpus, distributed=distributed, notes=notes,
+            quant=quant, wide=wide)
     phases = {"forward": forward, "backward": backward}
     peak, other = sorted(phases, key=lambda k: sum(phases[k].values()), reverse=True)
     comp.update(phases[peak])
@@ -286,7 +292,8 @@ def estimate(
     settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, targets=targets, quant=quant,
                     double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
                     offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn,
-                    mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu)
+                    mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu,
+                    gpus=gpus, distributed=distributed)
     if embeddings_on_cpu and not arch.tied:
         host += wide * counts["embed"]
         notes.append(f"{wide * counts['embed'] / GIB:.2f} GiB input embedding table in CPU memory")
@@ -295,6 +302,42 @@ def estimate(
                  f" GiB of activations instead of {sum(phases[peak].values()) / GIB:.2f}")
     return MemoryEstimate(arch.name, settings, comp, paged_bytes=paged, host_bytes=host, notes=notes,
                           phases=phases)
+
+
+def per_gpu(comp: dict[str, int], backward: dict[str, int], arch: ArchSpec, shapes: list, *, gpus: int,
+            distributed: str, notes: list[str], quant: str, wide: int) -> None:
+    """Turn one device's static components into one GPU's share, in place (``train.distributed``).
+
+    * ``ddp``: everything replicated; DDP's gradient buckets add one copy of the LoRA gradients
+      (``ddp_buckets``).
+    * ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer, the input embeddings, and the root unit
+      with norm + lm_head): each sharded tensor costs ``ceil(bytes / gpus)``: the NF4 base, the
+      embeddings, the norms. Not sharded: bitsandbytes' quantization constants (absmax tensors are
+      not parameters, FSDP never sees them), the LoRA adapters, their gradients and optimizer state
+      (``ignored_params``: replicated). Gathered: the root unit's lm_head stays unsharded for the whole
+      step (the loss reads its weight directly), on top of its shard; while a layer runs, it and the
+      prefetched next layer are all-gathered (``fsdp_gather`` = 2 layers' NF4 storage, in the backward
+      moment; the forward moment has at most the last layer's, dominated by the loss)."""
+    if distributed not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"distributed must be none, ddp or fsdp (got {distributed!r})")
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1 (got {gpus})")
+    if distributed == "ddp":
+        comp["ddp_buckets"] = comp["lora_grads"]
+    if distributed != "fsdp":
+        return
+
+    def shard(b: int) -> int:
+        return -(-b // gpus)
+
+    for key in ("base_nf4", "base_16bit", "embeddings", "norms_biases"):
+        if key in comp:
+            comp[key] = shard(comp[key])
+    comp["lm_head"] = comp["lm_head"] + shard(comp["lm_head"])
+    layer_base = sum(nf4_weight_bytes(i * o) if quant == "nf4" else 2 * i * o for _, i, o, _ in shapes)
+    backward["fsdp_gather"] = 2 * layer_base
+    notes.append(f"per GPU of {gpus} (fsdp): base, embeddings and norms sharded; quantization constants, "
+                 f"adapters and optimizer state replicated; lm_head gathered for the step")
 
 
 def largest_fitting(arch: ArchSpec, budget_gb: float, *, vary: str = "seq_len", basis: str = "device",
@@ -345,6 +388,8 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
     reason logged) when the model's shape cannot be known without downloading."""
     import logging
 
+    from qlora_trainer.train.distributed import launched_world
+
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:
         logging.getLogger(__name__).info("no memory estimate: %s", reason)
@@ -357,8 +402,9 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
         offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
         lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
         embeddings_on_cpu=cfg.model.embeddings_on_cpu,
-        attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours")
+        attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours",
+        gpus=launched_world(), distributed=cfg.train.distributed)
 
 
 __all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate",
-           "estimate_for_config", "largest_fitting", "resolve_arch"]
+           "estimate_for_config", "largest_fitting", "per_gpu", "resolve_arch"]

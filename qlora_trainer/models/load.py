@@ -57,6 +57,10 @@ def load_tokenizer(cfg: "ModelConfig") -> Any:
         return byte_tokenizer()
     name = expand_path(name)
     _check_source(name, "tokenizer" if cfg.tokenizer else "name_or_path")
+    if Path(name).is_dir():
+        from qlora_trainer.models.check import check_tokenizer_dir
+
+        check_tokenizer_dir(Path(name), "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     from transformers import AutoTokenizer
 
     try:
@@ -153,6 +157,10 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
     m = cfg.model
     name = expand_path(m.name_or_path)
     _check_source(name, "name_or_path")
+    if Path(name).exists():
+        from qlora_trainer.models.check import check_model_dir
+
+        check_model_dir(Path(name), trust_remote_code=m.trust_remote_code)
     kwargs: dict[str, Any] = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
                                   attn_implementation=m.attn_implementation, dtype=dtype)
     if m.quantization == "nf4":

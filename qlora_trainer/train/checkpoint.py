@@ -9,8 +9,9 @@
     optimizer.pt              optimizer state_dict
     scheduler.pt              LR scheduler state_dict
     rng.pt                    python / numpy / torch / cuda RNG states
-    trainer_state.json        {step, epoch, batch (micro-batches consumed in that epoch), tokens}
+    trainer_state.json        {step, epoch, batch (micro-batches consumed in that epoch), tokens, data}
     config.yaml               the run's config
+    manifest.json             size and SHA-256 of every file above, written last (train/resume.py)
 
 Loading uses ``torch.load(weights_only=True)`` and safetensors only.
 """
@@ -48,6 +49,7 @@ class TrainerState:
     epoch: int = 0
     batch: int = 0  # micro-batches of ``epoch`` already consumed
     tokens: int = 0  # loss tokens seen so far
+    data: str = ""  # fingerprint of the tokenized training set (resume.data_fingerprint)
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -58,17 +60,26 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(cfg: "Config") -> Path | None:
-    """The checkpoint to resume from: ``resume: auto`` -> newest in ``output_dir`` (None if there is
-    none), a path -> that checkpoint (error if missing), unset -> None."""
+    """The checkpoint to resume from: ``resume: auto`` -> newest complete one in ``output_dir`` (None if
+    there is none; damaged newer ones are moved aside with a warning), a path -> that checkpoint (error
+    if missing or damaged), unset -> None."""
+    from qlora_trainer.train import resume as checks
+
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
         dirs = checkpoint_dirs(cfg.output_dir)
-        return dirs[-1] if dirs else None
+        found = checks.newest_complete(dirs)
+        if found is None and dirs:
+            raise QloraError(f"resume: no complete checkpoint in {Path(cfg.output_dir) / 'checkpoints'} (damaged "
+                             f"ones were renamed *.damaged); unset resume and set output.overwrite=true to "
+                             f"start over")
+        return found
     path = Path(cfg.resume).expanduser()
     if not (path / "trainer_state.json").is_file():
         raise QloraError(f"resume: {str(path)!r} is not a checkpoint directory (no trainer_state.json); "
                          f"use resume=auto or a path like {cfg.output_dir}/checkpoints/step-N")
+    checks.check_explicit(path)
     return path
 
 
@@ -123,7 +134,10 @@ def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: Tra
     from qlora_trainer.io import atomic_directory
     from qlora_trainer.lora import save_adapter
     from qlora_trainer.lora.peft_format import WEIGHTS_NAME
+    from qlora_trainer.train.guards import check_finite_params
+    from qlora_trainer.train.resume import write_manifest
 
+    check_finite_params(model, state.step)  # never a checkpoint of NaN weights
     path = Path(cfg.output_dir) / "checkpoints" / f"step-{state.step}"
     with atomic_directory(path) as tmp:
         save_adapter(model, tmp / "adapter", cfg=cfg.lora, base_model=cfg.model.name_or_path,
@@ -139,6 +153,7 @@ def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: Tra
         torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
         save_config(cfg, tmp / "config.yaml")
+        write_manifest(tmp)  # last: a checkpoint with a valid manifest is complete
     prune_checkpoints(cfg.output_dir, cfg.output.keep_last)
     log.info("checkpoint saved to %s", path)
     return path
@@ -173,6 +188,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     if set(tensors) != set(params):
         missing = sorted(set(params) ^ set(tensors))[:3]
         raise QloraError(f"{path}: checkpoint does not match this model/LoRA config (e.g. {missing}); "
+                         f"resume with the run's own config")
+    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+             if tensors[n].shape != p.shape]
+    if wrong:
+        raise QloraError(f"{path}: checkpoint tensor shapes differ from this model/LoRA config (e.g. {wrong[0]}); "
                          f"resume with the run's own config")
     with torch.no_grad():
         for n, p in params.items():

@@ -12,7 +12,6 @@ accumulated gradients are dropped), then re-raises KeyboardInterrupt (SIGTERM: `
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import threading
@@ -26,9 +25,12 @@ import torch
 
 from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import DataError, QloraError
+from qlora_trainer.io import writing
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
-                                            restore_rng, rng_state, save_checkpoint)
+                                            rng_state, save_checkpoint)
+from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
 from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -53,84 +55,104 @@ class TrainResult:
 def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     """Run training as configured. ``stop_after`` ends this invocation after that many optimizer
     steps with a checkpoint (a planned pre-emption; ``resume: auto`` continues it)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from qlora_trainer.data import build_datasets
     from qlora_trainer.lora import save_adapter
     from qlora_trainer.models.load import load_base_model, load_tokenizer
-    from qlora_trainer.runtime import resolve_device, resolve_dtype
+    from qlora_trainer.runtime import resolve_dtype
+    from qlora_trainer.train import distributed
     from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
+    par = distributed.setup(cfg)  # the process group (accelerate launch) and this rank's device
+    if par.is_main:
+        preflight(cfg, out)  # output location, our leftover temporaries, the model directory: before loading
     resume = resolve_resume(cfg)
-    _check_output_dir(cfg, out, resume)
-    device = resolve_device(cfg.train.device)
+    _check_output_dir(cfg, out, resume, main=par.is_main)
+    check_resume_config(cfg, resume)  # refuses a changed config (resume_allow_changes overrides)
+    par.barrier()
+    device, accelerator = par.device, par.accelerator
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     _log_memory_estimate(cfg, device)
+    from qlora_trainer.speed.report import StepTimeCheck
+    step_time = StepTimeCheck.start(cfg, device)  # predicted step now, measured beside it after a few steps
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)  # data errors before loading
     if len(train_ds) == 0:
         raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
-    model = load_base_model(cfg, device=device, dtype=dtype, vocab_size=len(tokenizer))
+    fingerprint = data_fingerprint(train_ds)
+    check_data(cfg, resume, fingerprint)  # refuses changed data before the model loads
+    model = load_base_model(cfg, device=par.load_device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     from qlora_trainer.lora.adalora import allocator_for
 
     allocator = allocator_for(model, cfg)  # lora.variant adalora: rank budget reallocation, else None
+    engine = par.wrap(model, cfg, dtype, loss=causal_lm_loss)  # micro-batch -> summed loss (DDP / FSDP when launched so)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    state = TrainerState()
+    state = TrainerState(data=fingerprint)
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer, scheduler)
-        restore_rng(resume)
+        state.data = fingerprint
+        par.restore_rng(resume)
         if allocator is not None:
             allocator.resume(state.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", resume, state.step, state.epoch, state.batch)
-    metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step)
-
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" and dtype == torch.bfloat16
-                              else "no", cpu=device.type == "cpu")
+    elif par.world > 1:
+        torch.manual_seed(cfg.train.seed + par.rank)  # the model is built alike on every rank; dropout differs
+    metrics = _MetricsFile(out / "metrics.jsonl", keep_until=state.step) if par.is_main else _NoMetrics()
     params = [p for p in model.parameters() if p.requires_grad]
-    stream = _micro_batches(train_ds, cfg, tokenizer, state.epoch, state.batch)
+    stream = _micro_batches(train_ds, cfg, tokenizer, state.epoch, state.batch, rank=par.rank, world=par.world)
     result = TrainResult(output_dir=out, adapter_dir=None, step=state.step, resumed_from=resume)
-    bar = _progress(cfg, state.step)
+    bar = _progress(cfg, state.step, enabled=par.is_main)
     window_tokens, window_t = 0, time.perf_counter()
     steps_this_run = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    saved, rng = (state.step, resume), rng_state()  # (step, path) of the last checkpoint; RNG after the last step
+    saved, rng = (state.step, resume), par.gather_rng(rng_state())  # (step, path) of the last checkpoint; RNG after the last step
 
-    def checkpoint() -> None:  # the last completed step, unless saved already
-        nonlocal saved
+    def checkpoint(sync: bool = True) -> None:  # the last completed step, unless saved already
+        nonlocal saved  # rank 0 writes; its `rng` holds every rank's state after that step (gathered in it)
         if state.step != saved[0]:
-            saved = state.step, save_checkpoint(model, optimizer, scheduler, state, cfg, rng=rng)
+            path = save_checkpoint(model, optimizer, scheduler, state, cfg, rng=rng) if par.is_main else None
+            saved = state.step, path
+            if sync:
+                par.barrier()
 
     def on_interrupt() -> None:
         bar.close()
-        checkpoint()
+        checkpoint(sync=False)  # no collective: the other ranks may be stopping anywhere
         log.warning("interrupted after step %d (%s); continue with resume=auto", state.step,
                     f"checkpoint {saved[1]}" if saved[1] else "nothing to resume from")
 
+    guard = StepGuard(cfg.train.skip_bad_steps, on_stop=checkpoint)  # non-finite steps are never applied
     with _Interrupts(on_interrupt) as interrupts:
         while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
             micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-            n_loss = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
+            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
+            n_loss = int(par.sum([n_local])[0])  # the global token count: the loss is the global token mean
             step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
-            for _, _, batch in micro:
+            for k, (_, _, batch) in enumerate(micro):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with accelerator.autocast():
-                    loss_sum, _ = causal_lm_loss(model, batch, chunk_size=cfg.train.loss_chunk_size,
-                                                 backend=cfg.model.kernels)
-                (loss_sum / max(n_loss, 1)).backward()
+                with par.no_sync(engine, last=k == len(micro) - 1):
+                    with accelerator.autocast():
+                        loss_sum, _ = engine(batch)
+                    (loss_sum * par.loss_scale(n_loss)).backward()
                 step_loss += loss_sum.detach()
                 window_tokens += int(batch["input_ids"].numel())
-            if allocator is not None:  # AdaLoRA's orthogonality penalty, once per optimizer step
+            if allocator is not None:  # AdaLoRA's orthogonality penalty, once per optimizer step (same on every rank)
                 allocator.orthogonality_backward(cfg.lora.adalora_orth_reg_weight)
+            par.sync_grads(params)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if guard.bad(state.step + 1, float(step_loss) / max(n_loss, 1), grad_norm):  # skipped: data moves on
+                optimizer.zero_grad(set_to_none=True)
+                state.epoch, state.batch, rng = micro[-1][0], micro[-1][1], rng_state()
+                continue
             lr = optimizer.param_groups[0]["lr"]
             with interrupts.held():  # a step is applied and logged whole or not at all
                 optimizer.step()
@@ -140,14 +162,16 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 steps_this_run += 1
+                step_time.tick()
                 state.epoch, state.batch = micro[-1][0], micro[-1][1]
                 state.tokens += n_loss
-                rng = rng_state()
-                loss = float(step_loss) / max(n_loss, 1)
+                rng = par.gather_rng(rng_state())
+                loss_total, window_all = par.sum([float(step_loss), window_tokens])
+                loss = loss_total / max(n_loss, 1)
                 result.losses.append(loss)
                 if state.step % cfg.output.log_every == 0 or state.step == cfg.train.max_steps:
                     now = time.perf_counter()
-                    tok_s = window_tokens / max(now - window_t, 1e-9)
+                    tok_s = window_all / max(now - window_t, 1e-9)
                     row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
                            "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tok_s, 1),
                            "mem_gb": round(_memory_gb(device), 3), "tokens": state.tokens}
@@ -159,7 +183,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                     window_tokens, window_t = 0, now
                 bar.update(1)
             if eval_ds is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
+                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator, engine=engine)
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 checkpoint()
@@ -167,21 +191,28 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         checkpoint()
         if state.step >= cfg.train.max_steps:
             if eval_ds is not None and not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
-                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator)
+                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator, engine=engine)
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
-            result.adapter_dir = save_adapter(model, out / "adapter", cfg=cfg.lora,
-                                              base_model=cfg.model.name_or_path, tokenizer=tokenizer,
-                                              run_config=cfg, revision=cfg.model.revision)
-            log.info("adapter saved to %s", result.adapter_dir)
+            check_finite_params(model, state.step)  # never a NaN adapter
+            if par.is_main:
+                with writing(out / "adapter"):
+                    result.adapter_dir = save_adapter(model, out / "adapter", cfg=cfg.lora,
+                                                      base_model=cfg.model.name_or_path, tokenizer=tokenizer,
+                                                      run_config=cfg, revision=cfg.model.revision)
+                log.info("adapter saved to %s", result.adapter_dir)
+            par.barrier()
+    if par.is_main:
+        clean_temporaries(out)
     result.step, result.tokens, result.seconds = state.step, state.tokens, time.perf_counter() - t0
     return result
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_ds: Any, cfg: "Config", tokenizer: Any, device: torch.device,
-             accelerator: Any) -> float:
+             accelerator: Any, engine: torch.nn.Module | None = None) -> float:
     """Token-mean loss over ``train.eval_batches`` batches of ``eval_ds`` (all when 0), dropout off.
-    Leaves the global RNG untouched, so evaluating does not change the training run."""
+    Leaves the global RNG untouched, so evaluating does not change the training run. ``engine``: the
+    distributed engine (``train.distributed``) to run batches through instead of the bare model."""
     from qlora_trainer.data import make_dataloader
 
     was_training = model.training
@@ -195,15 +226,15 @@ def evaluate(model: torch.nn.Module, eval_ds: Any, cfg: "Config", tokenizer: Any
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
             with accelerator.autocast():
-                loss_sum, n = causal_lm_loss(model, batch, chunk_size=cfg.train.loss_chunk_size,
-                                             backend=cfg.model.kernels)
+                loss_sum, n = engine(batch) if engine is not None else causal_lm_loss(
+                    model, batch, chunk_size=cfg.train.loss_chunk_size, backend=cfg.model.kernels)
             total, count = total + float(loss_sum), count + int(n)
     model.train(was_training)
     return total / max(count, 1)
 
 
-def _micro_batches(train_ds: Any, cfg: "Config", tokenizer: Any, epoch: int,
-                   skip: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+def _micro_batches(train_ds: Any, cfg: "Config", tokenizer: Any, epoch: int, skip: int, *, rank: int = 0,
+                   world: int = 1) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """Endless ``(epoch, batches consumed in that epoch, batch)``, starting after ``skip`` batches of
     ``epoch``. Each epoch's order depends only on (seed, epoch); the DataLoader iterator is created
     under ``fork_rng`` so starting an epoch never moves the global RNG (dropout stays in step on resume)."""
@@ -211,7 +242,7 @@ def _micro_batches(train_ds: Any, cfg: "Config", tokenizer: Any, epoch: int,
 
     while True:
         dl = make_dataloader(train_ds, cfg=cfg.data, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
-                             shuffle=True, seed=cfg.train.seed, epoch=epoch)
+                             shuffle=True, seed=cfg.train.seed, epoch=epoch, rank=rank, world=world)
         with torch.random.fork_rng(devices=[]):
             it = iter(dl)
         n = 0
@@ -272,17 +303,18 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
-def _check_output_dir(cfg: "Config", out: Path, resume: Path | None) -> None:
+def _check_output_dir(cfg: "Config", out: Path, resume: Path | None, main: bool = True) -> None:
     if (out / "adapter" / "adapter_config.json").exists() and not cfg.output.overwrite:
         raise QloraError(f"output_dir: {str(out)!r} already holds a finished adapter; pick another "
                          f"output_dir or set output.overwrite=true")
     if resume is None and checkpoint_dirs(out) and not cfg.output.overwrite:
         raise QloraError(f"output_dir: {str(out)!r} has checkpoints of an earlier run; set resume=auto to "
                          f"continue it or output.overwrite=true to start over")
-    if resume is None and cfg.output.overwrite:
+    if resume is None and cfg.output.overwrite and main:
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for old in checkpoint_dirs(out):  # our step-N checkpoints only: other files there are the user's
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_memory_estimate(cfg: "Config", device: torch.device) -> None:
@@ -316,10 +348,10 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def _progress(cfg: "Config", initial: int) -> Any:
+def _progress(cfg: "Config", initial: int, enabled: bool = True) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.train.max_steps, initial=initial, disable=not cfg.output.progress_bar,
+    return tqdm(total=cfg.train.max_steps, initial=initial, disable=not (cfg.output.progress_bar and enabled),
                 desc="train", unit="step", dynamic_ncols=True)
 
 
@@ -332,11 +364,17 @@ class _MetricsFile:
 
         self.path = path
         if path.exists():
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+            lines = metrics_lines(path, keep_until)  # a truncated last line (killed mid-write) is dropped
             atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
     def write(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
+            f.write(json_line(row))  # strict JSON: a non-finite value is written as null
+
+
+class _NoMetrics:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass

@@ -4,7 +4,7 @@ max-context binary search, and the ratio / loss-agreement annotation.
 
 ``benchmarks/`` is not an installed package and tests run with ``--import-mode=importlib`` (repo root
 off sys.path), so the runner runs as a subprocess with ``cwd`` = repo root, and in-process tests see
-``benchmarks`` through a temporary directory holding only a link to it.
+``benchmarks`` through a temporary directory holding only a link to it (the ``bench`` fixture).
 """
 
 from __future__ import annotations
@@ -23,18 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"model", "seq_len", "batch", "system", "status", "tokens_per_s", "peak_allocated_gb",
             "peak_reserved_gb", "step0_loss", "median_step_s", "weights_gb"}
 CPU_LOSS_RTOL = 1e-4  # fp32 on both sides: same NF4 codes, same tokens, LoRA B = 0
-
-
-@pytest.fixture
-def bench(tmp_path, monkeypatch):
-    """Import access to ``benchmarks`` without putting the repo root (and ``kernels``) on sys.path."""
-    link_dir = tmp_path / "path"
-    link_dir.mkdir()
-    (link_dir / "benchmarks").symlink_to(REPO / "benchmarks", target_is_directory=True)
-    monkeypatch.syspath_prepend(str(link_dir))
-    yield lambda name: importlib.import_module(f"benchmarks.{name}")
-    for mod in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
-        del sys.modules[mod]  # the link dies with tmp_path
 
 
 def _ours_available() -> bool:
@@ -58,13 +46,15 @@ def test_smoke_run_hf_and_ours_agree(tmp_path):
     assert {"torch", "transformers", "peft", "bitsandbytes", "unsloth"} <= set(doc["device"]["versions"])
     assert doc["device"]["command"].startswith("python -m benchmarks.run --smoke")
     rows = {r["system"]: r for r in doc["rows"]}
-    assert set(rows) == {"hf", "unsloth", "qlora_trainer"}
+    assert set(rows) == {"hf", "hf-tuned", "unsloth", "qlora_trainer"}
     assert rows["unsloth"]["status"] == "skipped" and rows["unsloth"]["reason"]
     hf = rows["hf"]
     assert hf["status"] == "ok", hf
     assert ROW_KEYS <= set(hf)
     assert (hf["model"], hf["seq_len"], hf["batch"], len(hf["losses"])) == ("tiny-64", 64, 2, 2)
     assert hf["tokens_per_s"] > 0 and hf["speedup_vs_hf"] == 1.0
+    tuned = rows["hf-tuned"]  # the same recipe without the fp32 upcast: the same fp32 model on the CPU
+    assert tuned["status"] == "ok" and tuned["step0_loss"] == pytest.approx(hf["step0_loss"], rel=CPU_LOSS_RTOL)
     # random N(0, 0.02) weights predict ~uniformly over the 260-token vocabulary
     assert abs(hf["step0_loss"] - math.log(260)) < 0.1
     md = (out / "smoke.md").read_text()

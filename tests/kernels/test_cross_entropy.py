@@ -32,10 +32,10 @@ def _labels(n=N):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_loss_and_grads_match_full_logits(backend, dtype):
-    h = (torch.randn(N, H) * 2).to(dtype).requires_grad_()
-    w = (torch.randn(V, H) * 0.5).to(dtype).requires_grad_()
-    y = _labels()
+def test_loss_and_grads_match_full_logits(backend, dtype, device):
+    h = (torch.randn(N, H) * 2).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, H) * 0.5).to(device, dtype).requires_grad_()
+    y = _labels().to(device)
     loss, n_valid = linear_cross_entropy(h, w, y, chunk_size=5, backend=backend)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert n_valid.item() == 15
@@ -76,10 +76,10 @@ def test_no_grad_computes_loss_only():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_all_ignored_gives_zero_loss_and_zero_grads(backend):
-    h = torch.randn(6, H, requires_grad=True)
-    w = torch.randn(V, H, requires_grad=True)
-    y = torch.full((6,), -100)
+def test_all_ignored_gives_zero_loss_and_zero_grads(backend, device):
+    h = torch.randn(6, H).to(device).requires_grad_()
+    w = torch.randn(V, H).to(device).requires_grad_()
+    y = torch.full((6,), -100, device=device)
     loss, n_valid = linear_cross_entropy(h, w, y, chunk_size=4, backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and n_valid.item() == 0

@@ -29,23 +29,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _nf4_base(out_f, in_f, dtype, blocksize=64, double_quant=True, bias=True):
+def _nf4_base(out_f, in_f, dtype, blocksize=64, double_quant=True, bias=True, device="cpu"):
     import bitsandbytes.functional as bnbF
 
-    packed, state = bnbF.quantize_4bit(torch.randn(out_f, in_f) * 0.1, blocksize=blocksize,
+    packed, state = bnbF.quantize_4bit((torch.randn(out_f, in_f) * 0.1).to(device), blocksize=blocksize,
                                        compress_statistics=double_quant, quant_type="nf4")
     state.dtype = dtype
     w = NF4Weight.from_bnb(packed, state)
-    b = torch.randn(out_f).to(dtype) if bias else None
+    b = torch.randn(out_f).to(device, dtype) if bias else None
     # oracle weight: the Triton dequant in fp32 (bit-exact with bitsandbytes, see test_nf4.py)
     return BaseWeight(nf4=w, bias=b), dequantize_nf4(w, torch.float32, backend="triton")
 
 
 def _check(base, w_dense, in_f, out_f, dtype, p, fuse, lead=(3, 7)):
-    r = 5
-    x = torch.randn(*lead, in_f).to(dtype).requires_grad_()
-    a = (torch.randn(r, in_f) * 0.2).requires_grad_()
-    b = (torch.randn(out_f, r) * 0.2).requires_grad_()
+    r, device = 5, w_dense.device
+    x = torch.randn(*lead, in_f).to(device, dtype).requires_grad_()
+    a = (torch.randn(r, in_f) * 0.2).to(device).requires_grad_()
+    b = (torch.randn(out_f, r) * 0.2).to(device).requires_grad_()
     torch.manual_seed(11)
     seed = draw_seed()  # the seed the Function draws below
     torch.manual_seed(11)
@@ -77,41 +77,41 @@ def _check(base, w_dense, in_f, out_f, dtype, p, fuse, lead=(3, 7)):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_nf4_lora_linear_forward_and_grads(dtype, fuse, p):
-    base, w_dense = _nf4_base(70, 98, dtype)
+def test_nf4_lora_linear_forward_and_grads(dtype, fuse, p, device):
+    base, w_dense = _nf4_base(70, 98, dtype, device=device)
     _check(base, w_dense, 98, 70, dtype, p, fuse)
 
 
 @pytest.mark.parametrize("fuse", [True, False])
-def test_nf4_odd_in_features_blocksize_256_no_double_quant(fuse):
-    base, w_dense = _nf4_base(33, 97, torch.float32, blocksize=256, double_quant=False, bias=False)
+def test_nf4_odd_in_features_blocksize_256_no_double_quant(fuse, device):
+    base, w_dense = _nf4_base(33, 97, torch.float32, blocksize=256, double_quant=False, bias=False, device=device)
     _check(base, w_dense, 97, 33, torch.float32, p=0.3, fuse=fuse)
 
 
-def test_nf4_fused_kernel_large_tile_config():
-    base, w_dense = _nf4_base(150, 98, torch.float32)  # M = 130 tokens: 128x128 tiles, 2 x 2 grid
+def test_nf4_fused_kernel_large_tile_config(device):
+    base, w_dense = _nf4_base(150, 98, torch.float32, device=device)  # M = 130 tokens: 128x128 tiles, 2 x 2 grid
     _check(base, w_dense, 98, 150, torch.float32, p=0.0, fuse=True, lead=(130,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["dense", "nf4_fused", "nf4_dequant"])
-def test_dropout_odd_shapes(dtype, kind):
+def test_dropout_odd_shapes(dtype, kind, device):
     """p = 0.3, M = 37, in = 53, out = 29, r = 5: forward and grads of x, A, B vs the oracle."""
     if kind == "dense":
-        lin = nn.Linear(53, 29).to(dtype).requires_grad_(False)
+        lin = nn.Linear(53, 29).to(device, dtype).requires_grad_(False)
         base, w_dense, fuse = BaseWeight.from_module(lin), lin.weight.float(), None
     else:
-        (base, w_dense), fuse = _nf4_base(29, 53, dtype), kind == "nf4_fused"
+        (base, w_dense), fuse = _nf4_base(29, 53, dtype, device=device), kind == "nf4_fused"
     _check(base, w_dense, 53, 29, dtype, p=0.3, fuse=fuse, lead=(37,))
 
 
 @pytest.mark.parametrize("trans_w", [True, False])
-def test_fused_kernel_split_k_matches_dequant_matmul(trans_w):
+def test_fused_kernel_split_k_matches_dequant_matmul(trans_w, device):
     from qlora_trainer.kernels._triton_lora import nf4_matmul
 
-    base, w_dense = _nf4_base(70, 300, torch.float32)  # forward K = 300: 5 K-blocks over 3 splits
+    base, w_dense = _nf4_base(70, 300, torch.float32, device=device)  # forward K = 300: 5 K-blocks over 3 splits
     k = 300 if trans_w else 70
-    a = torch.randn(9, k)
+    a = torch.randn(9, k).to(device)
     want = a @ (w_dense.t() if trans_w else w_dense)
     bias = base.bias if trans_w else None
     if bias is not None:
@@ -123,8 +123,8 @@ def test_fused_kernel_split_k_matches_dequant_matmul(trans_w):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_base(dtype):
-    lin = nn.Linear(45, 23).to(dtype).requires_grad_(False)
+def test_dense_base(dtype, device):
+    lin = nn.Linear(45, 23).to(device, dtype).requires_grad_(False)
     base = BaseWeight.from_module(lin)
     assert base is not None and base.dense is lin.weight
     _check(base, lin.weight.float(), 45, 23, dtype, p=0.0, fuse=None)

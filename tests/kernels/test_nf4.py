@@ -14,10 +14,10 @@ import torch
 from qlora_trainer.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 
 
-def _quantized(shape, blocksize, double_quant, dtype=torch.float32):
+def _quantized(shape, blocksize, double_quant, dtype=torch.float32, device="cpu"):
     import bitsandbytes.functional as bnbF
 
-    w = torch.randn(shape) * 0.05
+    w = (torch.randn(shape) * 0.05).to(device)
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
                                        quant_type="nf4")
     state.dtype = dtype
@@ -44,9 +44,9 @@ def _assert_within_one_bf16_ulp(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [64, 256])
-def test_dequant_matches_bitsandbytes(blocksize, double_quant):
+def test_dequant_matches_bitsandbytes(blocksize, double_quant, device):
     # 37 * 130 = 4810 elements: not a multiple of either block size nor of the kernel's 2048 tile
-    w = _quantized((37, 130), blocksize, double_quant)
+    w = _quantized((37, 130), blocksize, double_quant, device=device)
     out = dequantize_nf4(w, torch.float32, backend="triton")
     ref = dequantize_nf4_reference(w, torch.float32)
     assert out.shape == (37, 130) and out.dtype == torch.float32
@@ -57,12 +57,12 @@ def test_dequant_matches_bitsandbytes(blocksize, double_quant):
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_dequant_odd_shape_matches_layout_oracle(double_quant):
-    w = _quantized((13, 67), 64, double_quant)  # odd element count: last byte half-used
+def test_dequant_odd_shape_matches_layout_oracle(double_quant, device):
+    w = _quantized((13, 67), 64, double_quant, device=device)  # odd element count: last byte half-used
     oracle = _torch_oracle(w)
     assert torch.equal(dequantize_nf4(w, torch.float32, backend="triton"), oracle)
     # the oracle itself agrees with bitsandbytes on an even shape (guards the oracle)
-    w2 = _quantized((9, 130), 64, double_quant)
+    w2 = _quantized((9, 130), 64, double_quant, device=device)
     assert torch.equal(_torch_oracle(w2), dequantize_nf4_reference(w2, torch.float32))
 
 

@@ -20,16 +20,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _inputs(shape, dtype, weight_dtype=None):
-    x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_()
-    w = (torch.rand(shape[-1]) + 0.5).to(weight_dtype or dtype).requires_grad_()
+def _inputs(shape, dtype, weight_dtype=None, device="cpu"):
+    x = (torch.randn(shape) * 2 + 0.5).to(device, dtype).requires_grad_()
+    w = (torch.rand(shape[-1]) + 0.5).to(device, weight_dtype or dtype).requires_grad_()
     return x, w
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 7, 97), (1, 300), (5, 1, 2, 64)])
-def test_rmsnorm_forward_and_grads_match_reference(shape, dtype):
-    x, w = _inputs(shape, dtype)
+def test_rmsnorm_forward_and_grads_match_reference(shape, dtype, device):
+    x, w = _inputs(shape, dtype, device=device)
     y = rms_norm(x, w, 1e-5, backend="triton")
     assert type(y.grad_fn).__name__ == "RMSNormFunctionBackward"
     dy = torch.randn_like(y)
@@ -50,8 +50,8 @@ def test_rmsnorm_forward_and_grads_match_reference(shape, dtype):
         torch.testing.assert_close(dw, dwr, rtol=1e-5, atol=1e-4)
 
 
-def test_rmsnorm_bf16_input_fp32_weight_promotes_like_transformers():
-    x, w = _inputs((4, 33), torch.bfloat16, weight_dtype=torch.float32)
+def test_rmsnorm_bf16_input_fp32_weight_promotes_like_transformers(device):
+    x, w = _inputs((4, 33), torch.bfloat16, weight_dtype=torch.float32, device=device)
     y = rms_norm(x, w, 1e-6, backend="triton")
     ref = rms_norm_reference(x, w, 1e-6)
     assert y.dtype == ref.dtype == torch.float32

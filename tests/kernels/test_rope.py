@@ -29,10 +29,10 @@ def _hf(q, k, cos, sin):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,t,hq,hk,d,cos_batch", [(2, 5, 3, 1, 10, 1), (1, 7, 4, 2, 16, 1),
                                                    (3, 2, 5, 5, 6, 3)])
-def test_rope_forward_and_grads_match_transformers(b, t, hq, hk, d, cos_batch, dtype):
-    q = torch.randn(b, t, hq, d, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, t, hk, d, dtype=dtype, requires_grad=True)
-    cos, sin = torch.randn(cos_batch, t, d, dtype=dtype), torch.randn(cos_batch, t, d, dtype=dtype)
+def test_rope_forward_and_grads_match_transformers(b, t, hq, hk, d, cos_batch, dtype, device):
+    q = torch.randn(b, t, hq, d).to(device, dtype).requires_grad_()
+    k = torch.randn(b, t, hk, d).to(device, dtype).requires_grad_()
+    cos, sin = torch.randn(cos_batch, t, d).to(device, dtype), torch.randn(cos_batch, t, d).to(device, dtype)
     qo, ko = apply_rope(q, k, cos, sin, backend="triton")
     assert type(qo.grad_fn).__name__ == "RoPEFunctionBackward"
     gq, gk = torch.randn_like(qo), torch.randn_like(ko)

@@ -21,9 +21,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 7, 97), (1, 1, 1), (2, 1100)])
-def test_swiglu_forward_and_grads_match_reference(shape, dtype):
-    g = (torch.randn(shape) * 3).to(dtype).requires_grad_()  # spans silu's curved region
-    u = torch.randn(shape, dtype=dtype, requires_grad=True)
+def test_swiglu_forward_and_grads_match_reference(shape, dtype, device):
+    g = (torch.randn(shape) * 3).to(device, dtype).requires_grad_()  # spans silu's curved region
+    u = torch.randn(shape).to(device, dtype).requires_grad_()
     y = swiglu(g, u, backend="triton")
     assert type(y.grad_fn).__name__ == "SwiGLUFunctionBackward"
     dy = torch.randn_like(y)

@@ -188,9 +188,12 @@ def test_adalora_layer_merges_and_deletes():
 def test_adalora_config_is_validated():
     cfg = Config()
     cfg.lora.variant, cfg.lora.r, cfg.lora.adalora_target_r = "adalora", 4, 8
-    with pytest.raises(ConfigError, match="lora.adalora_target_r: must be in 1..lora.r"):
+    with pytest.raises(ConfigError, match="lora.adalora_target_r: must be <= lora.r"):
         cfg.validate()
     cfg.lora.adalora_target_r, cfg.lora.adalora_tinit, cfg.train.max_steps = 2, 5, 6
     cfg.lora.adalora_tfinal = 1
     with pytest.raises(ConfigError, match="leave no budget phase"):
+        cfg.validate()
+    cfg.lora.adalora_tinit, cfg.lora.adalora_beta1 = 0, 1.0
+    with pytest.raises(ConfigError, match=r"lora.adalora_beta1: must be in \(0, 1\)"):
         cfg.validate()

@@ -92,8 +92,12 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
 def test_resolve_resume(tiny_cfg, tmp_path):
     tiny_cfg.resume = "auto"
     assert resolve_resume(tiny_cfg) is None  # nothing yet: start fresh
-    for step in (2, 10):
+    from qlora_trainer.train.resume import REQUIRED
+
+    for step in (2, 10):  # complete checkpoints of the layout without a manifest
         (tmp_path / "run" / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        for name in REQUIRED:
+            (tmp_path / "run" / "checkpoints" / f"step-{step}" / name).write_text("x")
     assert resolve_resume(tiny_cfg).name == "step-10"
     tiny_cfg.resume = str(tmp_path / "nowhere")
     with pytest.raises(QloraError, match="not a checkpoint directory"):

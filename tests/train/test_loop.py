@@ -39,7 +39,7 @@ def test_run_writes_metrics_checkpoints_and_adapter(tiny_cfg):
     # retention: only the newest keep_last checkpoints, no temp leftovers
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
     ckpt = out / "checkpoints" / "step-4"
-    assert {p.name for p in ckpt.iterdir()} == {"adapter", "optimizer.pt", "scheduler.pt", "rng.pt",
+    assert {p.name for p in ckpt.iterdir()} == {"adapter", "optimizer.pt", "scheduler.pt", "rng.pt", "manifest.json",
                                                 "trainer_state.json", "config.yaml"}  # no trainable.safetensors
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
     adapter = out / "adapter"

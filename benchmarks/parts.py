@@ -1,0 +1,222 @@
+"""The suite's parts, each run as ``python -m benchmarks.parts PART CTX_JSON ROWS_JSONL`` in its own
+process by :mod:`benchmarks.suite`. A part appends every result row to ``ROWS_JSONL`` the moment it
+has it (one JSON object a line), so a part killed by its time box still leaves its finished rows.
+
+``ctx`` (written by the suite): ``dry_run``, ``device``, ``dtype``, ``deadline`` (epoch seconds when the
+part's box ends), ``work`` (scratch directory), ``peers`` (unpacked Unsloth wheels or None),
+``results`` (the suite JSON so far: part 5 reads the rows of parts 2-4), ``seed``.
+The grids below are the GPU shapes; ``DRY`` replaces them with tiny ones on the CPU, same code paths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.spec import RunSpec
+from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
+
+# Part 2: (model, seq_len) shapes; systems in order of value (Unsloth last: it needs a checkpoint).
+SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
+SPEED_SYSTEMS = ("qlora_trainer", "hf", "hf-tuned")
+# Part 3: 70B rows (in-process NF4 build, layer by layer).
+BIG_ROWS = [("qlora_trainer", "llama-3-70b", 512), ("qlora_trainer", "llama-3-70b", 2048), ("hf", "llama-3-70b", 512)]
+# Part 4: (model, goal seq_len, cap GB): pass/fail at the goal, ours with MLP tiling, CPU embeddings, offload.
+LONG_GOALS = [("llama-3.1-70b", 32768, 48.0), ("llama-3.1-8b", 131072, 24.0)]
+LONG_MODEL = {"mlp_chunk_tokens": 4096, "embeddings_on_cpu": True, "offload_activations": True}
+# Seconds one row process may take at most (a hung row must not eat its whole part).
+ROW_CAP_S = {"speed": 90.0, "unsloth": 150.0, "big": 100.0, "long": 150.0}
+STEPS = {"speed": (2, 5), "big": (1, 3), "long": (0, 1)}  # (warm-up, timed)
+
+# The dry run (CPU, fp32, kernels under the interpreter): one tiny shape per part, every code path.
+# tiny-64: every in_features a multiple of 64, where bitsandbytes' CPU dequantize (the HF stack's) is right.
+DRY = {"speed_shapes": [("tiny-64", 64)], "big_rows": [("qlora_trainer", "tiny-64", 32), ("hf", "tiny-64", 32)],
+       "long_goals": [("tiny-64", 256, 1.0)], "long_model": {"mlp_chunk_tokens": 64}, "steps": (0, 1)}
+
+
+class Part:
+    """What one part process knows: its context, its time left, and where its rows go."""
+
+    def __init__(self, ctx: dict, rows_path: Path) -> None:
+        self.ctx, self.rows_path = ctx, rows_path
+        self.dry = bool(ctx["dry_run"])
+        self.work = Path(ctx["work"])
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.ctx["deadline"] - time.time()
+
+    def emit(self, row: dict) -> dict:
+        with open(self.rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"[suite] {json.dumps({k: v for k, v in row.items() if k not in ('losses', 'step_seconds', 'probes')})}",
+              flush=True)
+        return row
+
+    def spec(self, system: str, model: str, seq_len: int, kind: str, **kw) -> RunSpec:
+        warmup, steps = DRY["steps"] if self.dry else STEPS[kind]
+        return RunSpec(system=system, model=model, seq_len=seq_len, batch=1, warmup=warmup, steps=steps,
+                       seed=self.ctx["seed"], device=self.ctx["device"], dtype=self.ctx["dtype"],
+                       weights="in_process", **kw)
+
+    def launch(self, spec: RunSpec, cap: float, **kw) -> dict:
+        """One row in its own process, inside min(cap, time left); a row with no time left is ``skipped``."""
+        from benchmarks.run import launch
+        from benchmarks.spec import base_row
+
+        box = min(cap, self.left() - 2.0)
+        if box < 5.0:
+            return {**base_row(spec), "status": "skipped", "reason": "no time left in the part's box"}
+        return launch(spec, self.work, timeout=box, smoke=self.dry, quiet=False, **kw)
+
+
+def part_correctness(p: Part) -> None:
+    """Kernel tests through pytest (the ``gpu``-marked CUDA parametrisation on a GPU; the CPU tests under
+    the interpreter in a dry run), then one training step with kernels on vs off."""
+    junit = p.work / "kernels-junit.xml"
+    marks = "not gpu and not slow" if p.dry else "gpu and not slow"
+    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "kernels"), "-q", "-p", "no:cacheprovider",
+           "-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO), "-m", marks, f"--junitxml={junit}"]
+    if p.dry:  # the CPU interpreter is slow: one parametrisation per kernel family is the plumbing check
+        cmd += ["-k", "(forward and float32) or dequant_matches or (loss_and_grads and float32 and triton)"]
+    elif importlib.util.find_spec("xdist") is not None:  # Triton compiles each kernel once per process
+        cmd += ["-n", "6"]
+    env = child_env(smoke=p.dry)
+    env["TRITON_INTERPRET"] = "1" if p.dry else "0"
+    t0, budget = time.time(), max(5.0, p.left() - (10.0 if p.dry else 30.0))  # leave time for the step check
+    rc = run_boxed(cmd, timeout=budget, own_group=True, cwd=child_cwd(), env=env)  # xdist workers die with it
+    status = "timeout" if rc is None else "ok" if rc == 0 else "failed" if rc == 1 else f"exit {rc}"
+    p.emit({"kind": "kernel_tests", "status": status,
+            "command": " ".join(cmd[1:]), "duration_s": round(time.time() - t0, 1), **junit_summary(junit)})
+    from benchmarks.kernel_step import compare_step
+
+    p.emit({"kind": "kernel_step", **compare_step(p.ctx["device"], p.ctx["dtype"], seed=p.ctx["seed"])})
+
+
+def junit_summary(path: Path) -> dict:
+    """Counts and the failed test ids (with the first line of each message) from a junit XML file."""
+    import xml.etree.ElementTree as ET
+
+    if not path.is_file():
+        return {"tests": 0, "failures": [], "note": "pytest wrote no report"}
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "errors", "skipped")}
+    counts["failed"] = int(suite.get("failures", 0))
+    failures = []
+    for case in suite.iter("testcase"):
+        for bad in (*case.findall("failure"), *case.findall("error")):
+            msg = (bad.get("message") or "").strip().splitlines()
+            failures.append(f"{case.get('classname')}::{case.get('name')}: {msg[0][:200] if msg else ''}")
+    counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
+    return {**counts, "failures": failures[:40]}
+
+
+def part_speed(p: Part) -> None:
+    """Speed and memory rows: every system on every shape, same weights and tokens (in-process NF4
+    build; Unsloth loads a checkpoint written here, its cost inside its own row's box)."""
+    from benchmarks.run import prepare_weights, unsloth_available
+    from benchmarks.systems import UNSLOTH_MISSING
+
+    shapes = DRY["speed_shapes"] if p.dry else SPEED_SHAPES
+    for model, seq in shapes:
+        for system in SPEED_SYSTEMS:
+            p.emit(p.launch(p.spec(system, model, seq, "speed"), ROW_CAP_S["speed"]))
+    for model, seq in shapes:
+        spec = p.spec("unsloth", model, seq, "speed")
+        if not unsloth_available(p.ctx.get("peers")) or p.dry:
+            reason = UNSLOTH_MISSING if not unsloth_available(p.ctx.get("peers")) else "unsloth needs a CUDA GPU"
+            p.emit({**_base(spec), "status": "skipped", "reason": reason})
+            continue
+        t0 = time.time()
+        try:
+            _, ckpt = prepare_weights(model, p.work / "ckpt", spec.seed, timeout=max(5.0, p.left() - 60.0))
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            p.emit({**_base(spec), "status": "error", "error": f"writing the checkpoint failed: {e}"})
+            continue
+        spec = replace(spec, weights="checkpoint", checkpoint_dir=ckpt)
+        row = p.launch(spec, ROW_CAP_S["unsloth"], extra_path=p.ctx.get("peers"))
+        p.emit({**row, "checkpoint_write_s": round(time.time() - t0 - row.get("load_s", 0.0), 1)})
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _base(spec: RunSpec) -> dict:
+    from benchmarks.spec import base_row
+
+    return base_row(spec)
+
+
+def part_big(p: Part) -> None:
+    """70B: ours at seq 512 and 2048, HF at 512 (peak memory and speed), in-process layer by layer."""
+    for system, model, seq in DRY["big_rows"] if p.dry else BIG_ROWS:
+        p.emit(p.launch(p.spec(system, model, seq, "big"), ROW_CAP_S["big"]))
+
+
+def part_long(p: Part) -> None:
+    """Long context, ours: one training step at the goal under the cap (pass/fail); then, while time is
+    left, one probe beyond each passed goal (x2, to the model's maximum) or below each failed one (/2)."""
+    from qlora_trainer.models.catalog import get_arch
+
+    goals = DRY["long_goals"] if p.dry else LONG_GOALS
+    extra = {"model": DRY["long_model"] if p.dry else LONG_MODEL}
+    done = []
+    for model, seq, cap in goals:
+        row = p.launch(p.spec("qlora_trainer", model, seq, "long", cap_gb=cap, extra=extra), ROW_CAP_S["long"])
+        done.append(p.emit({**row, "kind": "long_context", "goal_seq_len": seq, "passed": row["status"] == "ok"}))
+    for row in done:
+        if row["status"] not in ("ok", "oom"):
+            continue
+        top = get_arch(row["model"]).max_position
+        seq = min(2 * row["seq_len"], top) if row["passed"] else row["seq_len"] // 2
+        if seq == row["seq_len"] or p.left() < 30.0:
+            continue
+        spec = p.spec("qlora_trainer", row["model"], seq, "long", cap_gb=row["cap_gb"], extra=extra)
+        probe = p.launch(spec, ROW_CAP_S["long"])
+        p.emit({**probe, "kind": "long_context", "goal_seq_len": row["goal_seq_len"], "probe": True,
+                "passed": probe["status"] == "ok"})
+
+
+def part_calibration(p: Part) -> None:
+    """The CUDA context measured, then our estimate vs the measured peak (allocated and reserved) for
+    every step row of parts 2-4, then ``qlora-trainer memory --measure`` on the headline shape."""
+    from benchmarks.calibrate import compare_rows, cuda_context, memory_cli
+
+    p.emit({"kind": "cuda_context", **cuda_context(p.ctx["device"])})
+    doc = json.loads(Path(p.ctx["results"]).read_text()) if Path(p.ctx["results"]).is_file() else {"rows": []}
+    for row in compare_rows(doc["rows"]):
+        p.emit(row)
+    model, seq = ("tiny-64", 64) if p.dry else SPEED_SHAPES[0]
+    if p.left() > (10.0 if p.dry else 60.0):
+        p.emit({"kind": "memory_cli", **memory_cli(model, seq, measure=not p.dry, timeout=p.left() - 5.0)})
+
+
+PARTS = {"correctness": part_correctness, "speed": part_speed, "70b": part_big, "long": part_long,
+         "calibration": part_calibration}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in PARTS:
+        print(f"usage: python -m benchmarks.parts {{{','.join(PARTS)}}} CTX_JSON ROWS_JSONL", file=sys.stderr)
+        return 2
+    from benchmarks.stage import assert_not_shadowed, kill_groups_on_sigterm
+
+    assert_not_shadowed()
+    kill_groups_on_sigterm()
+    part = Part(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
+    PARTS[argv[0]](part)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

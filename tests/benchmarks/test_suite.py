@@ -1,0 +1,176 @@
+"""``python -m benchmarks.suite --dry-run`` end to end, the way the GPU recipe runs it: the project's
+wheel built here (``python -m benchmarks.stage``), then the suite started from the repo root by a
+Python that cannot import ``qlora_trainer`` (a fresh venv seeing this venv's packages through a
+``.pth`` line, so neither the editable finder nor the repo root is on its path). Every part's output
+is checked, then the results page is generated from that JSON.
+
+The dry run gets a generous ``--budget-s`` here so that a loaded box cannot time a part out (seen at
+load 12 on 2 cores with 400 s); the default dry-run budget (102 s) is what keeps it under 2 minutes.
+On an idle 2-core box it takes about 75 s of CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PARTS = ["correctness", "speed", "70b", "long", "calibration"]
+
+
+def bare_python(root: Path) -> Path:
+    """A venv whose only view of packages is this venv's site-packages, without their .pth hooks."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    py = root / "bin" / "python"
+    pure = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(pure, "_parent_site.pth").write_text(site.getsitepackages()[0] + "\n")
+    return py
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("suite")
+    py = bare_python(tmp / "bare")
+    probe = subprocess.run([str(py), "-c", "import torch, transformers\nimport qlora_trainer"], cwd=tmp,
+                           capture_output=True, text=True)
+    assert "No module named 'qlora_trainer'" in probe.stderr  # the bare Python really lacks the project
+    wheel = subprocess.run([sys.executable, "-m", "benchmarks.stage", str(tmp / "whl")], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    out = tmp / "out"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "OMP_NUM_THREADS": "1"}  # no PYTHONPATH, no TRITON_INTERPRET
+    proc = subprocess.run([str(py), "-m", "benchmarks.suite", "--dry-run", "--out", str(out), "--wheel", wheel,
+                           "--budget-s", "700"], cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    doc = json.loads((out / "suite.json").read_text())
+    return proc, out, doc
+
+
+def _rows(doc, kind, part=None):
+    return [r for r in doc["rows"] if r.get("kind", "step") == kind and (part is None or r["part"] == part)]
+
+
+@pytest.mark.timeout(900)  # the module fixture's dry run counts against its first user
+def test_dry_run_writes_every_part(dry_run):
+    proc, out, doc = dry_run
+    assert sorted(p.name for p in out.iterdir()) == ["suite.json", "suite.log", "suite.md"], proc.stdout[-3000:]
+    parts = doc["suite"]["parts"]
+    assert [p["part"] for p in parts] == PARTS
+    assert all(p["status"] == "done" and p["rows"] > 0 and 0 < p["used_s"] <= p["box_s"] for p in parts), parts
+    assert doc["suite"]["dry_run"] and doc["suite"]["budget_s"] == 700
+    d = doc["device"]
+    assert {"gpu", "driver", "cuda", "python", "date", "command"} <= set(d) and d["gpu"] == "cpu"
+    assert d["command"].startswith("python -m benchmarks.suite --dry-run") and d["versions"]["qlora-trainer"]
+
+    tests, = _rows(doc, "kernel_tests")  # part 1: pytest over tests/kernels, then kernels on == off
+    assert tests["status"] == "ok" and tests["passed"] >= 10 and tests["failed"] == tests["errors"] == 0, tests
+    step, = _rows(doc, "kernel_step")
+    c = step["checks"]["float32"]
+    assert step["status"] == "ok" and c["ok"] and c["n_adapter_tensors"] > 0 and c["grad_rdiff_max"] <= 1e-4, step
+
+    speed = {r["system"]: r for r in _rows(doc, "step", "speed")}  # part 2: same weights, tokens
+    assert set(speed) == {"qlora_trainer", "hf", "hf-tuned", "unsloth"}
+    assert speed["unsloth"]["status"] == "skipped" and speed["unsloth"]["reason"]
+    for s in ("qlora_trainer", "hf", "hf-tuned"):
+        assert speed[s]["status"] == "ok" and speed[s]["step0_loss_ok"] is True, speed[s]
+        assert speed[s]["tokens_per_s"] > 0 and speed[s]["weights"] == "in_process"
+    assert speed["qlora_trainer"]["speedup_vs_hf_tuned"] > 0
+    big = {r["system"]: r for r in _rows(doc, "step", "70b")}  # part 3
+    assert set(big) == {"qlora_trainer", "hf"} and all(r["status"] == "ok" for r in big.values())
+    long, *probes = _rows(doc, "long_context")  # part 4: pass/fail at the goal, tiled MLP (then probes)
+    assert long["passed"] is True and long["goal_seq_len"] == 256 and long["extra"]["model"]["mlp_chunk_tokens"] == 64
+
+    ctx, = _rows(doc, "cuda_context")  # part 5
+    assert ctx["status"] == "skipped" and ctx["assumed_gib"] > 0
+    cal = _rows(doc, "calibration")
+    assert {(r["system"], r["seq_len"]) for r in cal} >= {("qlora_trainer", 64), ("hf", 64), ("qlora_trainer", 32),
+                                                         ("hf", 32), ("qlora_trainer", 256)}
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert all(r["est_allocated_gib"] > 0 and r["measured_allocated_gib"] is None for r in cal)
+    cli, = _rows(doc, "memory_cli")
+    assert cli["status"] == "ok" and cli["estimate"]["allocated_gib"] >= 0 and not cli["measure"]
+
+    md, log = (out / "suite.md").read_text(), (out / "suite.log").read_text()
+    for head in ("## Time boxes", "## Kernel tests: ok", "## One training step, kernels on vs off",
+                 "## Long context", "## CUDA context", "## Memory estimate vs measured", "| tiny-64 | 64 | 1 | hf-tuned | ok |"):
+        assert head in md
+    assert d["command"] in md
+    assert all(f"part {i + 1} {p}: done" in log for i, p in enumerate(PARTS)) and "passed" in log
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(900)
+def test_page_is_generated_from_the_json(dry_run, bench, tmp_path):
+    page = bench("page")
+    _, out, doc = dry_run
+    text = page.render(doc)
+    assert "| tiny-64 | 64 | " in text and "hf-tuned tok/s" in text and "x unsloth speed" in text
+    verdicts = {g: v for g, v, _ in page.goals(doc)}
+    assert len(verdicts) == 7 and set(verdicts.values()) == {"not measured"}  # the CPU measures no GPU goal
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# B\n\n{page.BEGIN}\nold\n{page.END}\n\nrest\n")
+    assert page.main([str(out / "suite.json"), "--readme", str(readme)]) == 0
+    new = readme.read_text()
+    assert new.endswith("\n\nrest\n") and "old" not in new and page.section(new) == page.render(
+        doc | {"source": "suite.json"}, ["suite-tokens_per_s.png"])
+    assert (tmp_path / "results" / "suite-tokens_per_s.png").stat().st_size > 1000  # drawn from the JSON
+    assert page.main([str(out / "suite.json"), "--readme", str(readme), "--check"]) == 0
+    # the committed README's section is what the generator makes of the committed results
+    assert page.main(["--check"]) == 0
+
+
+def test_budget_plan_and_parts_selection(bench):
+    suite = bench("suite")
+    a = suite.parse_args(["--out", "x", "--parts", "5", "speed", "--budget-s", "103"])
+    assert a.parts == ["speed", "calibration"]  # always in order of value
+    boxes = suite.plan_boxes(a.parts, a.budget_s, dry=False)
+    assert sum(boxes.values()) == pytest.approx(100) and boxes["speed"] > 3 * boxes["calibration"]
+    full = suite.plan_boxes(suite.NAMES, 540, dry=False)
+    assert list(full) == suite.NAMES and sum(full.values()) == pytest.approx(540 - suite.RESERVE_S)
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--out", "x", "--parts", "9"])
+
+
+def test_repo_root_on_sys_path_is_refused(bench, monkeypatch, tmp_path):
+    stage = bench("stage")
+    monkeypatch.setenv(stage.SITE_ENV, str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}:/keep")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not stage._is_repo_root(p)])  # `python -m pytest` adds cwd
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    stage.assert_not_shadowed()
+    monkeypatch.syspath_prepend(str(REPO))
+    with pytest.raises(RuntimeError, match="repo root is on sys.path"):
+        stage.assert_not_shadowed()
+    env = stage.child_env("/first")
+    assert env["PYTHONPATH"].split(":") == ["/first", str(tmp_path), "/keep"]  # the repo root is dropped
+    assert stage.child_cwd() == tmp_path
+
+
+def test_a_time_box_kills_the_whole_process_group(bench, tmp_path):
+    """A part killed at the end of its box takes its children (row processes, pytest workers) along."""
+    import os
+    import time
+
+    stage = bench("stage")
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(60)\n")
+    t0 = time.time()
+    assert stage.run_boxed([sys.executable, "-c", code], timeout=5, own_group=True) is None
+    assert time.time() - t0 < 30
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # reparented to init, reaped there
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"process {grandchild} outlived its group's time box")
+    assert stage.run_boxed([sys.executable, "-c", "raise SystemExit(4)"], timeout=30) == 4

@@ -1,0 +1,160 @@
+"""The speed model's counts equal those of one real training step: the model and the code cannot drift.
+
+One optimizer step of an NF4 + LoRA model with the tiny model's proportions runs on the CPU through
+our kernels (Triton interpreter); a ``TorchDispatchMode`` counts the aten GEMMs (and their FLOPs
+from the operand shapes) and dropout-mask draws, and wrappers count every Triton launcher call
+(dequant, RMSNorm, RoPE, SwiGLU, cross-entropy). ``recipes.step_ops`` must predict the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlora_trainer.models.catalog import CATALOG
+from qlora_trainer.speed.recipes import StepOptions, step_ops
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+LAUNCHERS = {  # module, function -> the model's op name
+    ("_triton_nf4", "nf4_dequant"): "dequant", ("_triton_rmsnorm", "rmsnorm_fwd"): "rmsnorm.fwd",
+    ("_triton_rmsnorm", "rmsnorm_bwd"): "rmsnorm.bwd", ("_triton_rope", "rope_launch"): "rope",
+    ("_triton_swiglu", "swiglu_fwd"): "swiglu.fwd", ("_triton_swiglu", "swiglu_bwd"): "swiglu.bwd",
+    ("_triton_ce", "ce_chunk"): "ce.chunk", ("_triton_lora", "nf4_matmul"): "fused",
+}
+GEMMS = {"mm", "addmm", "addmm_"}
+NOT_LAUNCHES = {"detach", "empty", "empty_like", "empty_strided", "lift_fresh", "alias", "_unsafe_view",
+                "new_empty", "new_empty_strided"}
+
+
+class _Count(TorchDispatchMode):
+    """aten GEMMs (count, FLOPs) and bernoulli_ draws outside the Triton launchers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gemms, self.flops, self.bernoulli, self.inside = 0, 0.0, 0, 0
+        self.aten = Counter()  # every non-view aten op outside the Triton launchers
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside and name in GEMMS:
+            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+            self.gemms += 1
+            self.flops += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        if not self.inside and name == "bernoulli_":
+            self.bernoulli += 1
+        if not self.inside and not func.is_view and name not in NOT_LAUNCHES:
+            self.aten[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton") -> tuple[Counter, _Count]:
+    import importlib
+
+    from qlora_trainer.config import Config
+    from qlora_trainer.models.synthetic import synthetic_nf4_model
+    from qlora_trainer.train import build_optimizer, causal_lm_loss, prepare_model
+
+    arch = CATALOG["tiny"]
+    cfg = Config()
+    cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 8, dropout, "float32"
+    cfg.train.optimizer, cfg.data.seq_len = "adamw", seq
+    cfg.model.kernels, cfg.model.mlp_chunk_tokens = backend, mlp_chunk
+    cpu = torch.device("cpu")
+    model = prepare_model(synthetic_nf4_model(arch, device=cpu, compute_dtype=torch.float32), cfg,
+                          device=cpu, dtype=torch.float32)
+    opt = build_optimizer(model, cfg)
+    ids = torch.randint(0, arch.vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    launches: Counter = Counter()
+    mode = _Count()
+    mp = pytest.MonkeyPatch()
+    for (mod, fn), label in LAUNCHERS.items():
+        m = importlib.import_module(f"qlora_trainer.kernels.{mod}")
+        orig = getattr(m, fn)
+
+        def wrapped(*a, _orig=orig, _label=label, **k):
+            launches[_label] += 1
+            mode.inside += 1
+            try:
+                return _orig(*a, **k)
+            finally:
+                mode.inside -= 1
+
+        mp.setattr(m, fn, wrapped)
+    nf4 = importlib.import_module("qlora_trainer.kernels.nf4")
+    ref = nf4.dequantize_nf4_reference
+
+    def counted(*a, **k):  # the torch reference's ops are launches: counted by the mode as well
+        launches["dequant.reference"] += 1
+        return ref(*a, **k)
+
+    mp.setattr(nf4, "dequantize_nf4_reference", counted)
+    try:
+        with mode:
+            loss, n = causal_lm_loss(model, batch, backend=backend)
+            (loss / n).backward()
+    finally:
+        mp.undo()
+    opt.step()  # runs (the step is whole) but is not counted: CPU torch AdamW is not the CUDA one
+    opt.zero_grad(set_to_none=True)
+    return launches, mode
+
+
+def _options(seq: int, dropout: float, mlp_chunk: int, kernels: bool = True) -> StepOptions:
+    return StepOptions(seq_len=seq, lora_r=8, dropout=dropout, act_bytes=4, optimizer="adamw", mlp_chunk=mlp_chunk,
+                       kernels=kernels)
+
+
+def _predicted(seq: int, dropout: float, mlp_chunk: int) -> dict:
+    ops = step_ops(CATALOG["tiny"], _options(seq, dropout, mlp_chunk))
+    by = Counter()
+    for op in ops:
+        key = "rope" if op.name.startswith("rope.") else op.name
+        by[key] += op.count
+    gemm = [op for op in ops if op.kind == "gemm" and not op.name.endswith(".fused")]
+    by["fused"] = sum(op.count for op in ops if op.name.endswith(".fused"))  # Triton NF4 GEMMs
+    return {"launches": by, "gemms": sum(op.count for op in gemm), "flops": sum(op.total_flops for op in gemm),
+            "bernoulli": by["lora.dropout_mask"]}
+
+
+@pytest.mark.parametrize("seq,dropout,mlp_chunk", [(96, 0.0, 0), pytest.param(96, 0.1, 32, marks=pytest.mark.slow)])
+def test_model_counts_equal_a_real_step(seq, dropout, mlp_chunk):
+    launches, mode = _real_step(seq, dropout, mlp_chunk)
+    pred = _predicted(seq, dropout, mlp_chunk)
+    for label in ("dequant", "fused", "rmsnorm.fwd", "rmsnorm.bwd", "rope", "swiglu.fwd", "swiglu.bwd", "ce.chunk"):
+        assert launches[label] == pred["launches"][label], label
+    assert mode.gemms == pred["gemms"]
+    assert mode.flops == pytest.approx(pred["flops"], rel=1e-9)
+    assert mode.bernoulli == pred["bernoulli"]
+    # every launch (aten ops outside the launchers + Triton launches) of forward + backward
+    real = sum(mode.aten.values()) + sum(launches.values())
+    modelled = sum(op.total_launches for op in step_ops(CATALOG["tiny"], _options(seq, dropout, mlp_chunk))
+                   if op.phase != "optimizer")
+    print(f"tiny step: {real} launches, {modelled} modelled")
+    assert modelled == pytest.approx(real, rel=0.05)
+    if not mlp_chunk:  # 4 layers x 7 linears, dequantized in forward, recompute and backward, except
+        assert launches["dequant"] == 3 * 28 - 3  # layer 0's q/k/v dx (its input needs no grad)
+        assert launches["fused"] == 0            # 96 tokens > FUSED_MAX_TOKENS: dequant + cuBLAS
+    else:  # 32-token chunks take the fused NF4 GEMM (<= 64 tokens); 3 chunks: 3 + 2 + 3 + 3 passes
+        assert launches["fused"] == 4 * 3 * (3 + 2 + 3 + 3)
+
+
+def test_model_counts_equal_a_real_step_with_the_torch_references():
+    """``model.kernels: torch``: every kernel is its torch reference (the dequantization 14 aten ops,
+    RMSNorm 6 + 12, RoPE 10 + 10, SwiGLU 2 + 3, the loss chunk 15)."""
+    launches, mode = _real_step(96, 0.0, 0, backend="torch")
+    ops = step_ops(CATALOG["tiny"], _options(96, 0.0, 0, kernels=False))
+    assert sum(launches[k] for k in LAUNCHERS.values()) == 0              # no Triton at all
+    assert launches["dequant.reference"] == sum(op.count for op in ops if op.kind == "dequant") == 81
+    gemm = [op for op in ops if op.kind == "gemm"]
+    assert mode.gemms == sum(op.count for op in gemm)
+    assert mode.flops == pytest.approx(sum(op.total_flops for op in gemm), rel=1e-9)
+    real = sum(mode.aten.values())
+    modelled = sum(op.total_launches for op in ops if op.phase != "optimizer")
+    print(f"tiny step, torch references: {real} launches, {modelled} modelled")
+    assert modelled == pytest.approx(real, rel=0.05)
