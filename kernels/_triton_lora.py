@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._triton_nf4 import nf4_block_scale
-from .dispatch import sm_count
+from .backend import sm_count
 
 
 @triton.jit

@@ -52,12 +52,17 @@ def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel
 
 def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                 code2: torch.Tensor | None, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
-                blocksize: int, blocksize2: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                blocksize: int, blocksize2: int, shape: tuple[int, ...], dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """packed: (ceil(n/2),) uint8; absmax: (ceil(n/blocksize),) uint8 (nested) or fp32;
     code: (16,) fp32; code2/absmax2/offset: (256,) / (ceil(n_blocks/blocksize2),) / () fp32 when
     nested (``offset`` stays on the device: no host sync).
-    Returns a new contiguous tensor of ``shape`` in ``dtype``."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    Returns a new contiguous tensor of ``shape`` in ``dtype``, or writes ``out`` (contiguous, that
+    shape and dtype) and returns it."""
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"nf4_dequant: out is {tuple(out.shape)} {out.dtype}, needs contiguous {tuple(shape)} {dtype}")
     numel = out.numel()
     nested = code2 is not None
     block_bytes = max(1024, blocksize // 2)  # a whole number of quantization blocks per program

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import sm_count
+from .backend import sm_count
 
 
 @triton.jit

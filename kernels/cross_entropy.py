@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve_backend
+from .backend import resolve_backend
 
 
 # Each chunk re-reads W (V, H) twice (logits, dh): a chunk of C rows does 4*C*H*V FLOPs on
@@ -34,11 +34,28 @@ from .dispatch import resolve_backend
 MIN_CHUNK_ROWS = 256
 
 
-def auto_chunk_size(n: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk: a (C, V) logits chunk about the size of h (N, H) (Liger's rule), but at
-    least ``MIN_CHUNK_ROWS`` so the GEMMs stay compute-bound (128k vocab: a 64 MiB bf16 chunk)."""
+# With free device memory known, a chunk's workspace may use this fraction of it.
+FREE_FRACTION = 0.25
+
+
+def auto_chunk_size(n: int, vocab: int, hidden: int, free_bytes: int | None = None, elt_bytes: int = 2) -> int:
+    """Rows per chunk.
+
+    ``free_bytes`` None (the CPU, the memory estimate): a (C, V) logits chunk about the size of h
+    (N, H) (Liger's rule), but at least ``MIN_CHUNK_ROWS`` so the GEMMs stay compute-bound (128k
+    vocab: a 64 MiB bf16 chunk). ``free_bytes`` given (CUDA free memory): as many rows as fit in
+    ``FREE_FRACTION`` of it, each row costing V * (``elt_bytes`` logits + 4 fp32 workspace), at
+    least ``MIN_CHUNK_ROWS`` and at most ``n`` — fewer, larger lm_head GEMMs when memory allows."""
+    if free_bytes is not None:
+        rows = int(free_bytes * FREE_FRACTION) // max(1, vocab * (elt_bytes + 4))
+        return max(1, min(n, max(rows, MIN_CHUNK_ROWS)))
     liger = math.ceil(n / max(1, math.ceil(vocab / hidden)))
     return max(1, min(n, max(liger, MIN_CHUNK_ROWS)))
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA ``device`` (``torch.cuda.mem_get_info``); None elsewhere."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 def _ce_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -114,7 +131,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         hidden: (N, H) final hidden states (any leading dims are flattened).
         weight: (V, H) lm_head weight (frozen or trainable).
         labels: (N,) int targets; ``ignore_index`` entries contribute no loss and no gradient.
-        chunk_size: rows per chunk; 0 = :func:`auto_chunk_size`.
+        chunk_size: rows per chunk; 0 = :func:`auto_chunk_size` (from the free memory on CUDA).
         backend: ``auto|triton|torch`` (see :func:`dispatch.resolve_backend`).
     Returns:
         (loss_sum, n_valid): () fp32 differentiable sum, () int64 count of non-ignored labels.
@@ -123,7 +140,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     y = labels.reshape(-1).contiguous()  # the Triton kernel indexes labels with unit stride
     if y.shape[0] != h2.shape[0]:
         raise ValueError(f"linear_cross_entropy: {h2.shape[0]} hidden rows but {y.shape[0]} labels")
-    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(h2.shape[0], weight.shape[0], weight.shape[1])
+    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(
+        h2.shape[0], weight.shape[0], weight.shape[1], free_device_bytes(hidden.device), weight.element_size())
     use_triton = resolve_backend(backend, hidden.device) == "triton"
     n_valid = (y != ignore_index).sum()
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):

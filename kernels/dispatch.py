@@ -1,8 +1,7 @@
-"""The one place that chooses Triton kernels or torch references.
+"""Routing of a frozen (+ LoRA) linear layer to our kernels: :func:`lora_matmul`, :func:`frozen_matmul`.
 
-``backend`` is ``"auto"`` (Triton when the tensors are on CUDA and triton imports, else torch),
-``"triton"`` or ``"torch"``. Callers (``LoRALinear``) pass the backend they were configured with;
-there is no global switch.
+The backend choice itself (``auto|triton|torch``) is ``backend.py`` (re-exported here); the frozen
+weight is ``base_weight.py``'s cached :class:`~qlora_trainer.kernels.base_weight.BaseWeight`.
 """
 
 from __future__ import annotations
@@ -10,20 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backend import resolve_backend, sm_count
+from .base_weight import base_weight
+from .lora_linear import frozen_linear, lora_linear, lora_update
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto|triton|torch`` to the backend that will actually run on ``device``."""
-    if backend == "torch":
-        return "torch"
-    if backend == "triton":
-        return "triton"
-    if device.type != "cuda":
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "triton"
+__all__ = ["resolve_backend", "sm_count", "lora_matmul", "frozen_matmul"]
 
 
 def lora_matmul(
@@ -34,6 +24,7 @@ def lora_matmul(
     scale: float,
     dropout: float = 0.0,
     backend: str = "auto",
+    base_last: bool = False,
 ) -> torch.Tensor:
     """y = base(x) + scale * (dropout(x) @ A^T) @ B^T.
 
@@ -45,6 +36,9 @@ def lora_matmul(
         dropout: probability p of zeroing an adapter input element, applied whenever p > 0
             (callers pass 0 in eval mode).
         backend: ``auto|triton|torch`` (see :func:`resolve_backend`).
+        base_last: adapter term first, base matmul after, so that a checkpoint recompute stops
+            before the base matmul (for a layer whose output the backward never needs, e.g.
+            down_proj; see ``lora_linear.lora_linear``). Ignored on the fallback path.
     Returns:
         (..., out_features) in ``x.dtype``.
 
@@ -55,14 +49,12 @@ def lora_matmul(
     dropout is ``F.dropout`` (device RNG, its mask kept for backward by autograd); the Function
     instead regenerates a seeded mask in the backward and saves nothing for it.
     """
-    from .lora_linear import BaseWeight, lora_linear
-
-    bw = BaseWeight.from_module(base, backend=resolve_backend(backend, x.device))
+    bw = base_weight(base, resolve_backend(backend, x.device))
     if bw is not None:
-        return lora_linear(x, bw, lora_A, lora_B, scale, dropout)
+        return lora_linear(x, bw, lora_A, lora_B, scale, dropout, base_last=base_last)
     xa = torch.nn.functional.dropout(x, dropout, training=True) if dropout > 0 else x
     y = base(x)
-    return y + (xa.to(lora_A.dtype) @ lora_A.t() @ lora_B.t()).to(y.dtype) * scale
+    return y + lora_update(xa, lora_A, lora_B, scale, y.dtype)
 
 
 def frozen_matmul(x: torch.Tensor, base: nn.Module, backend: str = "auto") -> torch.Tensor | None:
@@ -70,15 +62,5 @@ def frozen_matmul(x: torch.Tensor, base: nn.Module, backend: str = "auto") -> to
     our dequantization (see :func:`lora_matmul`); None for a base the kernels do not read.
 
     x: (..., in) -> (..., out) in ``x.dtype``."""
-    from .lora_linear import BaseWeight, frozen_linear
-
-    bw = BaseWeight.from_module(base, backend=resolve_backend(backend, x.device))
+    bw = base_weight(base, resolve_backend(backend, x.device))
     return None if bw is None else frozen_linear(x, bw)
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA ``device`` (grid sizing); 4 under the CPU interpreter,
-    so that a few programs still exercise the multi-program paths."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4

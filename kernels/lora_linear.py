@@ -27,83 +27,12 @@ dequantizes inside the operand load (``_triton_lora.py``); otherwise the Triton 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
-from .nf4 import NF4Weight, dequantize_nf4
+from .base_weight import FUSED_MAX_TOKENS, BaseWeight
 
-# Above this many tokens the dequant pass is amortised and cuBLAS on a dequantized W is faster
-# than the fused dequant-in-GEMM kernel (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
-FUSED_MAX_TOKENS = 64
-
-
-@dataclass(frozen=True, eq=False)  # holds tensors: identity equality
-class BaseWeight:
-    """The frozen base layer of a LoRA linear: exactly one of ``dense`` (out, in) or ``nf4``; bias
-    (out,) or None. ``backend`` (``triton|torch``) picks the NF4 dequant/fused kernels."""
-
-    dense: torch.Tensor | None = None
-    nf4: NF4Weight | None = None
-    bias: torch.Tensor | None = None
-    backend: str = "triton"
-
-    @classmethod
-    def from_module(cls, base: nn.Module, backend: str = "triton") -> "BaseWeight | None":
-        """From a frozen ``nn.Linear`` or bitsandbytes ``Linear4bit`` (NF4); None if unsupported
-        (trainable base, FP4, not yet quantized, other module types) — callers then fall back."""
-        weight = getattr(base, "weight", None)
-        bias = getattr(base, "bias", None)
-        if not isinstance(weight, torch.Tensor) or weight.requires_grad:
-            return None
-        if bias is not None and bias.requires_grad:
-            return None
-        state = getattr(weight, "quant_state", None)
-        if state is not None:
-            if state.quant_type != "nf4":
-                return None
-            if getattr(state, "packing_format_for_cpu", False):
-                raise RuntimeError("this NF4 weight was repacked by bitsandbytes' AVX512 CPU inference path "
-                                   "(lossy, no autograd); claim the model's 4-bit layers before running it: "
-                                   "qlora_trainer.models.nf4_linear.claim_4bit_layers(model)")
-            return cls(nf4=NF4Weight.from_bnb(weight.data, state), bias=bias, backend=backend)
-        if type(base) is nn.Linear:
-            return cls(dense=weight, bias=bias, backend=backend)
-        return None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.nf4.shape if self.nf4 is not None else self.dense.shape)  # type: ignore[return-value]
-
-    def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W (out, in) in ``dtype`` (a transient dequantized copy for NF4)."""
-        if self.nf4 is not None:
-            return dequantize_nf4(self.nf4, dtype, backend=self.backend)
-        return self.dense.to(dtype)
-
-    def _fused(self, m: int, fuse: bool | None) -> bool:
-        if self.nf4 is None or self.backend != "triton":
-            return False
-        return m <= FUSED_MAX_TOKENS if fuse is None else fuse
-
-    def forward_matmul(self, x: torch.Tensor, fuse: bool | None) -> torch.Tensor:
-        """x (M, in) -> x @ W^T + bias (M, out), in x.dtype."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._fused(x.shape[0], fuse):
-            from ._triton_lora import nf4_matmul
-
-            return nf4_matmul(x, self.nf4, trans_w=True, bias=bias)
-        w = self.weight(x.dtype)
-        return torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
-
-    def backward_matmul(self, dy: torch.Tensor, fuse: bool | None) -> torch.Tensor:
-        """dy (M, out) -> dy @ W (M, in), in dy.dtype (W recomputed, never saved)."""
-        if self._fused(dy.shape[0], fuse):
-            from ._triton_lora import nf4_matmul
-
-            return nf4_matmul(dy, self.nf4, trans_w=False)
-        return dy @ self.weight(dy.dtype)
+__all__ = ["FUSED_MAX_TOKENS", "BaseWeight", "LoRALinearFunction", "FrozenLinearFunction", "lora_linear",
+           "frozen_linear", "lora_update", "lora_linear_reference", "draw_seed", "dropout_mask"]
 
 
 def draw_seed() -> int:
@@ -127,6 +56,7 @@ def _dropped_(mask: torch.Tensor, x2: torch.Tensor, p: float) -> torch.Tensor:
 
 class LoRALinearFunction(torch.autograd.Function):
     """forward(x (..., in), A (r, in), B (out, r), base, scale, dropout, fuse) -> (..., out).
+    ``base`` None: the adapter term s * (x_l A^T) B^T alone (no base matmul, no dy @ W).
 
     ``dropout`` is the probability p of zeroing an adapter input (applied whenever p > 0: the
     caller passes 0 in eval mode); the mask is never saved (see the module docstring)."""
@@ -143,8 +73,11 @@ class LoRALinearFunction(torch.autograd.Function):
             u = x2 @ a.t()  # (M, r)
         else:
             u = _dropped_(dropout_mask(seed, x2.shape, dropout, x2.device, x2.dtype), x2, dropout) @ a.t()
-        y = base.forward_matmul(x2, fuse)  # (M, out)
-        y.addmm_(u, b.t(), alpha=scale)
+        if base is None:  # adapter term only (see lora_linear(base_last=True))
+            y = torch.mm(u, b.t()).mul_(scale)  # (M, out)
+        else:
+            y = base.forward_matmul(x2, fuse)  # (M, out)
+            y.addmm_(u, b.t(), alpha=scale)
         ctx.save_for_backward(x2, u, lora_A, lora_B)
         ctx.base, ctx.scale, ctx.fuse, ctx.p, ctx.seed = base, scale, fuse, dropout, seed
         return y.view(*lead, y.shape[-1])
@@ -166,10 +99,12 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b:
             d_b = (dy2.t() @ u).mul_(s).to(lora_B.dtype)  # (out, r)
         if need_x:
-            dx = ctx.base.backward_matmul(dy2, ctx.fuse)  # (M, in)
-            if mask is None:
-                dx.addmm_(du, a)
+            if ctx.base is None:
+                dx = du @ a if mask is None else (du @ a).mul_(mask).mul_(1.0 / (1.0 - p))
+            elif mask is None:
+                dx = ctx.base.backward_matmul(dy2, ctx.fuse).addmm_(du, a)  # (M, in)
             else:
+                dx = ctx.base.backward_matmul(dy2, ctx.fuse)  # (M, in)
                 dx.addcmul_(du @ a, mask, value=1.0 / (1.0 - p))
             dx = dx.view(*lead, dx.shape[-1])
         if need_a:  # last: x_l is built over the mask
@@ -185,31 +120,48 @@ class FrozenLinearFunction(torch.autograd.Function):
     nothing is saved for backward (W and bias are frozen: no dW, no db)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, base: BaseWeight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, base: BaseWeight, fuse: bool | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = base.forward_matmul(x.reshape(-1, x.shape[-1]).contiguous(), None)  # (M, out)
-        ctx.base = base
+        y = base.forward_matmul(x.reshape(-1, x.shape[-1]).contiguous(), fuse)  # (M, out)
+        ctx.base, ctx.fuse = base, fuse
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         lead = dy.shape[:-1]
-        dx = ctx.base.backward_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), None)  # (M, in)
-        return dx.view(*lead, dx.shape[-1]), None
+        dx = ctx.base.backward_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), ctx.fuse)  # (M, in)
+        return dx.view(*lead, dx.shape[-1]), None, None
 
 
-def frozen_linear(x: torch.Tensor, base: BaseWeight) -> torch.Tensor:
+def frozen_linear(x: torch.Tensor, base: BaseWeight, *, fuse: bool | None = None) -> torch.Tensor:
     """y (..., out) = x @ W^T (+ bias) via :class:`FrozenLinearFunction` (W never saved)."""
-    return FrozenLinearFunction.apply(x, base)
+    return FrozenLinearFunction.apply(x, base, fuse)
 
 
 def lora_linear(x: torch.Tensor, base: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                scale: float, dropout: float = 0.0, *, fuse: bool | None = None) -> torch.Tensor:
+                scale: float, dropout: float = 0.0, *, fuse: bool | None = None,
+                base_last: bool = False) -> torch.Tensor:
     """y (..., out) = x @ W^T (+ bias) + scale * (dropout(x) @ A^T) @ B^T via :class:`LoRALinearFunction`.
 
     ``dropout``: probability p in [0, 1) of zeroing an adapter input element (0 in eval mode).
-    ``fuse``: force (True) / forbid (False) the fused NF4 dequant-in-GEMM kernel; None = by size."""
+    ``fuse``: force (True) / forbid (False) the fused NF4 dequant-in-GEMM kernel; None = by size.
+    ``base_last``: for a layer whose output only feeds ops that save nothing (down_proj, before the
+    residual add): the adapter term runs first as its own node (it saves x, u, A, B), then the base
+    matmul as a :class:`FrozenLinearFunction` (saves nothing), then one add. A non-reentrant
+    checkpoint's recompute stops (early stop) once the last saved tensor is packed, i.e. before
+    the base matmul and its dequantization, whose output the backward never uses. Same saved
+    tensors as the fused form; the sum is rounded once more (``y_base + y_lora`` vs ``addmm_``)."""
+    if base_last:
+        y_lora = LoRALinearFunction.apply(x, lora_A, lora_B, None, scale, dropout, fuse)
+        return frozen_linear(x, base, fuse=fuse) + y_lora
     return LoRALinearFunction.apply(x, lora_A, lora_B, base, scale, dropout, fuse)
+
+
+def lora_update(x_lora: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Plain-autograd adapter term s * (x_l @ A^T) @ B^T (..., out) in ``dtype``; x_l (..., in),
+    A (r, in), B (out, r) (the math in A's dtype). The oracle's and the fallback path's LoRA term."""
+    return (x_lora.to(lora_A.dtype) @ lora_A.t() @ lora_B.t()).to(dtype) * scale
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -218,4 +170,4 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Plain-autograd oracle: weight (out, in) dense (e.g. a dequantized NF4 weight)."""
     xl = x if x_lora is None else x_lora
     y = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    return y + (xl @ lora_A.to(x.dtype).t() @ lora_B.to(x.dtype).t()) * scale
+    return y + lora_update(xl, lora_A.to(x.dtype), lora_B.to(x.dtype), scale, x.dtype)

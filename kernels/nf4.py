@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .dispatch import resolve_backend
+from .backend import resolve_backend
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity equality
@@ -112,15 +112,19 @@ def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> 
     return out.reshape(w.shape).to(dtype or w.dtype)
 
 
-def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str = "auto",
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize ``w`` to a new (out, in) tensor in ``dtype`` (default: the quant state's dtype).
 
     ``backend``: ``auto|triton|torch`` (torch = :func:`dequantize_nf4_reference`). The Triton kernel writes
-    ``dtype`` directly (fp32 math, one rounding), so bf16 output costs no extra pass."""
-    dtype = dtype or w.dtype
+    ``dtype`` directly (fp32 math, one rounding), so bf16 output costs no extra pass.
+    ``out``: a contiguous (out, in) tensor of ``dtype`` to write into (e.g. rows of a group's
+    concatenated weight); returned."""
+    dtype = out.dtype if out is not None else dtype or w.dtype
     if resolve_backend(backend, w.packed.device) == "triton":
         from ._triton_nf4 import nf4_dequant
 
         return nf4_dequant(w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset,
-                           w.blocksize, w.blocksize2, w.shape, dtype)
-    return dequantize_nf4_reference(w, dtype)
+                           w.blocksize, w.blocksize2, w.shape, dtype, out=out)
+    res = dequantize_nf4_reference(w, dtype)
+    return res if out is None else out.copy_(res)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_backend
+from .backend import resolve_backend
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .dispatch import resolve_backend
+from .backend import resolve_backend
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -70,17 +70,26 @@ class SwiGLUMLP(nn.Module):
     ``chunk_tokens > 0`` tiles the sequence dimension (see the module docstring); 0 = off."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
-                 backend: str = "auto", chunk_tokens: int = 0) -> None:
+                 backend: str = "auto", chunk_tokens: int = 0, group_projections: bool = False) -> None:
         super().__init__()
         if chunk_tokens < 0:
             raise ValueError(f"SwiGLUMLP: chunk_tokens must be >= 0 (got {chunk_tokens})")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.backend = backend
         self.chunk_tokens = chunk_tokens
+        self.group_projections = group_projections  # gate/up as one grouped matmul (grouped_linear.py)
+        if chunk_tokens and isinstance(getattr(down_proj, "base_last", None), bool):
+            down_proj.base_last = True  # each chunk's recompute stops before down_proj's base matmul
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H) through (..., I) gate/up activations, untiled."""
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.backend))
+        gate_up = None
+        if self.group_projections:
+            from .grouped_linear import grouped_projections
+
+            gate_up = grouped_projections(x, self, "gate_up", (self.gate_proj, self.up_proj))
+        gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(swiglu(gate, up, self.backend))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H); with ``chunk_tokens`` = C > 0 and x (..., T, H) with T > C, in
@@ -96,4 +105,5 @@ class SwiGLUMLP(nn.Module):
         return torch.cat(outs, dim=-2)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}" + (f", chunk_tokens={self.chunk_tokens}" if self.chunk_tokens else "")
+        return (f"backend={self.backend}" + (f", chunk_tokens={self.chunk_tokens}" if self.chunk_tokens else "")
+                + (", grouped" if self.group_projections else ""))

@@ -64,6 +64,14 @@ class ModelConfig:
     """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
     resize_embeddings: bool = False
     """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
+    group_projections: bool = True
+    """Run q/k/v and gate/up as one grouped matmul each (one GEMM over the stacked weights, one adapter-A
+    GEMM, one dx GEMM) where the adapters allow it (plain LoRA/rsLoRA, no active dropout). Same modules,
+    same parameter names and adapter files; see docs/speed.md."""
+    checkpoint_layers: Literal["auto", "all"] | int = "auto"
+    """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
+    their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the
+    memory estimate says fit in the CUDA device's memory (all on the CPU; see docs/speed.md)."""
 
 
 @dataclass
@@ -234,6 +242,9 @@ class Config:
             msg = problem(key, _get(self, key))
             if msg:
                 raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
+        n_ckpt = self.model.checkpoint_layers
+        if isinstance(n_ckpt, int) and n_ckpt < 0:
+            raise ConfigError(f"model.checkpoint_layers: must be auto, all or an integer >= 0 (got {n_ckpt!r})")
         if self.lora.init == "loftq" and self.model.quantization != "nf4":
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
         if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):

@@ -2,6 +2,7 @@
 
 - ``layer.py``: ``LoRALinear`` (module replacement around ``nn.Linear`` / NF4 ``Linear4bit``)
 - ``dora.py``: DoRA's weight norm and forward
+- ``base.py``: the frozen base layer's dense weight (via ``kernels.base_weight``), frozen ``nn.Linear`` builder
 - ``inject.py``: ``inject_lora``, ``trainable_parameters``, ``lora_param_groups`` (LoRA+)
 - ``peft_format.py``: ``save_adapter`` / ``load_adapter`` (PEFT's directory format)
 - ``merge.py``: ``merge_lora`` (dense 16-bit model for deployment)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.kernels import lora_matmul
+from qlora_trainer.lora.base import dequantized_weight
 
 _ROW_CHUNK = 4096  # rows of W + s B A materialised in fp32 at a time for the norm
 
@@ -68,8 +69,6 @@ def dora_forward(
     Returns:
         (..., out) in the base output dtype.
     """
-    from qlora_trainer.lora.layer import dequantized_weight
-
     n = weight_norm(dequantized_weight(base, backend), lora_A, lora_B, scale) if norm is None else norm  # (out,), constant
     bias = base.bias
     if x_lora is None:

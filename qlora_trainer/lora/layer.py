@@ -24,6 +24,11 @@ import torch
 from torch import nn
 
 from qlora_trainer.kernels import lora_matmul
+from qlora_trainer.lora.base import base_compute_dtype, base_weight_of, dequantized_weight, frozen_linear
+from qlora_trainer.lora.dora import dora_forward, weight_norm
+
+__all__ = ["VARIANTS", "INITS", "AdapterSpec", "LoRALinear", "dequantized_weight", "frozen_linear",
+           "base_compute_dtype"]
 
 VARIANTS = ("lora", "rslora", "dora")
 INITS = ("kaiming", "gaussian")
@@ -59,48 +64,6 @@ class AdapterSpec:
         return "dora" if self.use_dora else "rslora" if self.use_rslora else "lora"
 
 
-def dequantized_weight(base: nn.Module, backend: str = "auto") -> torch.Tensor:
-    """The base layer's weight (out, in) as a dense tensor (a transient copy for a 4-bit layer).
-
-    NF4 goes through the kernels' dequantization (Triton on CUDA, the torch reference elsewhere;
-    ``backend`` is ``auto|triton|torch``), never bitsandbytes' CPU kernels; FP4 through bitsandbytes."""
-    w = base.weight
-    quant_state = getattr(w, "quant_state", None)
-    if quant_state is None:
-        return w.detach()
-    if quant_state.quant_type == "nf4":
-        from qlora_trainer.kernels import NF4Weight, dequantize_nf4
-
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            from qlora_trainer.models.nf4_linear import claim_4bit_layers
-
-            claim_4bit_layers(base)  # undo bitsandbytes' AVX512 repacking (warns: lossy)
-            w, quant_state = base.weight, base.weight.quant_state
-        return dequantize_nf4(NF4Weight.from_bnb(w.data, quant_state), backend=backend)
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(w.data, quant_state)
-
-
-def frozen_linear(like: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """A frozen ``nn.Linear`` in ``dtype`` with ``weight`` (out, in) and ``like``'s bias (if any)."""
-    bias = like.bias
-    lin = nn.Linear(like.in_features, like.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
-    lin.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-    return lin
-
-
-def base_compute_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype the base layer computes in (``Linear4bit.compute_dtype`` or the weight's dtype)."""
-    dtype = getattr(base, "compute_dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    qs = getattr(base.weight, "quant_state", None)
-    return qs.dtype if qs is not None else base.weight.dtype
-
-
 class LoRALinear(nn.Module):
     """A frozen ``base_layer`` plus named low-rank adapters; forward uses the active one.
 
@@ -123,6 +86,9 @@ class LoRALinear(nn.Module):
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
         self.backend = backend
+        # adapter term before the base matmul, so a checkpoint recompute's early stop skips the base
+        # GEMM (set on a layer's last projection by models/checkpointing.py; see kernels.lora_linear)
+        self.base_last = False
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # name -> (out,), DoRA only
@@ -153,8 +119,6 @@ class LoRALinear(nn.Module):
         self.lora_A[name] = nn.Parameter(a.to(dtype))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, spec.r, device=device, dtype=dtype))
         if spec.use_dora:
-            from qlora_trainer.lora.dora import weight_norm
-
             w = dequantized_weight(self.base_layer, self.backend)
             m = weight_norm(w, self.lora_A[name], self.lora_B[name], spec.scale)
             self.lora_magnitude_vector[name] = nn.Parameter(m.to(dtype))
@@ -195,14 +159,28 @@ class LoRALinear(nn.Module):
         spec = self.specs[name]
         a, b = self.lora_A[name], self.lora_B[name]
         if spec.use_dora:
-            from qlora_trainer.lora.dora import dora_forward
-
             drop = self.lora_dropout[name]
             x_lora = drop(x) if self.training and not isinstance(drop, nn.Identity) else None
             return dora_forward(x, x_lora, self.base_layer, a, b, self.lora_magnitude_vector[name],
                                 spec.scale, backend=self.backend, norm=self._eval_norm(name))
         p = spec.dropout if self.training else 0.0  # applied inside lora_matmul (mask not saved)
-        return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend)
+        return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend,
+                           base_last=self.base_last)
+
+    def grouping_operands(self):
+        """(BaseWeight, A, B, scale) of the active adapter when this layer's forward can join a grouped
+        matmul (``kernels.grouped_linear``: q/k/v, gate/up): a plain LoRA/rsLoRA adapter, not merged,
+        no active dropout, a base our kernels read. None otherwise (the layer then runs alone)."""
+        name = self.active_adapter
+        if self.merged_layer is not None or name is None:
+            return None
+        spec = self.specs[name]
+        if spec.use_dora or (self.training and spec.dropout > 0):
+            return None
+        bw = base_weight_of(self.base_layer, self.backend)
+        if bw is None:
+            return None
+        return bw, self.lora_A[name], self.lora_B[name], spec.scale
 
     def _eval_norm(self, name: str) -> torch.Tensor | None:
         """DoRA's ||W + s B A||_row, cached in eval mode (generation would otherwise dequantize W for
@@ -214,8 +192,6 @@ class LoRALinear(nn.Module):
         key = (a.data_ptr(), a._version, b.data_ptr(), b._version)
         hit = self._norm_cache.get(name)
         if hit is None or hit[0] != key:
-            from qlora_trainer.lora.dora import weight_norm
-
             hit = (key, weight_norm(dequantized_weight(self.base_layer, self.backend), a, b, self.specs[name].scale))
             self._norm_cache[name] = hit
         return hit[1]
@@ -227,11 +203,16 @@ class LoRALinear(nn.Module):
         """The dense (out, in) weight equal to this layer with adapter ``name`` (default: active):
         W + s B A, or for DoRA m / ||W + s B A||_row * (W + s B A). Computed in fp32, cast to ``dtype``."""
         name = self.active_adapter if name is None else name
-        w = dequantized_weight(self.base_layer, self.backend).float()
+        bw = base_weight_of(self.base_layer, self.backend)
         if name is None:
-            return w.to(dtype)
+            return dequantized_weight(self.base_layer, self.backend).to(dtype)
         spec = self.specs[name]
-        w = w + spec.scale * (self.lora_B[name].float() @ self.lora_A[name].float())
+        a, b = self.lora_A[name], self.lora_B[name]
+        if bw is not None:
+            w = bw.merged(b, a, spec.scale)
+        else:
+            w = dequantized_weight(self.base_layer, self.backend).float()
+            w = torch.addmm(w, b.detach().float(), a.detach().float(), alpha=spec.scale)
         if spec.use_dora:
             norm = torch.linalg.vector_norm(w, dim=1)
             w = w * (self.lora_magnitude_vector[name].float() / norm)[:, None]

@@ -45,13 +45,15 @@ class RoPEAttention(nn.Module):
     def __init__(self, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, o_proj: nn.Module,
                  *, config, layer_idx: int, head_dim: int, num_key_value_groups: int,
                  scaling: float, attention_dropout: float = 0.0, is_causal: bool = True,
-                 sliding_window: int | None = None, backend: str = "auto") -> None:
+                 sliding_window: int | None = None, backend: str = "auto",
+                 group_projections: bool = False) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.config, self.layer_idx, self.head_dim = config, layer_idx, head_dim
         self.num_key_value_groups, self.scaling = num_key_value_groups, scaling
         self.attention_dropout, self.is_causal = attention_dropout, is_causal
         self.sliding_window, self.backend = sliding_window, backend
+        self.group_projections = group_projections  # q/k/v as one grouped matmul (kernels.grouped_linear)
 
     @classmethod
     def from_module(cls, attn: nn.Module, backend: str = "auto") -> "RoPEAttention":
@@ -82,9 +84,16 @@ class RoPEAttention(nn.Module):
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, Hq, D)
-        k = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, Hk, D)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
+        qkv = None
+        if self.group_projections:
+            from qlora_trainer.kernels.grouped_linear import grouped_projections
+
+            qkv = grouped_projections(hidden_states, self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is None:
+            qkv = [p(hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        q = qkv[0].view(hidden_shape)  # (B, T, Hq, D)
+        k = qkv[1].view(hidden_shape)  # (B, T, Hk, D)
+        v = qkv[2].view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin, backend=self.backend)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
@@ -110,7 +119,8 @@ def _is_silu_mlp(mlp: nn.Module) -> bool:
     return parts and act in ("silu", "swish")
 
 
-def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: int = 0) -> nn.Module:
+def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: int = 0,
+                group_projections: bool = False) -> nn.Module:
     """Replace RMSNorm, SwiGLU MLP and attention (RoPE) modules of ``model`` in place by
     kernel-backed ones (see the module docstring); returns ``model``. Idempotent.
 
@@ -118,6 +128,8 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
     ``kernels.dispatch.resolve_backend`` (``auto``: Triton on CUDA, torch references on CPU).
     ``mlp_chunk_tokens`` > 0 makes each new MLP sequence-tiled (``SwiGLUMLP(chunk_tokens=...)``:
     chunks of that many tokens, each checkpointed); 0 = untiled. Already-adapted modules are kept.
+    ``group_projections``: q/k/v and gate/up run as one grouped matmul each where their adapters
+    allow (``kernels.grouped_linear``; the modules and parameter names are unchanged).
     """
     from qlora_trainer.kernels.rmsnorm import RMSNorm
     from qlora_trainer.kernels.swiglu import SwiGLUMLP
@@ -133,10 +145,11 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
             new, kind = RMSNorm.from_module(module, backend), "norm"
         elif cls in _MLPS and _is_silu_mlp(module):
             new = SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend,
-                            chunk_tokens=mlp_chunk_tokens)
+                            chunk_tokens=mlp_chunk_tokens, group_projections=group_projections)
             kind = "mlp"
         elif cls in _ATTENTIONS:
             new, kind = RoPEAttention.from_module(module, backend), "attention"
+            new.group_projections = group_projections
         else:
             continue
         new.train(module.training)

@@ -147,12 +147,28 @@ def _decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
             if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"]
 
 
-def apply_checkpointing(model: nn.Module, *, offload: bool = False) -> nn.Module:
+def mark_recompute_tail(layer: nn.Module) -> int:
+    """Let a checkpointed ``layer``'s recompute skip its MLP's ``down_proj`` base matmul: the
+    adapter term runs first and the base matmul after it (``LoRALinear.base_last``), so torch's
+    early stop ends the recompute once the adapter's tensors are saved (the layer's last saved
+    tensors: what follows, the base matmul and the residual add, saves nothing). Returns how many
+    projections were marked (0 for a frozen down_proj: its matmul saves nothing and is skipped anyway)."""
+    n = 0
+    for name, module in layer.named_modules():
+        if name.rsplit(".", 2)[-2:] == ["mlp", "down_proj"] and isinstance(getattr(module, "base_last", None), bool):
+            module.base_last = True
+            n += 1
+    return n
+
+
+def apply_checkpointing(model: nn.Module, *, offload: bool = False, max_layers: int | None = None) -> nn.Module:
     """Wrap every decoder layer of ``model`` (each ``nn.ModuleList`` named ``layers``) in a
     :class:`CheckpointedLayer`, in place; returns ``model``. Already-wrapped layers are kept.
 
     ``offload=True`` moves each layer's saved input hidden state (B·T·H·2 bytes in bf16) to pinned
-    CPU memory on a side stream (a no-op for CPU tensors)."""
+    CPU memory on a side stream (a no-op for CPU tensors). ``max_layers``: checkpoint only the first
+    that many layers of each list (None = all; ``model.checkpoint_layers``); the others keep their
+    activations and are not recomputed."""
     lists = _decoder_layer_lists(model)
     if not lists:
         raise ValueError(f"apply_checkpointing: no decoder `layers` ModuleList in {type(model).__name__}")
@@ -169,7 +185,10 @@ def apply_checkpointing(model: nn.Module, *, offload: bool = False) -> nn.Module
     wrapped = 0
     for layers in lists:
         for i, layer in enumerate(layers):
+            if max_layers is not None and i >= max_layers:
+                break
             if not isinstance(layer, CheckpointedLayer):
+                mark_recompute_tail(layer)
                 layers[i] = CheckpointedLayer(layer, offloader)
                 wrapped += 1
     logger.info("apply_checkpointing: %d decoder layers checkpointed (offload=%s)", wrapped, offload)

@@ -39,15 +39,18 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
         from qlora_trainer.lora.loftq import apply_loftq_from_config
 
         apply_loftq_from_config(model, cfg)
-    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens)
+    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
+                group_projections=cfg.model.group_projections)
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 
         apply_cpu_embeddings(model)
     if cfg.model.gradient_checkpointing:
+        from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
         from qlora_trainer.models.checkpointing import apply_checkpointing
 
-        apply_checkpointing(model, offload=cfg.model.offload_activations)
+        max_layers = plan_checkpoint_layers(cfg, device_budget(device))
+        apply_checkpointing(model, offload=cfg.model.offload_activations, max_layers=max_layers)
     # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
     # and adapters are created on their base layer's device
     return model.train()

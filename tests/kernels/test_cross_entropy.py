@@ -131,3 +131,39 @@ def test_auto_chunk_size_keeps_lm_head_gemms_compute_bound():
     assert auto_chunk_size(2048, 128256, 4096) == MIN_CHUNK_ROWS == 256  # Liger's rule would give 64
     assert auto_chunk_size(8192, 32000, 4096) == 1024  # logits chunk ~ the size of h
     assert auto_chunk_size(21, 301, 24) == 21  # never more rows than there are
+
+
+def test_auto_chunk_size_from_free_memory():
+    from qlora_trainer.kernels.cross_entropy import FREE_FRACTION, MIN_CHUNK_ROWS, auto_chunk_size
+
+    vocab, gib = 128256, 2**30
+    rows = auto_chunk_size(2048, vocab, 4096, free_bytes=8 * gib, elt_bytes=2)
+    assert int(8 * gib * FREE_FRACTION) // (vocab * 6) > 2048 and rows == 2048  # 8 GiB free: one chunk
+    assert auto_chunk_size(8192, vocab, 4096, free_bytes=2 * gib) == int(2 * gib * FREE_FRACTION) // (vocab * 6)
+    assert auto_chunk_size(8192, vocab, 4096, free_bytes=10**6) == MIN_CHUNK_ROWS  # nearly full: the floor
+    assert auto_chunk_size(100, vocab, 4096, free_bytes=80 * gib) == 100
+    # the CPU (no free-memory reading): the fixed rule
+    assert auto_chunk_size(8192, 32000, 4096, free_bytes=None) == auto_chunk_size(8192, 32000, 4096) == 1024
+
+
+def test_chunk_picked_from_free_memory_on_cuda(monkeypatch):
+    """linear_cross_entropy reads the device's free memory when chunk_size is 0 (faked here: the
+    CPU has none) and the loss is the same for any chunk."""
+    import qlora_trainer.kernels.cross_entropy as ce
+
+    assert ce.free_device_bytes(torch.device("cpu")) is None
+    seen = []
+    orig = ce.chunked_loss_and_grads
+
+    def spy(hidden, weight, labels, chunk, *a):
+        seen.append(chunk)
+        return orig(hidden, weight, labels, chunk, *a)
+
+    monkeypatch.setattr(ce, "chunked_loss_and_grads", spy)
+    h, w, y = torch.randn(600, 16), torch.randn(50, 16), torch.randint(0, 50, (600,))
+    monkeypatch.setattr(ce, "free_device_bytes", lambda device: None)
+    cpu, _ = ce.linear_cross_entropy(h, w, y, backend="torch")
+    monkeypatch.setattr(ce, "free_device_bytes", lambda device: 4 * 300 * 50 * 8)  # room for 300 rows
+    fake, _ = ce.linear_cross_entropy(h, w, y, backend="torch")
+    assert seen == [ce.auto_chunk_size(600, 50, 16), 300]
+    torch.testing.assert_close(fake, cpu)

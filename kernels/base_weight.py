@@ -1,0 +1,134 @@
+"""The frozen base weight of a linear layer as one object: the only place that turns a frozen
+``nn.Linear`` / bitsandbytes NF4 ``Linear4bit`` into W.
+
+:class:`BaseWeight` owns dequantization (:meth:`~BaseWeight.weight`), the forward matmul
+``x @ W^T + b``, the backward dx matmul ``dy @ W`` and the merge ``W + s B A``; LoRA, DoRA, merge
+and the autograd Functions all ask it. :func:`base_weight` builds it once per module and caches it
+on the module (rebuilt only when the weight, its quant state, device, dtype or the backend change),
+so a step does not rebuild it per call.
+
+``COUNTS`` counts dequantizations and base matmuls (any backend), for the step-count tests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .nf4 import NF4Weight, dequantize_nf4
+
+# Above this many tokens the dequant pass is amortised and cuBLAS on a dequantized W is faster
+# than the fused dequant-in-GEMM kernel (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
+FUSED_MAX_TOKENS = 64
+
+COUNTS: Counter = Counter()  # "dequant", "forward", "dx": calls since import (tests reset it)
+_CACHE_ATTR = "_qlora_base_weight"
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: identity equality
+class BaseWeight:
+    """The frozen base layer of a LoRA linear: exactly one of ``dense`` (out, in) or ``nf4``; bias
+    (out,) or None. ``backend`` (``triton|torch``) picks the NF4 dequant/fused kernels."""
+
+    dense: torch.Tensor | None = None
+    nf4: NF4Weight | None = None
+    bias: torch.Tensor | None = None
+    backend: str = "triton"
+
+    @classmethod
+    def from_module(cls, base: nn.Module, backend: str = "triton") -> "BaseWeight | None":
+        """From a frozen ``nn.Linear`` or bitsandbytes ``Linear4bit`` (NF4); None if unsupported
+        (trainable base, FP4, not yet quantized, other module types) — callers then fall back.
+        Uncached: use :func:`base_weight`."""
+        weight = getattr(base, "weight", None)
+        bias = getattr(base, "bias", None)
+        if not isinstance(weight, torch.Tensor) or weight.requires_grad:
+            return None
+        if bias is not None and bias.requires_grad:
+            return None
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            if state.quant_type != "nf4":
+                return None
+            if getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError("this NF4 weight was repacked by bitsandbytes' AVX512 CPU inference path "
+                                   "(lossy, no autograd); claim the model's 4-bit layers before running it: "
+                                   "qlora_trainer.models.nf4_linear.claim_4bit_layers(model)")
+            return cls(nf4=NF4Weight.from_bnb(weight.data, state), bias=bias, backend=backend)
+        if type(base) is nn.Linear:
+            return cls(dense=weight, bias=bias, backend=backend)
+        return None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.nf4.shape if self.nf4 is not None else self.dense.shape)  # type: ignore[return-value]
+
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W (out, in) in ``dtype`` (default: the stored / quant-state dtype); a transient
+        dequantized copy for NF4, the weight itself (not a copy) for a dense one of that dtype."""
+        if self.nf4 is not None:
+            COUNTS["dequant"] += 1
+            return dequantize_nf4(self.nf4, dtype, backend=self.backend)
+        return self.dense if dtype is None else self.dense.to(dtype)
+
+    def weight_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Write W into ``out`` (contiguous (out, in), its dtype), e.g. a group's rows; returns it."""
+        if self.nf4 is not None:
+            COUNTS["dequant"] += 1
+            return dequantize_nf4(self.nf4, backend=self.backend, out=out)
+        return out.copy_(self.dense)
+
+    def merged(self, lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float) -> torch.Tensor:
+        """W + scale * B @ A (out, in) in fp32: B (out, r), A (r, in)."""
+        return torch.addmm(self.weight().float(), lora_B.detach().float(), lora_A.detach().float(), alpha=scale)
+
+    def _fused(self, m: int, fuse: bool | None) -> bool:
+        if self.nf4 is None or self.backend != "triton":
+            return False
+        return m <= FUSED_MAX_TOKENS if fuse is None else fuse
+
+    def forward_matmul(self, x: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
+        """x (M, in) -> x @ W^T + bias (M, out), in x.dtype."""
+        COUNTS["forward"] += 1
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._fused(x.shape[0], fuse):
+            from ._triton_lora import nf4_matmul
+
+            return nf4_matmul(x, self.nf4, trans_w=True, bias=bias)
+        w = self.weight(x.dtype)
+        return torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+
+    def backward_matmul(self, dy: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
+        """dy (M, out) -> dy @ W (M, in), in dy.dtype (W recomputed, never saved)."""
+        COUNTS["dx"] += 1
+        if self._fused(dy.shape[0], fuse):
+            from ._triton_lora import nf4_matmul
+
+            return nf4_matmul(dy, self.nf4, trans_w=False)
+        return dy @ self.weight(dy.dtype)
+
+
+def _cache_key(base: nn.Module, backend: str) -> tuple:
+    w, b = getattr(base, "weight", None), getattr(base, "bias", None)
+    if not isinstance(w, torch.Tensor):
+        return (backend, None)
+    wk = (id(w), w.data_ptr(), w.device, w.dtype, w.requires_grad, w._version,
+          id(getattr(w, "quant_state", None)), type(base))
+    bk = None if b is None else (id(b), b.data_ptr(), b.dtype, b.requires_grad)
+    return (backend, wk, bk)
+
+
+def base_weight(base: nn.Module, backend: str = "triton") -> BaseWeight | None:
+    """:meth:`BaseWeight.from_module` (``backend`` already resolved: ``triton|torch``), built once
+    and cached on ``base``; rebuilt when its weight/bias object, storage, device, dtype, version,
+    quant state or trainability change. None for a base the kernels do not read."""
+    key = _cache_key(base, backend)
+    hit = base.__dict__.get(_CACHE_ATTR)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    bw = BaseWeight.from_module(base, backend=backend)
+    base.__dict__[_CACHE_ATTR] = (key, bw)
+    return bw
