@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from qlora_trainer.kernels import lora_matmul
-from qlora_trainer.lora.layer import AdapterSpec, LoRALinear, dequantized_weight
+from qlora_trainer.lora.base import base_weight_of, dequantized_weight
+from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, LoRAConfig
@@ -78,6 +79,19 @@ class AdaLoRALinear(LoRALinear):
         p = self.specs[name].dropout if self.training else 0.0
         return lora_matmul(x, self.base_layer, a, self.lora_B[name], self.ada_scale(name), dropout=p,
                            backend=self.backend)
+
+    def grouping_operands(self):
+        """(BaseWeight, E ⊙ A, B, alpha / r0) for a grouped q/k/v or gate/up matmul
+        (``kernels.grouped_linear``), or None when this layer must run alone; plain adapters as LoRALinear."""
+        name = self.active_adapter
+        if name not in self.ranknum:
+            return super().grouping_operands()
+        if self.merged_layer is not None or (self.training and self.specs[name].dropout > 0):
+            return None
+        bw = base_weight_of(self.base_layer, self.backend)
+        if bw is None:
+            return None
+        return bw, self.lora_A[name] * self.lora_E[name], self.lora_B[name], self.ada_scale(name)
 
     @torch.no_grad()
     def merged_weight(self, name: str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.errors import QloraError
-from qlora_trainer.lora.layer import base_compute_dtype, dequantized_weight, frozen_linear
+from qlora_trainer.lora.base import base_compute_dtype, dequantized_weight, frozen_linear
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config

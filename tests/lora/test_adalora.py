@@ -185,6 +185,36 @@ def test_adalora_layer_merges_and_deletes():
     torch.testing.assert_close(_logits(model, ids), adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_adalora_layers_in_grouped_projections():
+    """``adapt_model`` (q/k/v and gate/up as one grouped matmul) computes AdaLoRA layers as they
+    compute alone: logits and the grads of A, E, B within 1e-5 (fp32)."""
+    from qlora_trainer.models.adapt import adapt_model
+
+    def build(adapted: bool):
+        model = random_model("tiny", seed=0)
+        torch.manual_seed(0)  # A and B start from the global generator
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, variant="adalora", adalora_target_r=2),
+                    dtype=torch.float32)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for layer in ada_layers(model).values():
+                layer.lora_E["default"].copy_(torch.randn(layer.lora_E["default"].shape, generator=g))
+        if adapted:
+            adapt_model(model, "torch", group_projections=True)
+        return model.train()
+
+    ids = _ids()
+    outs = []
+    for adapted in (False, True):
+        model = build(adapted)
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        layer = ada_layers(model)["model.layers.1.self_attn.k_proj"]
+        outs.append((logits.detach(), *(getattr(layer, f"lora_{k}")["default"].grad for k in "AEB")))
+    for plain, grouped in zip(*outs):
+        torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-4)
+
+
 def test_adalora_config_is_validated():
     cfg = Config()
     cfg.lora.variant, cfg.lora.r, cfg.lora.adalora_target_r = "adalora", 4, 8
