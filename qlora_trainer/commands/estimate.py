@@ -49,9 +49,11 @@ def run(args: argparse.Namespace) -> int:
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:
         raise ConfigError(f"{args.config}: model.name_or_path: {reason} (or pass --arch NAME)")
-    opts = replace(options_for_config(cfg), fused_qkv=args.fused_qkv, fused_gate_up=args.fused_gate_up,
-                   skip_down_recompute=args.skip_down_recompute, fused_dequant_gemm=args.fused_dequant_gemm,
-                   cuda_graphs=args.cuda_graphs)
+    base = options_for_config(cfg)  # what the config builds; the flags add planned optimisations
+    opts = replace(base, fused_qkv=base.fused_qkv or args.fused_qkv,
+                   fused_gate_up=base.fused_gate_up or args.fused_gate_up,
+                   skip_down_recompute=base.skip_down_recompute or args.skip_down_recompute,
+                   fused_dequant_gemm=args.fused_dequant_gemm, cuda_graphs=args.cuda_graphs)
     ours, hf = predict(arch, opts, dev), predict(arch, hf_options(opts), dev)
     mem = estimate_for_config(cfg)
     hf_mem = estimate(arch, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size, lora_r=cfg.lora.r,

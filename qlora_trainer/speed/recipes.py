@@ -47,8 +47,11 @@ class StepOptions:
     sequence-tiled MLP chunk (0 = off). offload: checkpoints to pinned CPU memory (copied back over
     PCIe before each recompute). dropout: LoRA dropout p. loss_chunk: rows per loss chunk (0 = auto).
     act_bytes: 2 (bf16 on CUDA) or 4 (fp32 on the CPU). clip_grad: the trainer clips the grad norm.
+    skip_down_recompute (built, on by default: ``LoRALinear.base_last`` in checkpointed layers) - the
+    recompute skips down_proj's dequantization and base GEMM (its adapter term still runs).
     Issue 16 (not built yet, predicted): fused_qkv / fused_gate_up (one dequant + GEMM + LoRA-A GEMM
-    for the group), skip_down_recompute (the recompute skips down_proj's dequant, GEMM and B matmul),
+    for the group; ``model.group_projections`` builds the one-GEMM part with member-wise dequants,
+    mapped onto these options by ``report.options_for_config``),
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy), cuda_graphs (a
     captured step: per-launch host cost -> graph replay cost)."""
 
@@ -71,7 +74,7 @@ class StepOptions:
     clip_grad: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
-    skip_down_recompute: bool = False
+    skip_down_recompute: bool = True
     fused_dequant_gemm: bool = False
     cuda_graphs: bool = False
 
@@ -138,7 +141,7 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
         ops.append(gemm("lora.A", phase, m, i, ra, b))
     if not skip_base:
         ops += _base_matmul(o, phase, name, m, i, out, fused)
-    if lora and not skip_base:
+    if lora:
         ops.append(gemm("lora.B", phase, m, r, out, b, accumulate=True))
     return ops
 

@@ -136,7 +136,11 @@ def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
         mlp_chunk=cfg.model.mlp_chunk_tokens, offload=cfg.model.offload_activations,
         loss_chunk=cfg.train.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
-        clip_grad=cfg.train.max_grad_norm > 0)
+        clip_grad=cfg.train.max_grad_norm > 0,
+        # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
+        # modelled as one: a few launches optimistic); off with dropout, where it does not run
+        fused_qkv=cfg.model.group_projections and cfg.lora.dropout == 0,
+        fused_gate_up=cfg.model.group_projections and cfg.lora.dropout == 0)
 
 
 def hf_options(ours: StepOptions) -> StepOptions:

@@ -30,8 +30,9 @@ def test_estimate_json(tmp_path, capsys):
     assert hf["dequants"] == 2 * 32 * 7 * 3                # 2 micro-batches, every weight three times
     assert main(["estimate", _cfg(tmp_path), "data.max_samples=300", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["epoch_steps"] == 150   # data.max_samples by default
-    faster = main(["estimate", _cfg(tmp_path), "--json", "--fused-qkv", "--fused-gate-up"])
-    assert faster == 0 and json.loads(capsys.readouterr().out)["ours"]["step_s"] < ours["step_s"]
+    # model.group_projections (on by default) is modelled as the fused q/k/v and gate/up options
+    ungrouped = main(["estimate", _cfg(tmp_path), "model.group_projections=false", "--json"])
+    assert ungrouped == 0 and json.loads(capsys.readouterr().out)["ours"]["step_s"] > ours["step_s"]
 
 
 def test_estimate_table_and_errors(tmp_path, capsys):

@@ -51,7 +51,7 @@ SMALL = ArchSpec("small", hidden=8, intermediate=16, layers=2, heads=2, kv_heads
 def test_step_gemm_flops_by_hand():
     """No LoRA dropout, r=2, 4 tokens, checkpointing: base GEMM FLOPs = 2 * M * params per pass;
     forward + recompute over both layers, backward dx over all but layer 0's q/k/v."""
-    o = StepOptions(seq_len=4, lora_r=2, act_bytes=4, optimizer="adamw")
+    o = StepOptions(seq_len=4, lora_r=2, act_bytes=4, optimizer="adamw", skip_down_recompute=False)
     ops = step_ops(SMALL, o)
     base = sum(op.total_flops for op in ops if op.name.startswith("base."))
     q, kv, mlp = 8 * 8, 8 * 4, 8 * 16
@@ -64,7 +64,7 @@ def test_step_gemm_flops_by_hand():
 
 
 def test_options_change_what_they_should():
-    o = StepOptions(seq_len=512, act_bytes=2)
+    o = StepOptions(seq_len=512, act_bytes=2, skip_down_recompute=False)
     arch = ArchSpec("m", hidden=256, intermediate=512, layers=4, heads=4, kv_heads=2, vocab=1000)
     base = step_ops(arch, o)
     dq = sum(op.count for op in base if op.kind == "dequant")
@@ -86,7 +86,7 @@ def test_offload_and_partial_checkpointing():
     from dataclasses import replace
 
     arch = ArchSpec("m", hidden=256, intermediate=512, layers=8, heads=4, kv_heads=2, vocab=1000)
-    o = StepOptions(seq_len=512)
+    o = StepOptions(seq_len=512, skip_down_recompute=False)
     h2d = [op for op in step_ops(arch, replace(o, offload=True)) if op.kind == "transfer"]
     assert len(h2d) == 1 and h2d[0].count == 8 and h2d[0].bytes == 512 * 256 * 2   # one checkpoint per layer
     rec = {k: sum(op.count for op in step_ops(arch, replace(o, ckpt_every=k))
