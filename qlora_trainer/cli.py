@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "generate": "qlora_trainer.commands.generate",
     "eval": "qlora_trainer.commands.eval",
     "merge": "qlora_trainer.commands.merge",
+    "combine": "qlora_trainer.commands.combine",
     "data-check": "qlora_trainer.commands.data_check",
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",

@@ -99,10 +99,32 @@ class LoRAConfig:
     targets: str | list[str] = "all-linear"
     """``all-linear`` (every linear layer except ``lm_head``) or module-name patterns (regex or suffix
     such as ``q_proj``)."""
-    variant: Literal["lora", "rslora", "dora"] = "lora"
-    """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction)."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Initialisation of A (B is zero so the adapter starts as the identity on the base model)."""
+    variant: Literal["lora", "rslora", "dora", "adalora"] = "lora"
+    """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction);
+    ``adalora``: SVD-form adapters whose ranks are reallocated across layers while training, from ``r``
+    per layer down to ``adalora_target_r`` on average (keys ``adalora_*``; docs/adapters.md)."""
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    """Initialisation of A (B is zero so the adapter starts as the identity on the base model).
+    ``loftq`` (Li et al. 2023): A and B from the SVD of the quantization error, so NF4 base + s B A
+    starts closer to the 16-bit W than NF4 alone (needs ``model.quantization: nf4``; see docs/adapters.md)."""
+    adalora_target_r: int = 4
+    """AdaLoRA: average rank per layer at the end (the total budget is this times the layers; ``r`` is
+    the initial rank)."""
+    adalora_tinit: int = 0
+    """AdaLoRA: steps of warm-up before any pruning."""
+    adalora_tfinal: int = 0
+    """AdaLoRA: last steps with the final ranks fixed (the budget falls cubically in between)."""
+    adalora_delta_t: int = 1
+    """AdaLoRA: prune every this many steps during the budget phase."""
+    adalora_beta1: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity |p * grad| (smoothing)."""
+    adalora_beta2: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity's uncertainty."""
+    adalora_orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality penalty mean ||P P^T - I||_F on A and B^T."""
+    loftq_iters: int = 1
+    """LoftQ alternations (quantize W - s B A, then B A from the SVD of W - that). 1 keeps the base
+    exactly NF4(W), so the adapter fits any NF4 load of the model; more re-quantize the base too."""
     dtype: Literal["bfloat16", "float32", "auto"] = "auto"
     """Adapter parameter dtype. ``auto`` = bfloat16 on CUDA, float32 on CPU."""
     loraplus_ratio: float = 1.0
@@ -264,6 +286,17 @@ class Config:
         n_ckpt = self.model.checkpoint_layers
         if isinstance(n_ckpt, int) and n_ckpt < 0:
             raise ConfigError(f"model.checkpoint_layers: must be auto, all or an integer >= 0 (got {n_ckpt!r})")
+        if self.lora.init == "loftq" and self.model.quantization != "nf4":
+            raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
+        if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):
+            raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.lora.variant})")
+        lc = self.lora
+        if lc.variant == "adalora" and lc.adalora_target_r > lc.r:
+            raise ConfigError(f"lora.adalora_target_r: must be <= lora.r, AdaLoRA's initial rank "
+                              f"(got {lc.adalora_target_r} > {lc.r})")
+        if lc.variant == "adalora" and lc.adalora_tinit >= self.train.max_steps - lc.adalora_tfinal:
+            raise ConfigError(f"lora.adalora_tinit: {lc.adalora_tinit} + adalora_tfinal {lc.adalora_tfinal} leave no "
+                              f"budget phase in train.max_steps {self.train.max_steps}; lower them")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
         if self.train.distributed == "fsdp":

@@ -1,7 +1,8 @@
 """``qlora-trainer generate``: complete prompts with the base model and one or more adapters.
 
 With several ``--adapter`` directories the base is loaded once and each prompt is answered by every
-adapter in turn (switching the active adapter, no reload), so their outputs can be compared.
+adapter in turn, so their outputs can be compared: each adapter is hot-swapped into one rank-padded
+slot, in place (no module is re-created; ``--no-hotswap`` loads them side by side and switches).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--with-base", action="store_true", help="also answer with the adapters disabled")
+    p.add_argument("--no-hotswap", dest="hotswap", action="store_false",
+                   help="load the adapters side by side (memory per adapter) instead of swapping them into one slot")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the run config's)")
     p.add_argument("--output", default=None, metavar="FILE.jsonl",
                    help="also write {prompt, adapter, completion} records here")
@@ -71,7 +74,7 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from qlora_trainer.errors import QloraError
     from qlora_trainer.evaluate.generation import format_prompt, generate_batch
-    from qlora_trainer.lora import disable_adapters, set_active_adapter
+    from qlora_trainer.lora import disable_adapters
     from qlora_trainer.lora.loading import load_with_adapters
 
     if not args.adapter and not args.base:
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise QloraError(f"--max-new-tokens: must be >= 1 (got {args.max_new_tokens})")
     prompts = read_prompts(args)
-    loaded = load_with_adapters(args.adapter, base=args.base, overrides=args.overrides, device=args.device)
+    loaded = load_with_adapters(args.adapter, base=args.base, overrides=args.overrides, device=args.device,
+                                hotswap=args.hotswap)
     model, tok = loaded.model, loaded.tokenizer
     settings = settings_from_args(args)
     runs: list[str | None] = ([None] if args.with_base or not loaded.names else []) + list(loaded.names)
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 with disable_adapters(model):
                     completion = generate_batch(model, tok, [text], settings)[0].text
             else:
-                set_active_adapter(model, name)
+                loaded.activate(name)
                 completion = generate_batch(model, tok, [text], settings)[0].text
             print(f"--- {name or 'base'} ---\n{completion}")
             records.append({"prompt": prompt, "adapter": name or "base", "completion": completion})

@@ -31,22 +31,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from qlora_trainer.errors import QloraError
-    from qlora_trainer.io import atomic_directory
-    from qlora_trainer.lora import merge_lora
     from qlora_trainer.lora.loading import load_with_adapters
-    from qlora_trainer.runtime import resolve_dtype
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
     loaded = load_with_adapters([args.adapter], base=args.base, overrides=args.overrides, device=args.device)
+    merge_and_save(loaded, out, dtype=args.dtype, sample=args.sample)
+    return 0
+
+
+def merge_and_save(loaded, out: Path, *, dtype: str = "auto", sample: str = SAMPLE) -> None:
+    """Merge ``loaded``'s active adapter into its base, write the dense model to ``out`` (atomically)
+    and print the largest |Δlogit| adapter vs merged on ``sample``."""
+    import torch
+
+    from qlora_trainer.io import atomic_directory
+    from qlora_trainer.lora import merge_lora
+    from qlora_trainer.runtime import resolve_dtype
+
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
-    dtype = resolve_dtype(args.dtype, device)
-    ids = tok(args.sample, return_tensors="pt")["input_ids"].to(device)
+    dtype = resolve_dtype(dtype, device)
+    ids = tok(sample, return_tensors="pt")["input_ids"].to(device)
     with torch.no_grad():
         before = model(ids).logits.float()
         merge_lora(model, dtype=dtype)
@@ -59,4 +67,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"merged {loaded.names[0]} into {loaded.config.model.name_or_path} ({str(dtype).removeprefix('torch.')}) "
           f"-> {out}")
     print(f"max |Δlogit| adapter vs merged on the sample: {delta:.3g}")
-    return 0

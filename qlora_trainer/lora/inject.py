@@ -70,6 +70,10 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
     Everything but the new adapter's parameters is frozen. Returns the replaced module names.
     Raises ConfigError when ``cfg.targets`` selects nothing (ValueError for an unknown ``cfg.variant``).
     """
+    if cfg.variant == "adalora":  # SVD-form adapters with a rank allocator: their own module
+        from qlora_trainer.lora.adalora import inject_adalora
+
+        return inject_adalora(model, cfg, dtype=dtype, backend=backend, adapter_name=adapter_name)
     names = match_targets(model, cfg.targets)
     if not names:
         some = ", ".join(list(linear_layers(model))[:6])
@@ -82,7 +86,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, backend=backend)
             replace_module(model, name, module)
-        module.add_adapter(adapter_name, spec, dtype=dtype, init=cfg.init)
+        # LoftQ sets A and B afterwards from the 16-bit weights (lora/loftq.py; train/setup.py)
+        module.add_adapter(adapter_name, spec, dtype=dtype, init="kaiming" if cfg.init == "loftq" else cfg.init)
     set_active_adapter(model, adapter_name)
     set_trainable(model, adapter_name)
     trainable, total = trainable_parameters(model)

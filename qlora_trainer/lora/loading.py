@@ -28,6 +28,18 @@ class LoadedModel:
     config: Config
     names: list[str] = field(default_factory=list)
     dirs: list[Path] = field(default_factory=list)
+    swaps: dict[str, tuple[str, Any]] = field(default_factory=dict)  # name -> (slot, AdapterWeights)
+
+    def activate(self, name: str | None) -> None:
+        """Make adapter ``name`` the one the model runs (``None``: the base): hot-swapped into its slot
+        when loaded with ``hotswap=True``, else switched to."""
+        from qlora_trainer.lora.multi import hotswap_adapter, set_active_adapter
+
+        if name in self.swaps:
+            slot, weights = self.swaps[name]
+            hotswap_adapter(self.model, weights, name=slot)
+        else:
+            set_active_adapter(self.model, name)
 
 
 def run_config_for(adapter_dir: str | Path | None, *, base: str | None = None,
@@ -65,10 +77,14 @@ def _unique_names(dirs: list[Path]) -> list[str]:
 
 
 def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = None,
-                       overrides: list[str] | None = None, device: str | None = None) -> LoadedModel:
+                       overrides: list[str] | None = None, device: str | None = None,
+                       hotswap: bool = False) -> LoadedModel:
     """Load the (NF4) base once and every adapter onto it; the last one is active.
 
-    Adapters trained on different bases are an error unless ``base`` is given.
+    With ``hotswap`` the adapters are not added side by side: one slot (two when DoRA and plain
+    adapters are mixed) of the largest rank takes each in turn, in place (:meth:`LoadedModel.activate`,
+    ``qlora_trainer.lora.multi.hotswap_adapter``). Adapters trained on different bases are an error
+    unless ``base`` is given.
     """
     from qlora_trainer.lora.peft_format import load_adapter, read_adapter_config
     from qlora_trainer.models.load import load_base_model, load_tokenizer
@@ -94,6 +110,27 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
     model = load_base_model(cfg, device=dev, dtype=dtype, vocab_size=len(tokenizer))
     names = _unique_names(dirs)
     adapter_dtype = resolve_dtype(cfg.lora.dtype, dev)
-    for d, name in zip(dirs, names):
-        load_adapter(model, d, adapter_name=name, dtype=adapter_dtype, backend=cfg.model.kernels)
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, config=cfg, names=names, dirs=dirs)
+    if dirs and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1 and cfg.model.quantization == "nf4":
+        # the adapter was trained on a LoftQ re-quantized base: rebuild it (deterministic from W)
+        from qlora_trainer.lora.loftq import rebuild_loftq_base, weight_source
+        from qlora_trainer.lora.peft_format import read_adapter
+
+        rebuild_loftq_base(model, read_adapter(dirs[0]), weight_source(cfg, len(tokenizer)), cfg.lora.loftq_iters)
+    swaps: dict[str, tuple[str, Any]] = {}
+    if hotswap and dirs:
+        from qlora_trainer.lora.multi import prepare_hotswap
+        from qlora_trainer.lora.peft_format import read_adapter
+
+        weights = [read_adapter(d) for d in dirs]
+        for dora in sorted({w.use_dora for w in weights}):
+            group = [w for w in weights if w.use_dora == dora]
+            slot = "hotswap-dora" if dora else "hotswap"
+            prepare_hotswap(model, group, name=slot, dtype=adapter_dtype, backend=cfg.model.kernels)
+            swaps.update({n: (slot, w) for n, w in zip(names, weights) if w.use_dora == dora})
+    else:
+        for d, name in zip(dirs, names):
+            load_adapter(model, d, adapter_name=name, dtype=adapter_dtype, backend=cfg.model.kernels)
+    loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, config=cfg, names=names, dirs=dirs, swaps=swaps)
+    if swaps:
+        loaded.activate(names[-1])
+    return loaded

@@ -1,4 +1,5 @@
-"""Several adapters on one (quantized) base: list, switch, disable, merge/unmerge, delete.
+"""Several adapters on one (quantized) base: list, switch, disable, merge/unmerge, delete, and
+hot-swap (one slot whose tensors are overwritten in place, see :func:`prepare_hotswap`).
 
 Every operation walks the model's ``LoRALinear`` layers; the base weights are never copied or
 reloaded. A layer that lacks the requested adapter runs its base alone.
@@ -9,10 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from qlora_trainer.errors import QloraError
-from qlora_trainer.lora.layer import LoRALinear
+from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
+from qlora_trainer.lora.weights import AdapterWeights
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -92,3 +95,80 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for layer in lora_layers(model).values():
         if name in layer.specs:
             layer.delete_adapter(name)
+
+
+# -- hot-swapping: one adapter slot, its tensors overwritten in place ------------------------------
+
+def prepare_hotswap(model: nn.Module, adapters: list[AdapterWeights], *, name: str = "hotswap",
+                    rank: int | None = None, dtype: torch.dtype = torch.float32, backend: str = "auto") -> int:
+    """Add an empty adapter slot ``name`` that any of ``adapters`` can later be swapped into with
+    :func:`hotswap_adapter`, and make it active. Returns the slot's rank.
+
+    The slot covers every layer any of them adapts, with one rank R (``rank``, default the largest
+    of theirs) and scale 1: an adapter of rank r <= R goes in zero-padded (A[:r], B[:, :r]) with its
+    scale folded into B, so swapping changes tensor values only - no module, parameter, shape or
+    Python float changes, and a ``torch.compile``d model is not recompiled. The slot is DoRA when
+    the adapters are (all or none must be). Layers not yet adapted get a ``LoRALinear``.
+    """
+    from qlora_trainer.lora.inject import replace_module
+
+    if not adapters:
+        raise QloraError("prepare_hotswap: give at least one adapter")
+    kinds = {ad.use_dora for ad in adapters}
+    if len(kinds) > 1:
+        raise QloraError("prepare_hotswap: DoRA and plain LoRA adapters cannot share a slot; prepare one slot each")
+    top = max(lw.r for ad in adapters for lw in ad.layers.values())
+    rank = top if rank is None else rank
+    if rank < top:
+        raise QloraError(f"prepare_hotswap: rank {rank} is below the largest adapter rank {top}")
+    spec = AdapterSpec(r=rank, alpha=float(rank), use_dora=kinds.pop())
+    for layer_name in dict.fromkeys(n for ad in adapters for n in ad.layers):
+        try:
+            module = model.get_submodule(layer_name)
+        except AttributeError:
+            raise QloraError(f"prepare_hotswap: adapter module {layer_name!r} is not in the model") from None
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, backend=backend)
+            replace_module(model, layer_name, module)
+        module.add_adapter(name, spec, dtype=dtype)
+        with torch.no_grad():
+            module.lora_A[name].zero_()
+        module.lora_A[name].requires_grad_(False)
+        module.lora_B[name].requires_grad_(False)
+    set_active_adapter(model, name)
+    return rank
+
+
+@torch.no_grad()
+def hotswap_adapter(model: nn.Module, weights: AdapterWeights, *, name: str = "hotswap") -> None:
+    """Overwrite slot ``name`` (from :func:`prepare_hotswap`) with ``weights``, in place, and make it
+    active: the model then computes that adapter (rounding aside: the scale is folded into B and the
+    rank zero-padded). A slot layer the adapter lacks gets A = B = 0 (base output). Checked first, so
+    a refused swap changes nothing."""
+    _check(model, name)
+    slots = {n: layer for n, layer in lora_layers(model).items() if name in layer.specs}
+    extra = sorted(set(weights.layers) - set(slots))
+    if extra:
+        raise QloraError(f"hotswap: {weights.name} adapts {extra[0]}, which slot {name!r} does not cover; "
+                         f"prepare the slot with every adapter to be swapped in")
+    for n, layer in slots.items():
+        spec, lw = layer.specs[name], weights.layers.get(n)
+        if layer.merged_layer is not None:
+            raise QloraError(f"hotswap: slot {name!r} is merged on {n}; unmerge_adapter first")
+        if spec.use_dora != weights.use_dora or (spec.use_dora and lw is None):
+            raise QloraError(f"hotswap: {weights.name} {'is' if weights.use_dora else 'is not'} DoRA, or misses "
+                             f"{n}, unlike slot {name!r}; a DoRA slot takes DoRA adapters on all its layers")
+        if lw is not None and (lw.r > spec.r or lw.a.shape[1] != layer.in_features
+                               or lw.b.shape[0] != layer.out_features):
+            raise QloraError(f"hotswap: {weights.name}: {n} has A {tuple(lw.a.shape)}, B {tuple(lw.b.shape)}; slot "
+                             f"{name!r} takes rank <= {spec.r} on a ({layer.out_features}, {layer.in_features}) layer")
+    for n, layer in slots.items():
+        a, b, lw = layer.lora_A[name], layer.lora_B[name], weights.layers.get(n)
+        a.zero_()
+        b.zero_()
+        if lw is not None:
+            a[: lw.r].copy_(lw.a)
+            b[:, : lw.r].copy_(lw.b.float() * lw.scale)
+            if lw.magnitude is not None:
+                layer.lora_magnitude_vector[name].copy_(lw.magnitude)
+    set_active_adapter(model, name)

@@ -29,12 +29,13 @@ from qlora_trainer.errors import QloraError
 from qlora_trainer.io import read_json_object
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
-             ".lora_magnitude_vector.weight": "m"}
+             ".lora_magnitude_vector.weight": "m", ".lora_A": "A", ".lora_B": "B", ".lora_E": "E"}  # last 3: AdaLoRA
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -62,6 +63,37 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+def model_adapter_weights(model: nn.Module, adapter_name: str = "default") -> AdapterWeights:
+    """Adapter ``adapter_name`` of ``model`` as ``AdapterWeights`` (detached CPU copies), with a PEFT
+    config that reproduces each layer's scale (``alpha_pattern`` where alphas differ)."""
+    layers = {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.specs}
+    if not layers:
+        raise QloraError(f"the model has no adapter named {adapter_name!r}")
+    specs = {n: layer.specs[adapter_name] for n, layer in layers.items()}
+    first = next(iter(specs.values()))
+    weights = {n: LayerWeights(a=layer.lora_A[adapter_name].detach().cpu().clone(),
+                               b=layer.lora_B[adapter_name].detach().cpu().clone(), scale=specs[n].scale,
+                               magnitude=layer.lora_magnitude_vector[adapter_name].detach().cpu().clone()
+                               if specs[n].use_dora else None)
+               for n, layer in layers.items()}
+    config = {"peft_type": "LORA", "r": first.r, "lora_alpha": first.alpha, "use_rslora": first.use_rslora,
+              "use_dora": first.use_dora, "lora_dropout": first.dropout,
+              "target_modules": _target_modules(model, list(layers)),
+              "alpha_pattern": {n: sp.alpha for n, sp in specs.items() if sp.alpha != first.alpha}}
+    return AdapterWeights(layers=weights, config=config)
+
+
+def weights_state_dict(weights: AdapterWeights) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of ``weights`` (an adapter apart from a model)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, lw in weights.layers.items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = lw.a.detach().cpu().contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = lw.b.detach().cpu().contiguous()
+        if lw.magnitude is not None:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = lw.magnitude.detach().cpu().contiguous()
+    return out
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base_model: str,
                  adapter_name: str = "default", tokenizer: Any = None, run_config: Any = None,
                  revision: str | None = None) -> Path:
@@ -71,11 +103,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     replaced atomically and other files are left alone. ``tokenizer`` (``save_pretrained``) and
     ``run_config`` (our ``Config``, as ``config.yaml``) are saved alongside when given.
     """
-    from safetensors.torch import save_file
+    if cfg.variant == "adalora":
+        from qlora_trainer.lora.adalora import adalora_tensors_and_config
 
-    from qlora_trainer.io import atomic_directory, atomic_write_bytes
-
-    tensors = adapter_state_dict(model, adapter_name)
+        total = run_config.train.max_steps if run_config is not None else None
+        tensors, fields = adalora_tensors_and_config(model, adapter_name, cfg, total)
+    else:
+        tensors, fields = adapter_state_dict(model, adapter_name), {}
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
     from qlora_trainer.lora.tokens import peft_token_entries
@@ -90,14 +124,33 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         "revision": revision, "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": _target_modules(model, names), "use_rslora": spec.use_rslora,
         "use_dora": spec.use_dora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "modules_to_save": None,
+        "init_lora_weights": True if cfg.init in ("kaiming", "loftq") else cfg.init, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
         "trainable_token_indices": token_indices,
+        **fields,
     }
+    return write_adapter_dir(out_dir, adapter_config, tensors, tokenizer=tokenizer, run_config=run_config)
+
+
+def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                      tokenizer: Any = None, run_config: Any = None, copy_files: list[Path] = (),
+                      replace: bool = False) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT-keyed ``tensors``), plus the
+    tokenizer, our run config and ``copy_files`` where given.
+
+    A new directory appears whole (built aside, then renamed); into an existing one each file is
+    replaced atomically and other files are left alone, unless ``replace`` swaps in the whole new
+    directory in one rename."""
+    from safetensors.torch import save_file
+
+    from qlora_trainer.io import atomic_directory, atomic_write_bytes
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         staging = Path(tmp)
+        for f in copy_files:
+            (staging / f.name).write_bytes(f.read_bytes())
         (staging / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -106,8 +159,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
             from qlora_trainer.config import save_config
 
             save_config(run_config, staging / "config.yaml")
-        if not out_dir.exists():
-            with atomic_directory(out_dir, replace=False) as target:
+        if not out_dir.exists() or replace:
+            with atomic_directory(out_dir, replace=replace) as target:
                 for f in staging.iterdir():
                     f.rename(target / f.name)
         else:
@@ -122,8 +175,8 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise QloraError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter directory")
     config = read_json_object(file)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
+        raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (LORA or ADALORA)")
     for key in ("modules_to_save", "layer_replication"):
         if config.get(key):
             raise QloraError(f"{file}: {key} is not supported by qlora_trainer's loader")
@@ -151,16 +204,10 @@ def _group(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, 
     return modules
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "default",
-                 dtype: torch.dtype | None = None, backend: str = "auto", trainable: bool = False) -> list[str]:
-    """Load a PEFT-format LoRA/rsLoRA/DoRA adapter (ours or PEFT's) onto ``model`` as ``adapter_name``
-    and make it active. The base stays as it is; other adapters stay loaded. ``dtype`` defaults to
-    the runtime's compute dtype for the model's device. Everything is frozen except, with
-    ``trainable``, this adapter's parameters. Returns the adapted module names."""
+def read_adapter(path: str | Path) -> AdapterWeights:
+    """A PEFT-format LoRA/rsLoRA/DoRA adapter directory (ours or PEFT's) as ``AdapterWeights`` (CPU,
+    as stored), with each layer's scale from ``lora_alpha``/``alpha_pattern``, its rank from A."""
     from safetensors.torch import load_file
-
-    from qlora_trainer.lora.inject import replace_module, set_trainable
-    from qlora_trainer.runtime import resolve_dtype
 
     path = Path(path)
     config = read_adapter_config(path)
@@ -168,27 +215,65 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
     if not file.is_file():
         other = " (adapter_model.bin is not read: safetensors only)" if (path / "adapter_model.bin").exists() else ""
         raise QloraError(f"{path}: no {WEIGHTS_NAME}{other}")
-    from qlora_trainer.lora.tokens import PEFT_SUFFIX, load_token_rows
+    from qlora_trainer.lora.tokens import PEFT_SUFFIX
 
+    use_dora, use_rslora = bool(config.get("use_dora", False)), bool(config.get("use_rslora", False))
     tensors = load_file(str(file))
-    token_rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(PEFT_SUFFIX)}
-    modules = _group(tensors, file)
+    token_rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(PEFT_SUFFIX)}  # added tokens' rows
+    groups = _group(tensors, file)
+    if config.get("peft_type") == "ADALORA":
+        from qlora_trainer.lora.adalora import adalora_as_lora
+
+        return AdapterWeights(layers=adalora_as_lora(groups, config, file), config=config, path=path,
+                              token_rows=token_rows)
+    layers: dict[str, LayerWeights] = {}
+    for name, parts in groups.items():
+        if "A" not in parts or "B" not in parts or (use_dora and "m" not in parts):
+            raise QloraError(f"{file}: incomplete tensors for {name!r} (have {sorted(parts)})")
+        a, b = parts["A"], parts["B"]
+        r = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+            raise QloraError(f"{file}: {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not (r, in), (out, r)")
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8)))
+        scale = AdapterSpec(r=r, alpha=alpha, use_rslora=use_rslora).scale
+        layers[name] = LayerWeights(a=a, b=b, scale=scale, magnitude=parts.get("m") if use_dora else None)
+    return AdapterWeights(layers=layers, config=config, path=path, token_rows=token_rows)
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "default",
+                 dtype: torch.dtype | None = None, backend: str = "auto", trainable: bool = False) -> list[str]:
+    """Load a PEFT-format LoRA/rsLoRA/DoRA adapter (ours or PEFT's) onto ``model`` as ``adapter_name``
+    and make it active. The base stays as it is; other adapters stay loaded. ``dtype`` defaults to
+    the runtime's compute dtype for the model's device. Everything is frozen except, with
+    ``trainable``, this adapter's parameters. Returns the adapted module names."""
+    return attach_adapter(model, read_adapter(path), adapter_name=adapter_name, dtype=dtype, backend=backend,
+                          trainable=trainable)
+
+
+def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: str = "default",
+                   dtype: torch.dtype | None = None, backend: str = "auto", trainable: bool = False) -> list[str]:
+    """Put ``weights`` on ``model`` as adapter ``adapter_name`` (see :func:`load_adapter`)."""
+    from qlora_trainer.lora.inject import replace_module, set_trainable
+    from qlora_trainer.lora.tokens import load_token_rows
+    from qlora_trainer.runtime import resolve_dtype
+
+    config = weights.config
+    file = weights.path / WEIGHTS_NAME if weights.path is not None else Path(weights.name)
     if dtype is None:
         dtype = resolve_dtype("auto", next(model.parameters()).device)
-    use_dora = bool(config.get("use_dora", False))
-    for name, parts in modules.items():
+    use_dora = weights.use_dora
+    for name, lw in weights.layers.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise QloraError(f"{file}: adapter module {name!r} is not in the model; is it the right base "
                              f"({config.get('base_model_name_or_path')})?") from None
-        if "A" not in parts or "B" not in parts or (use_dora and "m" not in parts):
-            raise QloraError(f"{file}: incomplete tensors for {name!r} (have {sorted(parts)})")
-        a, b = parts["A"], parts["B"]
-        r = a.shape[0]
+        a, b, r = lw.a, lw.b, lw.r
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8)))
         spec = AdapterSpec(r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
                            use_rslora=bool(config.get("use_rslora", False)), use_dora=use_dora)
+        if config.get("peft_type") == "ADALORA":  # scale alpha / init_r, not alpha / (kept rank)
+            spec = AdapterSpec(r=r, alpha=lw.scale * r, dropout=spec.dropout)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, backend=backend)
             replace_module(model, name, module)
@@ -204,11 +289,11 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
         module.lora_A[adapter_name].data = a.to(device, dtype)
         module.lora_B[adapter_name].data = b.to(device, dtype)
         if use_dora:
-            module.lora_magnitude_vector[adapter_name] = nn.Parameter(parts["m"].to(device, dtype))
-    load_token_rows(model, token_rows, config.get("trainable_token_indices"), PREFIX, str(file))
+            module.lora_magnitude_vector[adapter_name] = nn.Parameter(lw.magnitude.to(device, dtype))
+    load_token_rows(model, weights.token_rows, config.get("trainable_token_indices"), PREFIX, str(file))
     set_active_adapter(model, adapter_name)
     for p in model.parameters():  # the base is frozen; adapters train only when asked
         p.requires_grad_(False)
     if trainable:
         set_trainable(model, adapter_name)
-    return list(modules)
+    return list(weights.layers)

@@ -183,7 +183,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     names = {key: n for n in params if (key := _peft_key(n)) is not None}
     tensors: dict[str, torch.Tensor] = {}
     if (path / "adapter" / WEIGHTS_NAME).is_file():
-        tensors = {names.get(k, k): t for k, t in load_file(str(path / "adapter" / WEIGHTS_NAME)).items()}
+        tensors = {names.get(k, k): t for k, t in load_file(str(path / "adapter" / WEIGHTS_NAME)).items()
+                   if not k.endswith((".lora_A", ".lora_B", ".lora_E"))}  # AdaLoRA's: in trainable.safetensors
     if (path / "trainable.safetensors").is_file():
         tensors.update(load_file(str(path / "trainable.safetensors")))
     if set(tensors) != set(params):

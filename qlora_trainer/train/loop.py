@@ -93,6 +93,9 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     model = load_base_model(cfg, device=par.load_device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     make_tokens_trainable(model, new_tokens)  # the added tokens' embedding / output rows train
+    from qlora_trainer.lora.adalora import allocator_for
+
+    allocator = allocator_for(model, cfg)  # lora.variant adalora: rank budget reallocation, else None
     engine = par.wrap(model, cfg, dtype, loss=causal_lm_loss)  # micro-batch -> summed loss (DDP / FSDP when launched so)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -101,6 +104,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         state = load_checkpoint(resume, model, optimizer, scheduler)
         state.data = fingerprint
         par.restore_rng(resume)
+        if allocator is not None:
+            allocator.resume(state.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", resume, state.step, state.epoch, state.batch)
     elif par.world > 1:
         torch.manual_seed(cfg.train.seed + par.rank)  # the model is built alike on every rank; dropout differs
@@ -145,6 +150,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                     (loss_sum * par.loss_scale(n_loss)).backward()
                 step_loss += loss_sum.detach()
                 window_tokens += int(batch["input_ids"].numel())
+            if allocator is not None:  # AdaLoRA's orthogonality penalty, once per optimizer step (same on every rank)
+                allocator.orthogonality_backward(cfg.lora.adalora_orth_reg_weight)
             par.sync_grads(params)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -156,6 +163,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
             with interrupts.held():  # a step is applied and logged whole or not at all
                 optimizer.step()
                 scheduler.step()
+                if allocator is not None and allocator.step(state.step) and allocator.final(state.step):
+                    metrics.write({"step": state.step + 1, "adalora_ranks": allocator.ranks()})  # per layer
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 steps_this_run += 1
@@ -172,6 +181,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                     row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
                            "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tok_s, 1),
                            "mem_gb": round(_memory_gb(device), 3), "tokens": state.tokens}
+                    if allocator is not None:
+                        row["adalora_budget"] = allocator.budget
                     metrics.write(row)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                                     mem=f"{row['mem_gb']:.2f}GB")

@@ -35,6 +35,10 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
     backend = cfg.model.kernels
     inject_lora(model, cfg.lora, dtype=adapter_dtype(cfg, device), backend=backend)
+    if cfg.lora.init == "loftq":
+        from qlora_trainer.lora.loftq import apply_loftq_from_config
+
+        apply_loftq_from_config(model, cfg)
     adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
                 group_projections=cfg.model.group_projections)
     if cfg.model.embeddings_on_cpu:

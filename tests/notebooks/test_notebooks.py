@@ -19,6 +19,7 @@ ORDER = [
     ("qlora-vs-lora", ["qlora-vs-lora"]),
     ("rank-and-targets", ["rank-and-targets", "lora-variants"]),
     ("memory", ["memory-breakdown", "memory-paper"]),
+    ("combining-adapters", ["combining-adapters"]),
 ]
 
 
