@@ -283,9 +283,6 @@ class Config:
                     resolve_task(spec)
                 except QloraError as e:  # an unknown task or extractor
                     raise ConfigError(f"train.eval_tasks: {e}") from None
-        n_ckpt = self.model.checkpoint_layers
-        if isinstance(n_ckpt, int) and n_ckpt < 0:
-            raise ConfigError(f"model.checkpoint_layers: must be auto, all or an integer >= 0 (got {n_ckpt!r})")
         if self.lora.init == "loftq" and self.model.quantization != "nf4":
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
         if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):

@@ -71,6 +71,22 @@ class Pattern:
         return self.text
 
 
+@dataclass(frozen=True)
+class WordOrRange:
+    """One of a few words, or an integer in ``range``."""
+
+    words: tuple[str, ...]
+    range: Range
+
+    def ok(self, v: Any) -> bool:
+        if isinstance(v, str):
+            return v in self.words
+        return isinstance(v, int) and not isinstance(v, bool) and self.range.ok(v)
+
+    def describe(self) -> str:
+        return f"{', '.join(self.words)} or an integer {self.range.describe()}"
+
+
 NONEMPTY = Pattern(r"(?s)\s*\S.*", "a non-empty string")
 AT_LEAST_1 = Range(1)
 AT_LEAST_0 = Range(0)
@@ -78,6 +94,7 @@ POSITIVE = Range(0, lo_open=True)
 FRACTION = Range(0, 1, hi_open=True)
 
 RULES: dict[str, Any] = {
+    "model.checkpoint_layers": WordOrRange(("auto", "all"), AT_LEAST_0),
     "model.name_or_path": NONEMPTY,
     "model.tokenizer": NONEMPTY,
     "model.mlp_chunk_tokens": AT_LEAST_0,
