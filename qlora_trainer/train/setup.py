@@ -39,8 +39,10 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
         from qlora_trainer.lora.loftq import apply_loftq_from_config
 
         apply_loftq_from_config(model, cfg)
-    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
-                group_projections=cfg.model.group_projections)
+    # FSDP2 swaps each layer's parameter storage between the forward and the recompute, so a grouped
+    # weight cached in the forward is rebuilt differently there (checkpoint saved-tensor mismatch)
+    group = cfg.model.group_projections and cfg.train.distributed != "fsdp"
+    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens, group_projections=group)
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 
