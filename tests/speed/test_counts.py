@@ -13,46 +13,14 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_trainer.models.catalog import CATALOG
+from qlora_trainer.speed.counting import LAUNCHERS, StepCounter
 from qlora_trainer.speed.recipes import StepOptions, step_ops
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
-LAUNCHERS = {  # module, function -> the model's op name
-    ("_triton_nf4", "nf4_dequant"): "dequant", ("_triton_rmsnorm", "rmsnorm_fwd"): "rmsnorm.fwd",
-    ("_triton_rmsnorm", "rmsnorm_bwd"): "rmsnorm.bwd", ("_triton_rope", "rope_launch"): "rope",
-    ("_triton_swiglu", "swiglu_fwd"): "swiglu.fwd", ("_triton_swiglu", "swiglu_bwd"): "swiglu.bwd",
-    ("_triton_ce", "ce_chunk"): "ce.chunk", ("_triton_lora", "nf4_matmul"): "fused",
-}
-GEMMS = {"mm", "addmm", "addmm_"}
-NOT_LAUNCHES = {"detach", "empty", "empty_like", "empty_strided", "lift_fresh", "alias", "_unsafe_view",
-                "new_empty", "new_empty_strided"}
-
-
-class _Count(TorchDispatchMode):
-    """aten GEMMs (count, FLOPs) and bernoulli_ draws outside the Triton launchers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gemms, self.flops, self.bernoulli, self.inside = 0, 0.0, 0, 0
-        self.aten = Counter()  # every non-view aten op outside the Triton launchers
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.inside and name in GEMMS:
-            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
-            self.gemms += 1
-            self.flops += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
-        if not self.inside and name == "bernoulli_":
-            self.bernoulli += 1
-        if not self.inside and not func.is_view and name not in NOT_LAUNCHES:
-            self.aten[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton") -> tuple[Counter, _Count]:
+def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton") -> tuple[Counter, StepCounter]:
     import importlib
 
     from qlora_trainer.config import Config
@@ -71,29 +39,15 @@ def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton"
     opt = build_optimizer(model, cfg)
     ids = torch.randint(0, arch.vocab, (1, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
-    launches: Counter = Counter()
-    mode = _Count()
-    mp = pytest.MonkeyPatch()
-    for (mod, fn), label in LAUNCHERS.items():
-        m = importlib.import_module(f"qlora_trainer.kernels.{mod}")
-        orig = getattr(m, fn)
-
-        def wrapped(*a, _orig=orig, _label=label, **k):
-            launches[_label] += 1
-            mode.inside += 1
-            try:
-                return _orig(*a, **k)
-            finally:
-                mode.inside -= 1
-
-        mp.setattr(m, fn, wrapped)
+    mode = StepCounter()
     nf4 = importlib.import_module("qlora_trainer.kernels.nf4")
     ref = nf4.dequantize_nf4_reference
 
     def counted(*a, **k):  # the torch reference's ops are launches: counted by the mode as well
-        launches["dequant.reference"] += 1
+        mode.launches["dequant.reference"] += 1
         return ref(*a, **k)
 
+    mp = pytest.MonkeyPatch()
     mp.setattr(nf4, "dequantize_nf4_reference", counted)
     try:
         with mode:
@@ -101,6 +55,7 @@ def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton"
             (loss / n).backward()
     finally:
         mp.undo()
+    launches = mode.launches
     opt.step()  # runs (the step is whole) but is not counted: CPU torch AdamW is not the CUDA one
     opt.zero_grad(set_to_none=True)
     return launches, mode

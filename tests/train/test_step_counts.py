@@ -1,51 +1,21 @@
 """Dequantizations, base GEMMs and launches of one training step of the tiny NF4 + LoRA model.
 
-Counting follows issue 20's ``tests/speed/test_counts.py`` (same labels, same rules, so its step
-model and docs/speed.md read the same numbers): wrappers count every Triton launcher call, and a
-``TorchDispatchMode`` counts the aten ops outside them (GEMMs separately). The before/after table in
-docs/speed.md comes from :func:`count_step` (run this file with ``-s`` to print it).
+Counting is ``qlora_trainer.speed.counting.StepCounter``, the same one the step model's drift test
+(tests/speed/test_counts.py) uses, so the model and docs/speed.md read the same numbers: wrappers
+count every Triton launcher call, and a ``TorchDispatchMode`` the aten ops outside them. The
+before/after table in docs/speed.md comes from :func:`count_step` (run this file with ``-s``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlora_trainer.speed.counting import StepCounter
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
-
-LAUNCHERS = {  # module, function -> label (issue 20's names)
-    ("_triton_nf4", "nf4_dequant"): "dequant", ("_triton_rmsnorm", "rmsnorm_fwd"): "rmsnorm.fwd",
-    ("_triton_rmsnorm", "rmsnorm_bwd"): "rmsnorm.bwd", ("_triton_rope", "rope_launch"): "rope",
-    ("_triton_swiglu", "swiglu_fwd"): "swiglu.fwd", ("_triton_swiglu", "swiglu_bwd"): "swiglu.bwd",
-    ("_triton_ce", "ce_chunk"): "ce.chunk", ("_triton_lora", "nf4_matmul"): "fused",
-}
-GEMMS = {"mm", "addmm", "addmm_"}
-NOT_LAUNCHES = {"detach", "empty", "empty_like", "empty_strided", "lift_fresh", "alias", "_unsafe_view",
-                "new_empty", "new_empty_strided"}
-
-
-class _Count(TorchDispatchMode):
-    """aten GEMMs and other non-view aten ops outside the Triton launchers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gemms, self.inside = 0, 0
-        self.aten: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.inside:
-            if name in GEMMS:
-                self.gemms += 1
-            if not func.is_view and name not in NOT_LAUNCHES:
-                self.aten[name] += 1
-        return func(*args, **(kwargs or {}))
-
 
 def tiny_model(seq: int = 96, kernels: str = "triton", dropout: float = 0.0, **model_keys):
     """The tiny NF4 + LoRA (r=8, fp32) model prepared as the trainer does, and a batch of ``seq``
@@ -91,31 +61,14 @@ def count_step(seq: int = 96, kernels: str = "triton", **model_keys) -> dict[str
 
     model, batch = tiny_model(seq, kernels=kernels, **model_keys)
     COUNTS.clear()
-    launches: Counter = Counter()
-    mode = _Count()
-    mp = pytest.MonkeyPatch()
-    for (mod, fn), label in LAUNCHERS.items():
-        m = importlib.import_module(f"qlora_trainer.kernels.{mod}")
-
-        def wrapped(*a, _orig=getattr(m, fn), _label=label, **k):
-            launches[_label] += 1
-            mode.inside += 1
-            try:
-                return _orig(*a, **k)
-            finally:
-                mode.inside -= 1
-
-        mp.setattr(m, fn, wrapped)
-    try:
-        with mode:
-            loss, n = causal_lm_loss(model, batch, backend=kernels)
-            (loss / n).backward()
-    finally:
-        mp.undo()
+    with StepCounter() as mode:
+        loss, n = causal_lm_loss(model, batch, backend=kernels)
+        (loss / n).backward()
+    launches = mode.launches
     if kernels == "triton":
         assert launches["dequant"] == COUNTS["dequant"]
     return {"dequant": COUNTS["dequant"], "gemm": mode.gemms,
-            "launches": sum(mode.aten.values()) + sum(launches.values()), **launches}
+            "launches": mode.total_launches, **launches}
 
 
 def _set_base_last(model, on: bool) -> int:
