@@ -62,7 +62,9 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     from qlora_trainer.lora import save_adapter
     from qlora_trainer.lora.tokens import make_tokens_trainable
     from qlora_trainer.models.load import load_base_model, load_tokenizer
+    from qlora_trainer.lora.adalora import allocator_for
     from qlora_trainer.runtime import resolve_dtype
+    from qlora_trainer.speed.report import StepTimeCheck
     from qlora_trainer.train import distributed
     from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
     from qlora_trainer.train.trackers import start_trackers
@@ -79,7 +81,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     device, accelerator = par.device, par.accelerator
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     _log_memory_estimate(cfg, device)
-    from qlora_trainer.speed.report import StepTimeCheck
     step_time = StepTimeCheck.start(cfg, device)  # predicted step now, measured beside it after a few steps
 
     set_seed(cfg.train.seed)
@@ -93,8 +94,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     model = load_base_model(cfg, device=par.load_device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     make_tokens_trainable(model, new_tokens)  # the added tokens' embedding / output rows train
-    from qlora_trainer.lora.adalora import allocator_for
-
     allocator = allocator_for(model, cfg)  # lora.variant adalora: rank budget reallocation, else None
     engine = par.wrap(model, cfg, dtype, loss=causal_lm_loss)  # micro-batch -> summed loss (DDP / FSDP when launched so)
     optimizer = build_optimizer(model, cfg)
@@ -155,9 +154,11 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
             par.sync_grads(params)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if guard.bad(state.step + 1, float(step_loss) / max(n_loss, 1), grad_norm):  # skipped: data moves on
+            loss_total, window_all = par.sum([float(step_loss), window_tokens])  # global: ranks decide alike
+            loss = loss_total / max(n_loss, 1)
+            if guard.bad(state.step + 1, loss, grad_norm):  # skipped: data moves on
                 optimizer.zero_grad(set_to_none=True)
-                state.epoch, state.batch, rng = micro[-1][0], micro[-1][1], rng_state()
+                state.epoch, state.batch, rng = micro[-1][0], micro[-1][1], par.gather_rng(rng_state())
                 continue
             lr = optimizer.param_groups[0]["lr"]
             with interrupts.held():  # a step is applied and logged whole or not at all
@@ -172,8 +173,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                 state.epoch, state.batch = micro[-1][0], micro[-1][1]
                 state.tokens += n_loss
                 rng = par.gather_rng(rng_state())
-                loss_total, window_all = par.sum([float(step_loss), window_tokens])
-                loss = loss_total / max(n_loss, 1)
                 result.losses.append(loss)
                 if state.step % cfg.output.log_every == 0 or state.step == cfg.train.max_steps:
                     now = time.perf_counter()
