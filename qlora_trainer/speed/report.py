@@ -128,6 +128,8 @@ def predict(arch: ArchSpec, options: StepOptions, gpu: str | Device = "h100",
 
 def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
     """Our trainer's :class:`StepOptions` for a run config (kernels ``auto`` = on for CUDA)."""
+    from qlora_trainer.train.setup import grouped_projections_on
+
     t = cfg.lora.targets
     return StepOptions(
         system="ours", batch=cfg.train.batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.train.grad_accum,
@@ -138,9 +140,8 @@ def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
         clip_grad=cfg.train.max_grad_norm > 0,
         # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
-        # modelled as one: a few launches optimistic); off with dropout, where it does not run
-        fused_qkv=cfg.model.group_projections and cfg.lora.dropout == 0,
-        fused_gate_up=cfg.model.group_projections and cfg.lora.dropout == 0)
+        # modelled as one: a few launches optimistic), where the trainer's step runs it
+        fused_qkv=grouped_projections_on(cfg, training=True), fused_gate_up=grouped_projections_on(cfg, training=True))
 
 
 def hf_options(ours: StepOptions) -> StepOptions:

@@ -26,6 +26,15 @@ def adapter_dtype(cfg: "Config", device: torch.device) -> torch.dtype:
     return resolve_dtype(cfg.lora.dtype, device)
 
 
+def grouped_projections_on(cfg: "Config", *, training: bool = False) -> bool:
+    """Whether q/k/v and gate/up run as grouped GEMMs (``model.group_projections``). Off under FSDP:
+    FSDP2 swaps each layer's parameter storage between the forward and the recompute, so a grouped
+    weight cached in the forward is rebuilt differently there (checkpoint saved-tensor mismatch).
+    ``training``: also off with LoRA dropout, where the layers skip grouping (``grouping_operands``)."""
+    on = cfg.model.group_projections and cfg.train.distributed != "fsdp"
+    return on and not (training and cfg.lora.dropout > 0)
+
+
 def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Inject LoRA (everything else frozen), swap in kernel-backed modules, keep the input embeddings
     in CPU memory (``model.embeddings_on_cpu``), checkpoint each decoder layer
@@ -39,10 +48,8 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
         from qlora_trainer.lora.loftq import apply_loftq_from_config
 
         apply_loftq_from_config(model, cfg)
-    # FSDP2 swaps each layer's parameter storage between the forward and the recompute, so a grouped
-    # weight cached in the forward is rebuilt differently there (checkpoint saved-tensor mismatch)
-    group = cfg.model.group_projections and cfg.train.distributed != "fsdp"
-    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens, group_projections=group)
+    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
+                group_projections=grouped_projections_on(cfg))
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 
