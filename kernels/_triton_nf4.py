@@ -31,7 +31,7 @@ def nf4_block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, mask, NESTED: tl.conste
 
 
 @triton.jit
-def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel, n_bytes, n_blocks,
+def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel, n_bytes, n_blocks, blk0,
                         QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
                         BLOCK_BYTES: tl.constexpr):
     # The tile is (ROWS, HALF): one row per quantization block (HALF = QBLOCK / 2 packed bytes),
@@ -39,7 +39,8 @@ def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel
     # with a mask that is constant over 16-byte groups (vectorized when n_bytes % 16 == 0).
     HALF: tl.constexpr = QBLOCK // 2
     ROWS: tl.constexpr = BLOCK_BYTES // HALF
-    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+    # (ROWS,) block indices, from block blk0 on (a row range; OUT holds elements from blk0 * QBLOCK)
+    blk = blk0 + tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
     q = tl.load(PACKED + byte, mask=byte < n_bytes, other=0).to(tl.int32)
     scale = nf4_block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, blk < n_blocks, NESTED, QBLOCK2)
@@ -47,32 +48,39 @@ def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel
     lo = tl.load(CODE + (q & 15)) * scale[:, None]  # element 2*byte + 1 (same block: QBLOCK even)
     vals = tl.interleave(hi, lo)  # (ROWS, QBLOCK) fp32, row-major = flat element order
     idx = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    tl.store(OUT + idx, vals.to(OUT.dtype.element_ty), mask=idx < numel)
+    tl.store(OUT + (idx - blk0 * QBLOCK), vals.to(OUT.dtype.element_ty), mask=idx < numel)
 
 
 def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                 code2: torch.Tensor | None, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
                 blocksize: int, blocksize2: int, shape: tuple[int, ...], dtype: torch.dtype,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """packed: (ceil(n/2),) uint8; absmax: (ceil(n/blocksize),) uint8 (nested) or fp32;
     code: (16,) fp32; code2/absmax2/offset: (256,) / (ceil(n_blocks/blocksize2),) / () fp32 when
     nested (``offset`` stays on the device: no host sync).
     Returns a new contiguous tensor of ``shape`` in ``dtype``, or writes ``out`` (contiguous, that
-    shape and dtype) and returns it."""
+    shape and dtype) and returns it. ``rows`` (r0, r1): only W[r0:r1] (r1 - r0, in), when
+    ``r0 * in`` is a multiple of ``blocksize`` (a row range is then a contiguous range of blocks)."""
+    blk0 = 0
+    if rows is not None:
+        r0, r1 = rows
+        if (r0 * shape[1]) % blocksize or not 0 <= r0 < r1 <= shape[0]:
+            raise ValueError(f"nf4_dequant: rows {rows} of {tuple(shape)} do not start on a block of {blocksize}")
+        blk0, shape = r0 * shape[1] // blocksize, (r1 - r0, shape[1])
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"nf4_dequant: out is {tuple(out.shape)} {out.dtype}, needs contiguous {tuple(shape)} {dtype}")
-    numel = out.numel()
+    numel = out.numel() + blk0 * blocksize  # end element (the masks are absolute)
     nested = code2 is not None
     block_bytes = max(1024, blocksize // 2)  # a whole number of quantization blocks per program
     n_bytes = (numel + 1) // 2
     n_blocks = triton.cdiv(numel, blocksize)
-    grid = (triton.cdiv(n_bytes, block_bytes),)
+    grid = (triton.cdiv(n_bytes - blk0 * blocksize // 2, block_bytes),)
     dummy = code  # unused pointer arguments when not nested
     _nf4_dequant_kernel[grid](
         packed, absmax, code, code2 if nested else dummy, absmax2 if nested else dummy,
-        offset if nested else dummy, out, numel, n_bytes, n_blocks, QBLOCK=blocksize,
+        offset if nested else dummy, out, numel, n_bytes, n_blocks, blk0, QBLOCK=blocksize,
         QBLOCK2=blocksize2, NESTED=nested, BLOCK_BYTES=block_bytes, num_warps=4, enable_fp_fusion=False,
     )
     return out

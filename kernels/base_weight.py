@@ -8,6 +8,14 @@ on the module (rebuilt only when the weight, its quant state, device, dtype or t
 so a step does not rebuild it per call.
 
 ``COUNTS`` counts dequantizations and base matmuls (any backend), for the step-count tests.
+
+Which NF4 matmul runs for M tokens is decided here only (:meth:`BaseWeight.path`): ``decode``
+(M <= ``FUSED_MAX_TOKENS``: the split-K dequant-in-GEMM, ``_triton_lora.py``), else the weight's
+large-M path (``model.nf4_matmul``, set per model by :func:`set_nf4_matmul`): ``dequant`` (the
+default: the dequant kernel writes a transient 16-bit W, cuBLAS reads it), ``chunked`` (W
+dequantized in L2-sized row chunks, each chunk's GEMM run at once) or ``fused`` (the tiled
+autotuned GEMM reading packed NF4, ``_triton_nf4_gemm.py``). Dense weights and the torch backend
+always take ``dequant`` (a plain matmul).
 """
 
 from __future__ import annotations
@@ -18,28 +26,43 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .nf4 import NF4Weight, dequantize_nf4
+from .nf4 import NF4Weight, dequantize_nf4, gemm_supported, row_step
 
 # Above this many tokens the dequant pass is amortised and cuBLAS on a dequantized W is faster
 # than the fused dequant-in-GEMM kernel (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
 FUSED_MAX_TOKENS = 64
 
+NF4_MATMUL_PATHS = ("dequant", "chunked", "fused")  # the large-M paths (config: model.nf4_matmul)
+# 16-bit W bytes per chunk of the chunked path: a chunk, its GEMM's share of x and y stay in L2
+# (50 MB on an H100/H200); to be tuned with benchmarks/kernels/bench_nf4_lora.py
+CHUNK_BYTES = 8 << 20
+
 COUNTS: Counter = Counter()  # "dequant", "forward", "dx": calls since import (tests reset it)
 _CACHE_ATTR = "_qlora_base_weight"
+_PATH_ATTR = "_qlora_nf4_matmul"  # (path, chunk_bytes) on an NF4 module, set by set_nf4_matmul
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity equality
 class BaseWeight:
     """The frozen base layer of a LoRA linear: exactly one of ``dense`` (out, in) or ``nf4``; bias
-    (out,) or None. ``backend`` (``triton|torch``) picks the NF4 dequant/fused kernels."""
+    (out,) or None. ``backend`` (``triton|torch``) picks the NF4 dequant/fused kernels.
+    ``large_m``: the NF4 path above ``FUSED_MAX_TOKENS`` (one of :data:`NF4_MATMUL_PATHS`);
+    ``chunk_bytes``: 16-bit W bytes per chunk of the ``chunked`` path."""
 
     dense: torch.Tensor | None = None
     nf4: NF4Weight | None = None
     bias: torch.Tensor | None = None
     backend: str = "triton"
+    large_m: str = "dequant"
+    chunk_bytes: int = CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.large_m not in NF4_MATMUL_PATHS:
+            raise ValueError(f"BaseWeight.large_m: {self.large_m!r} is not one of {', '.join(NF4_MATMUL_PATHS)}")
 
     @classmethod
-    def from_module(cls, base: nn.Module, backend: str = "triton") -> "BaseWeight | None":
+    def from_module(cls, base: nn.Module, backend: str = "triton", large_m: str = "dequant",
+                    chunk_bytes: int = CHUNK_BYTES) -> "BaseWeight | None":
         """From a frozen ``nn.Linear`` or bitsandbytes ``Linear4bit`` (NF4); None if unsupported
         (trainable base, FP4, not yet quantized, other module types) — callers then fall back.
         Uncached: use :func:`base_weight`."""
@@ -57,7 +80,8 @@ class BaseWeight:
                 raise RuntimeError("this NF4 weight was repacked by bitsandbytes' AVX512 CPU inference path "
                                    "(lossy, no autograd); claim the model's 4-bit layers before running it: "
                                    "qlora_trainer.models.nf4_linear.claim_4bit_layers(model)")
-            return cls(nf4=NF4Weight.from_bnb(weight.data, state), bias=bias, backend=backend)
+            return cls(nf4=NF4Weight.from_bnb(weight.data, state), bias=bias, backend=backend,
+                       large_m=large_m, chunk_bytes=chunk_bytes)
         if type(base) is nn.Linear:
             return cls(dense=weight, bias=bias, backend=backend)
         return None
@@ -85,30 +109,85 @@ class BaseWeight:
         """W + scale * B @ A (out, in) in fp32: B (out, r), A (r, in)."""
         return torch.addmm(self.weight().float(), lora_B.detach().float(), lora_A.detach().float(), alpha=scale)
 
-    def _fused(self, m: int, fuse: bool | None) -> bool:
+    def path(self, m: int, fuse: bool | None = None) -> str:
+        """The matmul that runs over ``m`` tokens: ``decode`` | ``fused`` | ``chunked`` | ``dequant``
+        (see the module docstring). ``fuse`` True/False forces/forbids the decode kernel."""
         if self.nf4 is None or self.backend != "triton":
-            return False
-        return m <= FUSED_MAX_TOKENS if fuse is None else fuse
+            return "dequant"
+        if fuse is not None:
+            return "decode" if fuse else "dequant"
+        if m <= FUSED_MAX_TOKENS:
+            return "decode"
+        if self.large_m == "fused" and not gemm_supported(self.nf4.shape, self.nf4.blocksize):
+            return "dequant"
+        return self.large_m
+
+    def _fused(self, m: int, fuse: bool | None) -> bool:
+        return self.path(m, fuse) == "decode"
 
     def forward_matmul(self, x: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
         """x (M, in) -> x @ W^T + bias (M, out), in x.dtype."""
         COUNTS["forward"] += 1
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._fused(x.shape[0], fuse):
+        path = self.path(x.shape[0], fuse)
+        if path == "decode":
             from ._triton_lora import nf4_matmul
 
             return nf4_matmul(x, self.nf4, trans_w=True, bias=bias)
+        if path == "fused":
+            from ._triton_nf4_gemm import nf4_gemm
+
+            return nf4_gemm(x, self.nf4, trans_w=True, bias=bias)
+        if path == "chunked":
+            return self._chunked(x, bias, trans_w=True)
         w = self.weight(x.dtype)
         return torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
 
     def backward_matmul(self, dy: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
         """dy (M, out) -> dy @ W (M, in), in dy.dtype (W recomputed, never saved)."""
         COUNTS["dx"] += 1
-        if self._fused(dy.shape[0], fuse):
+        path = self.path(dy.shape[0], fuse)
+        if path == "decode":
             from ._triton_lora import nf4_matmul
 
             return nf4_matmul(dy, self.nf4, trans_w=False)
+        if path == "fused":
+            from ._triton_nf4_gemm import nf4_gemm
+
+            return nf4_gemm(dy, self.nf4, trans_w=False)
+        if path == "chunked":
+            return self._chunked(dy, None, trans_w=False)
         return dy @ self.weight(dy.dtype)
+
+    def chunk_rows(self, elem_bytes: int) -> int:
+        """W rows per chunk of the chunked path: about ``chunk_bytes`` of ``elem_bytes``-wide W, a
+        multiple of :func:`~.nf4.row_step` (each chunk a whole-block range of the NF4 storage)."""
+        out_f, in_f = self.shape
+        step = row_step(self.nf4)
+        return min(out_f, max(step, self.chunk_bytes // (in_f * elem_bytes) // step * step))
+
+    def _chunked(self, a: torch.Tensor, bias: torch.Tensor | None, *, trans_w: bool) -> torch.Tensor:
+        """Row chunks W[r0:r1] (rows, in), dequantized one at a time into one reused buffer, each
+        GEMM run right after its dequant (the chunk is still in L2):
+        trans_w: a = x (M, in) -> y[:, r0:r1] = x @ W[r0:r1]^T (+ bias[r0:r1]), y (M, out);
+        else:    a = dy (M, out) -> dx = sum over chunks of dy[:, r0:r1] @ W[r0:r1], dx (M, in)."""
+        out_f, in_f = self.shape
+        rows = self.chunk_rows(a.element_size())
+        buf = torch.empty(rows, in_f, dtype=a.dtype, device=a.device)
+        res = torch.empty(a.shape[0], out_f if trans_w else in_f, dtype=a.dtype, device=a.device)
+        for r0 in range(0, out_f, rows):
+            r1 = min(out_f, r0 + rows)
+            COUNTS["dequant"] += 1
+            w = dequantize_nf4(self.nf4, backend=self.backend, out=buf[: r1 - r0], rows=(r0, r1))
+            if trans_w and bias is not None:
+                torch.addmm(bias[r0:r1], a, w.t(), out=res[:, r0:r1])
+            elif trans_w:
+                torch.mm(a, w.t(), out=res[:, r0:r1])
+            elif r0 == 0:
+                torch.mm(a[:, r0:r1], w, out=res)
+            else:
+                res.addmm_(a[:, r0:r1], w)
+        return res
 
 
 def _cache_key(base: nn.Module, backend: str) -> tuple:
@@ -116,7 +195,7 @@ def _cache_key(base: nn.Module, backend: str) -> tuple:
     if not isinstance(w, torch.Tensor):
         return (backend, None)
     wk = (id(w), w.data_ptr(), w.device, w.dtype, w.requires_grad, w._version,
-          id(getattr(w, "quant_state", None)), type(base))
+          id(getattr(w, "quant_state", None)), type(base), base.__dict__.get(_PATH_ATTR))
     bk = None if b is None else (id(b), b.data_ptr(), b.dtype, b.requires_grad)
     return (backend, wk, bk)
 
@@ -124,11 +203,27 @@ def _cache_key(base: nn.Module, backend: str) -> tuple:
 def base_weight(base: nn.Module, backend: str = "triton") -> BaseWeight | None:
     """:meth:`BaseWeight.from_module` (``backend`` already resolved: ``triton|torch``), built once
     and cached on ``base``; rebuilt when its weight/bias object, storage, device, dtype, version,
-    quant state or trainability change. None for a base the kernels do not read."""
+    quant state, trainability or large-M path (:func:`set_nf4_matmul`) change. None for a base the
+    kernels do not read."""
     key = _cache_key(base, backend)
     hit = base.__dict__.get(_CACHE_ATTR)
     if hit is not None and hit[0] == key:
         return hit[1]
-    bw = BaseWeight.from_module(base, backend=backend)
+    large_m, chunk_bytes = base.__dict__.get(_PATH_ATTR) or ("dequant", CHUNK_BYTES)
+    bw = BaseWeight.from_module(base, backend=backend, large_m=large_m, chunk_bytes=chunk_bytes)
     base.__dict__[_CACHE_ATTR] = (key, bw)
     return bw
+
+
+def set_nf4_matmul(model: nn.Module, path: str = "dequant", chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Make every NF4 weight under ``model`` run ``path`` (:data:`NF4_MATMUL_PATHS`) above
+    ``FUSED_MAX_TOKENS`` (``model.nf4_matmul``); cached base weights rebuild. Returns how many."""
+    if path not in NF4_MATMUL_PATHS:
+        raise ValueError(f"nf4_matmul: {path!r} is not one of {', '.join(NF4_MATMUL_PATHS)}")
+    n = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and getattr(w, "quant_state", None) is not None:
+            mod.__dict__[_PATH_ATTR] = (path, chunk_bytes)
+            n += 1
+    return n

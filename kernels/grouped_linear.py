@@ -130,8 +130,10 @@ def grouped_projections(x: torch.Tensor, owner: torch.nn.Module, name: str,
     """The outputs of ``modules`` (each reading ``x`` (..., in)) as one grouped matmul, or None when
     they cannot be grouped: a member without ``grouping_operands()`` or whose answer is None
     (no/merged/DoRA adapter, active dropout, a base the kernels do not read), mixed backends or
-    input sizes, or few tokens on the Triton backend (the fused dequant-in-GEMM per member reads
-    4x fewer weight bytes there). ``grouping_operands()`` -> (BaseWeight, A, B, scale)."""
+    input sizes, or a member whose matmul for these tokens is not dequant + cuBLAS
+    (``BaseWeight.path``: few tokens on the Triton backend, where the fused dequant-in-GEMM per
+    member reads 4x fewer weight bytes, or a ``fused``/``chunked`` large-M path).
+    ``grouping_operands()`` -> (BaseWeight, A, B, scale)."""
     ops = []
     for m in modules:
         get = getattr(m, "grouping_operands", None)
@@ -143,7 +145,7 @@ def grouped_projections(x: torch.Tensor, owner: torch.nn.Module, name: str,
     if len({(bw.backend, bw.shape[1]) for bw in bws}) != 1:
         return None
     m_tokens = x.numel() // max(x.shape[-1], 1)
-    if bws[0].backend == "triton" and any(bw._fused(m_tokens, None) for bw in bws):
+    if any(bw.path(m_tokens) != "dequant" for bw in bws):
         return None
     gw = group_weight(owner, name, bws)
     return grouped_lora_linear(x, gw, [op[1] for op in ops], [op[2] for op in ops], [op[3] for op in ops])

@@ -21,6 +21,7 @@ the owner of the format, the quantization and the storage (``Params4bit``/``Quan
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,18 +114,33 @@ def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> 
 
 
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str = "auto",
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Dequantize ``w`` to a new (out, in) tensor in ``dtype`` (default: the quant state's dtype).
 
     ``backend``: ``auto|triton|torch`` (torch = :func:`dequantize_nf4_reference`). The Triton kernel writes
     ``dtype`` directly (fp32 math, one rounding), so bf16 output costs no extra pass.
     ``out``: a contiguous (out, in) tensor of ``dtype`` to write into (e.g. rows of a group's
-    concatenated weight); returned."""
+    concatenated weight); returned. ``rows`` (r0, r1): only W[r0:r1] (r1 - r0, in); ``r0 * in``
+    must be a multiple of the blocksize (:func:`row_step`), so the rows are whole blocks."""
     dtype = out.dtype if out is not None else dtype or w.dtype
     if resolve_backend(backend, w.packed.device) == "triton":
         from ._triton_nf4 import nf4_dequant
 
         return nf4_dequant(w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset,
-                           w.blocksize, w.blocksize2, w.shape, dtype, out=out)
+                           w.blocksize, w.blocksize2, w.shape, dtype, out=out, rows=rows)
     res = dequantize_nf4_reference(w, dtype)
+    if rows is not None:
+        res = res[rows[0]:rows[1]]
     return res if out is None else out.copy_(res)
+
+
+def gemm_supported(shape: tuple[int, ...], blocksize: int) -> bool:
+    """Whether the large-M NF4 GEMMs (``_triton_nf4_gemm.py``) take an (out, in) weight: ``in``
+    even (no byte spans two rows) and a power-of-two blocksize >= 64 (every tile config divides it)."""
+    return len(shape) == 2 and shape[1] % 2 == 0 and blocksize >= 64 and blocksize & (blocksize - 1) == 0
+
+
+def row_step(w: NF4Weight) -> int:
+    """The smallest row count r with ``r * in`` a multiple of the blocksize: row ranges starting at
+    multiples of it are contiguous whole-block ranges of the flat NF4 storage."""
+    return w.blocksize // math.gcd(w.shape[1], w.blocksize)
