@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .nf4 import NF4Weight, dequantize_nf4, gemm_supported, row_step
+from .nf4 import NF4Weight, dequantize_nf4, gemm_supported, row_step_for
 
 # Above this many tokens the dequant pass is amortised and cuBLAS on a dequantized W is faster
 # than the fused dequant-in-GEMM kernel (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
@@ -160,11 +160,8 @@ class BaseWeight:
         return dy @ self.weight(dy.dtype)
 
     def chunk_rows(self, elem_bytes: int) -> int:
-        """W rows per chunk of the chunked path: about ``chunk_bytes`` of ``elem_bytes``-wide W, a
-        multiple of :func:`~.nf4.row_step` (each chunk a whole-block range of the NF4 storage)."""
-        out_f, in_f = self.shape
-        step = row_step(self.nf4)
-        return min(out_f, max(step, self.chunk_bytes // (in_f * elem_bytes) // step * step))
+        """W rows per chunk of the chunked path (:func:`chunk_rows`)."""
+        return chunk_rows(*self.shape, self.nf4.blocksize, elem_bytes, self.chunk_bytes)
 
     def _chunked(self, a: torch.Tensor, bias: torch.Tensor | None, *, trans_w: bool) -> torch.Tensor:
         """Row chunks W[r0:r1] (rows, in), dequantized one at a time into one reused buffer, each
@@ -188,6 +185,13 @@ class BaseWeight:
             else:
                 res.addmm_(a[:, r0:r1], w)
         return res
+
+
+def chunk_rows(out_f: int, in_f: int, blocksize: int, elem_bytes: int, chunk_bytes: int) -> int:
+    """W (out_f, in_f) rows per chunk: about ``chunk_bytes`` of ``elem_bytes``-wide W, a multiple
+    of :func:`~.nf4.row_step_for` (each chunk a whole-block range of the NF4 storage), at most out_f."""
+    step = row_step_for(in_f, blocksize)
+    return min(out_f, max(step, chunk_bytes // (in_f * elem_bytes) // step * step))
 
 
 def _cache_key(base: nn.Module, backend: str) -> tuple:

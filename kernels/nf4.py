@@ -121,7 +121,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
     ``dtype`` directly (fp32 math, one rounding), so bf16 output costs no extra pass.
     ``out``: a contiguous (out, in) tensor of ``dtype`` to write into (e.g. rows of a group's
     concatenated weight); returned. ``rows`` (r0, r1): only W[r0:r1] (r1 - r0, in); ``r0 * in``
-    must be a multiple of the blocksize (:func:`row_step`), so the rows are whole blocks."""
+    must be a multiple of the blocksize (:func:`row_step_for`), so the rows are whole blocks."""
     dtype = out.dtype if out is not None else dtype or w.dtype
     if resolve_backend(backend, w.packed.device) == "triton":
         from ._triton_nf4 import nf4_dequant
@@ -140,7 +140,7 @@ def gemm_supported(shape: tuple[int, ...], blocksize: int) -> bool:
     return len(shape) == 2 and shape[1] % 2 == 0 and blocksize >= 64 and blocksize & (blocksize - 1) == 0
 
 
-def row_step(w: NF4Weight) -> int:
-    """The smallest row count r with ``r * in`` a multiple of the blocksize: row ranges starting at
-    multiples of it are contiguous whole-block ranges of the flat NF4 storage."""
-    return w.blocksize // math.gcd(w.shape[1], w.blocksize)
+def row_step_for(in_features: int, blocksize: int) -> int:
+    """The smallest row count r with ``r * in_features`` a multiple of the blocksize: row ranges
+    starting at multiples of it are contiguous whole-block ranges of the flat NF4 storage."""
+    return blocksize // math.gcd(in_features, blocksize)

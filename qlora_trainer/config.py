@@ -72,6 +72,11 @@ class ModelConfig:
     """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
     their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the
     memory estimate says fit in the CUDA device's memory (all on the CPU; see docs/speed.md)."""
+    nf4_matmul: Literal["dequant", "chunked", "fused"] = "dequant"
+    """NF4 base matmuls over more than 64 tokens (Triton kernels only): ``dequant`` = the whole W to a
+    transient 16-bit copy, then cuBLAS; ``chunked`` = W in L2-sized row chunks, each chunk's GEMM at
+    once; ``fused`` = one autotuned Triton GEMM that reads the packed 4-bit W (no 16-bit copy).
+    Same results within rounding; which is fastest is measured by the GPU suite (docs/speed.md)."""
 
 
 @dataclass

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     opts = replace(base, fused_qkv=base.fused_qkv or args.fused_qkv,
                    fused_gate_up=base.fused_gate_up or args.fused_gate_up,
                    skip_down_recompute=base.skip_down_recompute or args.skip_down_recompute,
-                   fused_dequant_gemm=args.fused_dequant_gemm, cuda_graphs=args.cuda_graphs)
+                   fused_dequant_gemm=base.fused_dequant_gemm or args.fused_dequant_gemm,
+                   cuda_graphs=args.cuda_graphs)
     ours, hf = predict(arch, opts, dev), predict(arch, hf_options(opts), dev)
     mem = estimate_for_config(cfg)
     hf_mem = estimate(arch, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size, lora_r=cfg.lora.r,

@@ -52,8 +52,11 @@ class StepOptions:
     Issue 16 (not built yet, predicted): fused_qkv / fused_gate_up (one dequant + GEMM + LoRA-A GEMM
     for the group; ``model.group_projections`` builds the one-GEMM part with member-wise dequants,
     mapped onto these options by ``report.options_for_config``),
-    fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy), cuda_graphs (a
-    captured step: per-launch host cost -> graph replay cost)."""
+    fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy; built as
+    ``model.nf4_matmul: fused``), cuda_graphs (a captured step: per-launch host cost -> graph replay
+    cost). nf4_chunk_bytes > 0: ``model.nf4_matmul: chunked`` (above FUSED_MAX_TOKENS each W is
+    dequantized in row chunks of about this many 16-bit bytes, each chunk's GEMM run at once; the
+    chunk is modelled as staying in L2: its write and re-read cost no HBM bytes)."""
 
     system: str = "ours"
     batch: int = 1
@@ -77,6 +80,7 @@ class StepOptions:
     skip_down_recompute: bool = True
     fused_dequant_gemm: bool = False
     cuda_graphs: bool = False
+    nf4_chunk_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.system not in ("ours", "hf"):
@@ -140,14 +144,19 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
     if lora:
         ops.append(gemm("lora.A", phase, m, i, ra, b))
     if not skip_base:
-        ops += _base_matmul(o, phase, name, m, i, out, fused)
+        ops += _base_matmul(o, phase, name, m, i, out, fused, (out, i))
     if lora:
         ops.append(gemm("lora.B", phase, m, r, out, b, accumulate=True))
     return ops
 
 
-def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, fused: bool) -> list[Op]:
+def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, fused: bool,
+                 w_shape: tuple[int, int]) -> list[Op]:
+    """(m, k) @ (k, n) against the NF4 weight of shape ``w_shape`` (out, in): k = in (forward) or
+    out (dx)."""
     b = o.act_bytes
+    if o.kernels and not fused and o.nf4_chunk_bytes > 0 and m > FUSED_MAX_TOKENS:
+        return _chunked_matmul(o, phase, name, m, k, n, w_shape)
     if fused:  # the Triton NF4 GEMM decodes W tile by tile: no bf16 copy in HBM
         return [gemm(f"base.{name}.fused", phase, m, k, n, b, w_bytes=nf4_bytes(k * n, o.blocksize, o.double_quant))]
     if not o.kernels:  # the torch reference dequantization
@@ -156,6 +165,27 @@ def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, 
         return [replace(d, bytes=d.bytes + REF_DEQUANT_BYTES * k * n), gemm(f"base.{name}", phase, m, k, n, b)]
     return [dequant("dequant", phase, k * n, b, blocksize=o.blocksize, double_quant=o.double_quant),
             gemm(f"base.{name}", phase, m, k, n, b)]
+
+
+def _chunked_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int,
+                    w_shape: tuple[int, int]) -> list[Op]:
+    """``kernels/base_weight.py`` BaseWeight._chunked: per row chunk of W (rows, in), one dequant
+    (reads the chunk's NF4 bytes; its 16-bit write stays in L2) and one GEMM reading it from L2:
+    forward y[:, rows] = x @ W[rows]^T; dx accumulates dy[:, rows] @ W[rows] into dx (M, in)."""
+    from qlora_trainer.kernels.base_weight import chunk_rows
+
+    b, (out_f, in_f) = o.act_bytes, w_shape
+    rows = chunk_rows(out_f, in_f, o.blocksize, b, o.nf4_chunk_bytes)
+    ops = []
+    for r0 in range(0, out_f, rows):
+        r = min(rows, out_f - r0)
+        d = dequant("dequant", phase, r * in_f, b, blocksize=o.blocksize, double_quant=o.double_quant)
+        ops.append(replace(d, bytes=nf4_bytes(r * in_f, o.blocksize, o.double_quant)))
+        if not name.endswith(".dx"):  # forward
+            ops.append(gemm(f"base.{name}", phase, m, in_f, r, b, w_bytes=0))
+        else:
+            ops.append(gemm(f"base.{name}", phase, m, r, in_f, b, w_bytes=0, accumulate=r0 > 0))
+    return ops
 
 
 def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, lora: bool,
@@ -169,7 +199,7 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
             ops.append(elementwise("lora.dropout_mask", ph, 0, m * i, b))
         ops += [gemm("lora.dB", ph, out, m, r, b), elementwise("lora.scale", ph, out * r, out * r, b)]
     if need_dx:
-        ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused)
+        ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused, (out, i))
     if lora:
         if o.dropout > 0 and need_dx:
             ops += [gemm("lora.dx", ph, m, ra, i, b), elementwise("lora.dx_mask", ph, 3 * m * i, m * i, b),

@@ -128,27 +128,33 @@ def predict(arch: ArchSpec, options: StepOptions, gpu: str | Device = "h100",
 
 def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
     """Our trainer's :class:`StepOptions` for a run config (kernels ``auto`` = on for CUDA)."""
+    from qlora_trainer.kernels.base_weight import CHUNK_BYTES
     from qlora_trainer.train.setup import grouped_projections_on
 
     t = cfg.lora.targets
+    kernels, path = cfg.model.kernels != "torch", cfg.model.nf4_matmul
+    # a fused/chunked member is not grouped (kernels/grouped_linear.py grouped_projections)
+    grouped = grouped_projections_on(cfg, training=True) and (path == "dequant" or not kernels)
     return StepOptions(
         system="ours", batch=cfg.train.batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.train.grad_accum,
         lora_r=cfg.lora.r, targets=tuple(t) if isinstance(t, list) else t, dropout=cfg.lora.dropout,
-        kernels=cfg.model.kernels != "torch", ckpt_every=1 if cfg.model.gradient_checkpointing else 0,
+        kernels=kernels, ckpt_every=1 if cfg.model.gradient_checkpointing else 0,
         mlp_chunk=cfg.model.mlp_chunk_tokens, offload=cfg.model.offload_activations,
         loss_chunk=cfg.train.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
         clip_grad=cfg.train.max_grad_norm > 0,
         # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
         # modelled as one: a few launches optimistic), where the trainer's step runs it
-        fused_qkv=grouped_projections_on(cfg, training=True), fused_gate_up=grouped_projections_on(cfg, training=True))
+        fused_qkv=grouped, fused_gate_up=grouped,
+        # model.nf4_matmul (kernels/base_weight.py BaseWeight.path; Triton kernels only)
+        fused_dequant_gemm=kernels and path == "fused", nf4_chunk_bytes=CHUNK_BYTES if kernels and path == "chunked" else 0)
 
 
 def hf_options(ours: StepOptions) -> StepOptions:
     """The HF stack on the same shape and batch (its recipe: all-linear LoRA, checkpointing)."""
     return replace(ours, system="hf", kernels=False, ckpt_every=1, mlp_chunk=0, offload=False,
                    fused_qkv=False, fused_gate_up=False, skip_down_recompute=False,
-                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad)
+                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, nf4_chunk_bytes=0)
 
 
 def predict_for_config(cfg, gpu: str = "h100") -> tuple[StepPrediction, StepPrediction] | None:

@@ -50,6 +50,10 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
         apply_loftq_from_config(model, cfg)
     adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
                 group_projections=grouped_projections_on(cfg))
+    if cfg.model.nf4_matmul != "dequant":  # the large-M NF4 matmul path (kernels/base_weight.py)
+        from qlora_trainer.kernels.base_weight import set_nf4_matmul
+
+        set_nf4_matmul(model, cfg.model.nf4_matmul)
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 
