@@ -20,22 +20,28 @@ from qlora_trainer.speed.recipes import StepOptions, step_ops
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
-def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton") -> tuple[Counter, StepCounter]:
+def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton", arch=None,
+               nf4_matmul: tuple[str, int] | None = None, out: dict | None = None) -> tuple[Counter, StepCounter]:
     import importlib
 
     from qlora_trainer.config import Config
     from qlora_trainer.models.synthetic import synthetic_nf4_model
     from qlora_trainer.train import build_optimizer, causal_lm_loss, prepare_model
 
-    arch = CATALOG["tiny"]
+    arch = arch or CATALOG["tiny"]
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 8, dropout, "float32"
     cfg.train.optimizer, cfg.data.seq_len = "adamw", seq
     cfg.model.kernels, cfg.model.mlp_chunk_tokens = backend, mlp_chunk
     cfg.model.group_projections = False  # grouping's counts: tests/train/test_step_counts.py
     cpu = torch.device("cpu")
+    torch.manual_seed(0)  # the same weights and adapters on every call
     model = prepare_model(synthetic_nf4_model(arch, device=cpu, compute_dtype=torch.float32), cfg,
                           device=cpu, dtype=torch.float32)
+    if nf4_matmul is not None:  # (path, chunk bytes): what model.nf4_matmul sets, with small chunks
+        from qlora_trainer.kernels.base_weight import set_nf4_matmul
+
+        set_nf4_matmul(model, *nf4_matmul)
     opt = build_optimizer(model, cfg)
     ids = torch.randint(0, arch.vocab, (1, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
@@ -56,18 +62,23 @@ def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton"
     finally:
         mp.undo()
     launches = mode.launches
+    if out is not None:  # the step's loss, adapter gradients and (below) adapters after the update
+        out["loss"] = loss.detach()
+        out["grads"] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     opt.step()  # runs (the step is whole) but is not counted: CPU torch AdamW is not the CUDA one
     opt.zero_grad(set_to_none=True)
+    if out is not None:
+        out["params"] = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     return launches, mode
 
 
-def _options(seq: int, dropout: float, mlp_chunk: int, kernels: bool = True) -> StepOptions:
+def _options(seq: int, dropout: float, mlp_chunk: int, kernels: bool = True, **extra) -> StepOptions:
     return StepOptions(seq_len=seq, lora_r=8, dropout=dropout, act_bytes=4, optimizer="adamw", mlp_chunk=mlp_chunk,
-                       kernels=kernels)
+                       kernels=kernels, **extra)
 
 
-def _predicted(seq: int, dropout: float, mlp_chunk: int) -> dict:
-    ops = step_ops(CATALOG["tiny"], _options(seq, dropout, mlp_chunk))
+def _predicted(seq: int, dropout: float, mlp_chunk: int, arch=None, **extra) -> dict:
+    ops = step_ops(arch or CATALOG["tiny"], _options(seq, dropout, mlp_chunk, **extra))
     by = Counter()
     for op in ops:
         key = "rope" if op.name.startswith("rope.") else op.name
@@ -115,3 +126,46 @@ def test_model_counts_equal_a_real_step_with_the_torch_references():
     modelled = sum(op.total_launches for op in ops if op.phase != "optimizer")
     print(f"tiny step, torch references: {real} launches, {modelled} modelled")
     assert modelled == pytest.approx(real, rel=0.05)
+
+
+
+def test_each_nf4_matmul_path_counts_as_modelled_and_steps_like_the_default():
+    """``model.nf4_matmul`` dequant, chunked (16 KiB chunks: 2-11 per weight) and fused, one
+    training step each of a 1-layer tiny model (96 tokens > FUSED_MAX_TOKENS): dequant launches,
+    fused GEMMs, aten GEMMs and their FLOPs equal the model's exactly and all launches within 5%;
+    the loss, every adapter gradient and the adapters after the optimizer step equal the default's."""
+    from dataclasses import replace
+
+    from qlora_trainer.config import Config
+
+    arch = replace(CATALOG["tiny"], layers=1)
+    runs = {}
+    for path, chunk in (("dequant", 0), ("chunked", 16384), ("fused", 0)):
+        runs[path] = out = {}
+        launches, mode = _real_step(96, 0.0, 0, arch=arch, nf4_matmul=(path, chunk or 1 << 23), out=out)
+        extra = {"nf4_chunk_bytes": chunk, "fused_dequant_gemm": path == "fused"}
+        pred = _predicted(96, 0.0, 0, arch=arch, **extra)
+        for label in ("dequant", "fused"):
+            assert launches[label] == pred["launches"][label], (path, label)
+        assert mode.gemms == pred["gemms"] and mode.flops == pytest.approx(pred["flops"], rel=1e-9), path
+        ops = step_ops(arch, _options(96, 0.0, 0, **extra))
+        modelled = sum(op.total_launches for op in ops if op.phase != "optimizer")
+        assert modelled == pytest.approx(mode.total_launches, rel=0.05), path
+        print(f"{path}: {dict(launches)}, {mode.gemms} GEMMs, {mode.total_launches} launches, {modelled} modelled")
+        linears = 3 * 7 - 3 - 1  # forward, recompute, dx; minus q/k/v dx (layer 0) and down_proj's recompute
+        if path == "dequant":
+            assert launches["dequant"] == linears and launches["fused"] == 0
+        elif path == "chunked":
+            assert launches["fused"] == 0 and launches["dequant"] > 2 * linears
+        else:
+            assert launches["fused"] == linears and launches["dequant"] == 0
+    want = runs["dequant"]
+    for path in ("chunked", "fused"):
+        got = runs[path]
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=0)
+        assert got["grads"].keys() == want["grads"].keys() and len(want["grads"]) == 2 * 7
+        for k, g in want["grads"].items():
+            torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-6, msg=f"{path} grad {k}")
+        for k, p in want["params"].items():  # AdamW's first step moves each element by ~lr * sign(g):
+            diff = (got["params"][k] - p).abs()  # a gradient within rounding of 0 may flip its sign
+            assert diff.max() <= 2 * Config().train.lr + 1e-7 and (diff <= 1e-6).float().mean() > 0.99, (path, k)
