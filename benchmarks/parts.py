@@ -200,8 +200,25 @@ def part_calibration(p: Part) -> None:
         p.emit({"kind": "memory_cli", **memory_cli(model, seq, measure=not p.dry, timeout=p.left() - 5.0)})
 
 
+def part_nf4_paths(p: Part) -> None:
+    """Which ``model.nf4_matmul`` path wins per M bucket (``bench_nf4_lora.bench_paths``): every
+    projection shape of Llama-3-8B and Llama-2-7B, headline buckets (8B/2048, 7B/512) first, until
+    the box ends. The dry run: two tiny-64 projections at 96 tokens under the interpreter."""
+    import torch
+
+    from benchmarks.kernels.bench_nf4_lora import PATH_BUCKETS, PATH_MODELS, bench_paths
+
+    if p.dry:
+        models, buckets = {"tiny-64": [("q_proj", 128, 128), ("down_proj", 128, 384)]}, [("tiny-64", 96)]
+    else:
+        models, buckets = PATH_MODELS, PATH_BUCKETS
+    torch.manual_seed(p.ctx["seed"])
+    bench_paths(models, buckets, device=p.ctx["device"], dtype=getattr(torch, p.ctx["dtype"]),
+                deadline=p.ctx["deadline"], emit=p.emit, rep_ms=40)
+
+
 PARTS = {"correctness": part_correctness, "speed": part_speed, "70b": part_big, "long": part_long,
-         "calibration": part_calibration}
+         "calibration": part_calibration, "nf4_paths": part_nf4_paths}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """``suite.md``: the step-row table of :func:`benchmarks.results.to_markdown`, then one section per
-part of the suite (time boxes, kernel checks, long context, calibration), all from ``suite.json``."""
+part of the suite (time boxes, kernel checks, long context, calibration, NF4 matmul paths), all from
+``suite.json``."""
 
 from __future__ import annotations
 
@@ -80,7 +81,21 @@ def calibration_markdown(doc: dict) -> list[str]:
     return lines
 
 
+def nf4_paths_markdown(doc: dict) -> list[str]:
+    rows = _rows(doc, "nf4_paths_winner")
+    if not rows:
+        return []
+    lines = ["", "## NF4 matmul paths (model.nf4_matmul; one decoder layer's base GEMMs: 2 x forward + dx, ms)", "",
+             "| model | tokens | dequant | chunked | fused | winner | x dequant |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["layer_ms"]
+        lines.append(f"| {r['model']} | {r['tokens']} | {t['dequant']:.3f} | {t['chunked']:.3f} | {t['fused']:.3f} | "
+                     f"{r['winner']} | {r['speedup_vs_dequant'][r['winner']]:.2f} |")
+    return lines
+
+
 def to_markdown(doc: dict) -> str:
     head = step_markdown(doc).rstrip("\n").splitlines()
-    body = [*budget_markdown(doc), *correctness_markdown(doc), *long_markdown(doc), *calibration_markdown(doc)]
+    body = [*budget_markdown(doc), *correctness_markdown(doc), *long_markdown(doc), *calibration_markdown(doc),
+            *nf4_paths_markdown(doc)]
     return "\n".join(head[:6] + body + [""] + ["## Speed and memory rows", ""] + head[6:]) + "\n"

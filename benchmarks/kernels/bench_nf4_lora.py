@@ -16,6 +16,11 @@ FLOPs / measured bf16 GEMM rate for the matmuls. Rows:
   bf16 dense cuBLAS layer (the floor we try to approach), for token counts 1 .. 8192.
 * ``linear_ce``: loss + d hidden through the lm_head: ours (Triton chunk kernel, torch chunk op)
   vs full logits + ``F.cross_entropy``; time and peak memory.
+* ``nf4_paths`` / ``nf4_paths_winner`` (also part 6 of ``python -m benchmarks.suite``): the three
+  large-M paths of ``model.nf4_matmul`` (``dequant`` + cuBLAS, ``chunked``, ``fused``), forward
+  ``x @ W^T`` and dx ``dy @ W`` of every projection shape of Llama-3-8B and Llama-2-7B at M buckets
+  256 .. 4096 tokens, then per (model, M) the decoder layer's sum (forward twice: forward + the
+  checkpoint recompute, down_proj's once; dx once) and which path wins it.
 """
 
 from __future__ import annotations
@@ -162,10 +167,91 @@ def bench_ce(cases, ceil) -> list[dict]:
     return rows
 
 
+# (model, projections as (name, out, in)) and the M buckets, headline first (8B/2048, 7B/512)
+PATH_MODELS = {
+    "llama-3-8b": [("q_proj", 4096, 4096), ("k_proj", 1024, 4096), ("v_proj", 1024, 4096), ("o_proj", 4096, 4096),
+                   ("gate_proj", 14336, 4096), ("up_proj", 14336, 4096), ("down_proj", 4096, 14336)],
+    "llama-2-7b": [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
+                   ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)],
+}
+PATH_BUCKETS = [("llama-3-8b", 2048), ("llama-2-7b", 512), ("llama-3-8b", 4096), ("llama-2-7b", 2048),
+                ("llama-3-8b", 512), ("llama-2-7b", 256), ("llama-3-8b", 1024), ("llama-2-7b", 1024)]
+PATHS = ("dequant", "chunked", "fused")
+
+
+def _time_cpu(fn) -> float:
+    """Milliseconds of one call after one warm-up call (the dry run: interpreter, no CUDA events)."""
+    import time
+
+    fn()
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def bench_paths(models: dict, buckets: list[tuple[str, int]], *, device: str = "cuda",
+                dtype: torch.dtype = torch.bfloat16, deadline: float | None = None, emit=None,
+                rep_ms: int = 100) -> list[dict]:
+    """Rows ``nf4_paths`` (one projection shape at one M: forward and dx ms per path, each checked
+    against dequant + matmul first) and ``nf4_paths_winner`` (per complete (model, M): the layer
+    sum per path and the winner). Stops before a (model, M) when ``deadline`` (epoch s) is near;
+    ``emit(row)`` is called on each row as it is made (the suite writes it at once)."""
+    import time
+
+    import bitsandbytes.functional as bnbF
+
+    from qlora_trainer.kernels.base_weight import BaseWeight
+    from qlora_trainer.kernels.nf4 import NF4Weight
+
+    timer = (lambda fn: _bench(fn, warmup_ms=rep_ms // 4, rep_ms=rep_ms)) if device == "cuda" else _time_cpu
+    emit = emit or (lambda r: r)
+    rows, cache, weights = [], {}, {}
+    for model, m in buckets:
+        if deadline is not None and time.time() > deadline - (3.0 if device != "cuda" else 8.0):
+            break
+        layer = {p: 0.0 for p in PATHS}
+        for name, out_f, in_f in models[model]:
+            key = (out_f, in_f, m)
+            if key not in cache:
+                if (out_f, in_f) not in weights:
+                    w = torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02
+                    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+                    state.dtype = dtype
+                    weights[(out_f, in_f)] = NF4Weight.from_bnb(packed, state)
+                nf4 = weights[(out_f, in_f)]
+                x = torch.randn(m, in_f, device=device, dtype=dtype)
+                dy = torch.randn(m, out_f, device=device, dtype=dtype)
+                row = {"kind": "nf4_paths", "model": model, "proj": name, "shape": [out_f, in_f], "tokens": m,
+                       "dtype": str(dtype).removeprefix("torch."), "fwd_ms": {}, "dx_ms": {}, "rel_err": {}}
+                ref = None
+                for path in PATHS:
+                    bw = BaseWeight(nf4=nf4, backend="triton", large_m=path)
+                    got = (bw.forward_matmul(x), bw.backward_matmul(dy))
+                    ref = ref or got
+                    row["rel_err"][path] = max(_rel(got[0], ref[0]), _rel(got[1], ref[1]))
+                    assert row["rel_err"][path] < 2e-2, f"{path} {out_f}x{in_f} M={m}: {row['rel_err'][path]}"
+                    row["fwd_ms"][path] = timer(lambda: bw.forward_matmul(x))
+                    row["dx_ms"][path] = timer(lambda: bw.backward_matmul(dy))
+                row["winner_fwd"] = min(PATHS, key=row["fwd_ms"].get)
+                row["winner_dx"] = min(PATHS, key=row["dx_ms"].get)
+                cache[key] = row
+                rows.append(emit(row))
+            row = cache[key]
+            fwd_passes = 1 if name == "down_proj" else 2  # the recompute skips down_proj's base GEMM
+            for p in PATHS:
+                layer[p] += fwd_passes * row["fwd_ms"][p] + row["dx_ms"][p]
+        win = {"kind": "nf4_paths_winner", "model": model, "tokens": m, "layer_ms": layer,
+               "winner": min(PATHS, key=layer.get), "default": "dequant",
+               "speedup_vs_dequant": {p: layer["dequant"] / layer[p] for p in PATHS}}
+        rows.append(emit(win))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_nf4_lora.json", help="JSON results path")
     parser.add_argument("--quick", action="store_true", help="one shape per benchmark")
+    parser.add_argument("--paths-only", action="store_true", help="only the nf4_matmul path rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench_nf4_lora needs a CUDA GPU", file=sys.stderr)
@@ -177,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         shapes, tokens, ce_cases = shapes[:1], [16, 2048], ce_cases[:1]
     ceil = _ceilings()
-    rows = bench_dequant(shapes, ceil) + bench_lora(shapes[:3], tokens, 16, ceil) + bench_ce(ce_cases, ceil)
+    buckets = PATH_BUCKETS[:2] if args.quick else PATH_BUCKETS
+    rows = [] if args.paths_only else bench_dequant(shapes, ceil) + bench_lora(shapes[:3], tokens, 16, ceil) + bench_ce(ce_cases, ceil)
+    rows += bench_paths(PATH_MODELS, buckets)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "python": platform.python_version(), "ceilings": ceil, "rows": rows}
     path = Path(args.out)
@@ -185,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=1))
     print(f"ceilings: {ceil}")
     for r in rows:
+        if r["case" if "case" in r else "kind"] in ("nf4_paths", "nf4_paths_winner"):
+            print(json.dumps(r))
+            continue
         keys = [k for k in r if k.endswith("_ms") or k in ("speedup", "speedup_vs_hf")]
         label = f"{r['case']:<13}{str(r.get('shape', [r.get('hidden'), r.get('vocab')])):<15}{r.get('tokens', ''):>6}"
         print(label, " ".join(f"{k}={r[k]:.3f}" for k in keys))

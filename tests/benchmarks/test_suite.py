@@ -5,7 +5,7 @@ Python that cannot import ``qlora_trainer`` (a fresh venv seeing this venv's pac
 is checked, then the results page is generated from that JSON.
 
 The dry run gets a generous ``--budget-s`` here so that a loaded box cannot time a part out (seen at
-load 12 on 2 cores with 400 s); the default dry-run budget (102 s) is what keeps it under 2 minutes.
+load 12 on 2 cores with 400 s); the default dry-run budget (110 s) is what keeps it under 2 minutes.
 On an idle 2-core box it takes about 75 s of CPU.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ["correctness", "speed", "70b", "long", "calibration"]
+PARTS = ["correctness", "speed", "70b", "long", "calibration", "nf4_paths"]
 
 
 def bare_python(root: Path) -> Path:
@@ -93,10 +93,16 @@ def test_dry_run_writes_every_part(dry_run):
     assert all(r["est_allocated_gib"] > 0 and r["measured_allocated_gib"] is None for r in cal)
     cli, = _rows(doc, "memory_cli")
     assert cli["status"] == "ok" and cli["estimate"]["allocated_gib"] >= 0 and not cli["measure"]
+    paths = _rows(doc, "nf4_paths")  # part 6: each path checked against dequant, then timed
+    assert len(paths) == 2 and all(set(r["fwd_ms"]) == {"dequant", "chunked", "fused"} for r in paths)
+    assert all(max(r["rel_err"].values()) < 1e-5 for r in paths)  # fp32 on the CPU
+    win, = _rows(doc, "nf4_paths_winner")
+    assert (win["model"], win["tokens"]) == ("tiny-64", 96) and win["winner"] in win["layer_ms"]
 
     md, log = (out / "suite.md").read_text(), (out / "suite.log").read_text()
     for head in ("## Time boxes", "## Kernel tests: ok", "## One training step, kernels on vs off",
-                 "## Long context", "## CUDA context", "## Memory estimate vs measured", "| tiny-64 | 64 | 1 | hf-tuned | ok |"):
+                 "## Long context", "## CUDA context", "## Memory estimate vs measured", "| tiny-64 | 64 | 1 | hf-tuned | ok |",
+                 "## NF4 matmul paths", "| tiny-64 | 96 | "):
         assert head in md
     assert d["command"] in md
     assert all(f"part {i + 1} {p}: done" in log for i, p in enumerate(PARTS)) and "passed" in log
@@ -129,8 +135,8 @@ def test_budget_plan_and_parts_selection(bench):
     assert a.parts == ["speed", "calibration"]  # always in order of value
     boxes = suite.plan_boxes(a.parts, a.budget_s, dry=False)
     assert sum(boxes.values()) == pytest.approx(100) and boxes["speed"] > 3 * boxes["calibration"]
-    full = suite.plan_boxes(suite.NAMES, 540, dry=False)
-    assert list(full) == suite.NAMES and sum(full.values()) == pytest.approx(540 - suite.RESERVE_S)
+    full = suite.plan_boxes(suite.NAMES, 580, dry=False)
+    assert list(full) == suite.NAMES and sum(full.values()) == pytest.approx(580 - suite.RESERVE_S)
     with pytest.raises(SystemExit):
         suite.parse_args(["--out", "x", "--parts", "9"])
 
