@@ -84,14 +84,24 @@ def _levels(q, CODE, table, ROWS: tl.constexpr, LUT: tl.constexpr):
 
 
 @triton.jit
-def _decode(q, s_row, s_byte, CODE, table, ROWS: tl.constexpr, ALIGNED: tl.constexpr, LUT: tl.constexpr):
+def _tile_scales(ABSMAX, CODE2, ABSMAX2, offset, row_blk, row_ok, elem, byte_ok, QBLOCK: tl.constexpr,
+                 NESTED: tl.constexpr, QBLOCK2: tl.constexpr, ALIGNED: tl.constexpr):
+    """The W tile's scales. ALIGNED: block ``row_blk`` (ROWS,) of each row (the tile lies in one
+    block per row); else per packed byte from its first element's flat index ``elem`` (ROWS, C)."""
+    if ALIGNED:
+        return _scales(ABSMAX, CODE2, ABSMAX2, offset, row_blk, row_ok, NESTED, QBLOCK2)
+    return _scales(ABSMAX, CODE2, ABSMAX2, offset, elem // QBLOCK, byte_ok, NESTED, QBLOCK2)
+
+
+@triton.jit
+def _decode(q, s, CODE, table, ROWS: tl.constexpr, ALIGNED: tl.constexpr, LUT: tl.constexpr):
     """Packed bytes q (ROWS, C) int32 -> fp32 (ROWS, 2C) in element order. ALIGNED: one scale per
-    row ``s_row`` (ROWS,); else one per byte ``s_byte`` (ROWS, C) (a byte never spans two blocks)."""
+    row, s (ROWS,); else one per byte, s (ROWS, C) (a byte never spans two blocks)."""
     hi = _levels(q >> 4, CODE, table, ROWS, LUT)
     lo = _levels(q & 15, CODE, table, ROWS, LUT)
     if ALIGNED:
-        return tl.interleave(hi, lo) * s_row[:, None]
-    return tl.interleave(hi * s_byte, lo * s_byte)
+        return tl.interleave(hi, lo) * s[:, None]
+    return tl.interleave(hi * s, lo * s)
 
 
 @triton.jit
@@ -147,14 +157,9 @@ def _nf4_gemm_fwd(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C, M, N
             a = tl.load(a_ptr, mask=m_ok[:, None] & (k0 + rk < K)[None, :], other=0.0)
             b_ok = n_ok[:, None] & (k0 + 2 * rb < K)[None, :]
             q = tl.load(w_ptr, mask=b_ok, other=0).to(tl.int32)
-        if ALIGNED:
-            s_row = _scales(ABSMAX, CODE2, ABSMAX2, offset, row_blk + k0 // QBLOCK, n_ok, NESTED, QBLOCK2)
-            s_byte = s_row
-        else:
-            blk = ((n0 + rn)[:, None] * K + (k0 + 2 * rb)[None, :]) // QBLOCK
-            s_byte = _scales(ABSMAX, CODE2, ABSMAX2, offset, blk, b_ok, NESTED, QBLOCK2)
-            s_row = s_byte
-        w = _decode(q, s_row, s_byte, CODE, table, BLOCK_N, ALIGNED, LUT).to(A.dtype.element_ty)
+        s = _tile_scales(ABSMAX, CODE2, ABSMAX2, offset, row_blk + k0 // QBLOCK, n_ok,
+                         (n0 + rn)[:, None] * K + (k0 + 2 * rb)[None, :], b_ok, QBLOCK, NESTED, QBLOCK2, ALIGNED)
+        w = _decode(q, s, CODE, table, BLOCK_N, ALIGNED, LUT).to(A.dtype.element_ty)
         acc = _dot(acc, a, tl.trans(w), PRECISION, UPCAST_DOT)
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K // 2
@@ -165,9 +170,10 @@ def _nf4_gemm_fwd(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C, M, N
 def _nf4_gemm_dx(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C, M, N, K, stride_am, stride_cm,
                  M_BUCKET, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
                  ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                 UPCAST_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, LUT: tl.constexpr):
-    """C = A @ W: W tile (BLOCK_K rows of W, BLOCK_N/2 bytes each), decoded in place (no transpose)."""
+    """C = A @ W: W tile (BLOCK_K rows of W, BLOCK_N/2 bytes each), decoded in place (no transpose).
+    EVEN_N: no column mask on the W loads (constant along the row: vectorized byte loads)."""
     tl.static_assert(QBLOCK % BLOCK_N == 0)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
@@ -176,7 +182,10 @@ def _nf4_gemm_dx(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C, M, N,
     rk = tl.arange(0, BLOCK_K)
     rb = tl.arange(0, BLOCK_N // 2)
     m_ok = m0 + rm < M
-    col_ok = (n0 + 2 * rb < N)[None, :]
+    if EVEN_N:
+        col_ok = tl.full((1, BLOCK_N // 2), 1, tl.int1)
+    else:
+        col_ok = (n0 + 2 * rb < N)[None, :]
     half = N // 2  # bytes per W row (N = in, even)
     a_base = A + m0.to(tl.int64) * stride_am
     table = tl.load(CODE + tl.arange(0, 16))
@@ -192,15 +201,9 @@ def _nf4_gemm_dx(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C, M, N,
             a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b_ok = k_ok[:, None] & col_ok
         q = tl.load(w_ptr, mask=b_ok, other=0).to(tl.int32)
-        if ALIGNED:  # the tile's columns lie in one block of each W row
-            s_row = _scales(ABSMAX, CODE2, ABSMAX2, offset, (k0 + rk) * (N // QBLOCK) + n0 // QBLOCK, k_ok,
-                            NESTED, QBLOCK2)
-            s_byte = s_row
-        else:
-            blk = ((k0 + rk)[:, None] * N + (n0 + 2 * rb)[None, :]) // QBLOCK
-            s_byte = _scales(ABSMAX, CODE2, ABSMAX2, offset, blk, b_ok, NESTED, QBLOCK2)
-            s_row = s_byte
-        w = _decode(q, s_row, s_byte, CODE, table, BLOCK_K, ALIGNED, LUT).to(A.dtype.element_ty)
+        s = _tile_scales(ABSMAX, CODE2, ABSMAX2, offset, (k0 + rk) * (N // QBLOCK) + n0 // QBLOCK, k_ok,
+                         (k0 + rk)[:, None] * N + (n0 + 2 * rb)[None, :], b_ok, QBLOCK, NESTED, QBLOCK2, ALIGNED)
+        w = _decode(q, s, CODE, table, BLOCK_K, ALIGNED, LUT).to(A.dtype.element_ty)
         acc = _dot(acc, a, w, PRECISION, UPCAST_DOT)
         a_ptr += BLOCK_K
         w_ptr += BLOCK_K * half
@@ -214,9 +217,10 @@ def _quick_bench(kernel_call, quantiles):
 
 
 _EVEN_K = {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0}
+_EVEN_KN = {**_EVEN_K, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
 _KEY = ["M_BUCKET", "N", "K", "QBLOCK", "NESTED", "ALIGNED"]
 _fwd_tuned = triton.autotune(_configs(_FWD), key=_KEY, do_bench=_quick_bench)(triton.heuristics(_EVEN_K)(_nf4_gemm_fwd))
-_dx_tuned = triton.autotune(_configs(_DX), key=_KEY, do_bench=_quick_bench)(triton.heuristics(_EVEN_K)(_nf4_gemm_dx))
+_dx_tuned = triton.autotune(_configs(_DX), key=_KEY, do_bench=_quick_bench)(triton.heuristics(_EVEN_KN)(_nf4_gemm_dx))
 
 
 def nf4_gemm(a: torch.Tensor, w, *, trans_w: bool, bias: torch.Tensor | None = None,
@@ -252,7 +256,7 @@ def nf4_gemm(a: torch.Tensor, w, *, trans_w: bool, bias: torch.Tensor | None = N
     cfg = dict(INTERPRET_CONFIG if config is None else config)
     warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
     kernel = _nf4_gemm_fwd if trans_w else _nf4_gemm_dx
+    even = {"EVEN_K": k % cfg["BLOCK_K"] == 0} | ({} if trans_w else {"EVEN_N": n % cfg["BLOCK_N"] == 0})
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    kernel[grid](*args, **meta, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg, num_warps=warps, num_stages=stages,
-                 enable_fp_fusion=False)
+    kernel[grid](*args, **meta, **even, **cfg, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
     return c

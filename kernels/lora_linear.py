@@ -21,8 +21,9 @@ with dropout as without. The LoRA math runs in the activation dtype; dA/dB are r
 dtype.
 
 Base matmul: for an NF4 weight with few tokens (M <= ``FUSED_MAX_TOKENS``) a Triton GEMM that
-dequantizes inside the operand load (``_triton_lora.py``); otherwise the Triton dequant kernel
-(``nf4.py``) to a transient 16-bit W, then cuBLAS. A dense weight goes straight to cuBLAS.
+dequantizes inside the operand load (``_triton_lora.py``); otherwise the weight's large-M path
+(``BaseWeight.path``, ``model.nf4_matmul``): by default the Triton dequant kernel (``nf4.py``) to a
+transient 16-bit W, then cuBLAS. A dense weight goes straight to cuBLAS.
 """
 
 from __future__ import annotations

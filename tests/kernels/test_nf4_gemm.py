@@ -155,3 +155,17 @@ def test_lora_function_with_each_path_matches_the_default(path, device):
         runs[p] = (y, *torch.autograd.grad(y, (x, a, b), dy))
     for got, want in zip(runs[path], runs["dequant"]):
         assert rel_err(got, want) < 1e-5
+
+
+def test_row_range_dequant_both_backends_and_unaligned_start():
+    """``dequantize_nf4(rows=(r0, r1))``: W[r0:r1] exactly (Triton and torch), when r0 * in is a
+    whole number of blocks (``row_step_for``); else a clear error."""
+    from qlora_trainer.kernels.nf4 import dequantize_nf4, row_step_for
+
+    w, w_ref = _weight(192, 352, 64, True, torch.float32, torch.device("cpu"))
+    assert row_step_for(352, 64) == 2 and row_step_for(384, 64) == 1 and row_step_for(96, 128) == 4
+    for backend in ("triton", "torch"):
+        got = dequantize_nf4(w, backend=backend, rows=(66, 131))
+        assert torch.equal(got.double(), w_ref[66:131])
+    with pytest.raises(ValueError, match="do not start on a block"):
+        dequantize_nf4(w, backend="triton", rows=(1, 3))
