@@ -209,13 +209,13 @@ def part_calibration(p: Part) -> None:
 def part_nf4_paths(p: Part) -> None:
     """Which ``model.nf4_matmul`` path wins per M bucket (``bench_nf4_lora.bench_paths``): every
     projection shape of Llama-3-8B and Llama-2-7B, headline buckets (8B/2048, 7B/512) first, until
-    the box ends. The dry run: two tiny-64 projections at 96 tokens under the interpreter."""
+    the box ends. The dry run: one tiny-64 projection at 96 tokens under the interpreter."""
     import torch
 
     from benchmarks.kernels.bench_nf4_lora import PATH_BUCKETS, PATH_MODELS, bench_paths
 
     if p.dry:
-        models, buckets = {"tiny-64": [("q_proj", 128, 128), ("down_proj", 128, 384)]}, [("tiny-64", 96)]
+        models, buckets = {"tiny-64": [("down_proj", 128, 384)]}, [("tiny-64", 96)]
     else:
         models, buckets = PATH_MODELS, PATH_BUCKETS
     torch.manual_seed(p.ctx["seed"])
