@@ -70,17 +70,21 @@ def _scales(ABSMAX, CODE2, ABSMAX2, offset, blk, mask, NESTED: tl.constexpr, QBL
     """fp32 scales of quantization blocks ``blk`` (any shape; double-quant aware, mul then add)."""
     if NESTED:
         a8 = tl.load(ABSMAX + blk, mask=mask, other=0).to(tl.int32)
-        return tl.load(CODE2 + a8, mask=mask, other=0.0) * tl.load(ABSMAX2 + blk // QBLOCK2, mask=mask, other=0.0) + offset
-    return tl.load(ABSMAX + blk, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(CODE2 + a8, mask=mask, other=0.0) * tl.load(ABSMAX2 + blk // QBLOCK2, mask=mask, other=0.0) + offset
+    else:
+        s = tl.load(ABSMAX + blk, mask=mask, other=0.0).to(tl.float32)
+    return s
 
 
 @triton.jit
 def _levels(q, CODE, table, ROWS: tl.constexpr, LUT: tl.constexpr):
     """NF4 level of each 4-bit code ``q`` (ROWS, C) int32 -> fp32: a register gather from the
     16-entry ``table`` (LUT=0) or a load from the table in memory (LUT=1, L1-resident)."""
-    if LUT == 0:
-        return tl.gather(tl.broadcast_to(table[None, :], (ROWS, 16)), q, 1)
-    return tl.load(CODE + q)
+    if LUT == 0:  # one return per jitted function: an early return would compile both branches
+        v = tl.gather(tl.broadcast_to(table[None, :], (ROWS, 16)), q, 1)
+    else:
+        v = tl.load(CODE + q)
+    return v
 
 
 @triton.jit
@@ -89,8 +93,10 @@ def _tile_scales(ABSMAX, CODE2, ABSMAX2, offset, row_blk, row_ok, elem, byte_ok,
     """The W tile's scales. ALIGNED: block ``row_blk`` (ROWS,) of each row (the tile lies in one
     block per row); else per packed byte from its first element's flat index ``elem`` (ROWS, C)."""
     if ALIGNED:
-        return _scales(ABSMAX, CODE2, ABSMAX2, offset, row_blk, row_ok, NESTED, QBLOCK2)
-    return _scales(ABSMAX, CODE2, ABSMAX2, offset, elem // QBLOCK, byte_ok, NESTED, QBLOCK2)
+        s = _scales(ABSMAX, CODE2, ABSMAX2, offset, row_blk, row_ok, NESTED, QBLOCK2)
+    else:
+        s = _scales(ABSMAX, CODE2, ABSMAX2, offset, elem // QBLOCK, byte_ok, NESTED, QBLOCK2)
+    return s
 
 
 @triton.jit
@@ -100,8 +106,10 @@ def _decode(q, s, CODE, table, ROWS: tl.constexpr, ALIGNED: tl.constexpr, LUT: t
     hi = _levels(q >> 4, CODE, table, ROWS, LUT)
     lo = _levels(q & 15, CODE, table, ROWS, LUT)
     if ALIGNED:
-        return tl.interleave(hi, lo) * s[:, None]
-    return tl.interleave(hi * s, lo * s)
+        w = tl.interleave(hi, lo) * s[:, None]
+    else:
+        w = tl.interleave(hi * s, lo * s)
+    return w
 
 
 @triton.jit

@@ -128,7 +128,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     w_sig = {"PACKED": "*u8", "ABSMAX": "*u8", "CODE": "*fp32", "CODE2": "*fp32", "ABSMAX2": "*fp32",
              "OFFSET": "*fp32"}
     ptx = compile_ptx(_triton_nf4._nf4_dequant_kernel,
-                      {**w_sig, "OUT": "*bf16", "numel": "i64", "n_bytes": "i64", "n_blocks": "i64"},
+                      {**w_sig, "OUT": "*bf16", "numel": "i64", "n_bytes": "i64", "n_blocks": "i64", "blk0": "i32"},
                       {"QBLOCK": 64, "QBLOCK2": 256, "NESTED": True, "BLOCK_BYTES": 1024},
                       ["PACKED", "OUT", "numel", "n_bytes"], num_warps=4, enable_fp_fusion=False)
     assert re.search(r"st\.global\.v4\.b32", ptx) and re.search(r"ld\.global\.v\d\.b32", ptx)

@@ -169,3 +169,46 @@ def test_row_range_dequant_both_backends_and_unaligned_start():
         assert torch.equal(got.double(), w_ref[66:131])
     with pytest.raises(ValueError, match="do not start on a block"):
         dequantize_nf4(w, backend="triton", rows=(1, 3))
+
+
+@pytest.mark.slow
+def test_large_m_gemms_compile_for_hopper_without_a_gpu():
+    """Every autotune config of both kernels, aligned and not, compiles ahead of time for sm_90
+    (ptxas ships with triton) to wgmma; catches what the interpreter cannot (a jitted function's
+    returns must agree in shape even under a constexpr ``if``, layouts of the register gather).
+    Measured (triton 3.9): aligned configs 63-125 KiB of shared memory, 132-180 registers, no spills."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":  # kernels were jitted as interpreter functions
+        run = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-m", "slow",
+                              "-k", "compile_for_hopper", "-p", "no:cacheprovider"], cwd=Path(__file__).parents[2],
+                             text=True, capture_output=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+        return
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qlora_trainer.kernels import _triton_nf4_gemm as g
+
+    sig = {"A": "*bf16", "PACKED": "*u8", "ABSMAX": "*u8", "CODE": "*fp32", "CODE2": "*fp32", "ABSMAX2": "*fp32",
+           "OFFSET": "*fp32", "BIAS": "*bf16", "C": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+           "stride_cm": "i32", "M_BUCKET": "i32"}
+    fits = {}  # an unaligned (per-byte scale) config may exceed shared memory: the autotuner skips it
+    for fn, table, dx in ((g._nf4_gemm_fwd, g._FWD, False), (g._nf4_gemm_dx, g._DX, True)):
+        for (bm, bn, bk, gm, lut, warps, stages), aligned in [(c, a) for c in table for a in (True, False)]:
+            consts = {"QBLOCK": 64, "QBLOCK2": 256, "NESTED": True, "ALIGNED": aligned, "HAS_BIAS": not dx,
+                      "PRECISION": "tf32", "UPCAST_DOT": False, "EVEN_K": aligned, "BLOCK_M": bm, "BLOCK_N": bn,
+                      "BLOCK_K": bk, "GROUP_M": gm, "LUT": lut} | ({"EVEN_N": aligned} if dx else {})
+            attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                     for a in ("A", "PACKED", "C", "N", "K", "stride_am", "stride_cm")}
+            src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+            assert "wgmma" in k.asm["ptx"], (fn.__name__, bm, bn, bk, lut, aligned)
+            assert k.metadata.shared < 200 * 1024 or not aligned, (fn.__name__, bm, bn, bk, lut, k.metadata.shared)
+            fits[fn.__name__, aligned] = fits.get((fn.__name__, aligned), 0) + (k.metadata.shared <= 227 * 1024)
+    assert all(fits.values()) and len(fits) == 4, fits  # H100/H200: 227 KiB of shared memory a block
