@@ -28,8 +28,8 @@ from torch import nn
 
 from .nf4 import NF4Weight, dequantize_nf4, gemm_supported, row_step_for
 
-# Above this many tokens the dequant pass is amortised and cuBLAS on a dequantized W is faster
-# than the fused dequant-in-GEMM kernel (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
+# At or below this many tokens the split-K decode kernel (_triton_lora.nf4_matmul) runs; above it
+# the weight's large-M path (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
 FUSED_MAX_TOKENS = 64
 
 NF4_MATMUL_PATHS = ("dequant", "chunked", "fused")  # the large-M paths (config: model.nf4_matmul)

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "when set and not packing; else not shown)")
     for name, what in (("fused-qkv", "q/k/v as one dequant + GEMM"), ("fused-gate-up", "gate/up as one"),
                        ("skip-down-recompute", "no down_proj GEMM in the recompute"),
-                       ("fused-dequant-gemm", "NF4 decoded inside the GEMM at every M"),
+                       ("fused-dequant-gemm", "NF4 decoded inside the GEMM at every M (built as model.nf4_matmul=fused)"),
                        ("cuda-graphs", "the step replayed as a CUDA graph")):
         p.add_argument(f"--{name}", action="store_true", help=f"issue-16 option, predicted only: {what}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
