@@ -54,15 +54,16 @@ def m_bucket(m: int) -> int:
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in grouped order: GROUP_M tile rows walk N together, so their W tiles hit L2."""
+def _tile_origin(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(m0, n0), this program's first row and column of C, in grouped order: GROUP_M tile rows
+    walk N together, so their W tiles hit L2."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n
     first_m = (pid // width) * GROUP_M
     rows = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % rows, (pid % width) // rows
+    return (first_m + (pid % width) % rows) * BLOCK_M, ((pid % width) // rows) * BLOCK_N
 
 
 @triton.jit
@@ -138,9 +139,7 @@ def _nf4_gemm_fwd(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C, M, N
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, LUT: tl.constexpr):
     """C = A @ W^T: W tile (BLOCK_N rows of W, BLOCK_K/2 bytes each), decoded, transposed, dotted."""
     tl.static_assert(QBLOCK % BLOCK_K == 0)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
+    m0, n0 = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -183,9 +182,7 @@ def _nf4_gemm_dx(A, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, C, M, N,
     """C = A @ W: W tile (BLOCK_K rows of W, BLOCK_N/2 bytes each), decoded in place (no transpose).
     EVEN_N: no column mask on the W loads (constant along the row: vectorized byte loads)."""
     tl.static_assert(QBLOCK % BLOCK_N == 0)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
+    m0, n0 = _tile_origin(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     rb = tl.arange(0, BLOCK_N // 2)
