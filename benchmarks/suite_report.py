@@ -86,11 +86,11 @@ def nf4_paths_markdown(doc: dict) -> list[str]:
     if not rows:
         return []
     lines = ["", "## NF4 matmul paths (model.nf4_matmul; one decoder layer's base GEMMs: 2 x forward + dx, ms)", "",
-             "| model | tokens | dequant | chunked | fused | winner | x dequant |", "|---|---|---|---|---|---|---|"]
+             "| model | tokens | " + " | ".join(rows[0]["layer_ms"]) + " | winner | x dequant |",
+             "|---|---|" + "---|" * (len(rows[0]["layer_ms"]) + 2)]
     for r in rows:
-        t = r["layer_ms"]
-        lines.append(f"| {r['model']} | {r['tokens']} | {t['dequant']:.3f} | {t['chunked']:.3f} | {t['fused']:.3f} | "
-                     f"{r['winner']} | {r['speedup_vs_dequant'][r['winner']]:.2f} |")
+        ms = " | ".join(f"{v:.3f}" for v in r["layer_ms"].values())
+        lines.append(f"| {r['model']} | {r['tokens']} | {ms} | {r['winner']} | {r['speedup_vs_dequant'][r['winner']]:.2f} |")
     return lines
 
 

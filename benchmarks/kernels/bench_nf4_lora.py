@@ -17,7 +17,8 @@ FLOPs / measured bf16 GEMM rate for the matmuls. Rows:
 * ``linear_ce``: loss + d hidden through the lm_head: ours (Triton chunk kernel, torch chunk op)
   vs full logits + ``F.cross_entropy``; time and peak memory.
 * ``nf4_paths`` / ``nf4_paths_winner`` (also part 6 of ``python -m benchmarks.suite``): the three
-  large-M paths of ``model.nf4_matmul`` (``dequant`` + cuBLAS, ``chunked``, ``fused``), forward
+  large-M paths of ``model.nf4_matmul`` (``dequant`` + cuBLAS, ``chunked`` with 8 and 32 MiB
+  chunks, ``fused``), forward
   ``x @ W^T`` and dx ``dy @ W`` of every projection shape of Llama-3-8B and Llama-2-7B at M buckets
   256 .. 4096 tokens, then per (model, M) the decoder layer's sum (forward twice: forward + the
   checkpoint recompute, down_proj's once; dx once) and which path wins it.
@@ -176,7 +177,10 @@ PATH_MODELS = {
 }
 PATH_BUCKETS = [("llama-3-8b", 2048), ("llama-2-7b", 512), ("llama-3-8b", 4096), ("llama-2-7b", 2048),
                 ("llama-3-8b", 512), ("llama-2-7b", 256), ("llama-3-8b", 1024), ("llama-2-7b", 1024)]
-PATHS = ("dequant", "chunked", "fused")
+# variant -> (model.nf4_matmul path, chunk bytes): the chunked path at its default 8 MiB and at 32 MiB
+# (a quarter of the launches; does the chunk still stay in a 50 MB L2?)
+PATHS = {"dequant": ("dequant", 8 << 20), "chunked": ("chunked", 8 << 20), "chunked_32mib": ("chunked", 32 << 20),
+         "fused": ("fused", 8 << 20)}
 
 
 def _time_cpu(fn) -> float:
@@ -224,8 +228,8 @@ def bench_paths(models: dict, buckets: list[tuple[str, int]], *, device: str = "
                 row = {"kind": "nf4_paths", "model": model, "proj": name, "shape": [out_f, in_f], "tokens": m,
                        "dtype": str(dtype).removeprefix("torch."), "fwd_ms": {}, "dx_ms": {}, "rel_err": {}}
                 ref = None
-                for path in PATHS:
-                    bw = BaseWeight(nf4=nf4, backend="triton", large_m=path)
+                for path, (large_m, chunk) in PATHS.items():
+                    bw = BaseWeight(nf4=nf4, backend="triton", large_m=large_m, chunk_bytes=chunk)
                     got = (bw.forward_matmul(x), bw.backward_matmul(dy))
                     ref = ref or got
                     row["rel_err"][path] = max(_rel(got[0], ref[0]), _rel(got[1], ref[1]))

@@ -98,7 +98,7 @@ def test_dry_run_writes_every_part(dry_run):
     cli, = _rows(doc, "memory_cli")
     assert cli["status"] == "ok" and cli["estimate"]["allocated_gib"] >= 0 and not cli["measure"]
     paths = _rows(doc, "nf4_paths")  # part 6: each path checked against dequant, then timed
-    assert len(paths) == 1 and all(set(r["fwd_ms"]) == {"dequant", "chunked", "fused"} for r in paths)
+    assert len(paths) == 1 and all(set(r["fwd_ms"]) == {"dequant", "chunked", "chunked_32mib", "fused"} for r in paths)
     assert all(max(r["rel_err"].values()) < 1e-5 for r in paths)  # fp32 on the CPU
     win, = _rows(doc, "nf4_paths_winner")
     assert (win["model"], win["tokens"]) == ("tiny-64", 96) and win["winner"] in win["layer_ms"]
