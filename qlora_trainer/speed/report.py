@@ -141,14 +141,15 @@ def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
         clip_grad=cfg.train.max_grad_norm > 0,
         # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
         # modelled as one: a few launches optimistic), where the trainer's step runs it
-        fused_qkv=grouped_projections_on(cfg, training=True), fused_gate_up=grouped_projections_on(cfg, training=True))
+        fused_qkv=grouped_projections_on(cfg, training=True), fused_gate_up=grouped_projections_on(cfg, training=True),
+        fused_add_norm=cfg.model.fused_add_norm)
 
 
 def hf_options(ours: StepOptions) -> StepOptions:
     """The HF stack on the same shape and batch (its recipe: all-linear LoRA, checkpointing)."""
     return replace(ours, system="hf", kernels=False, ckpt_every=1, mlp_chunk=0, offload=False,
                    fused_qkv=False, fused_gate_up=False, skip_down_recompute=False,
-                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad)
+                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, fused_add_norm=False)
 
 
 def predict_for_config(cfg, gpu: str = "h100") -> tuple[StepPrediction, StepPrediction] | None:
