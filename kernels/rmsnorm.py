@@ -20,6 +20,9 @@ later use (the next residual add), so with ds_out = dL/ds from that later use:
     dx = dr = dL/ds,   dw = sum over rows of dy * n   (n = s * rstd)
 One kernel computes dL/ds including the ds_out term, so the separate gradient add of the
 unfused graph disappears. Saved: s and rstd (as for RMSNorm of s), never x and r.
+Without a residual (``add_rms_norm(x, None, ...)``) s is x itself, passed through: the same
+backward sums the gradient of x's other use (the residual branch of a decoder layer's input) into
+the norm's dx, again without a separate add.
 """
 
 from __future__ import annotations
@@ -67,13 +70,13 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(dy.shape), dw, None
 
 
-def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure torch: s = x + residual, then :func:`rms_norm_reference` of s (the transformers decoder
-    layer's ``residual + hidden_states`` then ``post_attention_layernorm``).
+    """Pure torch: s = x + residual (x itself when residual is None), then :func:`rms_norm_reference`
+    of s (the transformers decoder layer's ``residual + hidden_states`` then ``post_attention_layernorm``).
 
     x, residual: (..., H); weight: (H,). Returns (y (..., H), s (..., H))."""
-    s = x + residual
+    s = x if residual is None else x + residual
     return rms_norm_reference(s, weight, eps), s
 
 
@@ -82,16 +85,21 @@ class AddRMSNormFunction(torch.autograd.Function):
     (y (..., H), s (..., H)); backward per the module docstring (saves s and rstd only)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from ._triton_rmsnorm import add_rmsnorm_fwd
+        from ._triton_rmsnorm import add_rmsnorm_fwd, rmsnorm_fwd
 
-        if x.shape != residual.shape:
+        if residual is None:  # s = x, passed through (autograd returns it as an alias of x)
+            y, rstd = rmsnorm_fwd(_rows(x), weight.contiguous(), eps)
+            s = x
+        elif x.shape != residual.shape:
             raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
-        y, s, rstd = add_rmsnorm_fwd(_rows(x), _rows(residual), weight.contiguous(), eps)
-        y, s = y.view(x.shape), s.view(x.shape)
+        else:
+            y, s, rstd = add_rmsnorm_fwd(_rows(x), _rows(residual), weight.contiguous(), eps)
+            s = s.view(x.shape)
+        y = y.view(x.shape)
         ctx.save_for_backward(s, weight, rstd)
-        ctx.dtypes = (x.dtype, residual.dtype)
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.set_materialize_grads(False)
         return y, s
 
@@ -114,13 +122,15 @@ class AddRMSNormFunction(torch.autograd.Function):
         if ds is None:
             return None, None, dw, None
         dx_dtype, dr_dtype = ctx.dtypes
-        return ds.to(dx_dtype), ds.to(dr_dtype), dw, None
+        return ds.to(dx_dtype), None if dr_dtype is None else ds.to(dr_dtype), dw, None
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(x + residual) * weight, x + residual) for x, residual (..., H), weight (H,), through
-    the fused Triton kernel or :func:`add_rms_norm_reference` (``backend``: ``auto|triton|torch``)."""
+    """(rmsnorm(s) * weight, s) with s = x + residual (x itself when residual is None: use the
+    returned s, not x, for x's other uses, so that their gradient is summed in the norm's backward)
+    for x, residual (..., H), weight (H,), through the fused Triton kernel or
+    :func:`add_rms_norm_reference` (``backend``: ``auto|triton|torch``)."""
     if resolve_backend(backend, x.device) == "triton":
         return AddRMSNormFunction.apply(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
@@ -154,11 +164,12 @@ class RMSNorm(nn.Module):
         new.backend = backend
         return new
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, *,
+                return_residual: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(..., H) -> (..., H). With ``residual`` (..., H): the fused residual add, returning
-        (norm(hidden_states + residual) (..., H), hidden_states + residual (..., H))."""
-        if residual is not None:
+        (norm(s) (..., H), s (..., H)), s = hidden_states + residual; ``return_residual`` without
+        a residual: s is hidden_states passed through (see :func:`add_rms_norm`)."""
+        if residual is not None or return_residual:
             return add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon, self.backend)
         return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.backend)
 

@@ -121,8 +121,13 @@ class RoPEAttention(nn.Module):
 class FusedDecoderLayer(nn.Module):
     """A Llama/Mistral/Qwen2 decoder layer whose attention residual add is fused with the norm after it:
 
-        h = input_layernorm(x);  a = self_attn(h);  (h2, s) = post_attention_layernorm(a, x)
-        return s + mlp(h2)       # s = x + a, h2 = norm(s): one kernel (kernels.rmsnorm.add_rms_norm)
+        (h, x) = input_layernorm(x, return_residual=True);  a = self_attn(h)
+        (h2, s) = post_attention_layernorm(a, x)    # s = x + a, h2 = norm(s): one kernel
+        return s + mlp(h2)
+
+    (``kernels.rmsnorm.add_rms_norm``.) The input norm passes x through, so that in the backward
+    x's residual-branch gradient is summed inside the input norm's backward kernel, and the
+    post-attention kernel sums s's two gradients: two gradient adds fewer per layer.
 
     The same children under the same names (``self_attn``, ``mlp``, ``input_layernorm``,
     ``post_attention_layernorm``), so parameter names, state dicts, adapters, checkpointing and
@@ -157,15 +162,17 @@ class FusedDecoderLayer(nn.Module):
         (5.17-5.23), ...) goes to ``self_attn`` under the name it came with, as transformers' layer does."""
         from qlora_trainer.kernels.rmsnorm import RMSNorm
 
-        residual = hidden_states
-        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                              position_ids=position_ids, **kwargs)
-        norm = self.post_attention_layernorm
-        if isinstance(norm, RMSNorm):
-            h, residual = norm(h, residual)  # (B, T, H) each: norm(x + a), x + a
-        else:  # a norm our kernels do not take over
+        fused = isinstance(self.input_layernorm, RMSNorm) and isinstance(self.post_attention_layernorm, RMSNorm)
+        if fused:  # h = norm(x); residual = x, as the input norm's second output
+            h, residual = self.input_layernorm(hidden_states, return_residual=True)
+        else:  # norms our kernels do not take over
+            h, residual = self.input_layernorm(hidden_states), hidden_states
+        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if fused:
+            h, residual = self.post_attention_layernorm(h, residual)  # (B, T, H) each: norm(x + a), x + a
+        else:
             residual = residual + h
-            h = norm(residual)
+            h = self.post_attention_layernorm(residual)
         return residual + self.mlp(h)
 
 

@@ -57,7 +57,8 @@ class StepOptions:
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy), cuda_graphs (a
     captured step: per-launch host cost -> graph replay cost).
     fused_add_norm (built, on by default: ``model.fused_add_norm``) - each layer's attention residual
-    add + post-attention RMSNorm as one Triton kernel forward and one backward (with ``kernels``)."""
+    add + post-attention RMSNorm as one Triton kernel forward and one backward, and the input
+    norm's backward summing its input's residual gradient (with ``kernels``)."""
 
     system: str = "ours"
     batch: int = 1
@@ -237,7 +238,8 @@ def _add_norm(o: StepOptions, phase: str, m: int, h: int) -> list[Op]:
     """The attention residual add + post-attention RMSNorm over m tokens (``phase`` backward: their
     gradient). Fused (``kernels.rmsnorm.add_rms_norm``): one kernel, forward reads x, r and writes s, y;
     backward reads dy, ds_out, s and writes ds. Else the add and the norm; backward the norm's and
-    the sum of the two gradients of s."""
+    the sum of the two gradients of s. The input norm's backward is the same (its input's two
+    gradients: the norm's and the residual branch's; its forward is a plain RMSNorm)."""
     b = o.act_bytes
     if o.kernels and o.fused_add_norm:
         if phase == "backward":
@@ -289,7 +291,7 @@ def _ours_layer_backward(arch: ArchSpec, o: StepOptions, targets: set[str], firs
     for name, i, out in reversed(attn):
         ops += _ours_linear_backward(o, name, m, i, out, _lora_on(name, targets), need_dx=not first)
     if not first:  # the q/k/v input gradients summed, the input norm, dx: skip + attention branch
-        ops += [grad_add] * (len(attn) - 1) + [_kernel(o, "rmsnorm.bwd", ph, 2 * m * h, m * h), grad_add]
+        ops += [grad_add] * (len(attn) - 1) + _add_norm(o, ph, m, h)  # fused: the input norm sums dx
     return ops
 
 

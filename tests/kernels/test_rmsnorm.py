@@ -126,6 +126,23 @@ def test_add_rmsnorm_forward_and_grads_match_reference(m, h, dtype, device):
             torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-4 if name == "dw" else 1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,h", [(7, 96), (129, 352)])
+def test_rmsnorm_passing_its_input_through_sums_its_gradient(m, h, dtype, device):
+    """No residual: s is x itself (an alias), and x's gradient from the use of s is summed into the
+    norm's dx by the backward kernel: dx = ds_out + norm grad, against float64 and torch."""
+    x, _, w = _add_inputs(m, h, dtype, device)
+    dy, ds_out = torch.randn(m, h, device=device, dtype=dtype), torch.randn(m, h, device=device, dtype=dtype)
+    y, s = add_rms_norm(x, None, w, 1e-6, backend="triton")
+    assert torch.equal(s, x) and type(y.grad_fn).__name__ == "AddRMSNormFunctionBackward"
+    got = (y,) + torch.autograd.grad((y * dy).sum() + (s * ds_out).sum(), (x, w))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = rms_norm_reference(x64, w64, 1e-6)
+    want = (y64,) + torch.autograd.grad((y64 * dy.double()).sum() + (x64 * ds_out.double()).sum(), (x64, w64))
+    for name, g, ref in zip(("y", "dx", "dw"), got, want):
+        assert g.dtype == dtype and rel_err(g, ref) < TOL[dtype], name
+
+
 @pytest.mark.parametrize("use", ["y", "s"])
 def test_add_rmsnorm_one_output_used(use):
     """Only y (no ds_out: the plain norm backward) or only s (dx = dr = ds_out, no dw) reaches the loss."""
