@@ -255,13 +255,17 @@ def test_fused_layer_passes_the_cache_under_either_name(tiny_model, name):
 
 def test_fused_layer_after_checkpointing_and_when_off(tiny_model):
     """adapt_model after apply_checkpointing re-wraps the fused layer (same keys, idempotent);
-    ``fuse_add_norm=False`` keeps transformers' decoder layers."""
+    ``fuse_add_norm=False`` (and transformers' own checkpointing on a layer) keeps transformers' layers."""
     from qlora_trainer.models.adapt import FusedDecoderLayer
     from qlora_trainer.models.checkpointing import CheckpointedLayer
 
     keys = list(tiny_model.state_dict())
     assert type(adapt_model(copy.deepcopy(tiny_model), "torch", fuse_add_norm=False).model.layers[0]).__name__ \
         == "LlamaDecoderLayer"
+    hf_ckpt = copy.deepcopy(tiny_model)
+    hf_ckpt.model.layers[1].gradient_checkpointing = True  # transformers' own checkpointing: its class only
+    assert [type(m).__name__ for m in adapt_model(hf_ckpt, "torch").model.layers][:2] == \
+        ["FusedDecoderLayer", "LlamaDecoderLayer"]
     model = adapt_model(apply_checkpointing(tiny_model), "torch")
     layer = model.model.layers[3]
     assert isinstance(layer, CheckpointedLayer) and isinstance(layer._layer, FusedDecoderLayer)
