@@ -37,10 +37,14 @@ def fewest_layers(footprint: Callable[[int], int], layers: int, budget_bytes: fl
 
 
 def device_budget(device: torch.device) -> int | None:
-    """Total memory of a CUDA ``device`` in bytes; None elsewhere (no device budget to plan for)."""
+    """Memory of a CUDA ``device`` this process may use, in bytes: its total times the
+    ``torch.cuda.set_per_process_memory_fraction`` cap where torch reports one; None elsewhere (no
+    device budget to plan for)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[1]
+    total = torch.cuda.mem_get_info(device)[1]
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
+    return int(total * fraction(device)) if fraction is not None else total
 
 
 def plan_checkpoint_layers(cfg, budget_bytes: int | None) -> int | None:
