@@ -149,7 +149,7 @@ def options_for_config(cfg, *, act_bytes: int = 2, budget_bytes: int | None = No
         clip_grad=cfg.train.max_grad_norm > 0,
         # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
         # modelled as one: a few launches optimistic), where the trainer's step runs it
-        fused_qkv=grouped, fused_gate_up=grouped,
+        fused_qkv=grouped, fused_gate_up=grouped, fused_add_norm=cfg.model.fused_add_norm,
         # model.nf4_matmul (kernels/base_weight.py BaseWeight.path; Triton kernels only)
         fused_dequant_gemm=kernels and path == "fused", nf4_chunk_bytes=CHUNK_BYTES if kernels and path == "chunked" else 0)
 
@@ -158,7 +158,8 @@ def hf_options(ours: StepOptions) -> StepOptions:
     """The HF stack on the same shape and batch (its recipe: all-linear LoRA, checkpointing)."""
     return replace(ours, system="hf", kernels=False, ckpt_every=1, ckpt_layers=None, mlp_chunk=0, offload=False,
                    fused_qkv=False, fused_gate_up=False, skip_down_recompute=False,
-                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, nf4_chunk_bytes=0)
+                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, fused_add_norm=False,
+                   nf4_chunk_bytes=0)
 
 
 def predict_for_config(cfg, gpu: str = "h100", budget_bytes: int | None = None

@@ -49,7 +49,7 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
         apply_loftq_from_config(model, cfg)
     adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
-                group_projections=grouped_projections_on(cfg))
+                group_projections=grouped_projections_on(cfg), fuse_add_norm=cfg.model.fused_add_norm)
     if cfg.model.nf4_matmul != "dequant":  # the large-M NF4 matmul path (kernels/base_weight.py)
         from qlora_trainer.kernels.base_weight import set_nf4_matmul
 
