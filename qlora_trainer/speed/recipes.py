@@ -50,7 +50,7 @@ class StepOptions:
     skip_down_recompute (built, on by default: ``LoRALinear.base_last`` in checkpointed layers) - the
     recompute skips down_proj's dequantization and base GEMM (its adapter term still runs).
     Issue 16 (not built yet, predicted): fused_qkv / fused_gate_up (one dequant + GEMM + LoRA-A GEMM
-    for the group; ``model.group_projections`` builds the one-GEMM part with member-wise dequants,
+    for the group; ``model.group_projections`` builds them: one grouped decode launch, one GEMM,
     mapped onto these options by ``report.options_for_config``),
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy), cuda_graphs (a
     captured step: per-launch host cost -> graph replay cost)."""

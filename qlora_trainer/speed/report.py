@@ -139,8 +139,8 @@ def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
         loss_chunk=cfg.train.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
         clip_grad=cfg.train.max_grad_norm > 0,
-        # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
-        # modelled as one: a few launches optimistic), where the trainer's step runs it
+        # model.group_projections: one dequant launch and one GEMM per q/k/v and gate/up group
+        # (B GEMMs per member: modelled as one), where the trainer's step runs it
         fused_qkv=grouped_projections_on(cfg, training=True), fused_gate_up=grouped_projections_on(cfg, training=True))
 
 
