@@ -25,6 +25,8 @@ from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
 # Part 2: (model, seq_len) shapes; systems in order of value (Unsloth last: it needs a checkpoint).
 SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
 SPEED_SYSTEMS = ("qlora_trainer", "hf", "hf-tuned")
+# After Unsloth, variants of ours (RunSpec.extra, cap GB): what model.checkpoint_layers=auto does on a 24 GB card.
+SPEED_VARIANTS = [({"model": {"checkpoint_layers": "auto"}}, 24.0)]
 # Part 3: 70B rows (in-process NF4 build, layer by layer).
 BIG_ROWS = [("qlora_trainer", "llama-3-70b", 512), ("qlora_trainer", "llama-3-70b", 2048), ("hf", "llama-3-70b", 512)]
 # Part 4: (model, goal seq_len, cap GB): pass/fail at the goal, ours with MLP tiling, CPU embeddings, offload.
@@ -148,6 +150,10 @@ def part_speed(p: Part) -> None:
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
+    for model, seq in shapes:
+        for extra, cap in SPEED_VARIANTS:
+            spec = p.spec("qlora_trainer", model, seq, "speed", extra=extra, cap_gb=None if p.dry else cap)
+            p.emit(p.launch(spec, ROW_CAP_S["speed"]))
 
 
 def _base(spec: RunSpec) -> dict:
