@@ -55,7 +55,10 @@ class StepOptions:
     for the group; ``model.group_projections`` builds them: one grouped decode launch, one GEMM,
     mapped onto these options by ``report.options_for_config``),
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy), cuda_graphs (a
-    captured step: per-launch host cost -> graph replay cost)."""
+    captured step: per-launch host cost -> graph replay cost).
+    fused_add_norm (built, on by default: ``model.fused_add_norm``) - each layer's attention residual
+    add + post-attention RMSNorm as one Triton kernel forward and one backward, and the input
+    norm's backward summing its input's residual gradient (with ``kernels``)."""
 
     system: str = "ours"
     batch: int = 1
@@ -80,6 +83,7 @@ class StepOptions:
     skip_down_recompute: bool = True
     fused_dequant_gemm: bool = False
     cuda_graphs: bool = False
+    fused_add_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.system not in ("ours", "hf"):
@@ -225,7 +229,7 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
             attention(phase, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b),
             elementwise("attn_out.transpose", phase, m * q, m * q, b)]
     ops += _ours_linear(o, phase, "o_proj", m, q, h, _lora_on("o_proj", targets))
-    ops += [elementwise("residual.add", phase, 2 * m * h, m * h, b), _kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
+    ops += _add_norm(o, phase, m, h)
     chunks = _mlp_chunks(o)
     # tiled: forward runs every chunk; the layer's recompute stops (early stop) once the last
     # chunk's checkpoint has saved its input, so it runs chunks - 1 of them (the chunks' own
@@ -237,6 +241,22 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     if phase == "forward":  # early stop: the recompute never reaches the last residual add
         ops.append(elementwise("residual.add", phase, 2 * m * h, m * h, b))
     return ops
+
+
+def _add_norm(o: StepOptions, phase: str, m: int, h: int) -> list[Op]:
+    """The attention residual add + post-attention RMSNorm over m tokens (``phase`` backward: their
+    gradient). Fused (``kernels.rmsnorm.add_rms_norm``): one kernel, forward reads x, r and writes s, y;
+    backward reads dy, ds_out, s and writes ds. Else the add and the norm; backward the norm's and
+    the sum of the two gradients of s. The input norm's backward is the same (its input's two
+    gradients: the norm's and the residual branch's; its forward is a plain RMSNorm)."""
+    b = o.act_bytes
+    if o.kernels and o.fused_add_norm:
+        if phase == "backward":
+            return [elementwise("add_rmsnorm.bwd", phase, 3 * m * h, m * h, b)]
+        return [elementwise("add_rmsnorm.fwd", phase, 2 * m * h, 2 * m * h, b)]
+    if phase == "backward":
+        return [_kernel(o, "rmsnorm.bwd", phase, 2 * m * h, m * h), elementwise("grad.accumulate", phase, 2 * m * h, m * h, b)]
+    return [elementwise("residual.add", phase, 2 * m * h, m * h, b), _kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
 
 
 def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -> list[Op]:
@@ -276,14 +296,14 @@ def _ours_layer_backward(arch: ArchSpec, o: StepOptions, targets: set[str], firs
         mo += _ours_linear_backward(o, name, mc, i, out, _lora_on(name, targets))
     mo += [elementwise("grad.accumulate", ph, 2 * mc * h, mc * h, b)] * (len(mlp) - 1)
     ops += [op.times(chunks) for op in mo]
-    ops += [_kernel(o, "rmsnorm.bwd", ph, 2 * m * h, m * h), grad_add]   # dh1: skip + MLP branch
+    ops += _add_norm(o, ph, m, h)   # dh1: skip + MLP branch, through the post-attention norm
     ops += _ours_linear_backward(o, "o_proj", m, q, h, _lora_on("o_proj", targets))
     ops += [attention(ph, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b, backward=True),
             _kernel(o, "rope.bwd", ph, m * (q + kv), m * (q + kv))]
     for name, i, out in reversed(attn):
         ops += _ours_linear_backward(o, name, m, i, out, _lora_on(name, targets), need_dx=not first)
     if not first:  # the q/k/v input gradients summed, the input norm, dx: skip + attention branch
-        ops += [grad_add] * (len(attn) - 1) + [_kernel(o, "rmsnorm.bwd", ph, 2 * m * h, m * h), grad_add]
+        ops += [grad_add] * (len(attn) - 1) + _add_norm(o, ph, m, h)  # fused: the input norm sums dx
     return ops
 
 

@@ -48,7 +48,7 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
         apply_loftq_from_config(model, cfg)
     adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
-                group_projections=grouped_projections_on(cfg))
+                group_projections=grouped_projections_on(cfg), fuse_add_norm=cfg.model.fused_add_norm)
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 

@@ -132,7 +132,8 @@ def test_base_last_saves_the_same_tensors():
 
 # docs/speed.md: one step of the tiny model, 96 tokens, every layer checkpointed (the default).
 BEFORE = {"dequant": 81, "gemm": 304, "launches": 560}  # e264338 (3 x 28 - 3 dequantizations)
-AFTER = {"dequant": 43, "gemm": 220, "launches": 508}   # + recompute skip + grouped q/k/v, gate/up
+AFTER = {"dequant": 43, "gemm": 220, "launches": 493}   # + recompute skip + grouped q/k/v, gate/up + fused add-norm
+UNFUSED_ADD_NORM = 508  # launches with model.fused_add_norm: false (grouped, recompute skip)
 
 
 def test_step_counts_torch_backend():
@@ -174,8 +175,16 @@ def test_step_counts_triton_backend():
     print(got)
     assert {k: got[k] for k in AFTER} == AFTER
     # every launch of the grouped step (concatenations of A, du, dy and RoPE's/SwiGLU's contiguous
-    # copies included) as the step model predicts it: 507 modelled, 508 real
+    # copies included) as the step model predicts it
     assert _grouped_model(kernels=True)["launches"] == pytest.approx(got["launches"], rel=0.01)
+    # fused residual add + RMSNorm: one kernel per layer in forward and recompute, one in backward,
+    # each replacing an aten add (the residual add; the gradient sum) next to an RMSNorm launch,
+    # and the input norms' backward (layers 1-3) sums the residual gradient too. Plain RMSNorm
+    # left: 4 input norms + 4 recomputed + the final one forward; the final one backward
+    assert (got["add_rmsnorm.fwd"], got["add_rmsnorm.bwd"], got["rmsnorm.fwd"], got["rmsnorm.bwd"]) == (8, 7, 9, 1)
+    off = count_step(fused_add_norm=False)
+    assert off["launches"] == UNFUSED_ADD_NORM == AFTER["launches"] + 3 * 4 + 3 and off.get("add_rmsnorm.fwd", 0) == 0
+    assert {k: off[k] for k in ("dequant", "gemm")} == {k: got[k] for k in ("dequant", "gemm")}
 
 
 def test_partial_checkpointing_recomputes_only_the_first_n_layers():
