@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ class BaseWeight:
             return None
         if bias is not None and bias.requires_grad:
             return None
-        state = getattr(weight, "quant_state", None)
+        state = quant_state_of(base)
         if state is not None:
             if state.quant_type != "nf4":
                 return None
@@ -194,12 +195,28 @@ def chunk_rows(out_f: int, in_f: int, blocksize: int, elem_bytes: int, chunk_byt
     return min(out_f, max(step, chunk_bytes // (in_f * elem_bytes) // step * step))
 
 
+def quant_state_of(base: nn.Module) -> Any:
+    """The bitsandbytes ``QuantState`` of ``base``'s 4-bit weight, or None (not 4-bit): the weight's
+    own, else the one the layer keeps (``Linear4bit.quant_state``) when the weight is packed storage
+    (out*in/2/elsize, 1) that lost it. That happens under FSDP2, which all-gathers the packed bytes
+    into a plain Parameter each forward (bitsandbytes looks in the same place,
+    ``fix_4bit_weight_quant_state_from_module``; read here, nothing is mutated). Reading it here,
+    not only in the layer's own forward pre-hook, matters for grouped projections, which never call
+    the members' forward: the forward and the checkpoint's recompute must take the same path."""
+    weight = getattr(base, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == 1:
+        kept = getattr(base, "quant_state", None)
+        state = kept if type(kept).__name__ == "QuantState" else None
+    return state
+
+
 def _cache_key(base: nn.Module, backend: str) -> tuple:
     w, b = getattr(base, "weight", None), getattr(base, "bias", None)
     if not isinstance(w, torch.Tensor):
         return (backend, None)
     wk = (id(w), w.data_ptr(), w.device, w.dtype, w.requires_grad, w._version,
-          id(getattr(w, "quant_state", None)), type(base), base.__dict__.get(_PATH_ATTR))
+          id(quant_state_of(base)), type(base), base.__dict__.get(_PATH_ATTR))
     bk = None if b is None else (id(b), b.data_ptr(), b.dtype, b.requires_grad)
     return (backend, wk, bk)
 
@@ -226,8 +243,7 @@ def set_nf4_matmul(model: nn.Module, path: str = "dequant", chunk_bytes: int = C
         raise ValueError(f"nf4_matmul: {path!r} is not one of {', '.join(NF4_MATMUL_PATHS)}")
     n = 0
     for mod in model.modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.Tensor) and getattr(w, "quant_state", None) is not None:
+        if quant_state_of(mod) is not None:
             mod.__dict__[_PATH_ATTR] = (path, chunk_bytes)
             n += 1
     return n

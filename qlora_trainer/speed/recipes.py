@@ -52,7 +52,7 @@ class StepOptions:
     skip_down_recompute (built, on by default: ``LoRALinear.base_last`` in checkpointed layers) - the
     recompute skips down_proj's dequantization and base GEMM (its adapter term still runs).
     Issue 16 (not built yet, predicted): fused_qkv / fused_gate_up (one dequant + GEMM + LoRA-A GEMM
-    for the group; ``model.group_projections`` builds the one-GEMM part with member-wise dequants,
+    for the group; ``model.group_projections`` builds them: one grouped decode launch, one GEMM,
     mapped onto these options by ``report.options_for_config``),
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy; built as
     ``model.nf4_matmul: fused``), cuda_graphs (a captured step: per-launch host cost -> graph replay
@@ -154,12 +154,15 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
     if lora and o.dropout > 0:  # draw_seed (a CPU randint + item) then bernoulli_ on the device
         ops += [host("lora.draw_seed", phase, 2), elementwise("lora.dropout_mask", phase, 0, m * i, b)]
         ops.append(elementwise("lora.dropout_apply", phase, 3 * m * i, 2 * m * i, b, launches=2))
+    k = _members(name)
+    if lora and k > 1:  # kernels.grouped_linear: A = cat(A_i) each call (autograd's cat)
+        ops.append(elementwise("group.cat_A", phase, ra * i, ra * i, b))
     if lora:
         ops.append(gemm("lora.A", phase, m, i, ra, b))
     if not skip_base:
         ops += _base_matmul(o, phase, name, m, i, out, fused, (out, i))
-    if lora:
-        ops.append(gemm("lora.B", phase, m, r, out, b, accumulate=True))
+    if lora:  # one B GEMM per member (o_i summed to out; modelled as k equal parts)
+        ops.append(gemm("lora.B", phase, m, r, out / k, b, accumulate=True, count=k))
     return ops
 
 
@@ -206,11 +209,15 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
     b, r, ph, ops = o.act_bytes, o.lora_r, "backward", []
     ra = r * _members(name)
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
+    k = _members(name)  # a group (kernels.grouped_linear): du and dB per member, du and dy concatenated
     if lora:
-        ops += [gemm("lora.du", ph, m, out, r, b), elementwise("lora.scale", ph, m * r, m * r, b)]
+        ops += [gemm("lora.du", ph, m, out / k, r, b, count=k), elementwise("lora.scale", ph, m * r, m * r, b, count=k)]
+        if k > 1:
+            ops += [elementwise("group.cat_du", ph, m * ra, m * ra, b), elementwise("group.cat_dy", ph, m * out, m * out, b)]
         if o.dropout > 0:
             ops.append(elementwise("lora.dropout_mask", ph, 0, m * i, b))
-        ops += [gemm("lora.dB", ph, out, m, r, b), elementwise("lora.scale", ph, out * r, out * r, b)]
+        ops += [gemm("lora.dB", ph, out / k, m, r, b, count=k),
+                elementwise("lora.scale", ph, out * r / k, out * r / k, b, count=k)]
     if need_dx:
         ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused, (out, i))
     if lora:
@@ -246,6 +253,8 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     ops = [_kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
     for name, i, out in attn:
         ops += _ours_linear(o, phase, name, m, i, out, _lora_on(name, targets))
+    if o.fused_qkv and o.kernels:  # q, k are column views of the group's output: the RoPE launcher copies them
+        ops.append(elementwise("group.contiguous", phase, m * (q + kv), m * (q + kv), b, launches=2))
     ops += [_kernel(o, "rope.fwd", phase, m * (q + kv), m * (q + kv)),
             attention(phase, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b),
             elementwise("attn_out.transpose", phase, m * q, m * q, b)]
@@ -288,6 +297,9 @@ def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) 
     ops = []
     for name, i, out in mlp:
         ops += _ours_linear(o, phase, name, mc, i, out, _lora_on(name, targets))
+    if o.fused_gate_up and o.kernels:  # gate, up: column views, copied by the SwiGLU launcher
+        ops.append(elementwise("group.contiguous", phase, 2 * mc * arch.intermediate, 2 * mc * arch.intermediate,
+                               o.act_bytes, launches=2))
     ops.append(_kernel(o, "swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate))
     skip = phase == "recompute" and o.skip_down_recompute
     return ops + _ours_linear(o, phase, "down_proj", mc, arch.intermediate, arch.hidden,

@@ -147,8 +147,8 @@ def options_for_config(cfg, *, act_bytes: int = 2, budget_bytes: int | None = No
         loss_chunk=cfg.train.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
         clip_grad=cfg.train.max_grad_norm > 0,
-        # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
-        # modelled as one: a few launches optimistic), where the trainer's step runs it
+        # model.group_projections: one dequant launch and one base GEMM per q/k/v and gate/up group
+        # (the per-member B, du and dB GEMMs modelled too), where the trainer's step runs it
         fused_qkv=grouped, fused_gate_up=grouped, fused_add_norm=cfg.model.fused_add_norm,
         # model.nf4_matmul (kernels/base_weight.py BaseWeight.path; Triton kernels only)
         fused_dequant_gemm=kernels and path == "fused", nf4_chunk_bytes=CHUNK_BYTES if kernels and path == "chunked" else 0)
