@@ -4,10 +4,11 @@ The forward draws ``seed = draw_seed(device)``: a (1,) int64 tensor from torch's
 *of that device* (the CUDA Philox generator on a GPU, the CPU one on the CPU). The keep-mask of an
 (N,)-element tensor (flattened, element offset i) is a pure function of (seed, i, p)::
 
-    bits_i = Philox4x32-10(key = (seed mod 2^32, seed >> 32 mod 2^32), counter = (i, 0, 0, 0))[0]
+    bits_i = Philox4x32-10(key = (seed mod 2^32, seed >> 32 mod 2^32), counter = (i // 4, 0, 0, 0))[i % 4]
     k_i    = 1 if (bits_i >> 1) >= ceil(p * 2^31) else 0          P(k_i = 1) = 1 - p (to 2^-31)
 
-(the first output word of Triton's ``tl.randint``; the 31-bit comparison is exact in int32). So:
+(the four output words of Triton's ``tl.randint4x`` per counter, so one Philox evaluation serves
+four elements; the 31-bit comparison is exact in int32). So:
 
 * the backward regenerates the forward's mask from the saved seed tensor (8 bytes saved, not the
   (N,) mask); no element of the mask ever needs the host;
@@ -19,8 +20,7 @@ The forward draws ``seed = draw_seed(device)``: a (1,) int64 tensor from torch's
   generator states (``train/checkpoint.py: rng_state``), which covers this draw.
 
 The Triton kernel (``_triton_dropout.py``) and the torch reference here compute the same bits
-(the reference is Philox in int64 tensor ops: 32x32-bit products split into 16-bit halves so that
-nothing overflows), and the same rounding: ``t * scale`` (scale = fp32(1 / (1 - p))) rounded once
+(the reference is Philox in int64 tensor ops, :func:`philox_bits`), and the same rounding: ``t * scale`` (scale = fp32(1 / (1 - p))) rounded once
 to t's dtype, plus ``out`` before that rounding when accumulating. Which one runs: the resolved
 backend (``backend.resolve_backend``).
 """
@@ -33,7 +33,7 @@ import torch
 
 from .backend import resolve_backend
 
-__all__ = ["draw_seed", "keep_threshold", "philox_bits", "dropout_mask", "dropout_apply"]
+__all__ = ["draw_seed", "keep_threshold", "philox_bits", "dropout_mask", "dropout_apply", "SeededDropout"]
 
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
@@ -54,46 +54,72 @@ def keep_threshold(p: float) -> int:
     return math.ceil(p * 2**31)
 
 
-def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of a * b for a 32-bit constant a and b in [0, 2^32) (int64 tensors)."""
-    p_hi, p_lo = a * (b >> 16), a * (b & 0xFFFF)  # each < 2^48
-    return (p_hi + (p_lo >> 16)) >> 16, (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
-
-
 def philox_bits(seed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first Philox4x32-10 word for counters 0..numel-1: (numel,) int64 in [0, 2^32), equal to
-    Triton's ``tl.randint(seed, offsets)`` (torch reference; ``seed`` (1,) int64)."""
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    c0 = torch.arange(numel, dtype=torch.int64, device=seed.device)
-    c1 = c2 = c3 = torch.zeros_like(c0)
-    for _ in range(_ROUNDS):
-        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0
+    """bits_i (module docstring) for i in 0..numel-1: (numel,) int64 in [0, 2^32), equal to the
+    words of Triton's ``tl.randint4x(seed, i // 4)`` (torch reference; ``seed`` (1,) int64).
+
+    Per round, with (hi, lo) the 32-bit words of a 32x32-bit product (exact in 64 bits; int64
+    multiplication wraps, and >> then & M32 reads the high word as unsigned)::
+
+        c0, c1, c2, c3 = hi(B c2) ^ c1 ^ k0,  lo(B c2),  hi(A c0) ^ c3 ^ k1,  lo(A c0)
+        k0, k1 = k0 + KEY_A, k1 + KEY_B   (mod 2^32)
+    Round 1 has c1 = c2 = c3 = 0 (so hi(B c2) = lo(B c2) = 0)."""
+    rounds = torch.arange(_ROUNDS, dtype=torch.int64, device=seed.device)
+    k0 = ((seed & _M32) + rounds * _KEY_A) & _M32  # (10,) the key of each round
+    k1 = (((seed >> 32) & _M32) + rounds * _KEY_B) & _M32
+    n4 = -(-numel // 4)
+    pa = torch.arange(n4, dtype=torch.int64, device=seed.device) * _ROUND_A
+    c0, c1, c2, c3 = k0[:1].expand(n4), None, ((pa >> 32) & _M32) ^ k1[0], pa & _M32
+    for r in range(1, _ROUNDS):
+        pb, pa = c2 * _ROUND_B, c0 * _ROUND_A
+        hb = (pb >> 32).bitwise_and_(_M32).bitwise_xor_(k0[r])
+        c0 = hb if c1 is None else hb.bitwise_xor_(c1)
+        c2 = (pa >> 32).bitwise_and_(_M32).bitwise_xor_(c3).bitwise_xor_(k1[r])
+        c1, c3 = pb.bitwise_and_(_M32), pa.bitwise_and_(_M32)
+    return torch.stack((c0, c1, c2, c3), 1).view(-1)[:numel]
+
+
+def _keep(seed: torch.Tensor, numel: int, p: float) -> torch.Tensor:
+    """k as a (numel,) bool tensor (torch reference)."""
+    return (philox_bits(seed, numel) >> 1) >= keep_threshold(p)
 
 
 def dropout_mask(seed: torch.Tensor, shape: tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
     """The keep-mask k (``shape``, 1 with probability 1 - p, else 0) in ``dtype`` on seed's device
-    (torch reference; the test oracle and the explicit-mask form of :func:`dropout_apply`)."""
-    numel = math.prod(shape)
-    return ((philox_bits(seed, numel) >> 1) >= keep_threshold(p)).view(shape).to(dtype)
+    (torch reference; the test oracle and the explicit-mask form of :class:`SeededDropout`)."""
+    return _keep(seed, math.prod(shape), p).view(shape).to(dtype)
+
+
+class SeededDropout:
+    """t -> t ⊙ k / (1 - p) for the mask k of (seed, t's flat index, p), for any number of tensors
+    of one size (the torch reference computes k once and keeps it for this object's lifetime: a
+    backward's two uses). ``backend`` ``auto|triton|torch`` (resolved by ``backend.resolve_backend``)."""
+
+    def __init__(self, seed: torch.Tensor, p: float, backend: str = "auto") -> None:
+        self.seed, self.p = seed, p
+        self.thresh = keep_threshold(p)
+        self.scale = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))  # the kernel's fp32 scale
+        self.backend = resolve_backend(backend, seed.device)
+        self._keep: torch.Tensor | None = None
+
+    def __call__(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A new tensor like t (any shape, contiguous), or, with ``out`` (t's shape and dtype),
+        ``out + t ⊙ k / (1 - p)`` written into ``out`` (one rounding)."""
+        if t.numel() >= _MAX_NUMEL:
+            raise ValueError(f"dropout over {t.numel()} elements: at most 2**31 - 1 per call")
+        if self.backend == "triton":
+            from ._triton_dropout import dropout_launch
+
+            return dropout_launch(t, self.seed, self.thresh, self.scale, out)
+        if self._keep is None or self._keep.numel() != t.numel():
+            self._keep = _keep(self.seed, t.numel(), self.p)
+        keep = self._keep.view(t.shape)
+        if out is not None:
+            return out.addcmul_(t, keep.to(t.dtype), value=self.scale)
+        return torch.where(keep, t * self.scale, 0.0)
 
 
 def dropout_apply(t: torch.Tensor, seed: torch.Tensor, p: float, backend: str = "auto",
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """t ⊙ k / (1 - p) for the mask k of (seed, t's flat index, p): a new tensor like t, or, with
-    ``out`` (t's shape and dtype), ``out + t ⊙ k / (1 - p)`` written into ``out`` (one rounding).
-    t: any shape, contiguous; p in (0, 1); backend ``auto|triton|torch``."""
-    if t.numel() >= _MAX_NUMEL:
-        raise ValueError(f"dropout over {t.numel()} elements: at most 2**31 - 1 per call")
-    scale = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))  # the kernel's fp32 scale
-    if resolve_backend(backend, t.device) == "triton":
-        from ._triton_dropout import dropout_launch
-
-        return dropout_launch(t, seed, keep_threshold(p), scale, out)
-    keep = (philox_bits(seed, t.numel()) >> 1).view(t.shape) >= keep_threshold(p)
-    if out is not None:
-        return out.addcmul_(t, keep.to(t.dtype), value=scale)
-    return torch.where(keep, t * scale, 0.0)
+    """One :class:`SeededDropout` call: t ⊙ k / (1 - p) (or ``out`` + that, in place); p in (0, 1)."""
+    return SeededDropout(seed, p, backend)(t, out)

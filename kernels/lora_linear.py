@@ -6,7 +6,7 @@
 k (M, in) is the keep-mask, k_ij ~ Bernoulli(1 - p): a counter-based (Philox) function of a (1,)
 int64 seed tensor drawn in the forward on x's device (``dropout.draw_seed``, torch's device
 generator: checkpoint recomputes and exact resume redraw the same seed, a captured CUDA graph draws
-a new one per replay) and of the element offset; ``dropout.dropout_apply`` builds x ⊙ k / (1 - p)
+a new one per replay) and of the element offset; ``dropout.SeededDropout`` builds x ⊙ k / (1 - p)
 in one pass (Triton kernel, or its bit-exact torch reference: see ``dropout.py``).
 
 Backward, with dy = dL/dy (M, out) and u = x_l @ A^T (M, r) saved from the forward:
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .base_weight import FUSED_MAX_TOKENS, BaseWeight
-from .dropout import draw_seed, dropout_apply, dropout_mask
+from .dropout import SeededDropout, draw_seed, dropout_mask
 
 __all__ = ["FUSED_MAX_TOKENS", "BaseWeight", "LoRALinearFunction", "FrozenLinearFunction", "lora_linear",
            "frozen_linear", "lora_update", "lora_linear_reference", "draw_seed", "dropout_mask"]
@@ -57,7 +57,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if seed is None:
             u = x2 @ a.t()  # (M, r)
         else:
-            u = dropout_apply(x2, seed, dropout, backend) @ a.t()  # x_l (M, in), transient
+            u = SeededDropout(seed, dropout, backend)(x2) @ a.t()  # x_l (M, in), transient
         if base is None:  # adapter term only (see lora_linear(base_last=True))
             y = torch.mm(u, b.t()).mul_(scale)  # (M, out)
         else:
@@ -78,19 +78,20 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         du = (dy2 @ b) * s  # (M, r)
         d_a = d_b = dx = None
+        drop = None if seed is None else SeededDropout(seed, p, ctx.backend)
         if need_b:
             d_b = (dy2.t() @ u).mul_(s).to(lora_B.dtype)  # (out, r)
         if need_x:
             dx = None if ctx.base is None else ctx.base.backward_matmul(dy2, ctx.fuse)  # dy @ W (M, in)
             if seed is not None:  # += (du @ A) ⊙ k / (1 - p), k regenerated from the seed
-                dx = dropout_apply(du @ a, seed, p, ctx.backend, out=dx)
+                dx = drop(du @ a, out=dx)
             elif dx is None:
                 dx = du @ a
             else:
                 dx.addmm_(du, a)
             dx = dx.view(*lead, dx.shape[-1])
         if need_a:
-            xl2 = x2 if seed is None else dropout_apply(x2, seed, p, ctx.backend)  # x_l (M, in), transient
+            xl2 = x2 if drop is None else drop(x2)  # x_l (M, in), transient
             d_a = (du.t() @ xl2).to(lora_A.dtype)  # (r, in)
         return dx, d_a, d_b, None, None, None, None, None
 
