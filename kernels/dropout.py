@@ -28,6 +28,7 @@ backend (``backend.resolve_backend``).
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -98,7 +99,7 @@ class SeededDropout:
     def __init__(self, seed: torch.Tensor, p: float, backend: str = "auto") -> None:
         self.seed, self.p = seed, p
         self.thresh = keep_threshold(p)
-        self.scale = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))  # the kernel's fp32 scale
+        self.scale = struct.unpack("f", struct.pack("f", 1.0 / (1.0 - p)))[0]  # the kernel's fp32 scale
         self.backend = resolve_backend(backend, seed.device)
         self._keep: torch.Tensor | None = None
 
@@ -116,7 +117,7 @@ class SeededDropout:
         keep = self._keep.view(t.shape)
         if out is not None:
             return out.addcmul_(t, keep.to(t.dtype), value=self.scale)
-        return torch.where(keep, t * self.scale, 0.0)
+        return (t * keep).mul_(self.scale)  # t * k exact, one rounding
 
 
 def dropout_apply(t: torch.Tensor, seed: torch.Tensor, p: float, backend: str = "auto",

@@ -25,6 +25,7 @@ LAUNCHERS = {  # (module in qlora_trainer.kernels, launcher function) -> the ste
     ("_triton_rmsnorm", "rmsnorm_bwd"): "rmsnorm.bwd", ("_triton_rope", "rope_launch"): "rope",
     ("_triton_swiglu", "swiglu_fwd"): "swiglu.fwd", ("_triton_swiglu", "swiglu_bwd"): "swiglu.bwd",
     ("_triton_ce", "ce_chunk"): "ce.chunk", ("_triton_lora", "nf4_matmul"): "fused",
+    ("_triton_dropout", "dropout_launch"): "lora.dropout",
 }
 GEMMS = {"mm", "addmm", "addmm_"}
 NOT_LAUNCHES = {"detach", "empty", "empty_like", "empty_strided", "lift_fresh", "alias", "_unsafe_view",

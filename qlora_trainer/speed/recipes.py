@@ -6,9 +6,10 @@ micro-batches of ``batch x seq_len`` tokens + the optimizer) from the catalog sh
 the trainer's, read off the sources:
 
 * **ours** (``system="ours"``, ``kernels=True``): every targeted linear is
-  ``kernels.lora_linear.LoRALinearFunction``: forward = [dropout mask + x*k/(1-p)] + x@A^T + NF4
-  dequant (Triton) + x@W^T + addmm_(u, B^T); backward = dy@B (*s), dy^T@u (*s), [mask again],
-  dequant + dy@W, addmm_/addcmul_ of (du@A), [x*k/(1-p)] + du^T@x_l. RMSNorm, RoPE, SwiGLU and the
+  ``kernels.lora_linear.LoRALinearFunction``: forward = [device seed + x*k/(1-p), one Triton
+  launch] + x@A^T + NF4 dequant (Triton) + x@W^T + addmm_(u, B^T); backward = dy@B (*s), dy^T@u
+  (*s), dequant + dy@W, addmm_ of (du@A) [or du@A, then dx += (du@A)*k/(1-p) and x*k/(1-p): one
+  Triton launch each] + du^T@x_l. RMSNorm, RoPE, SwiGLU and the
   chunked linear + cross-entropy are one Triton launch each (``models/adapt.py``,
   ``kernels/cross_entropy.py``); attention is SDPA (flash); checkpointing recomputes each
   checkpointed layer's forward in the backward (torch's early stop skips the layer's last
@@ -108,7 +109,8 @@ def checkpointed_layers(layers: int, every: int) -> int:
 # each. (launches, traffic multiple of the Triton kernel's bytes), counted on the CPU in fp32 by a
 # dispatch mode (tests/speed/test_counts.py); in 16-bit the RMSNorm reference casts twice more.
 REFERENCE = {"rmsnorm.fwd": (6, 3.5), "rmsnorm.bwd": (12, 4.0), "rope.fwd": (10, 4.0), "rope.bwd": (10, 4.0),
-             "swiglu.fwd": (2, 1.7), "swiglu.bwd": (3, 2.0), "ce.chunk": (15, 6.0)}
+             "swiglu.fwd": (2, 1.7), "swiglu.bwd": (3, 2.0), "ce.chunk": (15, 6.0),
+             "lora.dropout": (128, 100.0)}  # kernels/dropout.py: Philox in int64 ops (126) + apply (2)
 REF_DEQUANT_LAUNCHES = 14     # kernels/nf4.py dequantize_nf4_reference: nibbles, int64 codes, gathers
 REF_DEQUANT_BYTES = 52        # per element beyond the NF4 read and the output write (int64 codes, fp32)
 
@@ -134,9 +136,8 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
     b, r, ops = o.act_bytes, o.lora_r, []
     ra = r * _members(name)
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
-    if lora and o.dropout > 0:  # draw_seed (a CPU randint + item) then bernoulli_ on the device
-        ops += [host("lora.draw_seed", phase, 2), elementwise("lora.dropout_mask", phase, 0, m * i, b)]
-        ops.append(elementwise("lora.dropout_apply", phase, 3 * m * i, 2 * m * i, b, launches=2))
+    if lora and o.dropout > 0:  # draw_seed (a randint on the device), then x_l = x * k / (1 - p)
+        ops += [host("lora.draw_seed", phase, 1), _kernel(o, "lora.dropout", phase, m * i, m * i)]
     if lora:
         ops.append(gemm("lora.A", phase, m, i, ra, b))
     if not skip_base:
@@ -164,20 +165,19 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
     ra = r * _members(name)
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
     if lora:
-        ops += [gemm("lora.du", ph, m, out, r, b), elementwise("lora.scale", ph, m * r, m * r, b)]
-        if o.dropout > 0:
-            ops.append(elementwise("lora.dropout_mask", ph, 0, m * i, b))
-        ops += [gemm("lora.dB", ph, out, m, r, b), elementwise("lora.scale", ph, out * r, out * r, b)]
+        ops += [gemm("lora.du", ph, m, out, r, b), elementwise("lora.scale", ph, m * r, m * r, b),
+                gemm("lora.dB", ph, out, m, r, b), elementwise("lora.scale", ph, out * r, out * r, b)]
     if need_dx:
         ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused)
     if lora:
-        if o.dropout > 0 and need_dx:
-            ops += [gemm("lora.dx", ph, m, ra, i, b), elementwise("lora.dx_mask", ph, 3 * m * i, m * i, b),
-                    elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2)]
-        elif o.dropout > 0:
-            ops.append(elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2))
+        if o.dropout > 0 and need_dx:  # dx += (du @ A) * k / (1 - p) (one pass), then x_l for dA
+            ops += [gemm("lora.dx", ph, m, ra, i, b), _kernel(o, "lora.dropout", ph, 2 * m * i, m * i)]
         elif need_dx:
             ops.append(gemm("lora.dx", ph, m, ra, i, b, accumulate=True))
+        if o.dropout > 0 and (o.kernels or not need_dx):
+            ops.append(_kernel(o, "lora.dropout", ph, m * i, m * i))
+        elif o.dropout > 0:  # the reference reuses the backward's mask: t * k, * 1 / (1 - p)
+            ops.append(elementwise("lora.dropout", ph, 2 * m * i, 2 * m * i, b, launches=2))
         ops.append(gemm("lora.dA", ph, ra, m, i, b))
     return ops
 
