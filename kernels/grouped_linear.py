@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base_weight import COUNTS, BaseWeight
+from .base_weight import BaseWeight, count
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +55,7 @@ class GroupWeight:
 
     def forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) -> x W^T + bias (M, O)."""
-        COUNTS["forward"] += 1
+        count("forward")
         w = self.weight(x.dtype)
         if self.bias is None:
             return x @ w.t()
@@ -63,7 +63,7 @@ class GroupWeight:
 
     def backward_matmul(self, dy: torch.Tensor) -> torch.Tensor:
         """dy (M, O) -> dy W (M, in)."""
-        COUNTS["dx"] += 1
+        count("dx")
         return dy @ self.weight(dy.dtype)
 
 

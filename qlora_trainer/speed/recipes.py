@@ -54,7 +54,12 @@ class StepOptions:
     for the group; ``model.group_projections`` builds the one-GEMM part with member-wise dequants,
     mapped onto these options by ``report.options_for_config``),
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy), cuda_graphs (a
-    captured step: per-launch host cost -> graph replay cost)."""
+    captured step: per-launch host cost -> graph replay cost).
+    compile (built: ``train.compile``, issue 16c): ``none | default | reduce-overhead``, each decoder
+    layer under torch.compile; the ops of the layer phases (forward, recompute, backward) cost
+    ``compiled_launch_us`` (default) or ``graph_launch_us`` (reduce-overhead) per launch on the host,
+    the loss and the optimizer stay eager; the launch counts are the eager ones (inductor's
+    elementwise fusions are not modelled: conservative)."""
 
     system: str = "ours"
     batch: int = 1
@@ -78,6 +83,7 @@ class StepOptions:
     skip_down_recompute: bool = True
     fused_dequant_gemm: bool = False
     cuda_graphs: bool = False
+    compile: str = "none"
 
     def __post_init__(self) -> None:
         if self.system not in ("ours", "hf"):
@@ -85,6 +91,8 @@ class StepOptions:
         for name in ("batch", "seq_len", "grad_accum", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StepOptions.{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.compile not in ("none", "default", "reduce-overhead"):
+            raise ValueError(f"StepOptions.compile: {self.compile!r} is not none, default or reduce-overhead")
         if self.ckpt_every < 0 or self.mlp_chunk < 0:
             raise ValueError("StepOptions: ckpt_every and mlp_chunk must be >= 0")
 
