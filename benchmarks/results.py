@@ -113,7 +113,7 @@ def to_markdown(doc: dict) -> str:
             ok = r.get("status") == "ok"
             note = r["status"] if ok else f"{r['status']}: {r.get('reason') or r.get('error', '')}"[:80]
             lines.append(
-                f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['system']} | {note} | "
+                f"| {r['model']} | {r['seq_len']} | {r['batch']} | {_system(r)} | {note} | "
                 f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('median_step_s'), '.3f')} | "
                 f"{_fmt(r.get('peak_allocated_gb'))} | {_fmt(r.get('peak_reserved_gb'))} | {_fmt(r.get('weights_gb'))} | "
                 + "".join(f"{_fmt(r.get('speedup_vs_' + peer_key(p)))} | {_fmt(r.get('memory_vs_' + peer_key(p)))} | "
@@ -131,6 +131,13 @@ def to_markdown(doc: dict) -> str:
             shown = f"{r['status']}: {r.get('reason', '')}" if m < 0 else "<1,024" if m == 0 else format(m, ",")
             lines.append(f"| {r['model']} | {r['system']} | {r['cap_gb']:g} | {shown} |")
     return "\n".join(lines) + "\n"
+
+
+def _system(row: dict) -> str:
+    """The row's system, with the trainer options its ``extra`` set (e.g. ``train.compile``)."""
+    extra = row.get("extra") or {}
+    opts = [f"{sec}.{k}={v}" for sec in ("train", "model") for k, v in (extra.get(sec) or {}).items()]
+    return row["system"] + (f" ({', '.join(opts)})" if opts else "")
 
 
 def _versions(device: dict) -> str:
