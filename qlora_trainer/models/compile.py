@@ -28,14 +28,18 @@ MODES = {"default": None, "reduce-overhead": "reduce-overhead"}  # train.compile
 
 
 def warm_base_weights(model: nn.Module) -> int:
-    """Build the cached frozen-weight object of every LoRA layer's base (on its backend, for its
-    weight's device) so that compiled code finds it; returns how many were built or found."""
+    """Build the cached frozen-weight object of every LoRA layer's base (``base_layer``, its
+    ``backend``) and of every frozen ``NF4Linear`` (itself, its ``kernel_backend``), for the
+    weight's device, so that compiled code finds it; returns how many were built or found."""
     from qlora_trainer.kernels.backend import resolve_backend
     from qlora_trainer.kernels.base_weight import base_weight
 
     n = 0
     for m in model.modules():
-        base, backend = getattr(m, "base_layer", None), getattr(m, "backend", None)
+        if isinstance(getattr(m, "kernel_backend", None), str):
+            base, backend = m, m.kernel_backend
+        else:
+            base, backend = getattr(m, "base_layer", None), getattr(m, "backend", None)
         weight = getattr(base, "weight", None)
         if isinstance(base, nn.Module) and isinstance(backend, str) and isinstance(weight, torch.Tensor):
             n += base_weight(base, resolve_backend(backend, weight.device)) is not None
