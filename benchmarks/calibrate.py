@@ -61,8 +61,11 @@ def estimate_row(row: dict):
                    cap_gb=row.get("cap_gb"), extra=row.get("extra") or {})
     if spec.system == "qlora_trainer":
         from benchmarks.systems.ours import make_config
+        from qlora_trainer.memory.checkpoint_plan import plan_checkpoint_layers
 
-        return estimate_for_config(make_config(spec))
+        cfg = make_config(spec)  # model.checkpoint_layers=auto rows: planned for their cap, as the run did
+        budget = int(spec.cap_gb * GIB) if spec.cap_gb else None
+        return estimate_for_config(cfg, plan_checkpoint_layers(cfg, budget))
     if spec.system == "hf":
         return estimate(get_arch(spec.model), seq_len=spec.seq_len, batch=spec.batch, lora_r=spec.lora_r,
                         optimizer="paged_adamw_8bit" if spec.paged else "adamw", lora_dropout=0.0, system="hf")
@@ -81,6 +84,7 @@ def compare_rows(rows: list[dict]) -> list[dict]:
             continue
         c = {"kind": "calibration", "model": r["model"], "seq_len": r["seq_len"], "batch": r["batch"],
              "system": r["system"], "cap_gb": r.get("cap_gb"), "status": "ok",
+             **({"extra": r["extra"]} if r.get("extra") else {}),
              "est_allocated_gib": est.allocated_bytes / GIB, "est_reserved_gib": est.reserved_bytes / GIB,
              "measured_allocated_gib": r.get("peak_allocated_gb"), "measured_reserved_gib": r.get("peak_reserved_gb")}
         for k in ("allocated", "reserved"):

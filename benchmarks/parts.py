@@ -25,10 +25,12 @@ from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
 # Part 2: (model, seq_len) shapes; systems in order of value (Unsloth last: it needs a checkpoint).
 SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
 SPEED_SYSTEMS = ("qlora_trainer", "hf", "hf-tuned")
-# Part 2, then: ours again with a step option (issue 16c: CUDA graphs), shapes in order of value
-# (7B/512 is the launch-bound one), before Unsloth. ``extra`` goes to systems/ours.make_config.
-SPEED_VARIANTS = [("llama-2-7b", 512, {"train": {"compile": "reduce-overhead"}}),
-                  ("llama-3-8b", 2048, {"train": {"compile": "reduce-overhead"}})]
+# After Unsloth, variants of ours (RunSpec.extra, cap GB): what model.checkpoint_layers=auto does on a 24 GB card.
+SPEED_VARIANTS = [({"model": {"checkpoint_layers": "auto"}}, 24.0)]
+# Then (GPU only) ours with a step option (issue 16c: CUDA graphs), 7B/512 first (the launch-bound shape):
+# (model, seq_len, RunSpec.extra). Not in the dry run: compiling even the tiny layer outlasts its speed box.
+COMPILE_ROWS = [("llama-2-7b", 512, {"train": {"compile": "reduce-overhead"}}),
+                ("llama-3-8b", 2048, {"train": {"compile": "reduce-overhead"}})]
 # Part 3: 70B rows (in-process NF4 build, layer by layer).
 BIG_ROWS = [("qlora_trainer", "llama-3-70b", 512), ("qlora_trainer", "llama-3-70b", 2048), ("hf", "llama-3-70b", 512)]
 # Part 4: (model, goal seq_len, cap GB): pass/fail at the goal, ours with MLP tiling, CPU embeddings, offload.
@@ -40,10 +42,7 @@ STEPS = {"speed": (2, 5), "big": (1, 3), "long": (0, 1)}  # (warm-up, timed)
 
 # The dry run (CPU, fp32, kernels under the interpreter): one tiny shape per part, every code path.
 # tiny-64: every in_features a multiple of 64, where bitsandbytes' CPU dequantize (the HF stack's) is right.
-# No compile variant there: compiling even the tiny layer takes longer than the dry run's speed box
-# (tests/models/test_compile.py checks the compiled step on the CPU).
-DRY = {"speed_shapes": [("tiny-64", 64)], "speed_variants": [],
-       "big_rows": [("qlora_trainer", "tiny-64", 32), ("hf", "tiny-64", 32)],
+DRY = {"speed_shapes": [("tiny-64", 64)], "big_rows": [("qlora_trainer", "tiny-64", 32), ("hf", "tiny-64", 32)],
        "long_goals": [("tiny-64", 256, 1.0)], "long_model": {"mlp_chunk_tokens": 64}, "steps": (0, 1)}
 
 
@@ -129,8 +128,8 @@ def junit_summary(path: Path) -> dict:
 
 def part_speed(p: Part) -> None:
     """Speed and memory rows: every system on every shape, same weights and tokens (in-process NF4
-    build; Unsloth loads a checkpoint written here, its cost inside its own row's box); ours with
-    ``train.compile: reduce-overhead`` (:data:`SPEED_VARIANTS`) before Unsloth."""
+    build; Unsloth loads a checkpoint written here, its cost inside its own row's box); then, on a
+    GPU, ours with ``train.compile: reduce-overhead`` (:data:`COMPILE_ROWS`); then the variants."""
     from benchmarks.run import prepare_weights, unsloth_available
     from benchmarks.systems import UNSLOTH_MISSING
 
@@ -138,8 +137,6 @@ def part_speed(p: Part) -> None:
     for model, seq in shapes:
         for system in SPEED_SYSTEMS:
             p.emit(p.launch(p.spec(system, model, seq, "speed"), ROW_CAP_S["speed"]))
-    for model, seq, extra in DRY["speed_variants"] if p.dry else SPEED_VARIANTS:
-        p.emit(p.launch(p.spec("qlora_trainer", model, seq, "speed", extra=extra), ROW_CAP_S["compile"]))
     for model, seq in shapes:
         spec = p.spec("unsloth", model, seq, "speed")
         if not unsloth_available(p.ctx.get("peers")) or p.dry:
@@ -158,6 +155,12 @@ def part_speed(p: Part) -> None:
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
+    for model, seq, extra in [] if p.dry else COMPILE_ROWS:
+        p.emit(p.launch(p.spec("qlora_trainer", model, seq, "speed", extra=extra), ROW_CAP_S["compile"]))
+    for model, seq in shapes:
+        for extra, cap in SPEED_VARIANTS:
+            spec = p.spec("qlora_trainer", model, seq, "speed", extra=extra, cap_gb=None if p.dry else cap)
+            p.emit(p.launch(spec, ROW_CAP_S["speed"]))
 
 
 def _base(spec: RunSpec) -> dict:

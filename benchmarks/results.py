@@ -68,9 +68,10 @@ def annotate(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("kind", "step") == "step":
-            groups.setdefault((r["model"], r["seq_len"], r["batch"], r.get("cap_gb")), []).append(r)
+            groups.setdefault((r["model"], r["seq_len"], r["batch"]), []).append(r)
     for group in groups.values():
-        ok = {r["system"]: r for r in group if r.get("status") == "ok"}
+        plain = [r for r in group if r.get("status") == "ok" and not r.get("extra")]  # peers: no variant
+        ok = {r["system"]: r for r in sorted(plain, key=lambda r: r.get("cap_gb") is not None, reverse=True)}
         ref = ok.get("hf") or next(iter(ok.values()), None)
         for r in group:
             if r.get("status") != "ok":
@@ -90,6 +91,15 @@ def annotate(rows: list[dict]) -> list[dict]:
 def disagreements(rows: list[dict]) -> list[dict]:
     """Rows whose step-0 loss disagrees with the reference beyond the tolerance."""
     return [r for r in rows if r.get("step0_loss_ok") is False]
+
+
+def label(row: dict) -> str:
+    """The system column of a row: its system, plus its variant settings (``extra``), e.g.
+    ``qlora_trainer [checkpoint_layers=auto]``."""
+    extra = row.get("extra") or {}
+    flat = [f"{k}={v}" for section in extra.values() if isinstance(section, dict) for k, v in section.items()]
+    flat += [f"{k}={v}" for k, v in extra.items() if not isinstance(v, dict)]
+    return f"{row['system']} [{', '.join(flat)}]" if flat else row["system"]
 
 
 def _fmt(v, spec: str = ".2f") -> str:
@@ -113,7 +123,7 @@ def to_markdown(doc: dict) -> str:
             ok = r.get("status") == "ok"
             note = r["status"] if ok else f"{r['status']}: {r.get('reason') or r.get('error', '')}"[:80]
             lines.append(
-                f"| {r['model']} | {r['seq_len']} | {r['batch']} | {_system(r)} | {note} | "
+                f"| {r['model']} | {r['seq_len']} | {r['batch']} | {label(r)} | {note} | "
                 f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('median_step_s'), '.3f')} | "
                 f"{_fmt(r.get('peak_allocated_gb'))} | {_fmt(r.get('peak_reserved_gb'))} | {_fmt(r.get('weights_gb'))} | "
                 + "".join(f"{_fmt(r.get('speedup_vs_' + peer_key(p)))} | {_fmt(r.get('memory_vs_' + peer_key(p)))} | "
@@ -131,13 +141,6 @@ def to_markdown(doc: dict) -> str:
             shown = f"{r['status']}: {r.get('reason', '')}" if m < 0 else "<1,024" if m == 0 else format(m, ",")
             lines.append(f"| {r['model']} | {r['system']} | {r['cap_gb']:g} | {shown} |")
     return "\n".join(lines) + "\n"
-
-
-def _system(row: dict) -> str:
-    """The row's system, with the trainer options its ``extra`` set (e.g. ``train.compile``)."""
-    extra = row.get("extra") or {}
-    opts = [f"{sec}.{k}={v}" for sec in ("train", "model") for k, v in (extra.get(sec) or {}).items()]
-    return row["system"] + (f" ({', '.join(opts)})" if opts else "")
 
 
 def _versions(device: dict) -> str:

@@ -40,6 +40,10 @@ def launch(spec: RunSpec, work: Path, *, timeout: float, smoke: bool = False, ex
     ``smoke``): its output discarded. ``extra_path``: first on its PYTHONPATH (Unsloth's wheels)."""
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{spec.system}-{spec.model}-{spec.seq_len}-{spec.batch}-{spec.cap_gb}"
+    if spec.extra:  # variants of one system on one shape get files of their own
+        import hashlib
+
+        tag += "-" + hashlib.sha1(json.dumps(spec.extra, sort_keys=True).encode()).hexdigest()[:8]
     spec_path, row_path = work / f"{tag}.spec.json", work / f"{tag}.row.json"
     spec_path.write_text(spec.to_json())
     row_path.unlink(missing_ok=True)

@@ -3,7 +3,7 @@ part of the suite (time boxes, kernel checks, long context, calibration), all fr
 
 from __future__ import annotations
 
-from benchmarks.results import _fmt
+from benchmarks.results import _fmt, label
 from benchmarks.results import to_markdown as step_markdown
 
 
@@ -68,7 +68,7 @@ def calibration_markdown(doc: dict) -> list[str]:
                   "| model | seq | system | cap | est alloc | measured alloc | rdiff | est reserved | measured reserved | "
                   "rdiff | within 5% |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['seq_len']} | {r['system']} | {_fmt(r.get('cap_gb'), 'g')} | "
+            lines.append(f"| {r['model']} | {r['seq_len']} | {label(r)} | {_fmt(r.get('cap_gb'), 'g')} | "
                          f"{r['est_allocated_gib']:.2f} | {_fmt(r['measured_allocated_gib'])} | "
                          f"{_fmt(r['rdiff_allocated'], '+.1%')} | {r['est_reserved_gib']:.2f} | "
                          f"{_fmt(r['measured_reserved_gib'])} | {_fmt(r['rdiff_reserved'], '+.1%')} | "

@@ -23,6 +23,7 @@ def make_config(spec: RunSpec):
     cfg.model.tokenizer = spec.checkpoint_dir
     cfg.model.compute_dtype = spec.dtype
     cfg.model.gradient_checkpointing = True
+    cfg.model.checkpoint_layers = "all"  # as the HF recipe (the memory goals); "auto" rows set it in extra
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets = spec.lora_r, spec.lora_alpha, 0.0, "all-linear"
     cfg.lora.dtype = "bfloat16" if spec.dtype == "bfloat16" else "float32"
     cfg.data.seq_len = spec.seq_len

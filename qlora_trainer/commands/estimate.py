@@ -49,13 +49,16 @@ def run(args: argparse.Namespace) -> int:
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:
         raise ConfigError(f"{args.config}: model.name_or_path: {reason} (or pass --arch NAME)")
-    base = options_for_config(cfg)  # what the config builds; the flags add planned optimisations
+    # what the config builds on this GPU (model.checkpoint_layers planned for its memory); the flags
+    # add planned optimisations
+    base = options_for_config(cfg, budget_bytes=dev.memory_bytes)
     opts = replace(base, fused_qkv=base.fused_qkv or args.fused_qkv,
                    fused_gate_up=base.fused_gate_up or args.fused_gate_up,
                    skip_down_recompute=base.skip_down_recompute or args.skip_down_recompute,
                    fused_dequant_gemm=args.fused_dequant_gemm, cuda_graphs=args.cuda_graphs)
     ours, hf = predict(arch, opts, dev), predict(arch, hf_options(opts), dev)
-    mem = estimate_for_config(cfg)
+    ck = opts.checkpointed(arch.layers)
+    mem = estimate_for_config(cfg, checkpointed_layers=ck)
     hf_mem = estimate(arch, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size, lora_r=cfg.lora.r,
                       targets=cfg.lora.targets, optimizer=cfg.train.optimizer, lora_dropout=cfg.lora.dropout,
                       blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     samples = args.samples or (0 if cfg.data.pack else int((cfg.data.max_samples or 0) * (1 - cfg.data.eval_fraction)))
     epoch_steps = -(-samples // per_step) if samples else None  # (--samples, else data.max_samples unpacked)
     if args.json:
-        out = {"gpu": dev.name, "model": arch.name, "max_steps": steps,
+        out = {"gpu": dev.name, "model": arch.name, "max_steps": steps, "checkpointed_layers": ck,
                "memory": mem.to_dict() if mem else None, "memory_hf": hf_mem.to_dict(),
                "fits": mem.fits(dev.memory_bytes / 1e9) if mem else None,
                "ours": ours.to_dict() | {"wall_s_max_steps": round(ours.wall_seconds(steps), 1)},
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         verdict = "fits" if mem.fits(dev.memory_bytes / 1e9) else "does NOT fit"
         print(f"peak memory (estimate): {mem.total_gb:.2f} GB on the device, {mem.allocated_gib:.2f} GiB "
               f"allocated: {verdict} in the {dev.name}'s {dev.memory_gb:g} GB (HF stack: "
-              f"{hf_mem.total_gb:.2f} GB, {hf_mem.allocated_gib:.2f} GiB allocated)\n")
+              f"{hf_mem.total_gb:.2f} GB, {hf_mem.allocated_gib:.2f} GiB allocated)")
+        print(f"checkpointed layers: {ck} of {arch.layers} (model.checkpoint_layers="
+              f"{cfg.model.checkpoint_layers}, planned for {dev.memory_gb:g} GB)\n")
     print(markdown(ours, hf, steps=steps, epoch_steps=epoch_steps))
     return 0

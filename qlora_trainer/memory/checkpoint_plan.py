@@ -2,16 +2,16 @@
 
 Checkpointing a layer keeps only its input (B, T, H) and recomputes the rest in the backward: it
 saves memory and costs a second forward of that layer. A run that fits without recomputing should
-not recompute, so ``auto`` checkpoints the fewest layers that keep the estimated device footprint
-within ``HEADROOM`` of the device's memory. The estimate is computed twice (every layer
-checkpointed, none) and interpolated linearly: each un-checkpointed layer adds
-(none - all) / layers bytes (its saved activations; the layer-backward moment is the same).
+not recompute, so ``auto`` checkpoints the fewest layers (the first N) whose estimated device
+footprint (``estimate(checkpointed_layers=N)``, the same estimate ``memory`` and ``estimate``
+print) is within ``HEADROOM`` of the device's memory. The footprint falls monotonically with N, so
+the answer is a bisection over 0..layers (a few microsecond-cheap estimates).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
+from typing import Callable
 
 import torch
 
@@ -20,25 +20,31 @@ log = logging.getLogger(__name__)
 HEADROOM = 0.9  # keep 10% of the device for fragmentation and what the estimate does not see
 
 
-def layers_to_checkpoint(all_bytes: int, none_bytes: int, layers: int, budget_bytes: float) -> int:
-    """The fewest checkpointed layers (0..layers) whose footprint, interpolated between
-    ``all_bytes`` (every layer checkpointed) and ``none_bytes`` (none), is within
-    ``HEADROOM * budget_bytes``. All layers when even that does not fit (the estimate warns)."""
+def fewest_layers(footprint: Callable[[int], int], layers: int, budget_bytes: float) -> int:
+    """The fewest checkpointed layers N in 0..layers with ``footprint(N) <= HEADROOM * budget_bytes``
+    (``footprint`` non-increasing in N); all layers when even that does not fit (the estimate warns)."""
     budget = HEADROOM * budget_bytes
-    if none_bytes <= budget:
-        return 0
-    per_layer = max(none_bytes - all_bytes, 0) / max(layers, 1)
-    if all_bytes >= budget or per_layer == 0:
+    if footprint(layers) > budget:
         return layers
-    kept = int((budget - all_bytes) // per_layer)  # layers that may keep their activations
-    return max(0, layers - kept)
+    lo, hi = 0, layers  # invariant: footprint(hi) fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if footprint(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def device_budget(device: torch.device) -> int | None:
-    """Total memory of a CUDA ``device`` in bytes; None elsewhere (no device budget to plan for)."""
+    """Memory of a CUDA ``device`` this process may use, in bytes: its total times the
+    ``torch.cuda.set_per_process_memory_fraction`` cap where torch reports one; None elsewhere (no
+    device budget to plan for)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[1]
+    total = torch.cuda.mem_get_info(device)[1]
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
+    return int(total * fraction(device)) if fraction is not None else total
 
 
 def plan_checkpoint_layers(cfg, budget_bytes: int | None) -> int | None:
@@ -55,15 +61,14 @@ def plan_checkpoint_layers(cfg, budget_bytes: int | None) -> int | None:
     if budget_bytes is None:
         return None
     arch, _ = resolve_arch(cfg.model.name_or_path)
-    on = estimate_for_config(cfg)
-    if arch is None or on is None:
+    if arch is None or estimate_for_config(cfg) is None:
         return None
-    off_cfg = copy.deepcopy(cfg)
-    off_cfg.model.gradient_checkpointing = False
-    off_cfg.model.offload_activations = False
-    off = estimate_for_config(off_cfg)
-    n = layers_to_checkpoint(on.device_bytes, off.device_bytes, arch.layers, budget_bytes)
-    log.info("model.checkpoint_layers=auto: %d of %d layers checkpointed (estimate %.1f GB all, %.1f GB "
-             "none, device %.1f GB)", n, arch.layers, on.device_bytes / 1e9, off.device_bytes / 1e9,
-             budget_bytes / 1e9)
+
+    def footprint(n: int) -> int:
+        return estimate_for_config(cfg, checkpointed_layers=n).device_bytes
+
+    n = fewest_layers(footprint, arch.layers, budget_bytes)
+    log.info("model.checkpoint_layers=auto: %d of %d layers checkpointed (estimate %.1f GB, all %.1f GB, "
+             "none %.1f GB; device %.1f GB)", n, arch.layers, footprint(n) / 1e9, footprint(arch.layers) / 1e9,
+             footprint(0) / 1e9, budget_bytes / 1e9)
     return n

@@ -189,6 +189,7 @@ def estimate(
     blocksize: int = 64,
     optimizer: str = "paged_adamw_8bit",
     checkpointing: bool = True,
+    checkpointed_layers: int | None = None,
     offload: bool = False,
     chunked_loss: bool | None = None,
     loss_chunk: int = 0,
@@ -213,6 +214,9 @@ def estimate(
     ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``model.embeddings_on_cpu``).
     ``gpus`` / ``distributed`` (``none|ddp|fsdp``, ``train.distributed``): the estimate is **per GPU**
     (``batch`` is the per-GPU micro-batch); see :func:`per_gpu` for what each mode shares.
+    ``checkpointed_layers``: with ``checkpointing``, only the first N decoder layers are checkpointed
+    (``model.checkpoint_layers``; None = all); the others hold their activations like an
+    un-checkpointed run.
     ``new_tokens``: tokens added to the vocabulary (``data.marker_tokens: add``): the embedding, output
     layer and logits grow by them, and their embedding (and untied output) rows train (``lora/tokens.py``).
 
@@ -266,11 +270,13 @@ def estimate(
     ckpt = tokens * arch.hidden * r          # one saved layer input
     host = 0
     held: dict[str, int] = {}
-    if not checkpointing:
-        held["activations"] = arch.layers * (layer + ckpt)
-    else:
-        resident = min(arch.layers, OFFLOAD_LAYERS_IN_FLIGHT) if offload else arch.layers
-        host = (arch.layers - resident) * ckpt if offload else 0
+    n_ck = 0 if not checkpointing else arch.layers if checkpointed_layers is None else \
+        max(0, min(arch.layers, checkpointed_layers))
+    if n_ck < arch.layers:
+        held["activations"] = (arch.layers - n_ck) * (layer + ckpt)
+    if n_ck:
+        resident = min(n_ck, OFFLOAD_LAYERS_IN_FLIGHT) if offload else n_ck
+        host = (n_ck - resident) * ckpt if offload else 0
         held["checkpoints"] = resident * ckpt
     forward = dict(held, final_hidden=2 * tokens * arch.hidden * r)  # last layer output + final norm
     if prof.full_logits:   # at the loss backward: logits (lm_head dtype; the model output holds them),
@@ -284,7 +290,7 @@ def estimate(
         if new_tokens:  # token-row output layer: train/loss.py's module-head path, one checkpointed chunk
             chunk = min(tokens, loss_chunk or 1024)  # of logits, their row-replaced copy, fp32 copy and grad
             forward["logits_loss"] = chunk * arch.vocab * (2 * b + 8) + tokens * arch.hidden * b
-    backward = dict(held, layer_recompute=0 if not checkpointing else layer,
+    backward = dict(held, layer_recompute=layer if n_ck else 0,
                     layer_backward=layer_backward_bytes(arch, tokens, resid_bytes=r, mlp_tokens=mlp_tokens,
                                                         act_bytes=b, attn=attn, dropout=lora_dropout > 0))
     if attn == "eager":    # (B, heads, T, T) scores and probabilities
@@ -304,7 +310,8 @@ def estimate(
         notes.append(f"{host / GIB:.2f} GiB of checkpoints offloaded to pinned CPU memory")
     settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, targets=targets, quant=quant,
                     double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
-                    offload=offload, system=prof.name, full_logits=prof.full_logits, attn=attn,
+                    checkpointed_layers=n_ck, offload=offload, system=prof.name, full_logits=prof.full_logits,
+                    attn=attn,
                     mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu,
                     gpus=gpus, distributed=distributed, new_tokens=new_tokens)
     if embeddings_on_cpu and not arch.tied:
@@ -396,9 +403,10 @@ def resolve_arch(name_or_path: str) -> tuple[ArchSpec | None, str]:
                   "(hub ids are not downloaded); pass a catalog name or a directory with config.json")
 
 
-def estimate_for_config(cfg) -> MemoryEstimate | None:
+def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEstimate | None:
     """The estimate for a run :class:`~qlora_trainer.config.Config` (our profile), or None (with the
-    reason logged) when the model's shape cannot be known without downloading."""
+    reason logged) when the model's shape cannot be known without downloading.
+    ``checkpointed_layers``: the plan's answer for ``model.checkpoint_layers`` (None = all)."""
     import logging
 
     from qlora_trainer.data.templates import new_token_bound
@@ -413,6 +421,7 @@ def estimate_for_config(cfg) -> MemoryEstimate | None:
         targets=cfg.lora.targets, quant=cfg.model.quantization,
         double_quant=cfg.quantization.double_quant, blocksize=cfg.quantization.blocksize,
         optimizer=cfg.train.optimizer, checkpointing=cfg.model.gradient_checkpointing,
+        checkpointed_layers=checkpointed_layers,
         offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
         lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
         embeddings_on_cpu=cfg.model.embeddings_on_cpu,

@@ -44,7 +44,9 @@ class StepOptions:
     """Everything about a run that changes the step's ops (all explicit, nothing read implicitly).
 
     system: ``ours`` | ``hf``. kernels: our Triton kernels (False: their torch references, ``model.kernels: torch``).
-    ckpt_every: checkpoint one decoder layer in every k (1 = all, 0 = none). mlp_chunk: tokens per
+    ckpt_every: checkpoint one decoder layer in every k (1 = all, 0 = none). ckpt_layers: when set,
+    exactly that many layers are checkpointed (``model.checkpoint_layers``: the first N; overrides
+    ckpt_every unless ckpt_every is 0). mlp_chunk: tokens per
     sequence-tiled MLP chunk (0 = off). offload: checkpoints to pinned CPU memory (copied back over
     PCIe before each recompute). dropout: LoRA dropout p. loss_chunk: rows per loss chunk (0 = auto).
     act_bytes: 2 (bf16 on CUDA) or 4 (fp32 on the CPU). clip_grad: the trainer clips the grad norm.
@@ -70,6 +72,7 @@ class StepOptions:
     dropout: float = 0.0
     kernels: bool = True
     ckpt_every: int = 1
+    ckpt_layers: int | None = None
     mlp_chunk: int = 0
     offload: bool = False
     loss_chunk: int = 0
@@ -93,8 +96,14 @@ class StepOptions:
                 raise ValueError(f"StepOptions.{name}: must be >= 1 (got {getattr(self, name)})")
         if self.compile not in ("none", "default", "reduce-overhead"):
             raise ValueError(f"StepOptions.compile: {self.compile!r} is not none, default or reduce-overhead")
-        if self.ckpt_every < 0 or self.mlp_chunk < 0:
-            raise ValueError("StepOptions: ckpt_every and mlp_chunk must be >= 0")
+        if self.ckpt_every < 0 or self.mlp_chunk < 0 or (self.ckpt_layers or 0) < 0:
+            raise ValueError("StepOptions: ckpt_every, ckpt_layers and mlp_chunk must be >= 0")
+
+    def checkpointed(self, layers: int) -> int:
+        """Decoder layers recomputed in the backward (of ``layers``)."""
+        if self.ckpt_layers is not None and self.ckpt_every > 0:
+            return max(0, min(layers, self.ckpt_layers))
+        return checkpointed_layers(layers, self.ckpt_every)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -294,7 +303,7 @@ def _ours_loss(arch: ArchSpec, o: StepOptions) -> list[Op]:
 def _ours_micro(arch: ArchSpec, o: StepOptions) -> list[Op]:
     targets = _targets(arch, o.targets)
     b, m, h = o.act_bytes, o.batch * o.seq_len, arch.hidden
-    ck = checkpointed_layers(arch.layers, o.ckpt_every)
+    ck = o.checkpointed(arch.layers)
     ops = [elementwise("embedding", "forward", m * h, m * h, b), host("rotary+mask", "forward", 8)]
     ops += [op.times(arch.layers) for op in _ours_layer(arch, o, "forward", targets)]
     ops.append(_kernel(o, "rmsnorm.fwd", "forward", m * h, m * h))
@@ -395,7 +404,7 @@ def _hf_layer_backward(arch: ArchSpec, o: StepOptions) -> list[Op]:
 
 def _hf_micro(arch: ArchSpec, o: StepOptions) -> list[Op]:
     m, h, v = o.batch * o.seq_len, arch.hidden, arch.vocab
-    ck = checkpointed_layers(arch.layers, o.ckpt_every)
+    ck = o.checkpointed(arch.layers)
     ops = [elementwise("embedding", "forward", m * h, m * h, 4), host("rotary+mask", "forward", 8)]
     ops += [op.times(arch.layers) for op in _hf_layer(arch, o, "forward")]
     ops += [elementwise("hf.rmsnorm.fwd", "forward", 4 * m * h, 3 * m * h, 4, launches=6),

@@ -132,8 +132,11 @@ def predict(arch: ArchSpec, options: StepOptions, gpu: str | Device = "h100",
                           dequants=sum(op.count for op in ops if op.kind.startswith("dequant")), notes=notes)
 
 
-def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
-    """Our trainer's :class:`StepOptions` for a run config (kernels ``auto`` = on for CUDA)."""
+def options_for_config(cfg, *, act_bytes: int = 2, budget_bytes: int | None = None) -> StepOptions:
+    """Our trainer's :class:`StepOptions` for a run config (kernels ``auto`` = on for CUDA).
+    ``budget_bytes``: the GPU's memory, for ``model.checkpoint_layers: auto`` (the trainer's plan,
+    ``memory/checkpoint_plan.py``; None = every layer checkpointed, as on a device of unknown size)."""
+    from qlora_trainer.memory.checkpoint_plan import plan_checkpoint_layers
     from qlora_trainer.train.setup import grouped_projections_on
 
     t = cfg.lora.targets
@@ -141,6 +144,7 @@ def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
         system="ours", batch=cfg.train.batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.train.grad_accum,
         lora_r=cfg.lora.r, targets=tuple(t) if isinstance(t, list) else t, dropout=cfg.lora.dropout,
         kernels=cfg.model.kernels != "torch", ckpt_every=1 if cfg.model.gradient_checkpointing else 0,
+        ckpt_layers=plan_checkpoint_layers(cfg, budget_bytes) if cfg.model.gradient_checkpointing else None,
         mlp_chunk=cfg.model.mlp_chunk_tokens, offload=cfg.model.offload_activations,
         loss_chunk=cfg.train.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
@@ -152,20 +156,23 @@ def options_for_config(cfg, *, act_bytes: int = 2) -> StepOptions:
 
 def hf_options(ours: StepOptions) -> StepOptions:
     """The HF stack on the same shape and batch (its recipe: all-linear LoRA, checkpointing)."""
-    return replace(ours, system="hf", kernels=False, ckpt_every=1, mlp_chunk=0, offload=False,
+    return replace(ours, system="hf", kernels=False, ckpt_every=1, ckpt_layers=None, mlp_chunk=0, offload=False,
                    fused_qkv=False, fused_gate_up=False, skip_down_recompute=False,
                    fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, compile="none")
 
 
-def predict_for_config(cfg, gpu: str = "h100") -> tuple[StepPrediction, StepPrediction] | None:
+def predict_for_config(cfg, gpu: str = "h100", budget_bytes: int | None = None
+                       ) -> tuple[StepPrediction, StepPrediction] | None:
     """(ours, hf) predictions for a run config, or None when the model's shape is unknown without
-    a download (same rule as the memory estimate)."""
+    a download (same rule as the memory estimate). ``budget_bytes``: the device memory the
+    checkpoint plan sees (default: ``gpu``'s table entry)."""
     from qlora_trainer.memory.estimate import resolve_arch
 
     arch, _ = resolve_arch(cfg.model.name_or_path)
     if arch is None:
         return None
-    ours = options_for_config(cfg)
+    budget = budget_bytes if budget_bytes is not None else get_device(gpu).memory_bytes
+    ours = options_for_config(cfg, budget_bytes=budget)
     return predict(arch, ours, gpu), predict(arch, hf_options(ours), gpu)
 
 
@@ -223,8 +230,10 @@ class StepTimeCheck:
 
         log = logging.getLogger("qlora_trainer.train.loop")
         try:
+            from qlora_trainer.memory.checkpoint_plan import device_budget
+
             gpu = _device_table_name(device)
-            pair = predict_for_config(cfg, gpu) if gpu else None
+            pair = predict_for_config(cfg, gpu, device_budget(device)) if gpu else None
         except Exception as e:  # noqa: BLE001 - advisory only: training goes on without it
             log.info("step-time prediction unavailable: %s", e)
             pair = None

@@ -337,7 +337,10 @@ def _log_memory_estimate(cfg: "Config", device: torch.device) -> None:
     except ImportError:
         return
     try:
-        est = estimate_for_config(cfg)
+        from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
+
+        # the layers prepare_model checkpoints on this device (model.checkpoint_layers)
+        est = estimate_for_config(cfg, plan_checkpoint_layers(cfg, device_budget(device)))
     except Exception as e:  # noqa: BLE001 - the estimate is advisory; training goes on without it
         log.info("memory estimate unavailable: %s", e)
         return

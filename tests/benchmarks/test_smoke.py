@@ -138,11 +138,11 @@ def test_compile_rows_set_the_trainer_option_and_are_labelled(bench):
 
     parts, results, spec_mod = bench("parts"), bench("results"), bench("spec")
     ours = bench("systems.ours")
-    assert [(m, s) for m, s, _ in parts.SPEED_VARIANTS] == [("llama-2-7b", 512), ("llama-3-8b", 2048)]
-    for model, seq, extra in parts.SPEED_VARIANTS:
+    assert [(m, s) for m, s, _ in parts.COMPILE_ROWS] == [("llama-2-7b", 512), ("llama-3-8b", 2048)]
+    for model, seq, extra in parts.COMPILE_ROWS:
         spec = spec_mod.RunSpec(system="qlora_trainer", model=model, seq_len=seq, extra=extra)
         assert ours.make_config(spec).train.compile == "reduce-overhead"
-        assert "train.compile=reduce-overhead" in results.to_markdown(
+        assert "qlora_trainer [compile=reduce-overhead]" in results.to_markdown(
             {"device": {"date": "-", "gpu": "-", "driver": None, "cuda": None, "versions": {}, "command": "-"},
              "loss_rtol": 0.02, "rows": [{**spec_mod.base_row(spec), "status": "ok", "step0_loss": 1.0}]})
     with pytest.raises(ValueError, match="spec.extra.train.nope"):

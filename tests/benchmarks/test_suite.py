@@ -72,8 +72,12 @@ def test_dry_run_writes_every_part(dry_run):
     c = step["checks"]["float32"]
     assert step["status"] == "ok" and c["ok"] and c["n_adapter_tensors"] > 0 and c["grad_rdiff_max"] <= 1e-4, step
 
-    speed = {r["system"]: r for r in _rows(doc, "step", "speed")}  # part 2: same weights, tokens
+    rows = _rows(doc, "step", "speed")  # part 2: same weights, tokens; then variants of ours
+    speed = {r["system"]: r for r in rows if not r.get("extra")}
     assert set(speed) == {"qlora_trainer", "hf", "hf-tuned", "unsloth"}
+    variant, = [r for r in rows if r.get("extra")]
+    assert variant["extra"] == {"model": {"checkpoint_layers": "auto"}} and variant["status"] == "ok"
+    assert variant["speedup_vs_hf"] > 0 and variant["step0_loss_ok"] is True
     assert speed["unsloth"]["status"] == "skipped" and speed["unsloth"]["reason"]
     for s in ("qlora_trainer", "hf", "hf-tuned"):
         assert speed[s]["status"] == "ok" and speed[s]["step0_loss_ok"] is True, speed[s]
@@ -96,7 +100,8 @@ def test_dry_run_writes_every_part(dry_run):
 
     md, log = (out / "suite.md").read_text(), (out / "suite.log").read_text()
     for head in ("## Time boxes", "## Kernel tests: ok", "## One training step, kernels on vs off",
-                 "## Long context", "## CUDA context", "## Memory estimate vs measured", "| tiny-64 | 64 | 1 | hf-tuned | ok |"):
+                 "## Long context", "## CUDA context", "## Memory estimate vs measured", "| tiny-64 | 64 | 1 | hf-tuned | ok |",
+                 "| tiny-64 | 64 | 1 | qlora_trainer [checkpoint_layers=auto] | ok |"):
         assert head in md
     assert d["command"] in md
     assert all(f"part {i + 1} {p}: done" in log for i, p in enumerate(PARTS)) and "passed" in log

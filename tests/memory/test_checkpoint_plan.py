@@ -6,7 +6,7 @@ import pytest
 
 from qlora_trainer.config import Config, apply_override
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.memory.checkpoint_plan import HEADROOM, layers_to_checkpoint, plan_checkpoint_layers
+from qlora_trainer.memory.checkpoint_plan import HEADROOM, fewest_layers, plan_checkpoint_layers
 
 
 def test_config_key_parses_and_validates():
@@ -22,13 +22,19 @@ def test_config_key_parses_and_validates():
         cfg.validate()
 
 
-def test_layers_to_checkpoint_interpolates_between_all_and_none():
+def test_fewest_layers_bisects_a_falling_footprint():
     gb = 10**9
-    # all: 10 GB, none: 42 GB over 32 layers -> 1 GB per un-checkpointed layer
-    assert layers_to_checkpoint(10 * gb, 42 * gb, 32, 48 * gb / HEADROOM) == 0   # fits without
-    assert layers_to_checkpoint(10 * gb, 42 * gb, 32, 9 * gb / HEADROOM) == 32   # not even with all
-    assert layers_to_checkpoint(10 * gb, 42 * gb, 32, 20.5 * gb / HEADROOM) == 22  # 10 layers kept
-    assert layers_to_checkpoint(10 * gb, 10 * gb, 32, 5 * gb) == 32
+
+    def footprint(n):  # all: 10 GB, none: 42 GB over 32 layers -> 1 GB per un-checkpointed layer
+        return (10 + (32 - n)) * gb
+
+    assert fewest_layers(footprint, 32, 48 * gb / HEADROOM) == 0      # fits without
+    assert fewest_layers(footprint, 32, 9 * gb / HEADROOM) == 32      # not even with all
+    assert fewest_layers(footprint, 32, 20.5 * gb / HEADROOM) == 22   # 10 layers kept
+    assert fewest_layers(lambda n: 10 * gb, 32, 5 * gb) == 32
+    for budget in range(10, 44):
+        n = fewest_layers(footprint, 32, budget * gb / HEADROOM)
+        assert footprint(n) <= budget * gb and (n == 0 or footprint(n - 1) > budget * gb)
 
 
 def test_plan_follows_the_estimate():
@@ -42,3 +48,27 @@ def test_plan_follows_the_estimate():
     assert plan_checkpoint_layers(cfg, 8 * 10**9) == 5
     cfg.model.checkpoint_layers = "all"
     assert plan_checkpoint_layers(cfg, 80 * 10**9) is None
+
+
+def test_estimate_of_a_partial_plan_fits_its_budget():
+    """estimate(checkpointed_layers=N): N = 0 / N = all are the two ends, each layer kept adds
+    activations, and the plan's answer, estimated, fits the budget it was planned for (one fewer
+    would not)."""
+    from qlora_trainer.memory.estimate import estimate_for_config
+    from qlora_trainer.models.catalog import get_arch
+
+    cfg = Config()
+    cfg.model.name_or_path, cfg.data.seq_len = "llama-2-7b", 4096
+    layers = get_arch("llama-2-7b").layers
+    every, none = estimate_for_config(cfg), estimate_for_config(cfg, checkpointed_layers=0)
+    assert estimate_for_config(cfg, checkpointed_layers=layers).device_bytes == every.device_bytes
+    cfg.model.gradient_checkpointing = False
+    assert estimate_for_config(cfg).device_bytes == none.device_bytes
+    cfg.model.gradient_checkpointing = True
+    sizes = [estimate_for_config(cfg, checkpointed_layers=n).device_bytes for n in range(layers + 1)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    budget = 24 * 10**9
+    n = plan_checkpoint_layers(cfg, budget)
+    part = estimate_for_config(cfg, checkpointed_layers=n)
+    assert 0 < n < layers and part.settings["checkpointed_layers"] == n
+    assert sizes[n] <= HEADROOM * budget < sizes[n - 1]

@@ -18,7 +18,8 @@ def _cfg(tmp_path, model="llama-2-7b"):
 
 
 def test_estimate_json(tmp_path, capsys):
-    assert main(["estimate", _cfg(tmp_path), "--gpu", "h100", "--json", "--samples", "1000"]) == 0
+    assert main(["estimate", _cfg(tmp_path), "model.checkpoint_layers=all", "--gpu", "h100", "--json",
+                 "--samples", "1000"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "prediction" and out["memory"]["total_gb"] > 0 and out["fits"] is True
     assert out["memory_hf"]["allocated_gib"] > out["memory"]["allocated_gib"]     # fp32 upcast, logits
@@ -66,3 +67,22 @@ def test_step_time_check_on_cpu_predicts_nothing(caplog):
         for _ in range(5):
             check.tick()
     assert check.predicted_s is None and not [r for r in caplog.records if "step" in r.getMessage()]
+
+
+def test_estimate_plans_checkpoint_layers_for_the_gpu(tmp_path, capsys):
+    """model.checkpoint_layers=auto: the estimate plans for the chosen GPU's memory, as the trainer
+    does on that GPU: at 7B/4096 an 80 GB H100 recomputes nothing (a faster step, more memory),
+    a 24 GB card some layers; a fixed number is taken as given."""
+    p = tmp_path / "run.yaml"
+    p.write_text("model: {name_or_path: llama-2-7b}\ndata: {seq_len: 4096}\nlora: {dropout: 0.0}\n")
+    runs = {}
+    for gpu in ("h100", "4090"):
+        assert main(["estimate", str(p), "--gpu", gpu, "--json"]) == 0
+        runs[gpu] = json.loads(capsys.readouterr().out)
+    h100, small = runs["h100"], runs["4090"]
+    assert h100["checkpointed_layers"] == 0 and 0 < small["checkpointed_layers"] < 32
+    assert h100["memory"]["total_gb"] > small["memory"]["total_gb"] and small["fits"] is True
+    assert h100["ours"]["launches"] < small["ours"]["launches"]   # no recompute launches
+    assert main(["estimate", str(p), "model.checkpoint_layers=all", "--gpu", "h100", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert every["checkpointed_layers"] == 32 and every["ours"]["step_s"] > h100["ours"]["step_s"]
