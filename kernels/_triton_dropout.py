@@ -1,6 +1,6 @@
 """Triton LoRA-dropout kernel and launcher (imported lazily by ``dropout.py``; needs triton).
 
-    out = [out +] where(keep_i, t_i * scale, 0)      keep_i = (philox(seed, i // 4)[i % 4] >> 1) >= thresh
+    out = [acc +] where(keep_i, t_i * scale, 0)      keep_i = (philox(seed, i // 4)[i % 4] >> 1) >= thresh
 
 Element-wise over the flattened (N,) tensor, BLOCK elements per program. ``seed`` is a (1,) int64
 *device* tensor read inside the kernel (never a host integer, so a captured CUDA graph does not
@@ -21,7 +21,7 @@ _WARPS = 4
 
 
 @triton.jit
-def _dropout_kernel(T, SEED, OUT, n, thresh, scale, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout_kernel(T, SEED, ACC_IN, OUT, n, thresh, scale, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32 element offsets i
     mask = offs < n
     seed = tl.load(SEED)
@@ -32,18 +32,25 @@ def _dropout_kernel(T, SEED, OUT, n, thresh, scale, ACC: tl.constexpr, BLOCK: tl
     t = tl.load(T + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(keep, t * scale, 0.0)
     if ACC:
-        y += tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(ACC_IN + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
-def dropout_launch(t: torch.Tensor, seed: torch.Tensor, thresh: int, scale: float,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """t (contiguous, any shape, N < 2**31 elements; offsets int32), seed (1,) int64 on t's device; ``out`` given:
-    accumulate into it (same shape, contiguous) and return it; else a new tensor like t."""
+@torch.library.triton_op("qlora_trainer::lora_dropout", mutates_args=())
+def _lora_dropout(t: torch.Tensor, seed: torch.Tensor, thresh: int, scale: float,
+                  acc: torch.Tensor | None = None) -> torch.Tensor:
+    """[acc +] t ⊙ k * scale as a new tensor like t: a ``torch.library.triton_op``, so torch.compile
+    sees the kernel itself (no tracing of this Python; inductor may schedule and fuse around it)."""
     n = t.numel()
-    acc = out is not None
-    if out is None:
-        out = torch.empty_like(t)
+    out = torch.empty_like(t)
     grid = (triton.cdiv(n, _BLOCK),)
-    _dropout_kernel[grid](t, seed, out, n, thresh, scale, ACC=acc, BLOCK=_BLOCK, num_warps=_WARPS)
+    torch.library.wrap_triton(_dropout_kernel)[grid](t, seed, out if acc is None else acc, out, n, thresh, scale,
+                                                     ACC=acc is not None, BLOCK=_BLOCK, num_warps=_WARPS)
     return out
+
+
+def dropout_launch(t: torch.Tensor, seed: torch.Tensor, thresh: int, scale: float,
+                   acc: torch.Tensor | None = None) -> torch.Tensor:
+    """t (contiguous, any shape, N < 2**31 elements; offsets int32), seed (1,) int64 on t's device;
+    ``acc`` given (same shape, contiguous): ``acc + t ⊙ k * scale`` as a new tensor; else ``t ⊙ k * scale``."""
+    return _lora_dropout(t, seed, thresh, scale, acc)

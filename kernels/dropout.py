@@ -105,7 +105,9 @@ class SeededDropout:
 
     def __call__(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """A new tensor like t (any shape, contiguous), or, with ``out`` (t's shape and dtype),
-        ``out + t ⊙ k / (1 - p)`` written into ``out`` (one rounding)."""
+        ``out + t ⊙ k / (1 - p)`` (one rounding): written into ``out`` by the reference, a new tensor
+        from the Triton op (out-of-place: a ``torch.library.triton_op`` torch.compile can see through).
+        Callers use the returned tensor."""
         if t.numel() >= _MAX_NUMEL:
             raise ValueError(f"dropout over {t.numel()} elements: at most 2**31 - 1 per call")
         if self.backend == "triton":
