@@ -20,9 +20,9 @@ four elements; the 31-bit comparison is exact in int32). So:
   generator states (``train/checkpoint.py: rng_state``), which covers this draw.
 
 The Triton kernel (``_triton_dropout.py``) and the torch reference here compute the same bits
-(the reference is Philox in int64 tensor ops, :func:`philox_bits`), and the same rounding: ``t * scale`` (scale = fp32(1 / (1 - p))) rounded once
-to t's dtype, plus ``out`` before that rounding when accumulating. Which one runs: the resolved
-backend (``backend.resolve_backend``).
+(the reference is Philox in int64 tensor ops, :func:`philox_bits`), and the same rounding:
+``t * scale`` (scale = fp32(1 / (1 - p))) rounded once to t's dtype, plus ``out`` before that
+rounding when accumulating. Which one runs: the resolved backend (``backend.resolve_backend``).
 """
 
 from __future__ import annotations

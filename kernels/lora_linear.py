@@ -17,10 +17,10 @@ Backward, with dy = dL/dy (M, out) and u = x_l @ A^T (M, r) saved from the forwa
 The dropout branch of dL/dx is the chain rule through x_l = x ⊙ k / (1 - p), whose Jacobian is
 diagonal. W and bias are frozen: no dW, and W is *recomputed* (dequantized again) in the backward
 instead of being saved; neither x_l nor k is saved either: only the seed (8 bytes); the backward
-rebuilds x_l = x ⊙ k / (1 - p) and adds (du @ A) ⊙ k / (1 - p) into dy @ W from it (k never
-materialised). The saved activations are x (M, in) — usually shared with the other adapters
-reading the same input — and u (M, r), the same bytes with dropout as without (+ the seed). The LoRA math runs in the activation dtype; dA/dB are returned in A/B's
-dtype.
+rebuilds x_l = x ⊙ k / (1 - p) and adds (du @ A) ⊙ k / (1 - p) to dy @ W from it (the Triton
+kernel never materialises k; the reference holds one bool (M, in) k for the backward's two uses). The saved activations are x (M, in) — usually shared with the other adapters
+reading the same input — and u (M, r), the same bytes with dropout as without (+ the seed).
+The LoRA math runs in the activation dtype; dA/dB are returned in A/B's dtype.
 
 Base matmul: for an NF4 weight with few tokens (M <= ``FUSED_MAX_TOKENS``) a Triton GEMM that
 dequantizes inside the operand load (``_triton_lora.py``); otherwise the Triton dequant kernel
