@@ -4,8 +4,10 @@ less Python (``reduce-overhead``: CUDA graphs replay each layer's forward and ba
 What is compiled: each decoder layer's own forward (and, through AOTAutograd, its backward), *inside*
 its gradient checkpoint (``models/checkpointing.py``): the checkpoint stays eager, so its recompute
 calls the same compiled graph again, with the RNG state it restored (LoRA dropout draws its seed
-tensor from the device generator: ``kernels/dropout.py``; no host integer is captured). The loss
-(chunked linear + cross-entropy) and the optimizer stay eager.
+tensor from the device generator: ``kernels/dropout.py``; no host integer is captured). The
+compiled layer is one graph, so that recompute runs all of it: the eager early stop that skips
+down_proj's base matmul (``LoRALinear.base_last``) does not happen. The loss (chunked linear +
+cross-entropy) and the optimizer stay eager.
 
 Our kernels under dynamo: the LoRA / frozen-linear autograd Functions are traced (forward and
 backward) with their torch references as plain aten ops and their Triton launchers as user-defined

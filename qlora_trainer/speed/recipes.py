@@ -61,7 +61,9 @@ class StepOptions:
     layer under torch.compile; the ops of the layer phases (forward, recompute, backward) cost
     ``compiled_launch_us`` (default) or ``graph_launch_us`` (reduce-overhead) per launch on the host,
     the loss and the optimizer stay eager; the launch counts are the eager ones (inductor's
-    elementwise fusions are not modelled: conservative)."""
+    elementwise fusions are not modelled: conservative), except that a checkpointed layer's
+    recompute runs its whole compiled graph (no early stop: down_proj's base matmul and the last
+    residual add run again)."""
 
     system: str = "ours"
     batch: int = 1
@@ -233,7 +235,8 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     ops += [op.times(reps) for op in _mlp_forward(arch, o, phase, targets)]
     if chunks > 1:
         ops.append(elementwise("mlp.cat", phase, m * h, m * h, b))
-    if phase == "forward":  # early stop: the recompute never reaches the last residual add
+    if phase == "forward" or o.compile != "none":  # early stop: the eager recompute never reaches
+        # the last residual add; a compiled layer is one graph, recomputed whole
         ops.append(elementwise("residual.add", phase, 2 * m * h, m * h, b))
     return ops
 
@@ -247,7 +250,7 @@ def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) 
     for name, i, out in mlp:
         ops += _ours_linear(o, phase, name, mc, i, out, _lora_on(name, targets))
     ops.append(_kernel(o, "swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate))
-    skip = phase == "recompute" and o.skip_down_recompute
+    skip = phase == "recompute" and o.skip_down_recompute and o.compile == "none"  # compiled: no early stop
     return ops + _ours_linear(o, phase, "down_proj", mc, arch.intermediate, arch.hidden,
                               _lora_on("down_proj", targets), skip_base=skip)
 
