@@ -3,8 +3,8 @@ seed is not frozen by a compiled graph.
 
 On the CPU: torch.compile's ``aot_eager`` backend (dynamo + AOTAutograd, no code generation: the
 graph capture that matters for a frozen seed, at test speed) over the torch references; the tiny
-NF4 + LoRA model, every layer checkpointed, dropout 0.1. On CUDA (gpu-marked): inductor with CUDA
-graphs (``reduce-overhead``) over the Triton kernels.
+NF4 + LoRA model, every layer checkpointed, dropout 0.1; inductor itself (slow-marked). On CUDA
+(gpu-marked): inductor with CUDA graphs (``reduce-overhead``) over the Triton kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ SEQ = 32
 
 
 def _model(kernels: str = "torch", device: str = "cpu", compile_mode: str | None = None,
-           compile_backend: str | None = None):
+           compile_backend: str | None = None, checkpointing: bool = True):
     from qlora_trainer.config import Config
     from qlora_trainer.models.catalog import CATALOG
     from qlora_trainer.models.compile import compile_layers
@@ -28,7 +28,7 @@ def _model(kernels: str = "torch", device: str = "cpu", compile_mode: str | None
     dtype = resolve_dtype("auto", dev)
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout = 8, 0.1
-    cfg.data.seq_len, cfg.model.kernels = SEQ, kernels
+    cfg.data.seq_len, cfg.model.kernels, cfg.model.gradient_checkpointing = SEQ, kernels, checkpointing
     torch.manual_seed(0)
     model = prepare_model(synthetic_nf4_model(CATALOG["tiny"], device=dev, compute_dtype=dtype), cfg,
                           device=dev, dtype=dtype)
@@ -100,15 +100,32 @@ def test_compile_config_is_validated(cli_error, tmp_path):
     assert "train.compile" in msg and "reduce-overhead" in msg
 
 
+@pytest.mark.slow
+def test_inductor_recompute_redraws_the_forwards_masks():
+    """Inductor (C++ on the CPU, ~100 s): it lowers ``randint`` to its own Philox stream, so its masks
+    are not eager's, but they are seeded from the device generator that the checkpoint restores:
+    every layer checkpointed == no checkpointing (loss and grads, two passes), and the passes differ."""
+    torch._dynamo.reset()
+    ckpt = _steps(*_model(compile_mode="default"), "torch")
+    torch._dynamo.reset()
+    plain = _steps(*_model(compile_mode="default", checkpointing=False), "torch")
+    _assert_steps_equal(ckpt, plain, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(ckpt[0][0], ckpt[1][0])
+
+
 @pytest.mark.gpu
 def test_reduce_overhead_on_cuda_equals_eager_and_redraws_dropout():
     """CUDA, Triton kernels, bf16: inductor + CUDA graphs (``reduce-overhead``) vs eager, three passes
-    (the first records, the others replay): bf16 tolerance, and passes differ (the seed is redrawn
-    on every replay by the graph-safe CUDA generator)."""
+    (the first records, the others replay), with ``fallback_random`` so that the compiled graph draws
+    the seed with aten's ``randint`` as eager does: bf16 tolerance, and the passes differ (the seed is
+    redrawn on every replay by the graph-safe CUDA generator)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    import torch._inductor.config as inductor_config
+
     torch._dynamo.reset()
     eager = _steps(*_model("triton", "cuda"), "triton", n=3)
-    compiled = _steps(*_model("triton", "cuda", compile_mode="reduce-overhead"), "triton", n=3)
+    with inductor_config.patch(fallback_random=True):
+        compiled = _steps(*_model("triton", "cuda", compile_mode="reduce-overhead"), "triton", n=3)
     _assert_steps_equal(compiled, eager, rtol=3e-2, atol=3e-3)
     assert not torch.equal(compiled[1][0], compiled[2][0])
