@@ -75,9 +75,6 @@ def _measure(seq: int, mlp_chunk: int) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
-@pytest.mark.skipif(os.environ.get("QLORA_SIMULATE_CPU") == "avx2",
-                    reason="with ATEN_CPU_CAPABILITY=avx2 torch's CPU kernels allocate differently (backward "
-                           "peak 3.2 MB vs 1.6 MB measured): the estimate models CUDA, matched by the native path")
 @pytest.mark.parametrize("seq,mlp_chunk", [pytest.param(384, 0, marks=pytest.mark.slow), (384, 128)])
 def test_estimated_moments_match_live_tensors(seq, mlp_chunk):
     """Forward (loss) and backward activation peaks of a real step within 10% of the estimate's
