@@ -14,6 +14,9 @@ absmax (mul then add) rounds exactly as bitsandbytes does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -31,15 +34,16 @@ def nf4_block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, mask, NESTED: tl.conste
 
 
 @triton.jit
-def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel, n_bytes, n_blocks,
-                        QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
-                        BLOCK_BYTES: tl.constexpr):
+def _nf4_dequant_tile(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, tile, numel, n_bytes, n_blocks,
+                      QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
+                      BLOCK_BYTES: tl.constexpr):
+    """Decode tile ``tile`` (BLOCK_BYTES packed bytes) of one weight into OUT[0:numel]."""
     # The tile is (ROWS, HALF): one row per quantization block (HALF = QBLOCK / 2 packed bytes),
     # so the block scale is loaded once per row and broadcast, and the byte loads are contiguous
     # with a mask that is constant over 16-byte groups (vectorized when n_bytes % 16 == 0).
     HALF: tl.constexpr = QBLOCK // 2
     ROWS: tl.constexpr = BLOCK_BYTES // HALF
-    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+    blk = tile.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
     byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
     q = tl.load(PACKED + byte, mask=byte < n_bytes, other=0).to(tl.int32)
     scale = nf4_block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, blk < n_blocks, NESTED, QBLOCK2)
@@ -48,6 +52,45 @@ def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel
     vals = tl.interleave(hi, lo)  # (ROWS, QBLOCK) fp32, row-major = flat element order
     idx = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     tl.store(OUT + idx, vals.to(OUT.dtype.element_ty), mask=idx < numel)
+
+
+@triton.jit
+def _nf4_dequant_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, numel, n_bytes, n_blocks,
+                        QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
+                        BLOCK_BYTES: tl.constexpr):
+    _nf4_dequant_tile(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, tl.program_id(0), numel, n_bytes,
+                      n_blocks, QBLOCK, QBLOCK2, NESTED, BLOCK_BYTES)
+
+
+@triton.jit
+def _nf4_member_tile(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, tile, numel,
+                     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr,
+                     BLOCK_BYTES: tl.constexpr):
+    _nf4_dequant_tile(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, tile, numel, (numel + 1) // 2,
+                      (numel + QBLOCK - 1) // QBLOCK, QBLOCK, QBLOCK2, NESTED, BLOCK_BYTES)
+
+
+@triton.jit
+def _nf4_dequant_group_kernel(OUT,
+                              P0, A0, C0, D0, S0, F0, N0,
+                              P1, A1, C1, D1, S1, F1, N1, E1, T1,
+                              P2, A2, C2, D2, S2, F2, N2, E2, T2,
+                              MEMBERS: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+                              NESTED: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    # Member i: packed P_i, absmax A_i, code C_i, code2 D_i, absmax2 S_i, offset F_i, N_i elements,
+    # written at OUT + E_i (E_0 = 0), tiles T_i .. T_{i+1} - 1 of the grid (T_0 = 0). One scalar
+    # branch per program picks its member; each member's tiles run the single-weight tile code.
+    pid = tl.program_id(0)
+    if MEMBERS == 1 or pid < T1:
+        _nf4_member_tile(P0, A0, C0, D0, S0, F0, OUT, pid, N0, QBLOCK, QBLOCK2, NESTED, BLOCK_BYTES)
+    elif MEMBERS == 2 or pid < T2:
+        _nf4_member_tile(P1, A1, C1, D1, S1, F1, OUT + E1, pid - T1, N1, QBLOCK, QBLOCK2, NESTED, BLOCK_BYTES)
+    else:
+        _nf4_member_tile(P2, A2, C2, D2, S2, F2, OUT + E2, pid - T2, N2, QBLOCK, QBLOCK2, NESTED, BLOCK_BYTES)
+
+
+def _block_bytes(blocksize: int) -> int:
+    return max(1024, blocksize // 2)  # a whole number of quantization blocks per program
 
 
 def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -65,7 +108,7 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
         raise ValueError(f"nf4_dequant: out is {tuple(out.shape)} {out.dtype}, needs contiguous {tuple(shape)} {dtype}")
     numel = out.numel()
     nested = code2 is not None
-    block_bytes = max(1024, blocksize // 2)  # a whole number of quantization blocks per program
+    block_bytes = _block_bytes(blocksize)
     n_bytes = (numel + 1) // 2
     n_blocks = triton.cdiv(numel, blocksize)
     grid = (triton.cdiv(n_bytes, block_bytes),)
@@ -74,5 +117,38 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
         packed, absmax, code, code2 if nested else dummy, absmax2 if nested else dummy,
         offset if nested else dummy, out, numel, n_bytes, n_blocks, QBLOCK=blocksize,
         QBLOCK2=blocksize2, NESTED=nested, BLOCK_BYTES=block_bytes, num_warps=4, enable_fp_fusion=False,
+    )
+    return out
+
+
+
+def nf4_dequant_group(weights: Sequence[Any], out: torch.Tensor) -> torch.Tensor:
+    """Decode ``weights`` (NF4Weight-like: packed, absmax, code, code2, absmax2, offset, blocksize,
+    blocksize2, shape; 1..3 of them, one blocksize, blocksize2 and nesting, equal ``in``) into the
+    rows of ``out`` ((sum o_i, in) contiguous, any float dtype) in ONE launch: member i's (o_i, in)
+    lands in rows sum_{j<i} o_j onward. Each element is computed as :func:`nf4_dequant` computes
+    it (bit-identical). The packed weights are read where they are (no concatenated copy)."""
+    from .nf4 import MAX_GROUP, nf4_groupable
+
+    k, first = len(weights), weights[0]
+    rows = sum(w.shape[0] for w in weights)
+    if not nf4_groupable(weights):
+        raise ValueError(f"nf4_dequant_group: needs 1..{MAX_GROUP} weights with one blocksize, nesting and in")
+    if tuple(out.shape) != (rows, first.shape[1]) or not out.is_contiguous():
+        raise ValueError(f"nf4_dequant_group: out is {tuple(out.shape)}, needs contiguous {(rows, first.shape[1])}")
+    block_bytes = _block_bytes(first.blocksize)
+    args, start, tile = [], 0, 0
+    for i in range(MAX_GROUP):
+        w = weights[min(i, k - 1)]  # unused slots repeat the last member (never read)
+        nested = w.code2 is not None
+        member = [w.packed, w.absmax, w.code, w.code2 if nested else w.code, w.absmax2 if nested else w.code,
+                  w.offset if nested else w.code, w.numel]
+        args += member if i == 0 else member + [start, tile]
+        if i < k:
+            start += w.numel
+            tile += triton.cdiv((w.numel + 1) // 2, block_bytes)
+    _nf4_dequant_group_kernel[(tile,)](
+        out, *args, MEMBERS=k, QBLOCK=first.blocksize, QBLOCK2=first.blocksize2, NESTED=first.code2 is not None,
+        BLOCK_BYTES=block_bytes, num_warps=4, enable_fp_fusion=False,
     )
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ class BaseWeight:
             return None
         if bias is not None and bias.requires_grad:
             return None
-        state = getattr(weight, "quant_state", None)
+        state = quant_state_of(base)
         if state is not None:
             if state.quant_type != "nf4":
                 return None
@@ -118,12 +119,28 @@ class BaseWeight:
         return dy @ self.weight(dy.dtype)
 
 
+def quant_state_of(base: nn.Module) -> Any:
+    """The bitsandbytes ``QuantState`` of ``base``'s 4-bit weight, or None (not 4-bit): the weight's
+    own, else the one the layer keeps (``Linear4bit.quant_state``) when the weight is packed storage
+    (out*in/2/elsize, 1) that lost it. That happens under FSDP2, which all-gathers the packed bytes
+    into a plain Parameter each forward (bitsandbytes looks in the same place,
+    ``fix_4bit_weight_quant_state_from_module``; read here, nothing is mutated). Reading it here,
+    not only in the layer's own forward pre-hook, matters for grouped projections, which never call
+    the members' forward: the forward and the checkpoint's recompute must take the same path."""
+    weight = getattr(base, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == 1:
+        kept = getattr(base, "quant_state", None)
+        state = kept if type(kept).__name__ == "QuantState" else None
+    return state
+
+
 def _cache_key(base: nn.Module, backend: str) -> tuple:
     w, b = getattr(base, "weight", None), getattr(base, "bias", None)
     if not isinstance(w, torch.Tensor):
         return (backend, None)
     wk = (id(w), w.data_ptr(), w.device, w.dtype, w.requires_grad, w._version,
-          id(getattr(w, "quant_state", None)), type(base))
+          id(quant_state_of(base)), type(base))
     bk = None if b is None else (id(b), b.data_ptr(), b.dtype, b.requires_grad)
     return (backend, wk, bk)
 

@@ -10,8 +10,8 @@ Backward with dy (M, O), dy_i = dy[:, o_i]::
     dB_i = s_i dy_i^T u_i (o_i, r_i),  du_i = s_i dy_i B_i (M, r_i)   du = [du_1 ... du_k] (M, R)
     dA   = du^T x (R, in)                                          one GEMM (split by autograd's cat)
     dx   = dy W + du A (M, in)                                     two GEMMs in all (not 2k)
-W is rebuilt in the backward (members dequantize into the rows of one (O, in) buffer: k dequant
-launches, one buffer, one GEMM), never saved; saved: x (M, in), u (M, R), A (R, in), the B_i.
+W is rebuilt in the backward (NF4 members decode into the rows of one (O, in) buffer in one call:
+one dequant launch, one buffer, one GEMM), never saved; saved: x (M, in), u (M, R), A (R, in), the B_i.
 
 :class:`GroupWeight` is built once per group and cached on the owning module (:func:`group_weight`),
 rebuilt when a member's cached ``BaseWeight`` is.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .base_weight import BaseWeight, count
+from .nf4 import NF4Weight, dequantize_nf4_group, nf4_groupable
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,13 +46,23 @@ class GroupWeight:
         return cls(members=members, outs=outs, bias=bias)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W (O, in) in ``dtype``: each member writes its rows (one transient buffer)."""
+        """W (O, in) in ``dtype``, one transient buffer: NF4 members decode in one call
+        (``nf4.dequantize_nf4_group``: one Triton launch, one COUNTS dequant), others write their rows."""
         first = self.members[0]
         dev = first.nf4.packed.device if first.nf4 is not None else first.dense.device
         w = torch.empty(sum(self.outs), first.shape[1], dtype=dtype, device=dev)
+        if self.nf4_members is not None:
+            count("dequant")
+            return dequantize_nf4_group(self.nf4_members, w, backend=first.backend)
         for bw, rows in zip(self.members, w.split(self.outs)):
             bw.weight_into(rows)
         return w
+
+    @property
+    def nf4_members(self) -> tuple[NF4Weight, ...] | None:
+        """The members' NF4 weights when all are NF4 and one grouped decode takes them, else None."""
+        ws = tuple(bw.nf4 for bw in self.members)
+        return ws if all(w is not None for w in ws) and nf4_groupable(ws) else None  # type: ignore[return-value]
 
     def forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) -> x W^T + bias (M, O)."""

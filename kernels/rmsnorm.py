@@ -11,6 +11,18 @@ Backward (per row, H = hidden size, n = x * rstd, dn = dy * w; the cast is treat
          = rstd * (dn_j - n_j * (1/H) * sum_i dn_i * n_i)
     dw   = sum over rows of dy * n
 The Triton path saves x and rstd (fp32, one float per row) — not the normalised activations.
+
+Fused residual add (:func:`add_rms_norm`, ``RMSNorm(x, residual)``): s = x + r, y = rmsnorm(s) * w,
+returning (y, s); s is the new residual stream. s reaches the loss through y and through its own
+later use (the next residual add), so with ds_out = dL/ds from that later use:
+    dL/ds = ds_out + (d y / d s)^T dy = ds_out + rstd * (dn - n * (1/H) * sum_i dn_i * n_i)
+(the RMSNorm dx above, with s in place of x), and since d s / d x = d s / d r = I:
+    dx = dr = dL/ds,   dw = sum over rows of dy * n   (n = s * rstd)
+One kernel computes dL/ds including the ds_out term, so the separate gradient add of the
+unfused graph disappears. Saved: s and rstd (as for RMSNorm of s), never x and r.
+Without a residual (``add_rms_norm(x, None, ...)``) s is x itself, passed through: the same
+backward sums the gradient of x's other use (the residual branch of a decoder layer's input) into
+the norm's dx, again without a separate add.
 """
 
 from __future__ import annotations
@@ -30,6 +42,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> (N, H) with unit stride on H (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Triton RMSNorm. forward(x (..., H), weight (H,), eps) -> (..., H)."""
 
@@ -37,24 +55,85 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         from ._triton_rmsnorm import rmsnorm_fwd
 
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _rows(x)
         y, rstd = rmsnorm_fwd(x2, weight.contiguous(), eps)
         ctx.save_for_backward(x2, weight, rstd)
-        return y.view(shape)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         from ._triton_rmsnorm import rmsnorm_bwd
 
         x2, weight, rstd = ctx.saved_tensors
-        dy2 = dy.reshape(-1, x2.shape[-1])
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
+        dy2 = _rows(dy)
         dx, dw = rmsnorm_bwd(dy2, x2, weight.contiguous(), rstd, ctx.needs_input_grad[1])
         return dx.view(dy.shape), dw, None
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure torch: s = x + residual (x itself when residual is None), then :func:`rms_norm_reference`
+    of s (the transformers decoder layer's ``residual + hidden_states`` then ``post_attention_layernorm``).
+
+    x, residual: (..., H); weight: (H,). Returns (y (..., H), s (..., H))."""
+    s = x if residual is None else x + residual
+    return rms_norm_reference(s, weight, eps), s
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """Triton residual add + RMSNorm. forward(x (..., H), residual (..., H), weight (H,), eps) ->
+    (y (..., H), s (..., H)); backward per the module docstring (saves s and rstd only)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from ._triton_rmsnorm import add_rmsnorm_fwd, rmsnorm_fwd
+
+        if residual is None:  # s = x, passed through (autograd returns it as an alias of x)
+            y, rstd = rmsnorm_fwd(_rows(x), weight.contiguous(), eps)
+            s = x
+        elif x.shape != residual.shape:
+            raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+        else:
+            y, s, rstd = add_rmsnorm_fwd(_rows(x), _rows(residual), weight.contiguous(), eps)
+            s = s.view(x.shape)
+        y = y.view(x.shape)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+        ctx.set_materialize_grads(False)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor | None, ds_out: torch.Tensor | None):
+        from ._triton_rmsnorm import add_rmsnorm_bwd, rmsnorm_bwd
+
+        s, weight, rstd = ctx.saved_tensors
+        dw = None
+        if dy is None:  # y unused: s's gradient is its later use's alone
+            ds = ds_out
+        else:
+            s2, dy2, w = _rows(s), _rows(dy), weight.contiguous()
+            need_dw = ctx.needs_input_grad[2]
+            if ds_out is None:
+                ds, dw = rmsnorm_bwd(dy2, s2, w, rstd, need_dw)
+            else:
+                ds, dw = add_rmsnorm_bwd(dy2, _rows(ds_out), s2, w, rstd, need_dw)
+            ds = ds.view(s.shape)
+        if ds is None:
+            return None, None, dw, None
+        dx_dtype, dr_dtype = ctx.dtypes
+        return ds.to(dx_dtype), None if dr_dtype is None else ds.to(dr_dtype), dw, None
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(s) * weight, s) with s = x + residual (x itself when residual is None: use the
+    returned s, not x, for x's other uses, so that their gradient is summed in the norm's backward)
+    for x, residual (..., H), weight (H,), through the fused Triton kernel or
+    :func:`add_rms_norm_reference` (``backend``: ``auto|triton|torch``)."""
+    if resolve_backend(backend, x.device) == "triton":
+        return AddRMSNormFunction.apply(x, residual, weight, eps)
+    return add_rms_norm_reference(x, residual, weight, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
@@ -85,8 +164,13 @@ class RMSNorm(nn.Module):
         new.backend = backend
         return new
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., H)."""
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, *,
+                return_residual: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(..., H) -> (..., H). With ``residual`` (..., H): the fused residual add, returning
+        (norm(s) (..., H), s (..., H)), s = hidden_states + residual; ``return_residual`` without
+        a residual: s is hidden_states passed through (see :func:`add_rms_norm`)."""
+        if residual is not None or return_residual:
+            return add_rms_norm(hidden_states, residual, self.weight, self.variance_epsilon, self.backend)
         return rms_norm(hidden_states, self.weight, self.variance_epsilon, self.backend)
 
     def extra_repr(self) -> str:

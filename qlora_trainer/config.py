@@ -72,6 +72,10 @@ class ModelConfig:
     """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
     their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the
     memory estimate says fit in the CUDA device's memory (all on the CPU; see docs/speed.md)."""
+    fused_add_norm: bool = True
+    """Run each decoder layer's attention residual add and the RMSNorm after it as one kernel (our
+    decoder layer, same children and parameter names). ``false`` keeps transformers' decoder layers
+    (e.g. for its ``output_hidden_states`` capture); see docs/speed.md."""
 
 
 @dataclass

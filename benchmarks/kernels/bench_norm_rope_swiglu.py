@@ -1,4 +1,4 @@
-"""GPU microbenchmark: our Triton RMSNorm / RoPE / SwiGLU vs the torch references (eager and, with
+"""GPU microbenchmark: our Triton RMSNorm (plain and fused with the residual add) / RoPE / SwiGLU vs the torch references (eager and, with
 ``--compile``, torch.compile), forward and forward+backward, at Llama-7B/8B layer shapes.
 
 All three ops are memory-bound, so each row also reports achieved bandwidth against the fewest
@@ -33,7 +33,7 @@ def _copy_gbps() -> float:
 
 def _cases(tokens: int, hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int):
     """(name, make_inputs, triton_fn, torch_fn, fwd_bytes, fwd_bwd_bytes) per op; bf16 = 2 bytes."""
-    from qlora_trainer.kernels.rmsnorm import rms_norm, rms_norm_reference
+    from qlora_trainer.kernels.rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
     from qlora_trainer.kernels.rope import apply_rope, rope_reference
     from qlora_trainer.kernels.swiglu import swiglu, swiglu_reference
 
@@ -44,6 +44,10 @@ def _cases(tokens: int, hidden: int, inter: int, heads: int, kv_heads: int, head
         x = torch.randn(tokens, hidden, device="cuda", dtype=bf, requires_grad=True)
         w = (torch.rand(hidden, device="cuda") + 0.5).to(bf).requires_grad_()
         return x, w
+
+    def add_norm_inputs():
+        x, w = norm_inputs()
+        return x, torch.randn_like(x, requires_grad=True), w
 
     def rope_inputs():
         q = torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=bf, requires_grad=True)
@@ -61,6 +65,9 @@ def _cases(tokens: int, hidden: int, inter: int, heads: int, kv_heads: int, head
     return [
         ("rmsnorm", norm_inputs, lambda x, w: rms_norm(x, w, eps, "triton"),
          lambda x, w: rms_norm_reference(x, w, eps), 2 * x_b, 2 * x_b + 3 * x_b),
+        # fused: fwd reads x, r, writes s, y; bwd reads dy, ds_out, s, writes ds (= dx = dr)
+        ("add_rmsnorm", add_norm_inputs, lambda x, r, w: add_rms_norm(x, r, w, eps, "triton"),
+         lambda x, r, w: add_rms_norm_reference(x, r, w, eps), 4 * x_b, 4 * x_b + 4 * x_b),
         ("rope", rope_inputs, lambda q, k, c, s: apply_rope(q, k, c, s, "triton"),
          rope_reference, 2 * qk_b + cs_b, 2 * qk_b + cs_b + 2 * qk_b + cs_b),
         ("swiglu", swiglu_inputs, lambda g, u: swiglu(g, u, "triton"), swiglu_reference,
@@ -94,8 +101,10 @@ def _ptx_report() -> int:
 
     from qlora_trainer.kernels import _triton_rmsnorm as rms, _triton_rope as rope, _triton_swiglu as sw
 
-    kernels = [("rmsnorm_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096}, 8),
-               ("rmsnorm_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True}, 8),
+    kernels = [("rmsnorm_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": False}, 8),
+               ("rmsnorm_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": False}, 8),
+               ("add_rms_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": True}, 8),
+               ("add_rms_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": True}, 8),
                ("rope", rope._rope_kernel, {"BACKWARD": False, "BLOCK_HQ": 32, "BLOCK_HK": 8,
                                             "BLOCK_D": 64}, 4),
                ("swiglu_fwd", sw._swiglu_fwd_kernel, {"BLOCK": 1024}, 4),

@@ -8,11 +8,14 @@ and every parameter name, so optimizers, LoRA adapters and state dicts are unaff
                     which may be ``nn.Linear``, bnb ``Linear4bit`` or ``LoRALinear``)
 * ``*Attention`` -> :class:`RoPEAttention` below: the same q/k/v/o modules and the model's own
                     attention implementation (sdpa / eager / flash), with RoPE through our kernel.
+* ``*DecoderLayer`` -> :class:`FusedDecoderLayer` below (``fuse_add_norm``): the same four children;
+                    the attention output's residual add runs fused with ``post_attention_layernorm``.
 
 Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` are replaced: their semantics
 are known to match the kernels (e.g. Gemma's ``(1 + w)`` RMSNorm is not). Caveat: transformers'
-``output_attentions`` capture looks for its own attention classes and records nothing from
-:class:`RoPEAttention`; training does not use it.
+``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
+classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
+not use it (``model.fused_add_norm: false`` keeps transformers' decoder layers).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ _FAMILIES = ("Llama", "Mistral", "Qwen2")
 _NORMS = {f"{f}RMSNorm" for f in _FAMILIES}
 _MLPS = {f"{f}MLP" for f in _FAMILIES}
 _ATTENTIONS = {f"{f}Attention" for f in _FAMILIES}
+_DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES}
+_DECODER_CHILDREN = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _BACKENDS = ("auto", "triton", "torch")
 # plain attributes the attention interfaces read off the module (``self`` is passed to them)
 _ATTN_ATTRS = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling",
@@ -113,14 +118,83 @@ class RoPEAttention(nn.Module):
         return f"layer_idx={self.layer_idx}, backend={self.backend}"
 
 
+class FusedDecoderLayer(nn.Module):
+    """A Llama/Mistral/Qwen2 decoder layer whose attention residual add is fused with the norm after it:
+
+        (h, x) = input_layernorm(x, return_residual=True);  a = self_attn(h)
+        (h2, s) = post_attention_layernorm(a, x)    # s = x + a, h2 = norm(s): one kernel
+        return s + mlp(h2)
+
+    (``kernels.rmsnorm.add_rms_norm``.) The input norm passes x through, so that in the backward
+    x's residual-branch gradient is summed inside the input norm's backward kernel, and the
+    post-attention kernel sums s's two gradients: two gradient adds fewer per layer.
+
+    The same children under the same names (``self_attn``, ``mlp``, ``input_layernorm``,
+    ``post_attention_layernorm``), so parameter names, state dicts, adapters, checkpointing and
+    grouping are unchanged. The MLP's residual add stays unfused: fusing it with the *next*
+    layer's input norm would need the model loop (which calls each layer with the summed hidden
+    state and applies the final norm itself) to pass the un-added MLP output on. Build with
+    :meth:`from_module`."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp  # registration order = transformers' (state-dict keys)
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+
+    @classmethod
+    def from_module(cls, layer: nn.Module) -> "FusedDecoderLayer | None":
+        """Take over a ``Llama/Mistral/Qwen2DecoderLayer``'s children and plain attributes (e.g.
+        ``hidden_size``); None when it has other children or transformers' own gradient
+        checkpointing is on for it (which only its own class honours)."""
+        if tuple(layer._modules) != _DECODER_CHILDREN or getattr(layer, "gradient_checkpointing", False):
+            return None
+        new = cls(*(layer._modules[n] for n in _DECODER_CHILDREN))
+        for name, value in vars(layer).items():
+            if not name.startswith("_") and name not in ("training", "gradient_checkpointing"):
+                setattr(new, name, value)
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """hidden_states (B, T, H) -> (B, T, H). Every other argument (``position_embeddings``,
+        ``use_cache``, the KV cache as ``cache`` (transformers >= 5.24) or ``past_key_values``
+        (5.17-5.23), ...) goes to ``self_attn`` under the name it came with, as transformers' layer does."""
+        from qlora_trainer.kernels.rmsnorm import RMSNorm
+
+        fused = isinstance(self.input_layernorm, RMSNorm) and isinstance(self.post_attention_layernorm, RMSNorm)
+        if fused:  # h = norm(x); residual = x, as the input norm's second output
+            h, residual = self.input_layernorm(hidden_states, return_residual=True)
+        else:  # norms our kernels do not take over
+            h, residual = self.input_layernorm(hidden_states), hidden_states
+        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if fused:
+            h, residual = self.post_attention_layernorm(h, residual)  # (B, T, H) each: norm(x + a), x + a
+        else:
+            residual = residual + h
+            h = self.post_attention_layernorm(residual)
+        return residual + self.mlp(h)
+
+
 def _is_silu_mlp(mlp: nn.Module) -> bool:
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     parts = all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))
     return parts and act in ("silu", "swish")
 
 
+def _fused_decoder(module: nn.Module) -> nn.Module | None:
+    """A :class:`FusedDecoderLayer` for a transformers decoder layer, also one already wrapped by
+    ``checkpointing.CheckpointedLayer`` (re-wrapped); None for anything else."""
+    from qlora_trainer.models.checkpointing import CheckpointedLayer
+
+    if isinstance(module, CheckpointedLayer):
+        inner = _fused_decoder(module._layer)
+        return None if inner is None else CheckpointedLayer(inner, module.offloader)
+    return FusedDecoderLayer.from_module(module) if type(module).__name__ in _DECODERS else None
+
+
 def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: int = 0,
-                group_projections: bool = False) -> nn.Module:
+                group_projections: bool = False, fuse_add_norm: bool = True) -> nn.Module:
     """Replace RMSNorm, SwiGLU MLP and attention (RoPE) modules of ``model`` in place by
     kernel-backed ones (see the module docstring); returns ``model``. Idempotent.
 
@@ -130,6 +204,8 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
     chunks of that many tokens, each checkpointed); 0 = untiled. Already-adapted modules are kept.
     ``group_projections``: q/k/v and gate/up run as one grouped matmul each where their adapters
     allow (``kernels.grouped_linear``; the modules and parameter names are unchanged).
+    ``fuse_add_norm``: decoder layers become :class:`FusedDecoderLayer` (attention residual add +
+    ``post_attention_layernorm`` in one kernel on the Triton backend; the same ops on torch).
     """
     from qlora_trainer.kernels.rmsnorm import RMSNorm
     from qlora_trainer.kernels.swiglu import SwiGLUMLP
@@ -138,10 +214,12 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
         raise ValueError(f"adapt_model: mlp_chunk_tokens must be >= 0, got {mlp_chunk_tokens}")
     if backend not in _BACKENDS:
         raise ValueError(f"adapt_model: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
-    counts = {"norm": 0, "mlp": 0, "attention": 0}
-    for name, module in list(model.named_modules()):
-        cls = type(module).__name__
-        if cls in _NORMS:
+    counts = {"norm": 0, "mlp": 0, "attention": 0, "decoder": 0}
+    for name, module in list(model.named_modules()):  # parents before children: a new layer's
+        cls = type(module).__name__                    # children are replaced through it afterwards
+        if fuse_add_norm and (layer := _fused_decoder(module)) is not None:
+            new, kind = layer, "decoder"
+        elif cls in _NORMS:
             new, kind = RMSNorm.from_module(module, backend), "norm"
         elif cls in _MLPS and _is_silu_mlp(module):
             new = SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend,
@@ -155,6 +233,6 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
         new.train(module.training)
         model.set_submodule(name, new)
         counts[kind] += 1
-    logger.info("adapt_model(backend=%s): replaced %d RMSNorm, %d MLP, %d attention modules",
-                backend, counts["norm"], counts["mlp"], counts["attention"])
+    logger.info("adapt_model(backend=%s): replaced %d RMSNorm, %d MLP, %d attention, %d decoder-layer modules",
+                backend, counts["norm"], counts["mlp"], counts["attention"], counts["decoder"])
     return model

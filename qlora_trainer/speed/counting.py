@@ -21,11 +21,13 @@ from typing import Any
 from torch.utils._python_dispatch import TorchDispatchMode
 
 LAUNCHERS = {  # (module in qlora_trainer.kernels, launcher function) -> the step model's op name
-    ("_triton_nf4", "nf4_dequant"): "dequant", ("_triton_rmsnorm", "rmsnorm_fwd"): "rmsnorm.fwd",
+    ("_triton_nf4", "nf4_dequant"): "dequant", ("_triton_nf4", "nf4_dequant_group"): "dequant",
+    ("_triton_rmsnorm", "rmsnorm_fwd"): "rmsnorm.fwd",
     ("_triton_rmsnorm", "rmsnorm_bwd"): "rmsnorm.bwd", ("_triton_rope", "rope_launch"): "rope",
     ("_triton_swiglu", "swiglu_fwd"): "swiglu.fwd", ("_triton_swiglu", "swiglu_bwd"): "swiglu.bwd",
     ("_triton_ce", "ce_chunk"): "ce.chunk", ("_triton_lora", "nf4_matmul"): "fused",
     ("_triton_dropout", "dropout_launch"): "lora.dropout",
+    ("_triton_rmsnorm", "add_rmsnorm_fwd"): "add_rmsnorm.fwd", ("_triton_rmsnorm", "add_rmsnorm_bwd"): "add_rmsnorm.bwd",
 }
 GEMMS = {"mm", "addmm", "addmm_"}
 NOT_LAUNCHES = {"detach", "empty", "empty_like", "empty_strided", "lift_fresh", "alias", "_unsafe_view",

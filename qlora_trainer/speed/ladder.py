@@ -28,11 +28,12 @@ class Rung:
 
 
 BASELINE = dict(skip_down_recompute=False, fused_qkv=False, fused_gate_up=False, fused_dequant_gemm=False,
-                cuda_graphs=False, ckpt_layers=None)
+                cuda_graphs=False, ckpt_layers=None, fused_add_norm=False)
 AUTO_CKPT = "checkpoint_layers=auto"  # fields filled per shape and GPU from the memory plan
 RUNGS = (
     Rung("recompute skips down_proj (`base_last`)", dict(skip_down_recompute=True), True),
     Rung("grouped q/k/v and gate/up (`model.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), True),
+    Rung("fused residual add + RMSNorm (`model.fused_add_norm`)", dict(fused_add_norm=True), True),
     Rung(f"`model.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, True),
     Rung("decoder layers as CUDA graphs (`train.compile: reduce-overhead`; off by default, unmeasured)",
          dict(compile="reduce-overhead"), True),

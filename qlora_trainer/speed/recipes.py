@@ -53,10 +53,13 @@ class StepOptions:
     skip_down_recompute (built, on by default: ``LoRALinear.base_last`` in checkpointed layers) - the
     recompute skips down_proj's dequantization and base GEMM (its adapter term still runs).
     Issue 16 (not built yet, predicted): fused_qkv / fused_gate_up (one dequant + GEMM + LoRA-A GEMM
-    for the group; ``model.group_projections`` builds the one-GEMM part with member-wise dequants,
+    for the group; ``model.group_projections`` builds them: one grouped decode launch, one GEMM,
     mapped onto these options by ``report.options_for_config``),
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy), cuda_graphs (a
     captured step: per-launch host cost -> graph replay cost).
+    fused_add_norm (built, on by default: ``model.fused_add_norm``) - each layer's attention residual
+    add + post-attention RMSNorm as one Triton kernel forward and one backward, and the input
+    norm's backward summing its input's residual gradient (with ``kernels``).
     compile (built: ``train.compile``, issue 16c): ``none | default | reduce-overhead``, each decoder
     layer under torch.compile; the ops of the layer phases (forward, recompute, backward) cost
     ``compiled_launch_us`` (default) or ``graph_launch_us`` (reduce-overhead) per launch on the host,
@@ -88,6 +91,7 @@ class StepOptions:
     skip_down_recompute: bool = True
     fused_dequant_gemm: bool = False
     cuda_graphs: bool = False
+    fused_add_norm: bool = True
     compile: str = "none"
 
     def __post_init__(self) -> None:
@@ -157,12 +161,15 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
     if lora and o.dropout > 0:  # draw_seed (a randint on the device), then x_l = x * k / (1 - p)
         ops += [host("lora.draw_seed", phase, 1), _kernel(o, "lora.dropout", phase, m * i, m * i)]
+    k = _members(name)
+    if lora and k > 1:  # kernels.grouped_linear: A = cat(A_i) each call (autograd's cat)
+        ops.append(elementwise("group.cat_A", phase, ra * i, ra * i, b))
     if lora:
         ops.append(gemm("lora.A", phase, m, i, ra, b))
     if not skip_base:
         ops += _base_matmul(o, phase, name, m, i, out, fused)
-    if lora:
-        ops.append(gemm("lora.B", phase, m, r, out, b, accumulate=True))
+    if lora:  # one B GEMM per member (o_i summed to out; modelled as k equal parts)
+        ops.append(gemm("lora.B", phase, m, r, out / k, b, accumulate=True, count=k))
     return ops
 
 
@@ -183,9 +190,13 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
     b, r, ph, ops = o.act_bytes, o.lora_r, "backward", []
     ra = r * _members(name)
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
+    k = _members(name)  # a group (kernels.grouped_linear): du and dB per member, du and dy concatenated
     if lora:
-        ops += [gemm("lora.du", ph, m, out, r, b), elementwise("lora.scale", ph, m * r, m * r, b),
-                gemm("lora.dB", ph, out, m, r, b), elementwise("lora.scale", ph, out * r, out * r, b)]
+        ops += [gemm("lora.du", ph, m, out / k, r, b, count=k), elementwise("lora.scale", ph, m * r, m * r, b, count=k)]
+        if k > 1:
+            ops += [elementwise("group.cat_du", ph, m * ra, m * ra, b), elementwise("group.cat_dy", ph, m * out, m * out, b)]
+        ops += [gemm("lora.dB", ph, out / k, m, r, b, count=k),
+                elementwise("lora.scale", ph, out * r / k, out * r / k, b, count=k)]
     if need_dx:
         ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused)
     if lora:
@@ -222,11 +233,13 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     ops = [_kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
     for name, i, out in attn:
         ops += _ours_linear(o, phase, name, m, i, out, _lora_on(name, targets))
+    if o.fused_qkv and o.kernels:  # q, k are column views of the group's output: the RoPE launcher copies them
+        ops.append(elementwise("group.contiguous", phase, m * (q + kv), m * (q + kv), b, launches=2))
     ops += [_kernel(o, "rope.fwd", phase, m * (q + kv), m * (q + kv)),
             attention(phase, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b),
             elementwise("attn_out.transpose", phase, m * q, m * q, b)]
     ops += _ours_linear(o, phase, "o_proj", m, q, h, _lora_on("o_proj", targets))
-    ops += [elementwise("residual.add", phase, 2 * m * h, m * h, b), _kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
+    ops += _add_norm(o, phase, m, h)
     chunks = _mlp_chunks(o)
     # tiled: forward runs every chunk; the layer's recompute stops (early stop) once the last
     # chunk's checkpoint has saved its input, so it runs chunks - 1 of them (the chunks' own
@@ -241,6 +254,22 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     return ops
 
 
+def _add_norm(o: StepOptions, phase: str, m: int, h: int) -> list[Op]:
+    """The attention residual add + post-attention RMSNorm over m tokens (``phase`` backward: their
+    gradient). Fused (``kernels.rmsnorm.add_rms_norm``): one kernel, forward reads x, r and writes s, y;
+    backward reads dy, ds_out, s and writes ds. Else the add and the norm; backward the norm's and
+    the sum of the two gradients of s. The input norm's backward is the same (its input's two
+    gradients: the norm's and the residual branch's; its forward is a plain RMSNorm)."""
+    b = o.act_bytes
+    if o.kernels and o.fused_add_norm:
+        if phase == "backward":
+            return [elementwise("add_rmsnorm.bwd", phase, 3 * m * h, m * h, b)]
+        return [elementwise("add_rmsnorm.fwd", phase, 2 * m * h, 2 * m * h, b)]
+    if phase == "backward":
+        return [_kernel(o, "rmsnorm.bwd", phase, 2 * m * h, m * h), elementwise("grad.accumulate", phase, 2 * m * h, m * h, b)]
+    return [elementwise("residual.add", phase, 2 * m * h, m * h, b), _kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
+
+
 def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -> list[Op]:
     """One MLP forward over one chunk (the whole sequence when untiled)."""
     chunks = _mlp_chunks(o)
@@ -249,6 +278,9 @@ def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) 
     ops = []
     for name, i, out in mlp:
         ops += _ours_linear(o, phase, name, mc, i, out, _lora_on(name, targets))
+    if o.fused_gate_up and o.kernels:  # gate, up: column views, copied by the SwiGLU launcher
+        ops.append(elementwise("group.contiguous", phase, 2 * mc * arch.intermediate, 2 * mc * arch.intermediate,
+                               o.act_bytes, launches=2))
     ops.append(_kernel(o, "swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate))
     skip = phase == "recompute" and o.skip_down_recompute and o.compile == "none"  # compiled: no early stop
     return ops + _ours_linear(o, phase, "down_proj", mc, arch.intermediate, arch.hidden,
@@ -275,14 +307,14 @@ def _ours_layer_backward(arch: ArchSpec, o: StepOptions, targets: set[str], firs
         mo += _ours_linear_backward(o, name, mc, i, out, _lora_on(name, targets))
     mo += [elementwise("grad.accumulate", ph, 2 * mc * h, mc * h, b)] * (len(mlp) - 1)
     ops += [op.times(chunks) for op in mo]
-    ops += [_kernel(o, "rmsnorm.bwd", ph, 2 * m * h, m * h), grad_add]   # dh1: skip + MLP branch
+    ops += _add_norm(o, ph, m, h)   # dh1: skip + MLP branch, through the post-attention norm
     ops += _ours_linear_backward(o, "o_proj", m, q, h, _lora_on("o_proj", targets))
     ops += [attention(ph, o.batch, o.seq_len, arch.heads, arch.kv_heads, arch.head_dim, b, backward=True),
             _kernel(o, "rope.bwd", ph, m * (q + kv), m * (q + kv))]
     for name, i, out in reversed(attn):
         ops += _ours_linear_backward(o, name, m, i, out, _lora_on(name, targets), need_dx=not first)
     if not first:  # the q/k/v input gradients summed, the input norm, dx: skip + attention branch
-        ops += [grad_add] * (len(attn) - 1) + [_kernel(o, "rmsnorm.bwd", ph, 2 * m * h, m * h), grad_add]
+        ops += [grad_add] * (len(attn) - 1) + _add_norm(o, ph, m, h)  # fused: the input norm sums dx
     return ops
 
 

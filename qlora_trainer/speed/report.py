@@ -148,17 +148,19 @@ def options_for_config(cfg, *, act_bytes: int = 2, budget_bytes: int | None = No
         mlp_chunk=cfg.model.mlp_chunk_tokens, offload=cfg.model.offload_activations,
         loss_chunk=cfg.train.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
-        clip_grad=cfg.train.max_grad_norm > 0, compile=cfg.train.compile,
-        # model.group_projections: one GEMM per q/k/v and gate/up group (member-wise dequants,
-        # modelled as one: a few launches optimistic), where the trainer's step runs it
-        fused_qkv=grouped_projections_on(cfg, training=True), fused_gate_up=grouped_projections_on(cfg, training=True))
+        clip_grad=cfg.train.max_grad_norm > 0,
+        # model.group_projections: one dequant launch and one base GEMM per q/k/v and gate/up group
+        # (the per-member B, du and dB GEMMs modelled too), where the trainer's step runs it
+        fused_qkv=grouped_projections_on(cfg, training=True), fused_gate_up=grouped_projections_on(cfg, training=True),
+        fused_add_norm=cfg.model.fused_add_norm, compile=cfg.train.compile)
 
 
 def hf_options(ours: StepOptions) -> StepOptions:
     """The HF stack on the same shape and batch (its recipe: all-linear LoRA, checkpointing)."""
     return replace(ours, system="hf", kernels=False, ckpt_every=1, ckpt_layers=None, mlp_chunk=0, offload=False,
                    fused_qkv=False, fused_gate_up=False, skip_down_recompute=False,
-                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, compile="none")
+                   fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, fused_add_norm=False,
+                   compile="none")
 
 
 def predict_for_config(cfg, gpu: str = "h100", budget_bytes: int | None = None

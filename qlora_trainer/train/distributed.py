@@ -233,7 +233,10 @@ def _keep_quant_state(model: nn.Module) -> None:
     """FSDP2 all-gathers a 4-bit weight into a plain Parameter, which has lost bitsandbytes'
     ``quant_state``. Keep it on the layer (``Linear4bit.quant_state``, where bitsandbytes itself
     looks when the weight lost it) and re-attach it before each use, by a forward pre-hook on the
-    4-bit layer and on its LoRA wrapper (whose kernels read ``base.weight.quant_state`` first)."""
+    4-bit layer and on its LoRA wrapper. Our kernels read the kept state too
+    (``kernels.base_weight.quant_state_of``): grouped q/k/v and gate/up never call the members'
+    forward, so without it the first forward fell back to member-wise LoRA and the checkpoint's
+    recompute grouped (a saved-tensor count mismatch)."""
     from qlora_trainer.models.quantize import is_4bit
 
     def hook(base: nn.Module) -> Any:

@@ -27,11 +27,10 @@ def adapter_dtype(cfg: "Config", device: torch.device) -> torch.dtype:
 
 
 def grouped_projections_on(cfg: "Config", *, training: bool = False) -> bool:
-    """Whether q/k/v and gate/up run as grouped GEMMs (``model.group_projections``). Off under FSDP:
-    FSDP2 swaps each layer's parameter storage between the forward and the recompute, so a grouped
-    weight cached in the forward is rebuilt differently there (checkpoint saved-tensor mismatch).
-    ``training``: also off with LoRA dropout, where the layers skip grouping (``grouping_operands``)."""
-    on = cfg.model.group_projections and cfg.train.distributed != "fsdp"
+    """Whether q/k/v and gate/up run as grouped GEMMs (``model.group_projections``), FSDP included
+    (docs/distributed.md, "Grouped projections under FSDP"). ``training``: off with LoRA dropout,
+    where the layers skip grouping (``grouping_operands``)."""
+    on = cfg.model.group_projections
     return on and not (training and cfg.lora.dropout > 0)
 
 
@@ -50,7 +49,7 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
         apply_loftq_from_config(model, cfg)
     adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
-                group_projections=grouped_projections_on(cfg))
+                group_projections=grouped_projections_on(cfg), fuse_add_norm=cfg.model.fused_add_norm)
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 

@@ -132,6 +132,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                       {"QBLOCK": 64, "QBLOCK2": 256, "NESTED": True, "BLOCK_BYTES": 1024},
                       ["PACKED", "OUT", "numel", "n_bytes"], num_warps=4, enable_fp_fusion=False)
     assert re.search(r"st\.global\.v4\.b32", ptx) and re.search(r"ld\.global\.v\d\.b32", ptx)
+    member = {"P": "*u8", "A": "*u8", "C": "*fp32", "D": "*fp32", "S": "*fp32", "F": "*fp32", "N": "i64"}
+    group_sig = {"OUT": "*bf16", **{f"{k}{i}": v for i in range(3) for k, v in member.items()},
+                 **{f"{k}{i}": "i64" for i in (1, 2) for k in "ET"}}
+    ptx = compile_ptx(_triton_nf4._nf4_dequant_group_kernel, group_sig,  # q/k/v in one launch
+                      {"MEMBERS": 3, "QBLOCK": 64, "QBLOCK2": 256, "NESTED": True, "BLOCK_BYTES": 1024},
+                      ["OUT", "P0", "P1", "P2", "N0", "N1", "N2", "E1", "E2"], num_warps=4, enable_fp_fusion=False)
+    assert len(re.findall(r"st\.global\.v4\.b32", ptx)) >= 3  # each member's branch keeps vector stores
     for trans_w in (True, False):
         ptx = compile_ptx(_triton_lora._nf4_matmul_kernel,
                           {"A": "*bf16", **w_sig, "BIAS": "*bf16", "C": "*bf16", "M": "i32", "N": "i32",

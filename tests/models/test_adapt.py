@@ -174,3 +174,102 @@ def test_qlora_training_step_kernels_on_equals_off():
     torch.testing.assert_close(torch.tensor(loss_b), torch.tensor(loss_a), rtol=1e-6, atol=0)
     for name, p in params_a.items():
         torch.testing.assert_close(params_b[name], p, rtol=0, atol=1e-5, msg=name)
+
+
+# -- the fused residual add + RMSNorm decoder layer ------------------------------------------------
+
+
+def _qlora_small(seed: int = 4):
+    from qlora_trainer.config import LoRAConfig
+    from qlora_trainer.lora.inject import inject_lora
+    from qlora_trainer.models.quantize import quantize_model
+
+    model = quantize_model(random_model(_SMALL, seed=seed), compute_dtype=torch.float32).train()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1), dtype=torch.float32, backend="torch")
+    with torch.no_grad():  # B = 0 at init would make every dA zero: give the adapters a value
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_fused_decoder_layer_equals_unfused(checkpointed):
+    """NF4 + LoRA (dropout on), Triton kernels, fp32: logits and every LoRA gradient of a full
+    forward + backward with the fused decoder layers equal those without (checkpointing on and off:
+    the recompute runs the fused kernel too), same parameter objects and state-dict keys."""
+    from qlora_trainer.models.adapt import FusedDecoderLayer
+
+    base = _qlora_small()
+    ids, mask = _batch(t=7)
+    results, keys = [], []
+    for fuse in (False, True):
+        model = adapt_model(copy.deepcopy(base), "triton", fuse_add_norm=fuse)
+        if checkpointed:
+            model = apply_checkpointing(model)
+        layer = model.model.layers[1]
+        inner = layer._layer if checkpointed else layer
+        assert isinstance(inner, FusedDecoderLayer) == fuse and isinstance(inner.post_attention_layernorm, RMSNorm)
+        torch.manual_seed(0)  # the same dropout masks
+        results.append(_logits_and_grads(model, ids, mask))
+        keys.append(list(model.state_dict()))
+    assert keys[0] == keys[1]
+    (want_logits, want), (got_logits, got) = results
+    assert want and set(got) == set(want) and all(".lora_" in n for n in want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+    for name, g in want.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_layers_generate_the_same_with_and_without_cache(tiny_model):
+    """Greedy decoding through the KV cache (whatever name this transformers passes it under) gives
+    the tokens and logits of decoding without a cache, and of the unfused model."""
+    ids = torch.randint(0, 250, (1, 6))
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=259)
+    runs = []
+    for fuse, cache in ((True, True), (True, False), (False, True)):
+        model = adapt_model(copy.deepcopy(tiny_model), "triton", fuse_add_norm=fuse).eval()
+        with torch.no_grad():
+            runs.append(model.generate(ids, use_cache=cache, **kw))
+    for other in runs[1:]:
+        assert torch.equal(other.sequences, runs[0].sequences)
+        torch.testing.assert_close(torch.stack(other.logits), torch.stack(runs[0].logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_fused_layer_passes_the_cache_under_either_name(tiny_model, name):
+    """transformers 5.24 calls the layer with ``cache=``, 5.17-5.23 with ``past_key_values=``."""
+    from transformers import DynamicCache
+
+    model = adapt_model(tiny_model, "torch")
+    layer, h = model.model.layers[0], torch.randn(1, 5, 128)
+    pos = torch.arange(5)[None]
+    emb = model.model.rotary_emb(h, pos)
+    cache = DynamicCache(config=model.config)
+    out = layer(h, position_ids=pos, position_embeddings=emb, use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == 5
+    torch.testing.assert_close(out, layer(h, position_ids=pos, position_embeddings=emb), rtol=0, atol=0)
+
+
+def test_fused_layer_after_checkpointing_and_when_off(tiny_model):
+    """adapt_model after apply_checkpointing re-wraps the fused layer (same keys, idempotent);
+    ``fuse_add_norm=False`` (and transformers' own checkpointing on a layer) keeps transformers' layers."""
+    from qlora_trainer.models.adapt import FusedDecoderLayer
+    from qlora_trainer.models.checkpointing import CheckpointedLayer
+
+    keys = list(tiny_model.state_dict())
+    assert type(adapt_model(copy.deepcopy(tiny_model), "torch", fuse_add_norm=False).model.layers[0]).__name__ \
+        == "LlamaDecoderLayer"
+    hf_ckpt = copy.deepcopy(tiny_model)
+    hf_ckpt.model.layers[1].gradient_checkpointing = True  # transformers' own checkpointing: its class only
+    assert [type(m).__name__ for m in adapt_model(hf_ckpt, "torch").model.layers][:2] == \
+        ["FusedDecoderLayer", "LlamaDecoderLayer"]
+    model = adapt_model(apply_checkpointing(tiny_model), "torch")
+    layer = model.model.layers[3]
+    assert isinstance(layer, CheckpointedLayer) and isinstance(layer._layer, FusedDecoderLayer)
+    assert isinstance(layer._layer.mlp, SwiGLUMLP) and layer.hidden_size == 128
+    assert list(model.state_dict()) == keys
+    text = repr(model)
+    assert repr(adapt_model(model, "torch")) == text

@@ -83,7 +83,8 @@ def _predicted(seq: int, dropout: float, mlp_chunk: int) -> dict:
 def test_model_counts_equal_a_real_step(seq, dropout, mlp_chunk):
     launches, mode = _real_step(seq, dropout, mlp_chunk)
     pred = _predicted(seq, dropout, mlp_chunk)
-    for label in ("dequant", "fused", "rmsnorm.fwd", "rmsnorm.bwd", "rope", "swiglu.fwd", "swiglu.bwd", "ce.chunk"):
+    for label in ("dequant", "fused", "rmsnorm.fwd", "rmsnorm.bwd", "add_rmsnorm.fwd", "add_rmsnorm.bwd", "rope",
+                  "swiglu.fwd", "swiglu.bwd", "ce.chunk"):
         assert launches[label] == pred["launches"][label], label
     assert mode.gemms == pred["gemms"]
     assert mode.flops == pytest.approx(pred["flops"], rel=1e-9)
@@ -117,3 +118,22 @@ def test_model_counts_equal_a_real_step_with_the_torch_references(dropout):
     modelled = sum(op.total_launches for op in ops if op.phase != "optimizer")
     print(f"tiny step, torch references: {real} launches, {modelled} modelled")
     assert modelled == pytest.approx(real, rel=0.05)
+
+
+def test_fused_add_norm_model_saves_a_launch_per_layer_pass():
+    """model.fused_add_norm: one launch fewer per layer in forward, recompute and backward, and one
+    more in the backward of every layer but the first (the input norm sums the residual gradient;
+    the drift tests above check the fused counts against a real step, test_step_counts the
+    unfused), less traffic; with the torch references the ops are the unfused ones."""
+    from dataclasses import replace
+
+    arch, on = CATALOG["tiny"], _options(96, 0.0, 0)
+
+    def total(o, attr):
+        return sum(getattr(op, attr) for op in step_ops(arch, o))
+
+    off = replace(on, fused_add_norm=False)
+    assert total(off, "total_launches") - total(on, "total_launches") == 3 * arch.layers + arch.layers - 1
+    assert total(on, "total_bytes") < total(off, "total_bytes")
+    ref = replace(on, kernels=False)
+    assert step_ops(arch, ref) == step_ops(arch, replace(ref, fused_add_norm=False))

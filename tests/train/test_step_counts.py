@@ -67,7 +67,7 @@ def count_step(seq: int = 96, kernels: str = "triton", **model_keys) -> dict[str
     launches = mode.launches
     if kernels == "triton":
         assert launches["dequant"] == COUNTS["dequant"]
-    return {"dequant": COUNTS["dequant"], "gemm": mode.gemms,
+    return {"dequant": COUNTS["dequant"], "gemm": mode.gemms, "flops": mode.flops,
             "launches": mode.total_launches, **launches}
 
 
@@ -132,16 +132,41 @@ def test_base_last_saves_the_same_tensors():
 
 # docs/speed.md: one step of the tiny model, 96 tokens, every layer checkpointed (the default).
 BEFORE = {"dequant": 81, "gemm": 304, "launches": 560}  # e264338 (3 x 28 - 3 dequantizations)
-AFTER = {"dequant": 77, "gemm": 220, "launches": 542}   # + recompute skip + grouped q/k/v, gate/up
+AFTER = {"dequant": 43, "gemm": 220, "launches": 493}   # + recompute skip + grouped q/k/v, gate/up + fused add-norm
+UNFUSED_ADD_NORM = 508  # launches with model.fused_add_norm: false (grouped, recompute skip)
 
 
 def test_step_counts_torch_backend():
-    """Dequantizations and GEMMs do not depend on the backend: the fast torch path checks them."""
+    """Dequantizations and GEMMs do not depend on the backend: the fast torch path checks them.
+    Grouped, a group's members decode in one call: per layer 7 -> 4 decodes in the forward and dx,
+    6 -> 3 in the recompute (down_proj skipped), layer 0's q/k/v group has no dx."""
     got = count_step(kernels="torch")
     assert (got["dequant"], got["gemm"]) == (AFTER["dequant"], AFTER["gemm"])
-    assert got["dequant"] == BEFORE["dequant"] - 4 and got["gemm"] < BEFORE["gemm"]
+    assert got["dequant"] == 4 * (4 + 3 + 4) - 1 and got["gemm"] < BEFORE["gemm"]
     off = count_step(kernels="torch", group_projections=False)
-    assert off["dequant"] == got["dequant"] and off["gemm"] == BEFORE["gemm"] - 4  # down_proj W x, recompute
+    assert off["dequant"] == BEFORE["dequant"] - 4 and off["gemm"] == BEFORE["gemm"] - 4  # down_proj W x, recompute
+
+
+def _grouped_model(kernels: bool) -> dict:
+    """The step model's prediction for count_step's grouped step: fused_qkv / fused_gate_up (what
+    model.group_projections maps to, ``report.options_for_config``)."""
+    from qlora_trainer.models.catalog import CATALOG
+    from qlora_trainer.speed.recipes import StepOptions, step_ops
+
+    o = StepOptions(seq_len=96, lora_r=8, act_bytes=4, optimizer="adamw", kernels=kernels, fused_qkv=True,
+                    fused_gate_up=True)
+    ops = [op for op in step_ops(CATALOG["tiny"], o) if op.phase != "optimizer"]
+    gemms = [op for op in ops if op.kind == "gemm"]
+    return {"dequant": sum(op.count for op in ops if op.kind == "dequant"), "gemm": sum(op.count for op in gemms),
+            "flops": sum(op.total_flops for op in gemms), "launches": sum(op.total_launches for op in ops)}
+
+
+def test_step_model_predicts_the_grouped_step():
+    """Dequantizations (one per group and pass), GEMMs (B, du and dB per member) and their FLOPs of a
+    real grouped step (backend independent: the torch path checks them) equal the step model's."""
+    got, modelled = count_step(kernels="torch"), _grouped_model(kernels=False)
+    assert (modelled["dequant"], modelled["gemm"]) == (got["dequant"], got["gemm"]) == (43, 220)
+    assert modelled["flops"] == pytest.approx(got["flops"], rel=1e-9)
 
 
 @pytest.mark.slow
@@ -149,6 +174,17 @@ def test_step_counts_triton_backend():
     got = count_step()
     print(got)
     assert {k: got[k] for k in AFTER} == AFTER
+    # every launch of the grouped step (concatenations of A, du, dy and RoPE's/SwiGLU's contiguous
+    # copies included) as the step model predicts it
+    assert _grouped_model(kernels=True)["launches"] == pytest.approx(got["launches"], rel=0.01)
+    # fused residual add + RMSNorm: one kernel per layer in forward and recompute, one in backward,
+    # each replacing an aten add (the residual add; the gradient sum) next to an RMSNorm launch,
+    # and the input norms' backward (layers 1-3) sums the residual gradient too. Plain RMSNorm
+    # left: 4 input norms + 4 recomputed + the final one forward; the final one backward
+    assert (got["add_rmsnorm.fwd"], got["add_rmsnorm.bwd"], got["rmsnorm.fwd"], got["rmsnorm.bwd"]) == (8, 7, 9, 1)
+    off = count_step(fused_add_norm=False)
+    assert off["launches"] == UNFUSED_ADD_NORM == AFTER["launches"] + 3 * 4 + 3 and off.get("add_rmsnorm.fwd", 0) == 0
+    assert {k: off[k] for k in ("dequant", "gemm")} == {k: got[k] for k in ("dequant", "gemm")}
 
 
 def test_partial_checkpointing_recomputes_only_the_first_n_layers():
