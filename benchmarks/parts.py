@@ -27,13 +27,17 @@ SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
 SPEED_SYSTEMS = ("qlora_trainer", "hf", "hf-tuned")
 # After Unsloth, variants of ours (RunSpec.extra, cap GB): what model.checkpoint_layers=auto does on a 24 GB card.
 SPEED_VARIANTS = [({"model": {"checkpoint_layers": "auto"}}, 24.0)]
+# Then (GPU only) ours with a step option (issue 16c: CUDA graphs), 7B/512 first (the launch-bound shape):
+# (model, seq_len, RunSpec.extra). Not in the dry run: compiling even the tiny layer outlasts its speed box.
+COMPILE_ROWS = [("llama-2-7b", 512, {"train": {"compile": "reduce-overhead"}}),
+                ("llama-3-8b", 2048, {"train": {"compile": "reduce-overhead"}})]
 # Part 3: 70B rows (in-process NF4 build, layer by layer).
 BIG_ROWS = [("qlora_trainer", "llama-3-70b", 512), ("qlora_trainer", "llama-3-70b", 2048), ("hf", "llama-3-70b", 512)]
 # Part 4: (model, goal seq_len, cap GB): pass/fail at the goal, ours with MLP tiling, CPU embeddings, offload.
 LONG_GOALS = [("llama-3.1-70b", 32768, 48.0), ("llama-3.1-8b", 131072, 24.0)]
 LONG_MODEL = {"mlp_chunk_tokens": 4096, "embeddings_on_cpu": True, "offload_activations": True}
 # Seconds one row process may take at most (a hung row must not eat its whole part).
-ROW_CAP_S = {"speed": 90.0, "unsloth": 150.0, "big": 100.0, "long": 150.0}
+ROW_CAP_S = {"speed": 90.0, "unsloth": 150.0, "big": 100.0, "long": 150.0, "compile": 90.0}
 STEPS = {"speed": (2, 5), "big": (1, 3), "long": (0, 1)}  # (warm-up, timed)
 
 # The dry run (CPU, fp32, kernels under the interpreter): one tiny shape per part, every code path.
@@ -124,7 +128,8 @@ def junit_summary(path: Path) -> dict:
 
 def part_speed(p: Part) -> None:
     """Speed and memory rows: every system on every shape, same weights and tokens (in-process NF4
-    build; Unsloth loads a checkpoint written here, its cost inside its own row's box)."""
+    build; Unsloth loads a checkpoint written here, its cost inside its own row's box); then, on a
+    GPU, ours with ``train.compile: reduce-overhead`` (:data:`COMPILE_ROWS`); then the variants."""
     from benchmarks.run import prepare_weights, unsloth_available
     from benchmarks.systems import UNSLOTH_MISSING
 
@@ -150,6 +155,8 @@ def part_speed(p: Part) -> None:
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
+    for model, seq, extra in [] if p.dry else COMPILE_ROWS:
+        p.emit(p.launch(p.spec("qlora_trainer", model, seq, "speed", extra=extra), ROW_CAP_S["compile"]))
     for model, seq in shapes:
         for extra, cap in SPEED_VARIANTS:
             spec = p.spec("qlora_trainer", model, seq, "speed", extra=extra, cap_gb=None if p.dry else cap)

@@ -43,6 +43,13 @@ _CACHE_ATTR = "_qlora_base_weight"
 _PATH_ATTR = "_qlora_nf4_matmul"  # (path, chunk_bytes) on an NF4 module, set by set_nf4_matmul
 
 
+def count(key: str) -> None:
+    """``COUNTS[key] += 1`` in eager mode; nothing while torch.compile traces (a compiled graph runs no
+    Python to count, and dynamo refuses a global side effect inside an autograd.Function)."""
+    if not torch.compiler.is_compiling():
+        COUNTS[key] += 1
+
+
 @dataclass(frozen=True, eq=False)  # holds tensors: identity equality
 class BaseWeight:
     """The frozen base layer of a LoRA linear: exactly one of ``dense`` (out, in) or ``nf4``; bias
@@ -95,14 +102,14 @@ class BaseWeight:
         """W (out, in) in ``dtype`` (default: the stored / quant-state dtype); a transient
         dequantized copy for NF4, the weight itself (not a copy) for a dense one of that dtype."""
         if self.nf4 is not None:
-            COUNTS["dequant"] += 1
+            count("dequant")
             return dequantize_nf4(self.nf4, dtype, backend=self.backend)
         return self.dense if dtype is None else self.dense.to(dtype)
 
     def weight_into(self, out: torch.Tensor) -> torch.Tensor:
         """Write W into ``out`` (contiguous (out, in), its dtype), e.g. a group's rows; returns it."""
         if self.nf4 is not None:
-            COUNTS["dequant"] += 1
+            count("dequant")
             return dequantize_nf4(self.nf4, backend=self.backend, out=out)
         return out.copy_(self.dense)
 
@@ -128,7 +135,7 @@ class BaseWeight:
 
     def forward_matmul(self, x: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
         """x (M, in) -> x @ W^T + bias (M, out), in x.dtype."""
-        COUNTS["forward"] += 1
+        count("forward")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         path = self.path(x.shape[0], fuse)
         if path == "decode":
@@ -146,7 +153,7 @@ class BaseWeight:
 
     def backward_matmul(self, dy: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
         """dy (M, out) -> dy @ W (M, in), in dy.dtype (W recomputed, never saved)."""
-        COUNTS["dx"] += 1
+        count("dx")
         path = self.path(dy.shape[0], fuse)
         if path == "decode":
             from ._triton_lora import nf4_matmul
@@ -175,7 +182,7 @@ class BaseWeight:
         res = torch.empty(a.shape[0], out_f if trans_w else in_f, dtype=a.dtype, device=a.device)
         for r0 in range(0, out_f, rows):
             r1 = min(out_f, r0 + rows)
-            COUNTS["dequant"] += 1
+            count("dequant")
             w = dequantize_nf4(self.nf4, backend=self.backend, out=buf[: r1 - r0], rows=(r0, r1))
             if trans_w and bias is not None:
                 torch.addmm(bias[r0:r1], a, w.t(), out=res[:, r0:r1])
@@ -225,7 +232,19 @@ def base_weight(base: nn.Module, backend: str = "triton") -> BaseWeight | None:
     """:meth:`BaseWeight.from_module` (``backend`` already resolved: ``triton|torch``), built once
     and cached on ``base``; rebuilt when its weight/bias object, storage, device, dtype, version,
     quant state, trainability or large-M path (:func:`set_nf4_matmul`) change. None for a base the
-    kernels do not read."""
+    kernels do not read.
+
+    While torch.compile traces, the cached object is returned unchecked (the key reads storage
+    pointers and versions, which dynamo cannot trace; the frozen base does not change within a
+    run); without one, it is built in eager mode (a graph break)."""
+    if torch.compiler.is_compiling():
+        hit = base.__dict__.get(_CACHE_ATTR)
+        return hit[1] if hit is not None and hit[0][0] == backend else _base_weight_eager(base, backend)
+    return _base_weight_eager(base, backend)
+
+
+@torch.compiler.disable
+def _base_weight_eager(base: nn.Module, backend: str) -> BaseWeight | None:
     key = _cache_key(base, backend)
     hit = base.__dict__.get(_CACHE_ATTR)
     if hit is not None and hit[0] == key:

@@ -47,7 +47,7 @@ def lora_matmul(
     dequantization: Triton, or the torch reference; never bitsandbytes' CPU-feature-dependent
     kernels); other bases (trainable, FP4, unknown modules) take the plain path below, where
     dropout is ``F.dropout`` (device RNG, its mask kept for backward by autograd); the Function
-    instead regenerates a seeded mask in the backward and saves nothing for it.
+    instead regenerates its mask in the backward from an 8-byte device seed (``dropout.py``).
     """
     bw = base_weight(base, resolve_backend(backend, x.device))
     if bw is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base_weight import COUNTS, BaseWeight
+from .base_weight import BaseWeight, count
 from .nf4 import NF4Weight, dequantize_nf4_group, nf4_groupable
 
 
@@ -52,7 +52,7 @@ class GroupWeight:
         dev = first.nf4.packed.device if first.nf4 is not None else first.dense.device
         w = torch.empty(sum(self.outs), first.shape[1], dtype=dtype, device=dev)
         if self.nf4_members is not None:
-            COUNTS["dequant"] += 1
+            count("dequant")
             return dequantize_nf4_group(self.nf4_members, w, backend=first.backend)
         for bw, rows in zip(self.members, w.split(self.outs)):
             bw.weight_into(rows)
@@ -66,7 +66,7 @@ class GroupWeight:
 
     def forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) -> x W^T + bias (M, O)."""
-        COUNTS["forward"] += 1
+        count("forward")
         w = self.weight(x.dtype)
         if self.bias is None:
             return x @ w.t()
@@ -74,7 +74,7 @@ class GroupWeight:
 
     def backward_matmul(self, dy: torch.Tensor) -> torch.Tensor:
         """dy (M, O) -> dy W (M, in)."""
-        COUNTS["dx"] += 1
+        count("dx")
         return dy @ self.weight(dy.dtype)
 
 

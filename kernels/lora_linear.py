@@ -3,9 +3,11 @@
     y = x @ W^T (+ bias) + s * (x_l @ A^T) @ B^T        x: (M, in), W: (out, in) frozen,
     x_l = x ⊙ k / (1 - p)   (dropout; x_l = x when p = 0)      A: (r, in), B: (out, r)
 
-k (M, in) is the keep-mask, k_ij ~ Bernoulli(1 - p), drawn from a generator seeded with an integer
-drawn in the forward (:func:`draw_seed`, from torch's CPU default generator, so checkpoint
-recomputes and exact resume redraw the same seed) by :func:`dropout_mask`.
+k (M, in) is the keep-mask, k_ij ~ Bernoulli(1 - p): a counter-based (Philox) function of a (1,)
+int64 seed tensor drawn in the forward on x's device (``dropout.draw_seed``, torch's device
+generator: checkpoint recomputes and exact resume redraw the same seed, a captured CUDA graph draws
+a new one per replay) and of the element offset; ``dropout.SeededDropout`` builds x ⊙ k / (1 - p)
+in one pass (Triton kernel, or its bit-exact torch reference: see ``dropout.py``).
 
 Backward, with dy = dL/dy (M, out) and u = x_l @ A^T (M, r) saved from the forward:
     dL/dB  = s * dy^T @ u                          (out, r)
@@ -14,11 +16,11 @@ Backward, with dy = dL/dy (M, out) and u = x_l @ A^T (M, r) saved from the forwa
     dL/dx  = dy @ W + (du @ A) ⊙ k / (1 - p)       (M, in)   (k = 1 when p = 0)
 The dropout branch of dL/dx is the chain rule through x_l = x ⊙ k / (1 - p), whose Jacobian is
 diagonal. W and bias are frozen: no dW, and W is *recomputed* (dequantized again) in the backward
-instead of being saved; neither x_l nor k is saved either: k is regenerated from the seed (a
-transient (M, in) tensor) and x_l = x ⊙ k / (1 - p) rebuilt. The saved activations are x (M, in)
-— usually shared with the other adapters reading the same input — and u (M, r), the same bytes
-with dropout as without. The LoRA math runs in the activation dtype; dA/dB are returned in A/B's
-dtype.
+instead of being saved; neither x_l nor k is saved either: only the seed (8 bytes); the backward
+rebuilds x_l = x ⊙ k / (1 - p) and adds (du @ A) ⊙ k / (1 - p) to dy @ W from it (the Triton
+kernel never materialises k; the reference holds one bool (M, in) k for the backward's two uses). The saved activations are x (M, in) — usually shared with the other adapters
+reading the same input — and u (M, r), the same bytes with dropout as without (+ the seed).
+The LoRA math runs in the activation dtype; dA/dB are returned in A/B's dtype.
 
 Base matmul: for an NF4 weight with few tokens (M <= ``FUSED_MAX_TOKENS``) a Triton GEMM that
 dequantizes inside the operand load (``_triton_lora.py``); otherwise the weight's large-M path
@@ -31,87 +33,68 @@ from __future__ import annotations
 import torch
 
 from .base_weight import FUSED_MAX_TOKENS, BaseWeight
+from .dropout import SeededDropout, draw_seed, dropout_mask
 
 __all__ = ["FUSED_MAX_TOKENS", "BaseWeight", "LoRALinearFunction", "FrozenLinearFunction", "lora_linear",
            "frozen_linear", "lora_update", "lora_linear_reference", "draw_seed", "dropout_mask"]
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's CPU default generator (what ``torch.manual_seed`` sets and
-    ``torch.utils.checkpoint`` / ``fork_rng`` save and restore, whatever device the tensors are on)."""
-    return int(torch.randint(2**62, ()))
-
-
-def dropout_mask(seed: int, shape: tuple[int, ...], p: float, device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The keep-mask k (``shape``, 1 with probability 1 - p, else 0) in ``dtype`` on ``device``:
-    a function of (seed, shape, p, device, dtype) only, so the backward regenerates the forward's."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
-
-
-def _dropped_(mask: torch.Tensor, x2: torch.Tensor, p: float) -> torch.Tensor:
-    """x_l = x ⊙ k / (1 - p) (M, in), written over the mask k (one rounding to x's dtype)."""
-    return mask.mul_(x2).mul_(1.0 / (1.0 - p))
-
-
 class LoRALinearFunction(torch.autograd.Function):
-    """forward(x (..., in), A (r, in), B (out, r), base, scale, dropout, fuse) -> (..., out).
+    """forward(x (..., in), A (r, in), B (out, r), base, scale, dropout, backend, fuse) -> (..., out).
     ``base`` None: the adapter term s * (x_l A^T) B^T alone (no base matmul, no dy @ W).
 
     ``dropout`` is the probability p of zeroing an adapter input (applied whenever p > 0: the
-    caller passes 0 in eval mode); the mask is never saved (see the module docstring)."""
+    caller passes 0 in eval mode); the mask is never saved, only its (1,) seed tensor (see the
+    module docstring). ``backend`` (``triton|torch``): the dropout kernel or its torch reference."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, base: BaseWeight,
-                scale: float, dropout: float, fuse: bool | None) -> torch.Tensor:
+                scale: float, dropout: float, backend: str, fuse: bool | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
         a = lora_A.to(x.dtype)
         b = lora_B.to(x.dtype)
-        seed = draw_seed() if dropout > 0 else None
+        seed = draw_seed(x2.device) if dropout > 0 else None  # (1,) int64 on x's device
         if seed is None:
             u = x2 @ a.t()  # (M, r)
         else:
-            u = _dropped_(dropout_mask(seed, x2.shape, dropout, x2.device, x2.dtype), x2, dropout) @ a.t()
+            u = SeededDropout(seed, dropout, backend)(x2) @ a.t()  # x_l (M, in), transient
         if base is None:  # adapter term only (see lora_linear(base_last=True))
             y = torch.mm(u, b.t()).mul_(scale)  # (M, out)
         else:
             y = base.forward_matmul(x2, fuse)  # (M, out)
             y.addmm_(u, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, u, lora_A, lora_B)
-        ctx.base, ctx.scale, ctx.fuse, ctx.p, ctx.seed = base, scale, fuse, dropout, seed
+        ctx.save_for_backward(x2, u, lora_A, lora_B, *(() if seed is None else (seed,)))
+        ctx.base, ctx.scale, ctx.fuse, ctx.p, ctx.backend = base, scale, fuse, dropout, backend
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, u, lora_A, lora_B = ctx.saved_tensors
-        s, p = ctx.scale, ctx.p
+        x2, u, lora_A, lora_B, *seed = ctx.saved_tensors
+        s, p, seed = ctx.scale, ctx.p, (seed[0] if seed else None)
         lead = dy.shape[:-1]
         dy2 = dy.reshape(-1, dy.shape[-1]).to(u.dtype).contiguous()  # (M, out)
         a = lora_A.to(u.dtype)
         b = lora_B.to(u.dtype)
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         du = (dy2 @ b) * s  # (M, r)
-        mask = None
-        if ctx.seed is not None and (need_a or need_x):
-            mask = dropout_mask(ctx.seed, x2.shape, p, x2.device, x2.dtype)  # (M, in), transient
         d_a = d_b = dx = None
+        drop = None if seed is None else SeededDropout(seed, p, ctx.backend)
         if need_b:
             d_b = (dy2.t() @ u).mul_(s).to(lora_B.dtype)  # (out, r)
         if need_x:
-            if ctx.base is None:
-                dx = du @ a if mask is None else (du @ a).mul_(mask).mul_(1.0 / (1.0 - p))
-            elif mask is None:
-                dx = ctx.base.backward_matmul(dy2, ctx.fuse).addmm_(du, a)  # (M, in)
+            dx = None if ctx.base is None else ctx.base.backward_matmul(dy2, ctx.fuse)  # dy @ W (M, in)
+            if seed is not None:  # += (du @ A) ⊙ k / (1 - p), k regenerated from the seed
+                dx = drop(du @ a, out=dx)
+            elif dx is None:
+                dx = du @ a
             else:
-                dx = ctx.base.backward_matmul(dy2, ctx.fuse)  # (M, in)
-                dx.addcmul_(du @ a, mask, value=1.0 / (1.0 - p))
+                dx.addmm_(du, a)
             dx = dx.view(*lead, dx.shape[-1])
-        if need_a:  # last: x_l is built over the mask
-            xl2 = x2 if mask is None else _dropped_(mask, x2, p)
+        if need_a:
+            xl2 = x2 if drop is None else drop(x2)  # x_l (M, in), transient
             d_a = (du.t() @ xl2).to(lora_A.dtype)  # (r, in)
-        return dx, d_a, d_b, None, None, None, None
+        return dx, d_a, d_b, None, None, None, None, None
 
 
 class FrozenLinearFunction(torch.autograd.Function):
@@ -153,9 +136,9 @@ def lora_linear(x: torch.Tensor, base: BaseWeight, lora_A: torch.Tensor, lora_B:
     the base matmul and its dequantization, whose output the backward never uses. Same saved
     tensors as the fused form; the sum is rounded once more (``y_base + y_lora`` vs ``addmm_``)."""
     if base_last:
-        y_lora = LoRALinearFunction.apply(x, lora_A, lora_B, None, scale, dropout, fuse)
+        y_lora = LoRALinearFunction.apply(x, lora_A, lora_B, None, scale, dropout, base.backend, fuse)
         return frozen_linear(x, base, fuse=fuse) + y_lora
-    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scale, dropout, fuse)
+    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scale, dropout, base.backend, fuse)
 
 
 def lora_update(x_lora: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,

@@ -229,6 +229,12 @@ class TrainConfig:
     averages gradients; ``fsdp`` also shards the NF4 base, adapters and optimizer state across the
     GPUs (FSDP2 ``fully_shard`` per decoder layer; needs ``quantization.quant_storage`` = the compute
     dtype). ``none``: one process. See docs/distributed.md."""
+    compile: Literal["none", "default", "reduce-overhead"] = "none"
+    """torch.compile each decoder layer (forward and backward, inside its checkpoint): ``default``
+    (inductor: fused elementwise ops, less Python), ``reduce-overhead`` (also CUDA graphs: each
+    layer's launches replayed at once; for short sequences, where the step is launch-bound; fixed
+    shapes, e.g. ``data.pack: true``, avoid recompiles). ``none``: eager. Unmeasured on a GPU
+    so far (docs/speed.md); lora/rslora adapters, one process."""
 
 
 # experiment trackers accelerate knows (``output.report_to``)
@@ -305,6 +311,11 @@ class Config:
                               f"budget phase in train.max_steps {self.train.max_steps}; lower them")
         if self.model.offload_activations and not self.model.gradient_checkpointing:
             raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
+        if self.train.compile != "none" and (self.lora.variant not in ("lora", "rslora") or
+                                             self.train.distributed != "none"):
+            raise ConfigError(f"train.compile: {self.train.compile} supports lora/rslora adapters in one process "
+                              f"(lora.variant={self.lora.variant}, train.distributed={self.train.distributed}); "
+                              "set train.compile=none")
         if self.train.distributed == "fsdp":
             if self.model.quantization == "nf4" and self.quantization.quant_storage == "uint8":
                 raise ConfigError("quantization.quant_storage: FSDP shards floating-point tensors only; set it to "

@@ -169,6 +169,8 @@ def rows_from_doc(doc: dict, source: str = "") -> list[StepRow]:
     for r in doc.get("rows", []) if gpu else []:
         if r.get("kind", "step") != "step" or r.get("status") != "ok" or r.get("model") not in CATALOG:
             continue
+        if r.get("extra") or r.get("cap_gb"):  # variants (compile, checkpoint plan, caps): not the fitted recipe
+            continue
         system = {"hf": "hf", "qlora_trainer": "ours"}.get(r.get("system"))
         tok = r.get("tokens_per_s")
         if system and isinstance(tok, (int, float)) and tok > 0:

@@ -72,7 +72,9 @@ class Efficiency:
     host time per kernel launch (eager PyTorch dispatch + autograd + Python). bnb_call_us: GPU time
     per bitsandbytes dequantize_4bit call beyond its bandwidth term (its absmax kernels, tails);
     bnb_host_us: that call's Python cost beyond its launches; opt_param_us: per parameter tensor in bitsandbytes' optimizer
-    loop. graph_launch_us: per kernel inside a replayed CUDA graph. ours_launch_us: our trainer's
+    loop. graph_launch_us: per kernel inside a replayed CUDA graph. compiled_launch_us: per kernel
+    launched by torch.compile's generated code (no dispatcher or autograd per op; assumed).
+    ours_launch_us: our trainer's
     host time per launch once our own step rows have been measured (None: ``launch_us``, which is
     fitted on the HF stack, whose PEFT/bitsandbytes modules add Python per op)."""
 
@@ -91,6 +93,7 @@ class Efficiency:
     bnb_host_us: float = 10.0
     opt_param_us: float = 15.0
     graph_launch_us: float = 1.0
+    compiled_launch_us: float = 5.0
 
     def with_(self, **kw: float) -> "Efficiency":
         return replace(self, **kw)
@@ -111,8 +114,9 @@ FITTED = {
 
 
 def op_seconds(op: Op, dev: Device, eff: Efficiency, *, cuda_graphs: bool = False,
-               system: str = "hf") -> tuple[float, float]:
-    """(GPU seconds, host seconds) of one instance of ``op`` of ``system`` (hf | ours) on ``dev``."""
+               system: str = "hf", compiled: bool = False) -> tuple[float, float]:
+    """(GPU seconds, host seconds) of one instance of ``op`` of ``system`` (hf | ours) on ``dev``;
+    ``cuda_graphs``: replayed in a CUDA graph; ``compiled``: launched by torch.compile's code."""
     hbm = dev.hbm_gbs * 1e9
     if op.kind == "host":
         gpu = 0.0
@@ -135,7 +139,7 @@ def op_seconds(op: Op, dev: Device, eff: Efficiency, *, cuda_graphs: bool = Fals
         if op.kind == "dequant_bnb":
             gpu += op.host_calls * eff.bnb_call_us * 1e-6
     launch = eff.ours_launch_us if system == "ours" and eff.ours_launch_us is not None else eff.launch_us
-    per_launch = eff.graph_launch_us if cuda_graphs else launch
+    per_launch = eff.graph_launch_us if cuda_graphs else eff.compiled_launch_us if compiled else launch
     call = {"dequant_bnb": eff.bnb_host_us, "optimizer": eff.opt_param_us}.get(op.kind, 0.0)
     host = (op.launches * per_launch + (0.0 if cuda_graphs else op.host_calls * call)) * 1e-6
     return gpu, host

@@ -35,6 +35,8 @@ RUNGS = (
     Rung("grouped q/k/v and gate/up (`model.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), True),
     Rung("fused residual add + RMSNorm (`model.fused_add_norm`)", dict(fused_add_norm=True), True),
     Rung(f"`model.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, True),
+    Rung("decoder layers as CUDA graphs (`train.compile: reduce-overhead`; off by default, unmeasured)",
+         dict(compile="reduce-overhead"), True),
     Rung("NF4 decoded inside the GEMM at every M", dict(fused_dequant_gemm=True), False),
     Rung("the step replayed as a CUDA graph", dict(cuda_graphs=True), False),
 )

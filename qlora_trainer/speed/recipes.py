@@ -6,9 +6,10 @@ micro-batches of ``batch x seq_len`` tokens + the optimizer) from the catalog sh
 the trainer's, read off the sources:
 
 * **ours** (``system="ours"``, ``kernels=True``): every targeted linear is
-  ``kernels.lora_linear.LoRALinearFunction``: forward = [dropout mask + x*k/(1-p)] + x@A^T + NF4
-  dequant (Triton) + x@W^T + addmm_(u, B^T); backward = dy@B (*s), dy^T@u (*s), [mask again],
-  dequant + dy@W, addmm_/addcmul_ of (du@A), [x*k/(1-p)] + du^T@x_l. RMSNorm, RoPE, SwiGLU and the
+  ``kernels.lora_linear.LoRALinearFunction``: forward = [device seed + x*k/(1-p), one Triton
+  launch] + x@A^T + NF4 dequant (Triton) + x@W^T + addmm_(u, B^T); backward = dy@B (*s), dy^T@u
+  (*s), dequant + dy@W, addmm_ of (du@A) [or du@A, then dx += (du@A)*k/(1-p) and x*k/(1-p): one
+  Triton launch each] + du^T@x_l. RMSNorm, RoPE, SwiGLU and the
   chunked linear + cross-entropy are one Triton launch each (``models/adapt.py``,
   ``kernels/cross_entropy.py``); attention is SDPA (flash); checkpointing recomputes each
   checkpointed layer's forward in the backward (torch's early stop skips the layer's last
@@ -61,7 +62,14 @@ class StepOptions:
     chunk is modelled as staying in L2: its write and re-read cost no HBM bytes).
     fused_add_norm (built, on by default: ``model.fused_add_norm``) - each layer's attention residual
     add + post-attention RMSNorm as one Triton kernel forward and one backward, and the input
-    norm's backward summing its input's residual gradient (with ``kernels``)."""
+    norm's backward summing its input's residual gradient (with ``kernels``).
+    compile (built: ``train.compile``, issue 16c): ``none | default | reduce-overhead``, each decoder
+    layer under torch.compile; the ops of the layer phases (forward, recompute, backward) cost
+    ``compiled_launch_us`` (default) or ``graph_launch_us`` (reduce-overhead) per launch on the host,
+    the loss and the optimizer stay eager; the launch counts are the eager ones (inductor's
+    elementwise fusions are not modelled: conservative), except that a checkpointed layer's
+    recompute runs its whole compiled graph (no early stop: down_proj's base matmul and the last
+    residual add run again)."""
 
     system: str = "ours"
     batch: int = 1
@@ -87,6 +95,7 @@ class StepOptions:
     fused_dequant_gemm: bool = False
     cuda_graphs: bool = False
     fused_add_norm: bool = True
+    compile: str = "none"
     nf4_chunk_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +104,8 @@ class StepOptions:
         for name in ("batch", "seq_len", "grad_accum", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StepOptions.{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.compile not in ("none", "default", "reduce-overhead"):
+            raise ValueError(f"StepOptions.compile: {self.compile!r} is not none, default or reduce-overhead")
         if self.ckpt_every < 0 or self.mlp_chunk < 0 or (self.ckpt_layers or 0) < 0:
             raise ValueError("StepOptions: ckpt_every, ckpt_layers and mlp_chunk must be >= 0")
 
@@ -125,7 +136,8 @@ def checkpointed_layers(layers: int, every: int) -> int:
 # each. (launches, traffic multiple of the Triton kernel's bytes), counted on the CPU in fp32 by a
 # dispatch mode (tests/speed/test_counts.py); in 16-bit the RMSNorm reference casts twice more.
 REFERENCE = {"rmsnorm.fwd": (6, 3.5), "rmsnorm.bwd": (12, 4.0), "rope.fwd": (10, 4.0), "rope.bwd": (10, 4.0),
-             "swiglu.fwd": (2, 1.7), "swiglu.bwd": (3, 2.0), "ce.chunk": (15, 6.0)}
+             "swiglu.fwd": (2, 1.7), "swiglu.bwd": (3, 2.0), "ce.chunk": (15, 6.0),
+             "lora.dropout": (128, 100.0)}  # kernels/dropout.py: Philox in int64 ops (126) + apply (2)
 REF_DEQUANT_LAUNCHES = 14     # kernels/nf4.py dequantize_nf4_reference: nibbles, int64 codes, gathers
 REF_DEQUANT_BYTES = 52        # per element beyond the NF4 read and the output write (int64 codes, fp32)
 
@@ -151,9 +163,8 @@ def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int
     b, r, ops = o.act_bytes, o.lora_r, []
     ra = r * _members(name)
     fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
-    if lora and o.dropout > 0:  # draw_seed (a CPU randint + item) then bernoulli_ on the device
-        ops += [host("lora.draw_seed", phase, 2), elementwise("lora.dropout_mask", phase, 0, m * i, b)]
-        ops.append(elementwise("lora.dropout_apply", phase, 3 * m * i, 2 * m * i, b, launches=2))
+    if lora and o.dropout > 0:  # draw_seed (a randint on the device), then x_l = x * k / (1 - p)
+        ops += [host("lora.draw_seed", phase, 1), _kernel(o, "lora.dropout", phase, m * i, m * i)]
     k = _members(name)
     if lora and k > 1:  # kernels.grouped_linear: A = cat(A_i) each call (autograd's cat)
         ops.append(elementwise("group.cat_A", phase, ra * i, ra * i, b))
@@ -214,20 +225,19 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
         ops += [gemm("lora.du", ph, m, out / k, r, b, count=k), elementwise("lora.scale", ph, m * r, m * r, b, count=k)]
         if k > 1:
             ops += [elementwise("group.cat_du", ph, m * ra, m * ra, b), elementwise("group.cat_dy", ph, m * out, m * out, b)]
-        if o.dropout > 0:
-            ops.append(elementwise("lora.dropout_mask", ph, 0, m * i, b))
         ops += [gemm("lora.dB", ph, out / k, m, r, b, count=k),
                 elementwise("lora.scale", ph, out * r / k, out * r / k, b, count=k)]
     if need_dx:
         ops += _base_matmul(o, ph, f"{name}.dx", m, out, i, fused, (out, i))
     if lora:
-        if o.dropout > 0 and need_dx:
-            ops += [gemm("lora.dx", ph, m, ra, i, b), elementwise("lora.dx_mask", ph, 3 * m * i, m * i, b),
-                    elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2)]
-        elif o.dropout > 0:
-            ops.append(elementwise("lora.dropout_apply", ph, 3 * m * i, 2 * m * i, b, launches=2))
+        if o.dropout > 0 and need_dx:  # dx += (du @ A) * k / (1 - p) (one pass), then x_l for dA
+            ops += [gemm("lora.dx", ph, m, ra, i, b), _kernel(o, "lora.dropout", ph, 2 * m * i, m * i)]
         elif need_dx:
             ops.append(gemm("lora.dx", ph, m, ra, i, b, accumulate=True))
+        if o.dropout > 0 and (o.kernels or not need_dx):
+            ops.append(_kernel(o, "lora.dropout", ph, m * i, m * i))
+        elif o.dropout > 0:  # the reference reuses the backward's mask: t * k, * 1 / (1 - p)
+            ops.append(elementwise("lora.dropout", ph, 2 * m * i, 2 * m * i, b, launches=2))
         ops.append(gemm("lora.dA", ph, ra, m, i, b))
     return ops
 
@@ -268,7 +278,8 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     ops += [op.times(reps) for op in _mlp_forward(arch, o, phase, targets)]
     if chunks > 1:
         ops.append(elementwise("mlp.cat", phase, m * h, m * h, b))
-    if phase == "forward":  # early stop: the recompute never reaches the last residual add
+    if phase == "forward" or o.compile != "none":  # early stop: the eager recompute never reaches
+        # the last residual add; a compiled layer is one graph, recomputed whole
         ops.append(elementwise("residual.add", phase, 2 * m * h, m * h, b))
     return ops
 
@@ -301,7 +312,7 @@ def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) 
         ops.append(elementwise("group.contiguous", phase, 2 * mc * arch.intermediate, 2 * mc * arch.intermediate,
                                o.act_bytes, launches=2))
     ops.append(_kernel(o, "swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate))
-    skip = phase == "recompute" and o.skip_down_recompute
+    skip = phase == "recompute" and o.skip_down_recompute and o.compile == "none"  # compiled: no early stop
     return ops + _ours_linear(o, phase, "down_proj", mc, arch.intermediate, arch.hidden,
                               _lora_on("down_proj", targets), skip_base=skip)
 

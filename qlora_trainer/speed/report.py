@@ -19,6 +19,7 @@ from qlora_trainer.speed.recipes import StepOptions, step_ops
 # back to back (CUDA's launch queue absorbs GPU-heavy and host-heavy stretches alternating); the
 # host then waits (grad norm / loss .item(), the paged optimizer's synchronize) before the optimizer.
 SEGMENTS = (("forward", "loss", "recompute", "backward"), ("optimizer",))
+COMPILED_PHASES = ("forward", "recompute", "backward")  # train.compile: the decoder layers' ops
 # Rows of the breakdown: op names grouped into what a reader wants to compare.
 GROUPS = (("dequant", ("dequant",)), ("linear GEMMs", ("base",)), ("LoRA", ("lora.",)),
           ("attention", ("attention.",)), ("lm_head + loss", ("lm_head", "ce.", "loss")),
@@ -90,12 +91,16 @@ class StepPrediction:
 
 
 def predict_ops(ops: list[Op], dev: Device, eff: Efficiency, *, cuda_graphs: bool = False,
-                system: str = "hf") -> tuple[float, dict[str, tuple[float, float]], dict[str, tuple[float, float, int]]]:
-    """(step seconds, per-phase (gpu, host), per-op-name (gpu, host, launches)) of ``ops``."""
+                system: str = "hf", compile: str = "none",
+                ) -> tuple[float, dict[str, tuple[float, float]], dict[str, tuple[float, float, int]]]:
+    """(step seconds, per-phase (gpu, host), per-op-name (gpu, host, launches)) of ``ops``;
+    ``compile`` (``StepOptions.compile``) applies to the ops of :data:`COMPILED_PHASES`."""
     phases = {p: [0.0, 0.0] for p in PHASES}
     per_op: dict[str, list] = {}
     for op in ops:
-        g, h = op_seconds(op, dev, eff, cuda_graphs=cuda_graphs, system=system)
+        layer = compile != "none" and op.phase in COMPILED_PHASES
+        g, h = op_seconds(op, dev, eff, cuda_graphs=cuda_graphs or (layer and compile == "reduce-overhead"),
+                          system=system, compiled=layer and compile == "default")
         phases[op.phase][0] += g * op.count
         phases[op.phase][1] += h * op.count
         row = per_op.setdefault(op.name, [0.0, 0.0, 0])
@@ -116,7 +121,8 @@ def predict(arch: ArchSpec, options: StepOptions, gpu: str | Device = "h100",
     dev = gpu if isinstance(gpu, Device) else get_device(gpu)
     eff = eff or default_efficiency(dev.name)
     ops = step_ops(arch, options)
-    seconds, phases, per_op = predict_ops(ops, dev, eff, cuda_graphs=options.cuda_graphs, system=options.system)
+    seconds, phases, per_op = predict_ops(ops, dev, eff, cuda_graphs=options.cuda_graphs, system=options.system,
+                                          compile=options.compile)
     notes = []
     if dev.name != "h100":
         notes.append(f"{dev.name}: datasheet peaks x the H100-fitted efficiencies (not calibrated on this GPU)")
@@ -149,7 +155,7 @@ def options_for_config(cfg, *, act_bytes: int = 2, budget_bytes: int | None = No
         clip_grad=cfg.train.max_grad_norm > 0,
         # model.group_projections: one dequant launch and one base GEMM per q/k/v and gate/up group
         # (the per-member B, du and dB GEMMs modelled too), where the trainer's step runs it
-        fused_qkv=grouped, fused_gate_up=grouped, fused_add_norm=cfg.model.fused_add_norm,
+        fused_qkv=grouped, fused_gate_up=grouped, fused_add_norm=cfg.model.fused_add_norm, compile=cfg.train.compile,
         # model.nf4_matmul (kernels/base_weight.py BaseWeight.path; Triton kernels only)
         fused_dequant_gemm=kernels and path == "fused", nf4_chunk_bytes=CHUNK_BYTES if kernels and path == "chunked" else 0)
 
@@ -159,7 +165,7 @@ def hf_options(ours: StepOptions) -> StepOptions:
     return replace(ours, system="hf", kernels=False, ckpt_every=1, ckpt_layers=None, mlp_chunk=0, offload=False,
                    fused_qkv=False, fused_gate_up=False, skip_down_recompute=False,
                    fused_dequant_gemm=False, cuda_graphs=False, clip_grad=ours.clip_grad, fused_add_norm=False,
-                   nf4_chunk_bytes=0)
+                   compile="none", nf4_chunk_bytes=0)
 
 
 def predict_for_config(cfg, gpu: str = "h100", budget_bytes: int | None = None

@@ -37,7 +37,8 @@ def grouped_projections_on(cfg: "Config", *, training: bool = False) -> bool:
 def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Inject LoRA (everything else frozen), swap in kernel-backed modules, keep the input embeddings
     in CPU memory (``model.embeddings_on_cpu``), checkpoint each decoder layer
-    (``model.gradient_checkpointing``), and put the model in train mode. In place; returns it."""
+    (``model.gradient_checkpointing``), torch.compile each decoder layer (``train.compile``), and
+    put the model in train mode. In place; returns it."""
     from qlora_trainer.lora import inject_lora
     from qlora_trainer.models.adapt import adapt_model
 
@@ -63,6 +64,10 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
 
         max_layers = plan_checkpoint_layers(cfg, device_budget(device))
         apply_checkpointing(model, offload=cfg.model.offload_activations, max_layers=max_layers)
+    if cfg.train.compile != "none":
+        from qlora_trainer.models.compile import compile_layers
+
+        compile_layers(model, cfg.train.compile)
     # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
     # and adapters are created on their base layer's device
     return model.train()

@@ -129,3 +129,22 @@ def test_ratios_and_loss_disagreement_flag(bench):
     assert ours["step0_loss_ok"] is False and results.disagreements(rows) == [ours]
     doc = {"device": results.device_info("cmd"), "loss_rtol": {}, "rows": rows}
     assert "Step-0 loss disagreement in 1 row" in results.to_markdown(doc)
+
+
+def test_compile_rows_set_the_trainer_option_and_are_labelled(bench):
+    """Part 2's ``train.compile`` rows (issue 16c): the spec's ``extra.train`` reaches the trainer's
+    config, a wrong key is refused, and the table names the option beside the system."""
+    import pytest
+
+    parts, results, spec_mod = bench("parts"), bench("results"), bench("spec")
+    ours = bench("systems.ours")
+    assert [(m, s) for m, s, _ in parts.COMPILE_ROWS] == [("llama-2-7b", 512), ("llama-3-8b", 2048)]
+    for model, seq, extra in parts.COMPILE_ROWS:
+        spec = spec_mod.RunSpec(system="qlora_trainer", model=model, seq_len=seq, extra=extra)
+        assert ours.make_config(spec).train.compile == "reduce-overhead"
+        assert "qlora_trainer [compile=reduce-overhead]" in results.to_markdown(
+            {"device": {"date": "-", "gpu": "-", "driver": None, "cuda": None, "versions": {}, "command": "-"},
+             "loss_rtol": 0.02, "rows": [{**spec_mod.base_row(spec), "status": "ok", "step0_loss": 1.0}]})
+    with pytest.raises(ValueError, match="spec.extra.train.nope"):
+        ours.make_config(spec_mod.RunSpec(system="qlora_trainer", model="llama-2-7b", seq_len=8,
+                                          extra={"train": {"nope": 1}}))

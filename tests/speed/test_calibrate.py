@@ -56,6 +56,10 @@ def test_results_reader(tmp_path):
          "tokens_per_s": 7000.0},
         {"model": "llama-3-8b", "seq_len": 2048, "batch": 1, "system": "unsloth", "status": "ok", "tokens_per_s": 1.0},
         {"model": "llama-2-7b", "seq_len": 512, "batch": 1, "system": "hf", "status": "error"},
+        {"model": "llama-3-8b", "seq_len": 2048, "batch": 1, "system": "qlora_trainer", "status": "ok",  # variants:
+         "tokens_per_s": 9000.0, "extra": {"train": {"compile": "reduce-overhead"}}},                 # not the
+        {"model": "llama-3-8b", "seq_len": 2048, "batch": 1, "system": "qlora_trainer", "status": "ok",  # modelled
+         "tokens_per_s": 8000.0, "cap_gb": 24.0, "extra": {"model": {"checkpoint_layers": "auto"}}},  # recipe
         {"kind": "max_context", "model": "llama-3-8b", "system": "hf", "status": "ok", "max_seq_len": 7168}]}
     (tmp_path / "a.json").write_text(json.dumps(doc))
     (tmp_path / "broken.json").write_text("{")
