@@ -19,26 +19,32 @@ from qlora_trainer.speed.report import StepPrediction, hf_options, predict
 
 @dataclass(frozen=True)
 class Rung:
-    """One optimisation: its label, the :class:`StepOptions` fields it sets, whether it is built
-    (on by default in the trainer) or only modelled."""
+    """One optimisation: its label, the :class:`StepOptions` fields it sets, and its ``status``:
+    ``on`` (built, on by default), ``off`` (built, off by default: unmeasured) or ``model`` (not
+    built, modelled only)."""
 
     label: str
     fields: dict
-    built: bool
+    status: str
+
+    @property
+    def built(self) -> bool:
+        return self.status != "model"
 
 
 BASELINE = dict(skip_down_recompute=False, fused_qkv=False, fused_gate_up=False, fused_dequant_gemm=False,
                 cuda_graphs=False, ckpt_layers=None, fused_add_norm=False)
 AUTO_CKPT = "checkpoint_layers=auto"  # fields filled per shape and GPU from the memory plan
 RUNGS = (
-    Rung("recompute skips down_proj (`base_last`)", dict(skip_down_recompute=True), True),
-    Rung("grouped q/k/v and gate/up (`model.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), True),
-    Rung("fused residual add + RMSNorm (`model.fused_add_norm`)", dict(fused_add_norm=True), True),
-    Rung(f"`model.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, True),
-    Rung("decoder layers as CUDA graphs (`train.compile: reduce-overhead`; off by default, unmeasured)",
-         dict(compile="reduce-overhead"), True),
-    Rung("NF4 decoded inside the GEMM at every M", dict(fused_dequant_gemm=True), False),
-    Rung("the step replayed as a CUDA graph", dict(cuda_graphs=True), False),
+    Rung("recompute skips down_proj (`base_last`)", dict(skip_down_recompute=True), "on"),
+    Rung("grouped q/k/v and gate/up (`model.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), "on"),
+    Rung("fused residual add + RMSNorm (`model.fused_add_norm`)", dict(fused_add_norm=True), "on"),
+    Rung(f"`model.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, "on"),
+    Rung("decoder layers as CUDA graphs (`train.compile: reduce-overhead`)", dict(compile="reduce-overhead"), "off"),
+    # the code groups only on the dequant path, so the fused GEMM gives grouping up
+    Rung("NF4 decoded inside the GEMM at every M (`model.nf4_matmul: fused`; ungrouped)",
+         dict(fused_dequant_gemm=True, fused_qkv=False, fused_gate_up=False), "off"),
+    Rung("the whole step replayed as one CUDA graph", dict(cuda_graphs=True), "model"),
 )
 SHAPES = (("llama-3-8b", 2048), ("llama-2-7b", 512))
 
@@ -72,7 +78,7 @@ def ladder(model: str, seq_len: int, gpu: str = "h100") -> list[tuple[str, StepP
     cum = base
     for rung in RUNGS:
         cum = _apply(cum, rung.fields, model, gpu)
-        tag = "" if rung.built else " (not built)"
+        tag = {"on": "", "off": " (built, off by default)", "model": " (not built)"}[rung.status]
         rows.append((f"+ {rung.label}{tag}", predict(arch, cum, gpu),
                      predict(arch, _apply(base, rung.fields, model, gpu), gpu)))
     return rows
