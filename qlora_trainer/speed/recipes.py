@@ -275,7 +275,9 @@ def _ours_layer(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -
     # chunk's checkpoint has saved its input, so it runs chunks - 1 of them (the chunks' own
     # recomputes in the backward are added by _ours_micro); untiled: once in either phase
     reps = chunks if phase == "forward" or chunks == 1 else chunks - 1
-    ops += [op.times(reps) for op in _mlp_forward(arch, o, phase, targets)]
+    # those chunks run whole in the layer's recompute (down_proj's output is their output: only
+    # the chunk's own recompute may skip it)
+    ops += [op.times(reps) for op in _mlp_forward(arch, o, phase, targets, whole=chunks > 1)]
     if chunks > 1:
         ops.append(elementwise("mlp.cat", phase, m * h, m * h, b))
     if phase == "forward" or o.compile != "none":  # early stop: the eager recompute never reaches
@@ -300,8 +302,9 @@ def _add_norm(o: StepOptions, phase: str, m: int, h: int) -> list[Op]:
     return [elementwise("residual.add", phase, 2 * m * h, m * h, b), _kernel(o, "rmsnorm.fwd", phase, m * h, m * h)]
 
 
-def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) -> list[Op]:
-    """One MLP forward over one chunk (the whole sequence when untiled)."""
+def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str], whole: bool = False) -> list[Op]:
+    """One MLP forward over one chunk (the whole sequence when untiled). ``whole``: a recompute that
+    runs down_proj's base matmul too (a tiled chunk inside its layer's recompute)."""
     chunks = _mlp_chunks(o)
     mc = o.batch * min(o.seq_len, o.mlp_chunk) if chunks > 1 else o.batch * o.seq_len
     _, mlp = _groups(arch, o)
@@ -312,7 +315,7 @@ def _mlp_forward(arch: ArchSpec, o: StepOptions, phase: str, targets: set[str]) 
         ops.append(elementwise("group.contiguous", phase, 2 * mc * arch.intermediate, 2 * mc * arch.intermediate,
                                o.act_bytes, launches=2))
     ops.append(_kernel(o, "swiglu.fwd", phase, 2 * mc * arch.intermediate, mc * arch.intermediate))
-    skip = phase == "recompute" and o.skip_down_recompute and o.compile == "none"  # compiled: no early stop
+    skip = phase == "recompute" and o.skip_down_recompute and o.compile == "none" and not whole  # compiled: no early stop
     return ops + _ours_linear(o, phase, "down_proj", mc, arch.intermediate, arch.hidden,
                               _lora_on("down_proj", targets), skip_base=skip)
 
