@@ -130,42 +130,33 @@ class BaseWeight:
             return "dequant"
         return self.large_m
 
-    def _fused(self, m: int, fuse: bool | None) -> bool:
-        return self.path(m, fuse) == "decode"
-
     def forward_matmul(self, x: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
         """x (M, in) -> x @ W^T + bias (M, out), in x.dtype."""
         count("forward")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        path = self.path(x.shape[0], fuse)
-        if path == "decode":
-            from ._triton_lora import nf4_matmul
-
-            return nf4_matmul(x, self.nf4, trans_w=True, bias=bias)
-        if path == "fused":
-            from ._triton_nf4_gemm import nf4_gemm
-
-            return nf4_gemm(x, self.nf4, trans_w=True, bias=bias)
-        if path == "chunked":
-            return self._chunked(x, bias, trans_w=True)
-        w = self.weight(x.dtype)
-        return torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+        return self._matmul(x, None if self.bias is None else self.bias.to(x.dtype), fuse, trans_w=True)
 
     def backward_matmul(self, dy: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
         """dy (M, out) -> dy @ W (M, in), in dy.dtype (W recomputed, never saved)."""
         count("dx")
-        path = self.path(dy.shape[0], fuse)
+        return self._matmul(dy, None, fuse, trans_w=False)
+
+    def _matmul(self, a: torch.Tensor, bias: torch.Tensor | None, fuse: bool | None, *, trans_w: bool) -> torch.Tensor:
+        """trans_w: a @ W^T (+ bias); else a @ W; through :meth:`path`'s kernel for a's M rows."""
+        path = self.path(a.shape[0], fuse)
         if path == "decode":
             from ._triton_lora import nf4_matmul
 
-            return nf4_matmul(dy, self.nf4, trans_w=False)
+            return nf4_matmul(a, self.nf4, trans_w=trans_w, bias=bias)
         if path == "fused":
             from ._triton_nf4_gemm import nf4_gemm
 
-            return nf4_gemm(dy, self.nf4, trans_w=False)
+            return nf4_gemm(a, self.nf4, trans_w=trans_w, bias=bias)
         if path == "chunked":
-            return self._chunked(dy, None, trans_w=False)
-        return dy @ self.weight(dy.dtype)
+            return self._chunked(a, bias, trans_w=trans_w)
+        w = self.weight(a.dtype)
+        if not trans_w:
+            return a @ w
+        return torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
 
     def chunk_rows(self, elem_bytes: int) -> int:
         """W rows per chunk of the chunked path (:func:`chunk_rows`)."""

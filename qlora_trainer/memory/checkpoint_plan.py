@@ -10,6 +10,7 @@ the answer is a bisection over 0..layers (a few microsecond-cheap estimates).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -61,9 +62,10 @@ def plan_checkpoint_layers(cfg, budget_bytes: int | None) -> int | None:
     if budget_bytes is None:
         return None
     arch, _ = resolve_arch(cfg.model.name_or_path)
-    if arch is None or estimate_for_config(cfg) is None:
+    if arch is None:  # (estimate_for_config would be None too)
         return None
 
+    @functools.cache
     def footprint(n: int) -> int:
         return estimate_for_config(cfg, checkpointed_layers=n).device_bytes
 

@@ -311,8 +311,7 @@ def estimate(
     settings = dict(seq_len=seq_len, batch=batch, lora_r=lora_r, targets=targets, quant=quant,
                     double_quant=double_quant, optimizer=optimizer, checkpointing=checkpointing,
                     checkpointed_layers=n_ck, offload=offload, system=prof.name, full_logits=prof.full_logits,
-                    attn=attn,
-                    mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu,
+                    attn=attn, mlp_chunk=mlp_chunk, act_bytes=act_bytes, embeddings_on_cpu=embeddings_on_cpu,
                     gpus=gpus, distributed=distributed, new_tokens=new_tokens)
     if embeddings_on_cpu and not arch.tied:
         host += wide * counts["embed"]

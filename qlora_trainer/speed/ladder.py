@@ -27,10 +27,6 @@ class Rung:
     fields: dict
     status: str
 
-    @property
-    def built(self) -> bool:
-        return self.status != "model"
-
 
 BASELINE = dict(skip_down_recompute=False, fused_qkv=False, fused_gate_up=False, fused_dequant_gemm=False,
                 cuda_graphs=False, ckpt_layers=None, fused_add_norm=False)

@@ -52,9 +52,9 @@ class StepOptions:
     act_bytes: 2 (bf16 on CUDA) or 4 (fp32 on the CPU). clip_grad: the trainer clips the grad norm.
     skip_down_recompute (built, on by default: ``LoRALinear.base_last`` in checkpointed layers) - the
     recompute skips down_proj's dequantization and base GEMM (its adapter term still runs).
-    Issue 16 (not built yet, predicted): fused_qkv / fused_gate_up (one dequant + GEMM + LoRA-A GEMM
-    for the group; ``model.group_projections`` builds them: one grouped decode launch, one GEMM,
-    mapped onto these options by ``report.options_for_config``),
+    Issue 16: fused_qkv / fused_gate_up (built, on by default: ``model.group_projections``, mapped
+    onto these options by ``report.options_for_config``): one grouped decode launch, one base GEMM
+    and one LoRA-A GEMM for the group, per-member B GEMMs;
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy; built as
     ``model.nf4_matmul: fused``), cuda_graphs (a captured step: per-launch host cost -> graph replay
     cost). nf4_chunk_bytes > 0: ``model.nf4_matmul: chunked`` (above FUSED_MAX_TOKENS each W is
