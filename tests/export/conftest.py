@@ -66,3 +66,26 @@ def llama3_tok():
 @pytest.fixture(scope="session")
 def qwen2_tok():
     return bpe_tokenizer("qwen2")
+
+
+def add_lora(model: torch.nn.Module, variant: str = "lora", seed: int = 1, r: int = 4, alpha: float = 8.0):
+    """Inject a ``variant`` adapter on every linear layer of ``model`` with a random, non-zero B (an
+    untrained B = 0 would hide a wrong layout). Returns its ``LoRAConfig``."""
+    from qlora_trainer.config import LoRAConfig
+    from qlora_trainer.lora import inject_lora, lora_layers
+
+    cfg = LoRAConfig(r=r, alpha=alpha, variant=variant, dropout=0.0)
+    torch.manual_seed(seed)
+    inject_lora(model, cfg, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            b = layer.lora_B["default"]
+            b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    return cfg
+
+
+def save_lora(model: torch.nn.Module, cfg, path, base: str = "tiny", tokenizer=None):
+    from qlora_trainer.lora import save_adapter
+
+    return save_adapter(model, path, cfg=cfg, base_model=base, tokenizer=tokenizer)

@@ -1,7 +1,7 @@
 """llama.cpp itself as the reference runtime for exported GGUF files: its C API through a prebuilt
 CPU build (the cffi extension ``_llama_cpp_cpu`` of the ``llama-cpp-cffi`` 0.4.42 wheel; no compiler
 toolchain, no llama.cpp build). ``QLORA_LLAMA_CPP`` names a directory holding that extension and
-``cffi``; ``benchmarks/export_llamacpp.py --setup DIR`` makes one. Where the system's libstdc++
+``cffi``; ``python benchmarks/export_llamacpp.py --setup DIR`` makes one. Where the system's libstdc++
 predates GCC 14, the directory also holds ``libcxa_shim.so`` (the one C++ runtime symbol the build
 needs beyond it, ``__cxa_call_terminate``; it only aborts) and it is loaded first."""
 
