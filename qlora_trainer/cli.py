@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "eval": "qlora_trainer.commands.eval",
     "merge": "qlora_trainer.commands.merge",
     "combine": "qlora_trainer.commands.combine",
+    "export": "qlora_trainer.commands.export",
     "data-check": "qlora_trainer.commands.data_check",
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",

@@ -143,7 +143,7 @@ def build_vocab(tokenizer: Any, vocab_size: int, sentencepiece_model: Path | Non
     if _is_sentencepiece(spec):
         if sentencepiece_model is None:
             raise QloraError("export: a SentencePiece tokenizer needs its tokenizer.model for GGUF (scores and "
-                             "piece types); put it next to the tokenizer files or pass --tokenizer DIR")
+                             "piece types); put it next to the tokenizer files or pass --tokenizer-model FILE")
         pieces = sentencepiece_pieces(sentencepiece_model)
         tokens, scores, types = map(list, zip(*pieces))
         vocab = Vocab(model="llama", tokens=tokens, types=types, scores=scores)
