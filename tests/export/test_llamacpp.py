@@ -88,3 +88,23 @@ def test_adapter_on_base_in_llamacpp(family, tok_name, request, tmp_path):
     assert gap <= 1e-3
     print(f"{family} adapter: max |Δlogit| / max |logit| = {max(errors):.2e}; adapter vs merged in llama.cpp "
           f"{gap:.1e}")
+
+
+def test_sentencepiece_model_in_llamacpp(tmp_path):
+    """The Llama-2 SentencePiece vocabulary: llama.cpp tokenizes as transformers does and runs the model."""
+    from transformers import AutoTokenizer
+
+    from qlora_trainer.runtime import data_root
+
+    src = data_root() / "llama2-tokenizer"
+    if not (src / "tokenizer.model").is_file():
+        pytest.skip(f"{src} not present")
+    tok = AutoTokenizer.from_pretrained(str(src))
+    model = tiny_model("llama", 32000)
+    path = write_model_gguf(model, tok, tmp_path / "m.gguf", outtype="f16", sentencepiece_model=src / "tokenizer.model")
+    rt = llamacpp.LlamaCpp(path)
+    try:
+        errors = _check(rt, model, tok, "f16")
+    finally:
+        rt.close()
+    print(f"llama-2 tokenizer f16: max |Δlogit| / max |logit| = {max(errors):.2e}")
