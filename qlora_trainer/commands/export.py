@@ -102,9 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if args.to == "gguf":
         _write_gguf(model, tokenizer, out, outtype, template, eot, spm, args.name)
         print(f"wrote {out} ({outtype}, {model.config.architectures or type(model).__name__})")
-        print("lower-bit k-quants: with llama.cpp's llama-quantize, e.g.")
+        import shutil
+
         from qlora_trainer.export.gguf_file import quantize_command
 
+        found = shutil.which("llama-quantize")
+        print(f"lower-bit k-quants need llama.cpp's llama-quantize ({'found: ' + found if found else 'not on PATH'}):")
         print(f"  {quantize_command(out, outtype, 'q4_k_m')}")
         return 0
     return _ollama(args, out, model, tokenizer, outtype, template, name, eot, spm)

@@ -187,3 +187,30 @@ def test_transformers_gguf_loader_gives_our_logits(family, tok_name, request, tm
             assert (ref - got).abs().max().item() <= tol, (outtype, text)
             kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
             assert torch.equal(model.generate(ids, **kw), back.generate(ids, **kw))
+
+
+def test_qwen3_norms_and_head_dim(llama3_tok, tmp_path):
+    """Qwen3: per-head q/k norms map to attn_q_norm / attn_k_norm, a head_dim other than hidden/heads is
+    written as key/value_length; transformers' loader (whose Qwen3 head_dim is its default 128) rebuilds
+    the model exactly."""
+    import gguf
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=128, vocab_size=len(llama3_tok))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn(p.shape))
+    path = write_model_gguf(model, llama3_tok, tmp_path / "q3.gguf", outtype="f32")
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
+    kv = fields(reader)
+    assert kv["general.architecture"] == "qwen3" and kv["qwen3.attention.key_length"] == 128
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q3.gguf", dtype=torch.float32).eval()
+    ids = llama3_tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
