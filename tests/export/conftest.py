@@ -89,3 +89,16 @@ def save_lora(model: torch.nn.Module, cfg, path, base: str = "tiny", tokenizer=N
     from qlora_trainer.lora import save_adapter
 
     return save_adapter(model, path, cfg=cfg, base_model=base, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llama2_tok():
+    """(the Llama-2 SentencePiece tokenizer from ``$QLORA_DATA``, its tokenizer.model); skips without it."""
+    from transformers import AutoTokenizer
+
+    from qlora_trainer.runtime import data_root
+
+    src = data_root() / "llama2-tokenizer"
+    if not (src / "tokenizer.model").is_file():
+        pytest.skip(f"{src} not present")
+    return AutoTokenizer.from_pretrained(str(src)), src / "tokenizer.model"

@@ -126,22 +126,16 @@ def test_every_tensor_and_key(family, tok_name, tied, outtype, request, tmp_path
     assert kv["tokenizer.chat_template"] == "{{ x }}"
 
 
-def test_sentencepiece_vocabulary(tmp_path):
+def test_sentencepiece_vocabulary(llama2_tok, tmp_path):
     """The Llama-2 tokenizer: pieces, scores and types straight from tokenizer.model."""
     import gguf
-    from transformers import AutoTokenizer
 
-    from qlora_trainer.runtime import data_root
-
-    src = data_root() / "llama2-tokenizer"
-    if not (src / "tokenizer.model").is_file():
-        pytest.skip(f"{src} not present")
-    tok = AutoTokenizer.from_pretrained(str(src))
+    tok, spm = llama2_tok
     model = tiny_model("llama", 32000)
     with pytest.raises(QloraError, match="tokenizer.model"):
         write_model_gguf(model, tok, tmp_path / "no-spm.gguf", outtype="f16")
     path = write_model_gguf(model, tok, tmp_path / "m.gguf", outtype="f16",
-                            sentencepiece_model=src / "tokenizer.model")
+                            sentencepiece_model=spm)
     kv = fields(gguf.GGUFReader(path))
     assert kv["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in kv
     tokens, scores, types = (kv[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))

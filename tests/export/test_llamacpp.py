@@ -90,18 +90,11 @@ def test_adapter_on_base_in_llamacpp(family, tok_name, request, tmp_path):
           f"{gap:.1e}")
 
 
-def test_sentencepiece_model_in_llamacpp(tmp_path):
+def test_sentencepiece_model_in_llamacpp(llama2_tok, tmp_path):
     """The Llama-2 SentencePiece vocabulary: llama.cpp tokenizes as transformers does and runs the model."""
-    from transformers import AutoTokenizer
-
-    from qlora_trainer.runtime import data_root
-
-    src = data_root() / "llama2-tokenizer"
-    if not (src / "tokenizer.model").is_file():
-        pytest.skip(f"{src} not present")
-    tok = AutoTokenizer.from_pretrained(str(src))
+    tok, spm = llama2_tok
     model = tiny_model("llama", 32000)
-    path = write_model_gguf(model, tok, tmp_path / "m.gguf", outtype="f16", sentencepiece_model=src / "tokenizer.model")
+    path = write_model_gguf(model, tok, tmp_path / "m.gguf", outtype="f16", sentencepiece_model=spm)
     rt = llamacpp.LlamaCpp(path)
     try:
         errors = _check(rt, model, tok, "f16")
