@@ -26,7 +26,8 @@ TARGETS = ("gguf", "gguf-adapter", "ollama", "vllm")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qlora_trainer.export.gguf_file import KQUANTS, OUTTYPES
 
-    p.add_argument("source", metavar="ADAPTER_OR_MERGED", help="adapter directory (PEFT format) or merged model directory")
+    p.add_argument("source", metavar="ADAPTER_OR_MERGED",
+                   help="adapter directory (PEFT format) or merged model directory")
     p.add_argument("--to", required=True, choices=TARGETS, help="what to write")
     p.add_argument("--output", "-o", required=True, metavar="OUT",
                    help="a .gguf file (gguf, gguf-adapter) or a directory (ollama, vllm)")
@@ -42,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-model", default=None, metavar="FILE",
                    help="SentencePiece tokenizer.model for GGUF (default: found beside the tokenizer files)")
     p.add_argument("--system", default=None, help="--to ollama: a SYSTEM prompt for the Modelfile")
-    p.add_argument("--num-ctx", type=int, default=None, help="--to ollama: context length (default: min(model's, 4096))")
+    p.add_argument("--num-ctx", type=int, default=None,
+                   help="--to ollama: context length (default: min(model's, 4096))")
     p.add_argument("--name", default=None, help="model name written into the GGUF (default: the output's name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

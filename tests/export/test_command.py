@@ -118,3 +118,16 @@ def test_refusals_are_one_line_and_write_nothing(adapter, tmp_path, capsys):
     (tmp_path / "exists.gguf").write_text("mine")
     assert main(["export", str(root / "lora"), "--to", "gguf", "-o", str(tmp_path / "exists.gguf")]) == 2
     assert (tmp_path / "exists.gguf").read_text() == "mine"
+
+
+def test_merged_directory_exports_too(adapter, tmp_path):
+    """``merge``'s output is an input as well: its GGUF gives the adapter model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    root, ref, tok = adapter
+    assert main(["merge", str(root / "lora"), "-o", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    out = tmp_path / "gguf" / "m.gguf"
+    assert main(["export", str(tmp_path / "merged"), "--to", "gguf", "-o", str(out), "--outtype", "f32"]) == 0
+    back = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
+    for want, got in zip(ref["lora"], _logits(back, tok)):
+        assert (want - got).abs().max().item() < 1e-4
