@@ -131,3 +131,15 @@ def test_merged_directory_exports_too(adapter, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32).eval()
     for want, got in zip(ref["lora"], _logits(back, tok)):
         assert (want - got).abs().max().item() < 1e-4
+
+
+def test_dora_adapter_exports_merged(adapter, tmp_path):
+    """A DoRA adapter, refused as a GGUF adapter, exports as the merged model with its logits."""
+    from transformers import AutoModelForCausalLM
+
+    root, ref, tok = adapter
+    out = tmp_path / "dora.gguf"
+    assert main(["export", str(root / "dora"), "--to", "gguf", "-o", str(out), "--outtype", "f32"]) == 0
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
+    for want, got in zip(ref["dora"], _logits(back, tok)):
+        assert (want - got).abs().max().item() < 1e-4
