@@ -4,8 +4,10 @@ the answer) and the chat template, and the LoRA adapter directory for ``--enable
 NAME=DIR`` in plain PEFT form.
 
 vLLM's LoRA loader takes ``adapter_config.json`` + ``adapter_model.safetensors`` with lora_A/lora_B
-only: no DoRA magnitudes, no AdaLoRA, no ``modules_to_save`` or trained token rows; ranks above
-``--max-lora-rank`` (default 16) need that flag raised. Those are refused or named here.
+only, one scale ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) for every layer: no DoRA magnitudes, no
+AdaLoRA, no ``alpha_pattern``/``rank_pattern`` (ignored there), no biases, no ``modules_to_save`` or
+trained token rows; ranks above ``--max-lora-rank`` (default 16) need that flag raised. Those are
+refused or named here.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def check_vllm_adapter(config: dict[str, Any], weights: Any, where: str) -> None
                          f"adapter writes it)")
     if config.get("peft_type") == "ADALORA":
         raise QloraError(f"{where}: vLLM serves no AdaLoRA adapters; export the merged model instead")
+    for key in ("alpha_pattern", "rank_pattern"):
+        if config.get(key):
+            raise QloraError(f"{where}: {key} is set, which vLLM ignores (it scales every layer by lora_alpha / r); "
+                             f"export the merged model instead")
+    if config.get("bias", "none") != "none":
+        raise QloraError(f"{where}: bias={config['bias']!r}: vLLM serves LoRA adapters without biases only")
     if any(config.get(k) for k in _DROP) or weights.token_rows:
         raise QloraError(f"{where}: the adapter trains embedding rows or whole modules, which vLLM's LoRA "
                          f"loader does not take; export the merged model instead")

@@ -143,3 +143,25 @@ def test_dora_adapter_exports_merged(adapter, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32).eval()
     for want, got in zip(ref["dora"], _logits(back, tok)):
         assert (want - got).abs().max().item() < 1e-4
+
+
+def test_vllm_adapter_refusals(adapter, tmp_path):
+    """What vLLM's LoRA loader would reject or silently mis-scale is refused, one line each."""
+    import shutil
+
+    from qlora_trainer.errors import QloraError
+    from qlora_trainer.export.vllm import write_vllm_adapter
+
+    root, _, _ = adapter
+    with pytest.raises(QloraError, match="DoRA"):
+        write_vllm_adapter(root / "dora", tmp_path / "d")
+    for key, value, message in [("alpha_pattern", {"q_proj": 32}, "ignores"), ("bias", "all", "without biases"),
+                                ("modules_to_save", ["lm_head"], "modules_to_save")]:
+        src = tmp_path / f"src-{key}"
+        shutil.copytree(root / "lora", src)
+        config = json.loads((src / "adapter_config.json").read_text())
+        config[key] = value
+        (src / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(QloraError, match=message):
+            write_vllm_adapter(src, tmp_path / f"out-{key}")
+        assert not (tmp_path / f"out-{key}").exists()
