@@ -27,7 +27,6 @@ COMMANDS: dict[str, str] = {
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",
     "doctor": "qlora_trainer.commands.doctor",
-    "estimate": "qlora_trainer.commands.estimate",
 }
 
 

@@ -7,7 +7,7 @@
 - ``report.py``: ``predict``, ``predict_for_config``, per-op breakdown, markdown
 """
 
-from qlora_trainer.speed.recipes import StepOptions, step_ops
-from qlora_trainer.speed.report import StepPrediction, predict, predict_for_config
+from benchmarks.speed.recipes import StepOptions, step_ops
+from benchmarks.speed.report import StepPrediction, predict, predict_for_config
 
 __all__ = ["StepOptions", "StepPrediction", "predict", "predict_for_config", "step_ops"]

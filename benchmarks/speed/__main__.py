@@ -1,15 +1,19 @@
-"""``qlora-trainer estimate CONFIG --gpu h100``: peak memory and predicted step time of a run, ours
-next to the HF stack, before anything is loaded (a model, not a measurement: docs/speed-model.md)."""
+"""``python -m benchmarks.speed CONFIG --gpu h100``: peak memory and predicted step time of a run, ours
+next to the HF stack, before anything is loaded (a model, not a measurement: docs/speed-model.md).
+
+Our instrument for steering speed work (run from the repository root); not a user command until the model
+is calibrated on GPU rows. ``qlora-trainer memory`` gives the memory verdict alone."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "predict a run's peak memory, step time, tokens/s and wall time (ours vs the HF stack) before a GPU-day"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qlora_trainer.speed.devices import DEVICES
+    from benchmarks.speed.devices import DEVICES
 
     p.add_argument("config", metavar="CONFIG", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, as for train")
@@ -23,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("skip-down-recompute", "no down_proj GEMM in the recompute"),
                        ("fused-dequant-gemm", "NF4 decoded inside the GEMM at every M (built as model.nf4_matmul=fused)"),
                        ("cuda-graphs", "the step replayed as a CUDA graph")):
-        p.add_argument(f"--{name}", action="store_true", help=f"issue-16 option, predicted only: {what}")
+        p.add_argument(f"--{name}", action="store_true", help=f"planned option, predicted only: {what}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -34,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from qlora_trainer.config import load_config
     from qlora_trainer.errors import ConfigError
     from qlora_trainer.memory.estimate import estimate, estimate_for_config, resolve_arch
-    from qlora_trainer.speed.devices import get_device
-    from qlora_trainer.speed.report import hf_options, markdown, options_for_config, predict
+    from benchmarks.speed.devices import get_device
+    from benchmarks.speed.report import hf_options, markdown, options_for_config, predict
 
     if args.samples < 0:
         raise ConfigError(f"--samples: must be >= 0 (got {args.samples})")
@@ -90,3 +94,20 @@ def run(args: argparse.Namespace) -> int:
               f"{cfg.model.checkpoint_layers}, planned for {dev.memory_gb:g} GB)\n")
     print(markdown(ours, hf, steps=steps, epoch_steps=epoch_steps))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qlora_trainer.errors import QloraError
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=HELP)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except QloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_trainer.speed.devices import Efficiency, get_device
-from qlora_trainer.speed.recipes import StepOptions
+from benchmarks.speed.devices import Efficiency, get_device
+from benchmarks.speed.recipes import StepOptions
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ def _hf(seq: int, batch: int = 1) -> StepOptions:
 
 def fit_components(eff: Efficiency, components: dict = COMPONENTS, gpu: str = "h100") -> Efficiency:
     """``gemm``, ``dequant_bnb`` and ``bnb_call_us`` from profiled component times."""
-    from qlora_trainer.speed.devices import op_seconds
-    from qlora_trainer.speed.recipes import step_ops
+    from benchmarks.speed.devices import op_seconds
+    from benchmarks.speed.recipes import step_ops
 
     dev = get_device(gpu)
     unit = eff.with_(gemm=1.0, dequant_bnb=1.0, bnb_call_us=0.0)
@@ -92,7 +92,7 @@ def fit_components(eff: Efficiency, components: dict = COMPONENTS, gpu: str = "h
 
 
 def predicted_step_s(row: StepRow, eff: Efficiency) -> float:
-    from qlora_trainer.speed.report import predict
+    from benchmarks.speed.report import predict
 
     opts = StepOptions(system="hf" if row.system == "hf" else "ours", seq_len=row.seq_len, batch=row.batch)
     return predict(_arch(row.model), opts, row.gpu, eff).seconds

@@ -2,7 +2,7 @@
 dropout-mask draws and every other non-view aten op outside the launchers.
 
 The step model (``recipes.step_ops``) and the speed work (docs/speed.md) read the same numbers from
-here, so the model and the code cannot drift apart (tests/speed/test_counts.py,
+here, so the model and the code cannot drift apart (tests/benchmarks/speed/test_counts.py,
 tests/train/test_step_counts.py). On the CPU each aten op stands for one CUDA launch; each Triton
 launcher call for one kernel launch (run under ``TRITON_INTERPRET=1``)::
 

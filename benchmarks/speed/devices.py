@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from qlora_trainer.speed.ops import Op
+from benchmarks.speed.ops import Op
 
 
 @dataclass(frozen=True)

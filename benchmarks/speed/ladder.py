@@ -1,7 +1,7 @@
 """The predicted ours/HF ratio today and after each speed optimisation (issue 16 / 20): one table per
 shape, generated here so that docs/speed-model.md cannot drift from the model.
 
-``python -m qlora_trainer.speed.ladder [--gpu h100]`` prints the markdown tables. Each row adds one
+``python -m benchmarks.speed.ladder [--gpu h100]`` prints the markdown tables. Each row adds one
 option to the row above (cumulative); "alone" is the issue-16 baseline plus that option only. The
 baseline is our trainer before issue 16 (every layer checkpointed, every projection its own dequant
 and GEMM, the recompute running down_proj). HF is predicted by the same model, so the ratio is a
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 
-from qlora_trainer.speed.recipes import StepOptions
-from qlora_trainer.speed.report import StepPrediction, hf_options, predict
+from benchmarks.speed.recipes import StepOptions
+from benchmarks.speed.report import StepPrediction, hf_options, predict
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def planned_layers(model: str, seq_len: int, gpu: str) -> int:
     from qlora_trainer.config import Config
     from qlora_trainer.memory.checkpoint_plan import plan_checkpoint_layers
     from qlora_trainer.models.catalog import get_arch
-    from qlora_trainer.speed.devices import get_device
+    from benchmarks.speed.devices import get_device
 
     cfg = Config()
     cfg.model.name_or_path, cfg.data.seq_len, cfg.lora.dropout = model, seq_len, 0.0
@@ -95,7 +95,7 @@ def markdown(model: str, seq_len: int, gpu: str = "h100") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qlora_trainer.speed.ladder", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed.ladder", description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", default="h100")
     a = ap.parse_args(argv)
     print("\n\n".join(markdown(m, s, a.gpu) for m, s in SHAPES))

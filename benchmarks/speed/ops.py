@@ -1,7 +1,7 @@
 """Per-op cost primitives of a training step: FLOPs, bytes moved through device memory, kernel
 launches and host calls, for one *instance* of an op (``Op.count`` instances per step).
 
-Every count is a closed form of the shapes (hand-checkable; ``tests/speed/test_ops.py`` checks them
+Every count is a closed form of the shapes (hand-checkable; ``tests/benchmarks/speed/test_ops.py`` checks them
 against hand-computed values for a small shape). ``b`` is the activation element size (2 for
 bf16, 4 for fp32). Conventions:
 

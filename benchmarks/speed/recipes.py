@@ -1,6 +1,6 @@
 """What one training step launches, op by op: our trainer (with its options) and the HF stack.
 
-:func:`step_ops` lists the :class:`~qlora_trainer.speed.ops.Op` s of one optimizer step (``grad_accum``
+:func:`step_ops` lists the :class:`~benchmarks.speed.ops.Op` s of one optimizer step (``grad_accum``
 micro-batches of ``batch x seq_len`` tokens + the optimizer) from the catalog shape
 (:class:`~qlora_trainer.models.catalog.ArchSpec`) and :class:`StepOptions`. The same code path as
 the trainer's, read off the sources:
@@ -25,7 +25,7 @@ the trainer's, read off the sources:
 Issue-16 speed work is expressed as options (``fused_qkv``, ``fused_gate_up``,
 ``skip_down_recompute``, ``fused_dequant_gemm``, ``cuda_graphs``) so its predicted effect can be shown
 before it is built. The launch and dequantization counts of ``ours`` are tested equal to those of a
-real CPU step of the tiny model (``tests/speed/test_counts.py``).
+real CPU step of the tiny model (``tests/benchmarks/speed/test_counts.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import functools
 from dataclasses import dataclass, fields, replace
 
 from qlora_trainer.models.catalog import ArchSpec
-from qlora_trainer.speed.ops import Op, attention, dequant, elementwise, gemm, host, merge_ops, nf4_bytes
+from benchmarks.speed.ops import Op, attention, dequant, elementwise, gemm, host, merge_ops, nf4_bytes
 
 FUSED_MAX_TOKENS = 64  # kernels/lora_linear.py: fused dequant-in-GEMM at or below this many tokens
 
@@ -134,7 +134,7 @@ def checkpointed_layers(layers: int, every: int) -> int:
 
 # ``kernels=False`` (``model.kernels: torch``): the torch references run instead of one Triton launch
 # each. (launches, traffic multiple of the Triton kernel's bytes), counted on the CPU in fp32 by a
-# dispatch mode (tests/speed/test_counts.py); in 16-bit the RMSNorm reference casts twice more.
+# dispatch mode (tests/benchmarks/speed/test_counts.py); in 16-bit the RMSNorm reference casts twice more.
 REFERENCE = {"rmsnorm.fwd": (6, 3.5), "rmsnorm.bwd": (12, 4.0), "rope.fwd": (10, 4.0), "rope.bwd": (10, 4.0),
              "swiglu.fwd": (2, 1.7), "swiglu.bwd": (3, 2.0), "ce.chunk": (15, 6.0),
              "lora.dropout": (128, 100.0)}  # kernels/dropout.py: Philox in int64 ops (126) + apply (2)

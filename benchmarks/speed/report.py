@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from qlora_trainer.models.catalog import ArchSpec
-from qlora_trainer.speed.devices import Device, Efficiency, get_device, op_seconds
-from qlora_trainer.speed.ops import PHASES, Op
-from qlora_trainer.speed.recipes import StepOptions, step_ops
+from benchmarks.speed.devices import Device, Efficiency, get_device, op_seconds
+from benchmarks.speed.ops import PHASES, Op
+from benchmarks.speed.recipes import StepOptions, step_ops
 
 # Stretches of a step without a host-device sync: forward, loss, recompute and backward are enqueued
 # back to back (CUDA's launch queue absorbs GPU-heavy and host-heavy stretches alternating); the
@@ -115,8 +115,8 @@ def predict_ops(ops: list[Op], dev: Device, eff: Efficiency, *, cuda_graphs: boo
 def predict(arch: ArchSpec, options: StepOptions, gpu: str | Device = "h100",
             eff: Efficiency | None = None) -> StepPrediction:
     """The predicted step of ``arch`` under ``options`` on ``gpu`` (efficiencies: the calibrated
-    defaults of :func:`qlora_trainer.speed.calibrate.default_efficiency` unless given)."""
-    from qlora_trainer.speed.calibrate import default_efficiency
+    defaults of :func:`benchmarks.speed.calibrate.default_efficiency` unless given)."""
+    from benchmarks.speed.calibrate import default_efficiency
 
     dev = gpu if isinstance(gpu, Device) else get_device(gpu)
     eff = eff or default_efficiency(dev.name)
@@ -270,7 +270,7 @@ def _device_table_name(device) -> str | None:
         return None
     import torch
 
-    from qlora_trainer.speed.devices import DEVICES
+    from benchmarks.speed.devices import DEVICES
 
     name = torch.cuda.get_device_name(device).lower().replace(" ", "")
     return next((d for d in DEVICES if d in name), "h100")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlora_trainer.research.small_lm import SmallLM, encode, eval_windows, evaluate, fresh_copy, train_steps
+from support.small_lm import SmallLM, encode, eval_windows, evaluate, fresh_copy, train_steps
 
 TASKS = ("math", "caps")
 METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -80,8 +80,8 @@ class CombineStudy:
 
 def task_data(lm: SmallLM, *, train_records: int = 600, eval_records: int = 100) -> dict[str, tuple]:
     """task -> (train ids, eval ids), 1-D byte-token tensors."""
-    from qlora_trainer.research.finetune import gsm8k_text
-    from qlora_trainer.research.small_lm import shakespeare_text
+    from support.finetune import gsm8k_text
+    from support.small_lm import shakespeare_text
 
     text = shakespeare_text()
     cut = int(len(text) * lm.cfg.train_fraction)

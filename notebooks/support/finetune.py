@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from qlora_trainer.research.small_lm import SmallLM, encode, eval_windows, evaluate, fresh_copy, train_steps
+from support.small_lm import SmallLM, encode, eval_windows, evaluate, fresh_copy, train_steps
 
 Method = Literal["full", "lora", "qlora"]
 

@@ -36,8 +36,8 @@ def finetune_on_task(lm, cfg, prompts: list[str], answers: list[str], eval_promp
     """``research.finetune.finetune`` on prompt/answer pairs instead of a byte stream: ``cfg.steps`` steps
     of ``cfg.batch_size`` examples in order, loss on the answers only; eval loss on the eval pairs."""
     from qlora_trainer.lora import trainable_parameters
-    from qlora_trainer.research.finetune import FinetuneResult, _optimizer, prepare
-    from qlora_trainer.research.small_lm import train_steps
+    from support.finetune import FinetuneResult, _optimizer, prepare
+    from support.small_lm import train_steps
     from qlora_trainer.train.loss import causal_lm_loss
 
     model = prepare(lm, cfg)
@@ -102,7 +102,7 @@ def sft_batch(prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]
     """Right-padded ``{input_ids, labels, attention_mask}`` (B, T) of ``prompt + " " + answer + "\\n"`` byte
     ids, loss on the answer and newline only (as the trainer masks prompts)."""
     from qlora_trainer.data.formats import IGNORE_INDEX
-    from qlora_trainer.research.small_lm import encode
+    from support.small_lm import encode
 
     rows = [(encode(p), encode(f" {a}\n")) for p, a in zip(prompts, answers)]
     width = max(len(p) + len(a) for p, a in rows)

@@ -78,7 +78,7 @@ def encode(text: str, tokenizer=None) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D long tensor (no BOS/EOS).
 
     Without ``tokenizer``: the built-in byte tokenizer's ids, which are by construction the UTF-8
-    bytes (``tests/research`` checks this against ``models.tiny.byte_tokenizer``); reading the bytes
+    bytes (``tests/notebooks/support`` checks this against ``models.tiny.byte_tokenizer``); reading the bytes
     directly takes milliseconds where the tokenizer takes seconds on the 1 MB corpus.
     """
     if tokenizer is not None:
@@ -208,7 +208,7 @@ def load_or_pretrain(cfg: SmallLMConfig = SmallLMConfig(), *, cache: Path | None
     else trained with :func:`pretrain` and saved there. ``cache`` defaults to ``research.paths.cache_dir()``."""
     from safetensors.torch import load_file
 
-    from qlora_trainer.research.paths import cache_dir
+    from support.paths import cache_dir
 
     text = shakespeare_text()
     path = (cache or cache_dir()) / f"small_lm-{cache_key(cfg, text)}"

@@ -6,6 +6,7 @@ Units in every row are labelled: paper figures in MB/GB (1e6/1e9 B), allocated p
 
 from __future__ import annotations
 
+from qlora_trainer.errors import QloraError
 from qlora_trainer.memory.estimate import GB, GIB, estimate
 from qlora_trainer.memory.references import PAPER_ROWS, PAPER_SETTINGS
 from qlora_trainer.models.catalog import get_arch, param_counts
@@ -78,7 +79,10 @@ def paper_chart(rows: list[dict], path: str) -> None:
     allocated peak as a marker. Written atomically."""
     import io
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise QloraError("the chart needs matplotlib: pip install 'qlora-trainer[notebooks]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -64,7 +64,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     from qlora_trainer.models.load import load_base_model, load_tokenizer
     from qlora_trainer.lora.adalora import allocator_for
     from qlora_trainer.runtime import resolve_dtype
-    from qlora_trainer.speed.report import StepTimeCheck
     from qlora_trainer.train import distributed
     from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
     from qlora_trainer.train.trackers import start_trackers
@@ -81,7 +80,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     device, accelerator = par.device, par.accelerator
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     _log_memory_estimate(cfg, device)
-    step_time = StepTimeCheck.start(cfg, device)  # predicted step now, measured beside it after a few steps
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -169,7 +167,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 steps_this_run += 1
-                step_time.tick()
                 state.epoch, state.batch = micro[-1][0], micro[-1][1]
                 state.tokens += n_loss
                 rng = par.gather_rng(rng_state())

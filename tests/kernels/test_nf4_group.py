@@ -47,7 +47,7 @@ def test_group_decode_equals_memberwise_bit_for_bit(outs, n_in, blocksize, doubl
 
 
 def test_group_decode_is_one_launch(device):
-    from qlora_trainer.speed.counting import StepCounter
+    from benchmarks.speed.counting import StepCounter
 
     ws = _members((352, 96, 96), 128, 64, True, device)
     out = torch.empty(544, 128, device=device)

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from qlora_trainer.models.catalog import CATALOG
-from qlora_trainer.speed import calibrate as cal
-from qlora_trainer.speed.devices import Efficiency
-from qlora_trainer.speed.recipes import StepOptions
-from qlora_trainer.speed.report import predict
+from benchmarks.speed import calibrate as cal
+from benchmarks.speed.devices import Efficiency
+from benchmarks.speed.recipes import StepOptions
+from benchmarks.speed.report import predict
 
 # docs/speed-model.md quotes these (error of the prediction for the held-out row)
 LOO = {"llama-3-8b": -0.132, "llama-2-7b": 0.327, "llama-2-70b": -0.192, "llama-3-70b": -0.016}

@@ -1,4 +1,4 @@
-"""``qlora-trainer estimate``: memory + predicted step for ours and HF; errors are one line; the
+"""``python -m benchmarks.speed`` (the estimate): memory + predicted step for ours and HF; errors are one line; the
 trainer's predicted-vs-measured log line."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import logging
 
-from qlora_trainer.cli import main
-from qlora_trainer.speed.report import StepTimeCheck
+from benchmarks.speed.__main__ import main
+from benchmarks.speed.report import StepTimeCheck
 
 
 def _cfg(tmp_path, model="llama-2-7b"):
@@ -18,7 +18,7 @@ def _cfg(tmp_path, model="llama-2-7b"):
 
 
 def test_estimate_json(tmp_path, capsys):
-    assert main(["estimate", _cfg(tmp_path), "model.checkpoint_layers=all", "--gpu", "h100", "--json",
+    assert main([_cfg(tmp_path), "model.checkpoint_layers=all", "--gpu", "h100", "--json",
                  "--samples", "1000"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "prediction" and out["memory"]["total_gb"] > 0 and out["fits"] is True
@@ -29,21 +29,21 @@ def test_estimate_json(tmp_path, capsys):
     assert ours["wall_s_max_steps"] == round(100 * ours["step_s"], 1)
     assert out["epoch_steps"] == 500                       # 1000 samples / (batch 1 x grad_accum 2)
     assert hf["dequants"] == 2 * 32 * 7 * 3                # 2 micro-batches, every weight three times
-    assert main(["estimate", _cfg(tmp_path), "data.max_samples=300", "--json"]) == 0
+    assert main([_cfg(tmp_path), "data.max_samples=300", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["epoch_steps"] == 150   # data.max_samples by default
     # model.group_projections (on by default) is modelled as the fused q/k/v and gate/up options
-    ungrouped = main(["estimate", _cfg(tmp_path), "model.group_projections=false", "model.checkpoint_layers=all",
+    ungrouped = main([_cfg(tmp_path), "model.group_projections=false", "model.checkpoint_layers=all",
                       "--gpu", "h100", "--json"])  # like for like with the first call
     assert ungrouped == 0 and json.loads(capsys.readouterr().out)["ours"]["step_s"] > ours["step_s"]
 
 
 def test_estimate_table_and_errors(tmp_path, capsys):
-    assert main(["estimate", _cfg(tmp_path), "--gpu", "4090"]) == 0
+    assert main([_cfg(tmp_path), "--gpu", "4090"]) == 0
     text = capsys.readouterr().out
     assert "peak memory (estimate)" in text and "| **step** |" in text and "ours/HF speed ratio" in text
-    assert main(["estimate", _cfg(tmp_path), "--gpu", "tpu"]) == 2
+    assert main([_cfg(tmp_path), "--gpu", "tpu"]) == 2
     assert "unknown GPU 'tpu'" in capsys.readouterr().err
-    assert main(["estimate", _cfg(tmp_path, "org/private-model")]) == 2
+    assert main([_cfg(tmp_path, "org/private-model")]) == 2
     assert "--arch" in capsys.readouterr().err
 
 
@@ -78,12 +78,12 @@ def test_estimate_plans_checkpoint_layers_for_the_gpu(tmp_path, capsys):
     p.write_text("model: {name_or_path: llama-2-7b}\ndata: {seq_len: 4096}\nlora: {dropout: 0.0}\n")
     runs = {}
     for gpu in ("h100", "4090"):
-        assert main(["estimate", str(p), "--gpu", gpu, "--json"]) == 0
+        assert main([str(p), "--gpu", gpu, "--json"]) == 0
         runs[gpu] = json.loads(capsys.readouterr().out)
     h100, small = runs["h100"], runs["4090"]
     assert h100["checkpointed_layers"] == 0 and 0 < small["checkpointed_layers"] < 32
     assert h100["memory"]["total_gb"] > small["memory"]["total_gb"] and small["fits"] is True
     assert h100["ours"]["launches"] < small["ours"]["launches"]   # no recompute launches
-    assert main(["estimate", str(p), "model.checkpoint_layers=all", "--gpu", "h100", "--json"]) == 0
+    assert main([str(p), "model.checkpoint_layers=all", "--gpu", "h100", "--json"]) == 0
     every = json.loads(capsys.readouterr().out)
     assert every["checkpointed_layers"] == 32 and every["ours"]["step_s"] > h100["ours"]["step_s"]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from qlora_trainer.models.catalog import CATALOG
-from qlora_trainer.speed.counting import LAUNCHERS, StepCounter
-from qlora_trainer.speed.recipes import StepOptions, step_ops
+from benchmarks.speed.counting import LAUNCHERS, StepCounter
+from benchmarks.speed.recipes import StepOptions, step_ops
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 

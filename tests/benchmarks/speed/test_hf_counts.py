@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_trainer.models.catalog import CATALOG
-from qlora_trainer.speed.recipes import StepOptions, step_ops
+from benchmarks.speed.recipes import StepOptions, step_ops
 
 pytest.importorskip("peft")
 NOT_LAUNCHES = {"detach", "empty", "empty_like", "empty_strided", "lift_fresh", "alias", "_unsafe_view",

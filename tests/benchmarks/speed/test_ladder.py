@@ -1,4 +1,4 @@
-"""The ours/HF ladder (qlora_trainer.speed.ladder): what each optimisation is predicted to give, and
+"""The ours/HF ladder (benchmarks.speed.ladder): what each optimisation is predicted to give, and
 the tables in docs/speed-model.md are exactly what the model prints (no drift)."""
 
 from __future__ import annotations
@@ -6,16 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_trainer.models.catalog import get_arch
-from qlora_trainer.speed import ladder
+from benchmarks.speed import ladder
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "speed-model.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "speed-model.md"
 
 
 def test_docs_tables_are_the_models():
     text = DOC.read_text(encoding="utf-8")
     for model, seq in ladder.SHAPES:
         table = ladder.markdown(model, seq, "h100")
-        assert table in text, f"docs/speed-model.md: regenerate with python -m qlora_trainer.speed.ladder\n{table}"
+        assert table in text, f"docs/speed-model.md: regenerate with python -m benchmarks.speed.ladder\n{table}"
 
 
 def test_each_rung_changes_what_it_claims():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_trainer.speed.ops import nf4_bytes
-from qlora_trainer.speed.recipes import FUSED_MAX_TOKENS, StepOptions, _base_matmul
+from benchmarks.speed.ops import nf4_bytes
+from benchmarks.speed.recipes import FUSED_MAX_TOKENS, StepOptions, _base_matmul
 
 
 def _ops(path: str, dx: bool = False, m: int = 128):
@@ -38,7 +38,7 @@ def test_small_m_is_always_the_decode_kernel_and_config_maps_the_path():
     small = _ops("chunked", m=64)  # <= FUSED_MAX_TOKENS: the decode kernel, whatever the path
     assert small == _ops("dequant", m=64) == _ops("fused", m=64) and small[0].name.endswith(".fused")
     from qlora_trainer.config import Config
-    from qlora_trainer.speed.report import options_for_config
+    from benchmarks.speed.report import options_for_config
 
     cfg = Config()
     cfg.lora.dropout = 0.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qlora_trainer.models.catalog import ArchSpec
-from qlora_trainer.speed.ops import Op, attention, dequant, elementwise, gemm, merge_ops, nf4_bytes
-from qlora_trainer.speed.recipes import StepOptions, checkpointed_layers, step_ops
+from benchmarks.speed.ops import Op, attention, dequant, elementwise, gemm, merge_ops, nf4_bytes
+from benchmarks.speed.recipes import StepOptions, checkpointed_layers, step_ops
 
 
 def test_gemm_counts():

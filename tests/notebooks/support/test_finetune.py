@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_trainer.research.finetune import FinetuneConfig, finetune, gsm8k_text, prepare
-from qlora_trainer.research.small_lm import SmallLM, SmallLMConfig, encode
+from support.finetune import FinetuneConfig, finetune, gsm8k_text, prepare
+from support.small_lm import SmallLM, SmallLMConfig, encode
 
 
 @pytest.fixture

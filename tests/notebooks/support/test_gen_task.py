@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from qlora_trainer.data.formats import IGNORE_INDEX
-from qlora_trainer.research.gen_task import exact_match_of, sft_batch, upper_task
+from support.gen_task import exact_match_of, sft_batch, upper_task
 
 
 def test_upper_task_and_masked_batches():

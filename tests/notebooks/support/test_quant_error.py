@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_trainer.research.quant_error import error_table, model_linear_weights, quant_error, quantized_copy, roundtrip
+from support.quant_error import error_table, model_linear_weights, quant_error, quantized_copy, roundtrip
 
 
 def test_nf4_has_lowest_error_on_normal_weights():

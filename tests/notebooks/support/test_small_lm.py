@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_trainer.research import small_lm
-from qlora_trainer.research.small_lm import SmallLMConfig, encode, eval_windows, sample_windows
+from support import small_lm
+from support.small_lm import SmallLMConfig, encode, eval_windows, sample_windows
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. Ünïcode ✓\n" * 40)
 

@@ -1,7 +1,7 @@
 """Dequantizations, base GEMMs and launches of one training step of the tiny NF4 + LoRA model.
 
-Counting is ``qlora_trainer.speed.counting.StepCounter``, the same one the step model's drift test
-(tests/speed/test_counts.py) uses, so the model and docs/speed.md read the same numbers: wrappers
+Counting is ``benchmarks.speed.counting.StepCounter``, the same one the step model's drift test
+(tests/benchmarks/speed/test_counts.py) uses, so the model and docs/speed.md read the same numbers: wrappers
 count every Triton launcher call, and a ``TorchDispatchMode`` the aten ops outside them. The
 before/after table in docs/speed.md comes from :func:`count_step` (run this file with ``-s``).
 """
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from qlora_trainer.speed.counting import StepCounter
+from benchmarks.speed.counting import StepCounter
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
@@ -151,7 +151,7 @@ def _grouped_model(kernels: bool) -> dict:
     """The step model's prediction for count_step's grouped step: fused_qkv / fused_gate_up (what
     model.group_projections maps to, ``report.options_for_config``)."""
     from qlora_trainer.models.catalog import CATALOG
-    from qlora_trainer.speed.recipes import StepOptions, step_ops
+    from benchmarks.speed.recipes import StepOptions, step_ops
 
     o = StepOptions(seq_len=96, lora_r=8, act_bytes=4, optimizer="adamw", kernels=kernels, fused_qkv=True,
                     fused_gate_up=True)
