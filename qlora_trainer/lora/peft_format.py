@@ -27,6 +27,7 @@ from torch import nn
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import QloraError
 from qlora_trainer.io import read_json_object
+from qlora_trainer.lora.adalora import EPS, ada_layers
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
@@ -104,7 +105,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     ``run_config`` (our ``Config``, as ``config.yaml``) are saved alongside when given.
     """
     if cfg.variant == "adalora":
-        from qlora_trainer.lora.adalora import adalora_tensors_and_config
 
         total = run_config.train.max_steps if run_config is not None else None
         tensors, fields = adalora_tensors_and_config(model, adapter_name, cfg, total)
@@ -222,7 +222,6 @@ def read_adapter(path: str | Path) -> AdapterWeights:
     token_rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(PEFT_SUFFIX)}  # added tokens' rows
     groups = _group(tensors, file)
     if config.get("peft_type") == "ADALORA":
-        from qlora_trainer.lora.adalora import adalora_as_lora
 
         return AdapterWeights(layers=adalora_as_lora(groups, config, file), config=config, path=path,
                               token_rows=token_rows)
@@ -297,3 +296,45 @@ def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: s
     if trainable:
         set_trainable(model, adapter_name)
     return list(weights.layers)
+
+
+# -- AdaLoRA in PEFT's format (SVD-form triplets) ----------------------------------------------------
+
+def adalora_tensors_and_config(model: nn.Module, name: str, cfg: "LoRAConfig", total_step: int | None = None
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT AdaLoRA-format tensors (pruned to the kept triplets once ranks are final) and config fields
+    (``total_step``: the run's ``train.max_steps``; PEFT needs one > tinit + tfinal)."""
+    tensors: dict[str, torch.Tensor] = {}
+    pattern: dict[str, list[bool]] = {}
+    for n, layer in ada_layers(model, name).items():
+        a, b, e = layer.lora_A[name].detach(), layer.lora_B[name].detach(), layer.lora_E[name].detach()
+        mask = layer.rank_mask.get(name)
+        if mask is not None:
+            keep = torch.tensor(mask, device=a.device)
+            a, b, e = a[keep], b[:, keep], e[keep]
+            pattern[f"{n}.lora_E"] = mask
+        for key, t in (("lora_A", a), ("lora_B", b), ("lora_E", e)):
+            tensors[f"{PREFIX}{n}.{key}"] = t.cpu().contiguous()
+    r0 = cfg.r
+    fields = {"peft_type": "ADALORA", "init_r": r0, "target_r": cfg.adalora_target_r, "tinit": cfg.adalora_tinit,
+              "tfinal": cfg.adalora_tfinal, "deltaT": cfg.adalora_delta_t, "beta1": cfg.adalora_beta1,
+              "beta2": cfg.adalora_beta2, "orth_reg_weight": cfg.adalora_orth_reg_weight,
+              "total_step": total_step or cfg.adalora_tinit + cfg.adalora_tfinal + 1, "rank_pattern": pattern or None, "r": 8}
+    return tensors, fields
+
+
+def adalora_as_lora(groups: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], file: Any) -> dict:
+    """PEFT AdaLoRA tensors (module -> {A, E, B}) as plain LoRA ``LayerWeights``: A' = E ⊙ A, scale
+    alpha / (init_r + 1e-5); layers pruned to rank 0 are left out (they add nothing)."""
+    r0 = float(config.get("init_r", 12))
+    alpha = float(config.get("lora_alpha", 8))
+    scale = (alpha if alpha > 0 else r0) / (r0 + EPS)
+    layers = {}
+    for name, parts in groups.items():
+        if not {"A", "B", "E"} <= set(parts):
+            raise QloraError(f"{file}: incomplete AdaLoRA tensors for {name!r} (have {sorted(parts)})")
+        a, b, e = parts["A"], parts["B"], parts["E"]
+        if a.shape[0] == 0:
+            continue
+        layers[name] = LayerWeights(a=(a.float() * e.float()).to(a.dtype), b=b, scale=scale)
+    return layers

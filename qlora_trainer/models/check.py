@@ -22,22 +22,35 @@ if TYPE_CHECKING:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "spiece.model")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+RANDOM_PREFIX = "random:"
+
+
+def is_random(name: str) -> bool:
+    """``random:<arch>``: a random model of a catalog shape, built in-process."""
+    return name.startswith(RANDOM_PREFIX)
+
+
+def check_source(name: str, what: str) -> None:
+    """A path-looking name must exist; a hub id needs the network unless it is cached."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise QloraError(f"model.{what}: {name!r} does not exist (a local directory or a hub id "
+                         f"like meta-llama/Llama-2-7b-hf)")
 
 
 def check_model_source(m: "ModelConfig") -> None:
     """Check ``model.name_or_path`` (and a separate local ``model.tokenizer``) when they are local."""
-    from qlora_trainer.models.load import RANDOM_PREFIX, _check_source
     from qlora_trainer.runtime import expand_path
 
     tokenizer = m.tokenizer or m.name_or_path
     if not m.name_or_path.startswith(RANDOM_PREFIX):
         name = expand_path(m.name_or_path)
-        _check_source(name, "name_or_path")
+        check_source(name, "name_or_path")
         if Path(name).exists():
             check_model_dir(Path(name), trust_remote_code=m.trust_remote_code)
     if not tokenizer.startswith(RANDOM_PREFIX):
         name = expand_path(tokenizer)
-        _check_source(name, "tokenizer" if m.tokenizer else "name_or_path")
+        check_source(name, "tokenizer" if m.tokenizer else "name_or_path")
         if Path(name).is_dir():
             check_tokenizer_dir(Path(name), key="model.tokenizer" if m.tokenizer else "model.name_or_path")
 

@@ -19,27 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.models.check import RANDOM_PREFIX, check_model_dir, check_source, check_tokenizer_dir, is_random
 from qlora_trainer.runtime import dtype_from_name
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
-
-RANDOM_PREFIX = "random:"
-
-
-def _is_random(name: str) -> bool:
-    return name.startswith(RANDOM_PREFIX)
-
-
-def _check_source(name: str, what: str) -> None:
-    """A path-looking name must exist; a hub id needs the network unless it is cached."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise QloraError(f"model.{what}: {name!r} does not exist (a local directory or a hub id "
-                         f"like meta-llama/Llama-2-7b-hf)")
-
 
 def load_tokenizer(cfg: "ModelConfig") -> Any:
     """The tokenizer for ``cfg`` with a pad token set.
@@ -51,12 +37,12 @@ def load_tokenizer(cfg: "ModelConfig") -> Any:
     from qlora_trainer.runtime import expand_path
 
     name = cfg.tokenizer or cfg.name_or_path
-    if _is_random(name):
+    if is_random(name):
         from qlora_trainer.models.tiny import byte_tokenizer
 
         return byte_tokenizer()
     name = expand_path(name)
-    _check_source(name, "tokenizer" if cfg.tokenizer else "name_or_path")
+    check_source(name, "tokenizer" if cfg.tokenizer else "name_or_path")
     if Path(name).is_dir():
         from qlora_trainer.models.check import check_tokenizer_dir
 
@@ -105,7 +91,7 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
     model's embeddings when ``model.resize_embeddings`` is on and the tokenizer grew.
     """
     m = cfg.model
-    if _is_random(m.name_or_path):
+    if is_random(m.name_or_path):
         model = _random_base(cfg, device=device, dtype=dtype, vocab_size=vocab_size)
     else:
         model = _pretrained_base(cfg, device=device, dtype=dtype)
@@ -156,7 +142,7 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
 
     m = cfg.model
     name = expand_path(m.name_or_path)
-    _check_source(name, "name_or_path")
+    check_source(name, "name_or_path")
     if Path(name).exists():
         from qlora_trainer.models.check import check_model_dir
 
