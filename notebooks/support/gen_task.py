@@ -38,7 +38,7 @@ def finetune_on_task(lm, cfg, prompts: list[str], answers: list[str], eval_promp
     from qlora_trainer.lora import trainable_parameters
     from support.finetune import FinetuneResult, _optimizer, prepare
     from support.small_lm import train_steps
-    from qlora_trainer.train.loss import causal_lm_loss
+    from qlora_trainer.models.loss import causal_lm_loss
 
     model = prepare(lm, cfg)
     held = sft_batch(eval_prompts, eval_answers)

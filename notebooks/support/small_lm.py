@@ -105,7 +105,7 @@ def eval_windows(ids: torch.Tensor, *, seq_len: int, max_windows: int) -> torch.
 def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``tokens`` (B, T) under ``model`` (scalar, nats/token), through
     the trainer's ``causal_lm_loss`` (hidden states + chunked linear cross-entropy)."""
-    from qlora_trainer.train.loss import causal_lm_loss
+    from qlora_trainer.models.loss import causal_lm_loss
 
     loss_sum, n_tokens = causal_lm_loss(model, {"input_ids": tokens, "labels": tokens}, backend="torch")
     return loss_sum / n_tokens
@@ -140,7 +140,7 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.T
     norm 1. ``batch_fn(step) -> {input_ids, labels, ...}`` replaces the windows (e.g. masked
     prompt/answer batches). Logs every 50th loss as ``<log_name> step N`` when ``log_name`` is set.
     Returns (loss per step, seconds)."""
-    from qlora_trainer.train.loss import causal_lm_loss
+    from qlora_trainer.models.loss import causal_lm_loss
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -287,7 +287,7 @@ def estimate(
 
         chunk = min(tokens, loss_chunk or auto_chunk_size(tokens, arch.vocab, arch.hidden))
         forward["logits_loss"] = chunk * arch.vocab * b + tokens * arch.hidden * b
-        if new_tokens:  # token-row output layer: train/loss.py's module-head path, one checkpointed chunk
+        if new_tokens:  # token-row output layer: models/loss.py's module-head path, one checkpointed chunk
             chunk = min(tokens, loss_chunk or 1024)  # of logits, their row-replaced copy, fp32 copy and grad
             forward["logits_loss"] = chunk * arch.vocab * (2 * b + 8) + tokens * arch.hidden * b
     backward = dict(held, layer_recompute=layer if n_ck else 0,

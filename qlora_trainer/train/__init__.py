@@ -7,7 +7,7 @@
 """
 
 from qlora_trainer.train.loop import TrainResult, train
-from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.models.loss import causal_lm_loss
 from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
 
 __all__ = ["TrainResult", "build_optimizer", "build_scheduler", "causal_lm_loss", "prepare_model", "train"]

@@ -56,7 +56,7 @@ class LossModule(nn.Module):
 
     def __init__(self, model: nn.Module, *, chunk_size: int = 0, backend: str = "auto",
                  loss: Callable[..., Any] | None = None) -> None:
-        from qlora_trainer.train.loss import causal_lm_loss
+        from qlora_trainer.models.loss import causal_lm_loss
 
         super().__init__()
         self.model, self.chunk_size, self.backend = model, chunk_size, backend

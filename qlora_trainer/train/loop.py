@@ -25,11 +25,12 @@ import torch
 
 from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import DataError, QloraError
+from qlora_trainer.evaluate.perplexity import mean_loss
 from qlora_trainer.io import writing
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
                                             rng_state, save_checkpoint)
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
-from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.models.loss import causal_lm_loss
 from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
 
 if TYPE_CHECKING:
@@ -185,7 +186,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                     window_tokens, window_t = 0, now
                 bar.update(1)
             if eval_ds is not None and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator, engine=engine)
+                result.eval_loss = mean_loss(model, eval_ds, cfg, tokenizer, device, autocast=accelerator.autocast,
+                                             max_batches=cfg.train.eval_batches, loss=engine)
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
             if cfg.train.eval_tasks and (state.step == cfg.train.max_steps or (
                     cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
@@ -200,7 +202,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         checkpoint()
         if state.step >= cfg.train.max_steps:
             if eval_ds is not None and not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
-                result.eval_loss = evaluate(model, eval_ds, cfg, tokenizer, device, accelerator, engine=engine)
+                result.eval_loss = mean_loss(model, eval_ds, cfg, tokenizer, device, autocast=accelerator.autocast,
+                                             max_batches=cfg.train.eval_batches, loss=engine)
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
             check_finite_params(model, state.step)  # never a NaN adapter
             if par.is_main:
@@ -215,32 +218,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         clean_temporaries(out)
     result.step, result.tokens, result.seconds = state.step, state.tokens, time.perf_counter() - t0
     return result
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, eval_ds: Any, cfg: "Config", tokenizer: Any, device: torch.device,
-             accelerator: Any, engine: torch.nn.Module | None = None) -> float:
-    """Token-mean loss over ``train.eval_batches`` batches of ``eval_ds`` (all when 0), dropout off.
-    Leaves the global RNG untouched, so evaluating does not change the training run. ``engine``: the
-    distributed engine (``train.distributed``) to run batches through instead of the bare model."""
-    from qlora_trainer.data import make_dataloader
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.random.fork_rng(devices=[]):
-        dl = make_dataloader(eval_ds, cfg=cfg.data, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
-                             shuffle=False, seed=cfg.train.seed)
-        for i, batch in enumerate(dl):
-            if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with accelerator.autocast():
-                loss_sum, n = engine(batch) if engine is not None else causal_lm_loss(
-                    model, batch, chunk_size=cfg.train.loss_chunk_size, backend=cfg.model.kernels)
-            total, count = total + float(loss_sum), count + int(n)
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def _micro_batches(train_ds: Any, cfg: "Config", tokenizer: Any, epoch: int, skip: int, *, rank: int = 0,

@@ -263,7 +263,7 @@ def test_tiny_nf4_model_step_triton_matches_torch(tiny_nf4_model):
     and the loss through the Triton chunked cross-entropy, vs the torch backends. fp32: 1e-4."""
     from qlora_trainer.config import LoRAConfig
     from qlora_trainer.lora.inject import inject_lora
-    from qlora_trainer.train.loss import causal_lm_loss
+    from qlora_trainer.models.loss import causal_lm_loss
 
     model = tiny_nf4_model.train()  # train mode: bitsandbytes' CPU inference repacking stays off
     cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])  # GQA v: out 64
