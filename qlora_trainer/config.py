@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qlora_trainer.errors import ConfigError, QloraError
+from qlora_trainer.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
 # sections
@@ -290,14 +290,6 @@ class Config:
                 raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
         if self.data.marker_tokens == "add" and not self.model.resize_embeddings:
             raise ConfigError("data.marker_tokens: 'add' grows the vocabulary; also set model.resize_embeddings=true")
-        if self.train.eval_tasks:
-            from qlora_trainer.evaluate.tasks import resolve_task
-
-            for spec in self.train.eval_tasks:
-                try:
-                    resolve_task(spec)
-                except QloraError as e:  # an unknown task or extractor
-                    raise ConfigError(f"train.eval_tasks: {e}") from None
         if self.lora.init == "loftq" and self.model.quantization != "nf4":
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
         if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):

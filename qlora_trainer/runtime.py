@@ -47,6 +47,11 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def launched_world() -> int:
+    """Processes in this launch (``WORLD_SIZE`` set by ``accelerate launch`` / torchrun; 1 if unset)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def data_root() -> Path:
     """Root of the shared real data: ``$QLORA_DATA``, default ``../shared/data`` from the working directory
     (the repository root, where the tests and ``make`` run); never a path inside the installed package."""

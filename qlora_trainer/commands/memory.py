@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qlora_trainer.memory.report import estimate_markdown
+
 HELP = "estimate peak GPU memory of a QLoRA run before loading anything (exit 0 fits, 1 does not)"
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
 
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     max_batch = largest_fitting(arch, args.budget, vary="batch", basis=args.basis, seq_len=args.seq, **kw)
     measured = None
     if args.measure:
-        from qlora_trainer.memory.measure import measure_training
+        from qlora_trainer.train.measure import measure_training
         from qlora_trainer.memory.profile import CudaReader
 
         CudaReader()  # one-line error without CUDA, before building anything
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             out["measured"] = measured.compare(est)
         print(json.dumps(out))
     else:
-        print(est.to_markdown())
+        print(estimate_markdown(est))
         verdict = "fits" if fits else "does NOT fit"
         per = f" per GPU ({args.gpus} GPUs, {args.distributed})" if args.distributed != "none" else ""
         print(f"\n{verdict} in {args.budget:g} GB{per} ({args.basis} basis); at batch {args.batch} the longest "

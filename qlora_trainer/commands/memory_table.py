@@ -47,7 +47,7 @@ def _measure(rows: list[dict]) -> None:
     import torch
 
     from qlora_trainer.memory.estimate import GIB
-    from qlora_trainer.memory.measure import measure_training
+    from qlora_trainer.train.measure import measure_training
     from qlora_trainer.memory.profile import CudaReader
     from qlora_trainer.memory.references import PAPER_SETTINGS
 

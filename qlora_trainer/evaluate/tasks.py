@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qlora_trainer.errors import DataError, QloraError
+from qlora_trainer.errors import ConfigError, DataError, QloraError
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,12 @@ def load_examples(task: GenerationTask, *, limit: int | None = None) -> tuple[Ge
                             f"a string or number")
         examples.append(Example(p, str(a)))
     return task, examples
+
+
+def check_eval_tasks(specs: list[str], key: str = "train.eval_tasks") -> None:
+    """Every task spec names a task and extractor (checked at preflight, before anything loads)."""
+    for spec in specs:
+        try:
+            resolve_task(spec)
+        except QloraError as e:  # an unknown task or extractor
+            raise ConfigError(f"{key}: {e}") from None

@@ -125,7 +125,7 @@ def apply_loftq(model: nn.Module, source: WeightSource, *, adapter_name: str = "
 def rebuild_loftq_base(model: nn.Module, adapter: "AdapterWeights", source: WeightSource, iters: int) -> None:
     """Re-create the re-quantized base a T > 1 LoftQ run trained on (deterministic from W), for every
     layer ``adapter`` adapts; call before the adapter is loaded. T = 1 changes nothing."""
-    from qlora_trainer.lora.inject import replace_module
+    from qlora_trainer.lora.modules import replace_module
 
     if iters <= 1:
         return

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_trainer.lora.inject import replace_module
+from qlora_trainer.lora.modules import replace_module
 from qlora_trainer.lora.layer import LoRALinear, dequantized_weight, frozen_linear
 from qlora_trainer.models.quantize import is_4bit
 

@@ -110,7 +110,7 @@ def prepare_hotswap(model: nn.Module, adapters: list[AdapterWeights], *, name: s
     Python float changes, and a ``torch.compile``d model is not recompiled. The slot is DoRA when
     the adapters are (all or none must be). Layers not yet adapted get a ``LoRALinear``.
     """
-    from qlora_trainer.lora.inject import replace_module
+    from qlora_trainer.lora.modules import replace_module
 
     if not adapters:
         raise QloraError("prepare_hotswap: give at least one adapter")

@@ -42,7 +42,7 @@ _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vect
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly ``names``: the list of last name components when that
     selects nothing else, else a regular expression PEFT full-matches against module names."""
-    from qlora_trainer.lora.inject import linear_layers
+    from qlora_trainer.lora.modules import linear_layers
 
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     chosen = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in suffixes}

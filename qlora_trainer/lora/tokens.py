@@ -65,7 +65,7 @@ class TrainableTokens(nn.Module):
 def make_tokens_trainable(model: nn.Module, token_ids: list[int]) -> list[str]:
     """Replace the input embedding and the output layer by :class:`TrainableTokens` over ``token_ids``.
     Returns the replaced module names. In place; call after LoRA injection, before the optimizer."""
-    from qlora_trainer.lora.inject import replace_module
+    from qlora_trainer.lora.modules import replace_module
 
     if not token_ids:
         return []
@@ -138,7 +138,7 @@ def load_token_rows(model: nn.Module, tensors: dict[str, torch.Tensor], indices:
 
 def merge_token_rows(model: nn.Module) -> None:
     """Write the trained rows into the wrapped tables and put the plain modules back (for ``merge``)."""
-    from qlora_trainer.lora.inject import replace_module
+    from qlora_trainer.lora.modules import replace_module
 
     for name, m in token_layers(model).items():
         with torch.no_grad():

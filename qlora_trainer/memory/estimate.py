@@ -118,11 +118,6 @@ class MemoryEstimate:
                 "host_pinned_gib": round(self.host_bytes / GIB, 3),
                 "total_gb": round(self.total_gb, 3), "notes": self.notes}
 
-    def to_markdown(self) -> str:
-        from qlora_trainer.memory.report import estimate_markdown
-
-        return estimate_markdown(self)
-
 
 def _targeted(arch: ArchSpec, targets: str | list[str]) -> list[tuple[str, int, int, bool]]:
     """One decoder layer's targeted linear shapes, matched by ``lora.inject``'s rules on HF Llama
@@ -409,7 +404,7 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
     import logging
 
     from qlora_trainer.data.templates import new_token_bound
-    from qlora_trainer.train.distributed import launched_world
+    from qlora_trainer.runtime import launched_world
 
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.runtime import launched_world
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -64,11 +64,6 @@ class LossModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss(self.model, batch, chunk_size=self.chunk_size, backend=self.backend)
-
-
-def launched_world() -> int:
-    """Processes in this launch (``WORLD_SIZE`` set by ``accelerate launch`` / torchrun; 1 if unset)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
