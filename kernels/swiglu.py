@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backend import resolve_backend
+from .grouped_linear import grouped_projections
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -85,8 +86,6 @@ class SwiGLUMLP(nn.Module):
         """(..., H) -> (..., H) through (..., I) gate/up activations, untiled."""
         gate_up = None
         if self.group_projections:
-            from .grouped_linear import grouped_projections
-
             gate_up = grouped_projections(x, self, "gate_up", (self.gate_proj, self.up_proj))
         gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(swiglu(gate, up, self.backend))

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qlora_trainer.errors import ConfigError
+from qlora_trainer.config_rules import describe, problem
+from qlora_trainer.io import atomic_write_text
 
 # --------------------------------------------------------------------------------------------------
 # sections
@@ -277,8 +279,6 @@ class Config:
 
     def validate(self) -> "Config":
         """Check value ranges and cross-field rules; raise ConfigError naming the key."""
-        from qlora_trainer.config_rules import problem
-
         for key in valid_keys():  # every field against its rule (config_rules.RULES)
             msg = problem(key, _get(self, key))
             if msg:
@@ -390,8 +390,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the config as YAML, atomically."""
     import yaml
 
-    from qlora_trainer.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
@@ -399,8 +397,6 @@ def field_docs() -> dict[str, str]:
     """``section.key`` -> documentation string, read from the field docstrings in this file."""
     import ast
     import inspect
-
-    from qlora_trainer.config_rules import describe
 
     docs: dict[str, str] = {}
     tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))

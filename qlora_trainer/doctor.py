@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_trainer.memory import estimate_for_config
+
 DIST = "qlora-trainer"
 STATUSES = ("ok", "warn", "error")
 
@@ -250,8 +252,6 @@ def kernels_name_check() -> Check:
 def memory_check(cfg: Any) -> Check:
     """The estimator's peak for ``cfg`` against this machine's GPU (the CPU: reported, not judged)."""
     import torch
-
-    from qlora_trainer.memory import estimate_for_config
 
     try:
         est = estimate_for_config(cfg)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 from qlora_trainer.memory.report import estimate_markdown
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
+from qlora_trainer.memory.profile import CudaReader
+from qlora_trainer.train.measure import measure_training
 
 HELP = "estimate peak GPU memory of a QLoRA run before loading anything (exit 0 fits, 1 does not)"
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
@@ -46,9 +50,6 @@ def run(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from qlora_trainer.errors import ConfigError
-    from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
-
     for name in ("seq", "batch", "r"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name}: must be >= 1 (got {getattr(args, name)})")
@@ -83,9 +84,6 @@ def run(args: argparse.Namespace) -> int:
     max_batch = largest_fitting(arch, args.budget, vary="batch", basis=args.basis, seq_len=args.seq, **kw)
     measured = None
     if args.measure:
-        from qlora_trainer.train.measure import measure_training
-        from qlora_trainer.memory.profile import CudaReader
-
         CudaReader()  # one-line error without CUDA, before building anything
         measured = measure_training(arch, seq_len=args.seq, batch=args.batch, lora_r=args.r,
                                     optimizer=args.optimizer, checkpointing=args.checkpointing,

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from qlora_trainer.evaluate.generation import GenerationSettings, format_prompt, generate_texts
+from qlora_trainer.evaluate.extractors import score_one
+from qlora_trainer.evaluate.tasks import load_examples, resolve_task
+from qlora_trainer.io import atomic_write_text
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -62,9 +65,6 @@ def run_task(model: nn.Module, tokenizer: Any, cfg: "Config", spec: str, setting
     ``settings.max_new_tokens <= 0`` takes the task's default."""
     from dataclasses import replace
 
-    from qlora_trainer.evaluate.extractors import score_one
-    from qlora_trainer.evaluate.tasks import load_examples, resolve_task
-
     task, examples = load_examples(resolve_task(spec), limit=limit)
     if settings.max_new_tokens <= 0:
         settings = replace(settings, max_new_tokens=task.max_new_tokens)
@@ -94,8 +94,6 @@ def run_tasks(model: nn.Module, tokenizer: Any, cfg: "Config", specs: list[str],
 def write_results(out_dir: Path, results: list[TaskResult], summary: dict) -> tuple[Path, Path]:
     """``out_dir/predictions.jsonl`` and ``out_dir/summary.json`` (``summary`` plus each result's
     numbers under ``results[label][task]``), atomically. Returns both paths."""
-    from qlora_trainer.io import atomic_write_text
-
     out_dir = Path(out_dir)
     table: dict[str, dict] = summary.setdefault("results", {})
     for r in results:

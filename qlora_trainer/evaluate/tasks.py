@@ -16,6 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qlora_trainer.errors import ConfigError, DataError, QloraError
+from qlora_trainer.data.sources import load_records, record_line
+from qlora_trainer.evaluate.extractors import get_extractor
+from qlora_trainer.runtime import expand_path
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,6 @@ def register_task(task: GenerationTask) -> None:
 def resolve_task(spec: str) -> GenerationTask:
     """A task from its spec (a registered name, or ``FILE[@extractor]``); raises QloraError naming
     the spec and the valid choices."""
-    from qlora_trainer.evaluate.extractors import get_extractor
-
     if spec in TASKS:
         return TASKS[spec]
     path, _, extractor = spec.partition("@")
@@ -73,9 +74,6 @@ def load_examples(task: GenerationTask, *, limit: int | None = None) -> tuple[Ge
     """The first ``limit`` (all when None) examples of ``task``, and the task with its fields resolved.
 
     Raises DataError naming the file and, for a bad record, its line."""
-    from qlora_trainer.data.sources import load_records, record_line
-    from qlora_trainer.runtime import expand_path
-
     path = expand_path(task.path)
     ds = load_records(path)
     cols = set(ds.column_names)

@@ -24,7 +24,7 @@ gives a plain LoRA adapter A' = E ⊙ A with scale s / r0 (``peft_format.read_ad
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from qlora_trainer.kernels import lora_matmul
 from qlora_trainer.lora.base import base_weight_of, dequantized_weight
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.modules import linear_layers, match_targets, replace_module
+from qlora_trainer.errors import ConfigError
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, LoRAConfig
@@ -119,8 +120,6 @@ def ada_layers(model: nn.Module, name: str = "default") -> dict[str, AdaLoRALine
 def inject_adalora(model: nn.Module, cfg: "LoRAConfig", *, dtype: torch.dtype, backend: str = "auto",
                    adapter_name: str = "default") -> list[str]:
     """Put an AdaLoRA adapter (r0 = ``cfg.r``) on every targeted linear layer; everything else frozen."""
-    from qlora_trainer.errors import ConfigError
-
     names = match_targets(model, cfg.targets)
     if not names:
         some = ", ".join(list(linear_layers(model))[:6])

@@ -14,7 +14,7 @@ from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.adalora import inject_adalora
-from qlora_trainer.lora.modules import is_linear, linear_layers, match_targets, replace_module
+from qlora_trainer.lora.modules import is_linear, linear_layers, match_targets, replace_module  # noqa: F401 (also here)
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 
 log = logging.getLogger(__name__)

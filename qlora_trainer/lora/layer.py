@@ -26,6 +26,8 @@ from torch import nn
 from qlora_trainer.kernels import lora_matmul
 from qlora_trainer.lora.base import base_compute_dtype, base_weight_of, dequantized_weight, frozen_linear
 from qlora_trainer.lora.dora import dora_forward, weight_norm
+from qlora_trainer.models.nf4_linear import claim_4bit_layers
+from qlora_trainer.models.quantize import is_4bit
 
 __all__ = ["VARIANTS", "INITS", "AdapterSpec", "LoRALinear", "dequantized_weight", "frozen_linear",
            "base_compute_dtype"]
@@ -74,10 +76,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, *, backend: str = "auto") -> None:
         super().__init__()
-        from qlora_trainer.models.quantize import is_4bit
 
         if is_4bit(base_layer):  # our NF4 compute, no bitsandbytes CPU repacking (nf4_linear.py)
-            from qlora_trainer.models.nf4_linear import claim_4bit_layers
 
             claim_4bit_layers(base_layer, backend=backend)
         self.base_layer = base_layer

@@ -24,13 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_trainer.config import LoRAConfig
+from qlora_trainer.config import LoRAConfig, save_config
 from qlora_trainer.errors import QloraError
-from qlora_trainer.io import read_json_object
+from qlora_trainer.io import atomic_directory, atomic_write_bytes, read_json_object
 from qlora_trainer.lora.adalora import EPS, ada_layers
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
+from qlora_trainer.lora.inject import replace_module, set_trainable
+from qlora_trainer.lora.modules import linear_layers
+from qlora_trainer.lora.tokens import PEFT_SUFFIX, load_token_rows, peft_token_entries
+from qlora_trainer.runtime import resolve_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,8 +46,6 @@ _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vect
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly ``names``: the list of last name components when that
     selects nothing else, else a regular expression PEFT full-matches against module names."""
-    from qlora_trainer.lora.modules import linear_layers
-
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     chosen = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in suffixes}
     if chosen == set(names):
@@ -112,7 +114,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         tensors, fields = adapter_state_dict(model, adapter_name), {}
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
-    from qlora_trainer.lora.tokens import peft_token_entries
 
     token_tensors, token_indices = peft_token_entries(model, PREFIX)  # rows of added tokens (lora/tokens.py)
     tensors |= token_tensors
@@ -143,8 +144,6 @@ def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tenso
     directory in one rename."""
     from safetensors.torch import save_file
 
-    from qlora_trainer.io import atomic_directory, atomic_write_bytes
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
@@ -156,8 +155,6 @@ def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tenso
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         if run_config is not None:
-            from qlora_trainer.config import save_config
-
             save_config(run_config, staging / "config.yaml")
         if not out_dir.exists() or replace:
             with atomic_directory(out_dir, replace=replace) as target:
@@ -215,7 +212,6 @@ def read_adapter(path: str | Path) -> AdapterWeights:
     if not file.is_file():
         other = " (adapter_model.bin is not read: safetensors only)" if (path / "adapter_model.bin").exists() else ""
         raise QloraError(f"{path}: no {WEIGHTS_NAME}{other}")
-    from qlora_trainer.lora.tokens import PEFT_SUFFIX
 
     use_dora, use_rslora = bool(config.get("use_dora", False)), bool(config.get("use_rslora", False))
     tensors = load_file(str(file))
@@ -252,10 +248,6 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
 def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: str = "default",
                    dtype: torch.dtype | None = None, backend: str = "auto", trainable: bool = False) -> list[str]:
     """Put ``weights`` on ``model`` as adapter ``adapter_name`` (see :func:`load_adapter`)."""
-    from qlora_trainer.lora.inject import replace_module, set_trainable
-    from qlora_trainer.lora.tokens import load_token_rows
-    from qlora_trainer.runtime import resolve_dtype
-
     config = weights.config
     file = weights.path / WEIGHTS_NAME if weights.path is not None else Path(weights.name)
     if dtype is None:

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from qlora_trainer.memory.estimate import estimate_for_config, resolve_arch
+
 log = logging.getLogger(__name__)
 
 HEADROOM = 0.9  # keep 10% of the device for fragmentation and what the estimate does not see
@@ -52,8 +54,6 @@ def plan_checkpoint_layers(cfg, budget_bytes: int | None) -> int | None:
     """Layers to checkpoint for run config ``cfg`` (None = all): ``model.checkpoint_layers`` when it
     is ``all`` or a number; for ``auto`` the estimate's answer for ``budget_bytes`` (all when there is
     no budget, e.g. on the CPU, or the model's shape is unknown)."""
-    from qlora_trainer.memory.estimate import estimate_for_config, resolve_arch
-
     setting = cfg.model.checkpoint_layers
     if setting == "all":
         return None

@@ -20,8 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from qlora_trainer.memory.quant import adam_state_bytes, nf4_weight_bytes, quant_constant_bytes
-from qlora_trainer.models.catalog import ArchSpec, linear_shapes, param_counts
+from qlora_trainer.models.catalog import ArchSpec, CATALOG, arch_from_hf_config, linear_shapes, param_counts
 from qlora_trainer.targets import select_targets
+from qlora_trainer.data.templates import new_token_bound
+from qlora_trainer.kernels.cross_entropy import auto_chunk_size
+from qlora_trainer.runtime import expand_path, launched_world
 
 GIB = 2**30
 GB = 10**9
@@ -278,7 +281,6 @@ def estimate(
         # the fp32 log-softmax output cross_entropy saves, its gradient and the logits' fp32 gradient
         forward["logits_loss"] = tokens * arch.vocab * (wide + 12)
     else:                  # one (C, V) chunk whose gradient overwrites it + dL/dh (N, H), made in forward
-        from qlora_trainer.kernels.cross_entropy import auto_chunk_size
 
         chunk = min(tokens, loss_chunk or auto_chunk_size(tokens, arch.vocab, arch.hidden))
         forward["logits_loss"] = chunk * arch.vocab * b + tokens * arch.hidden * b
@@ -381,9 +383,6 @@ def resolve_arch(name_or_path: str) -> tuple[ArchSpec | None, str]:
     (None, reason) for hub ids that are not on disk (never downloads)."""
     from pathlib import Path
 
-    from qlora_trainer.models.catalog import CATALOG, arch_from_hf_config
-    from qlora_trainer.runtime import expand_path
-
     name = name_or_path.removeprefix("random:")
     if name in CATALOG:
         return CATALOG[name], ""
@@ -402,9 +401,6 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
     reason logged) when the model's shape cannot be known without downloading.
     ``checkpointed_layers``: the plan's answer for ``model.checkpoint_layers`` (None = all)."""
     import logging
-
-    from qlora_trainer.data.templates import new_token_bound
-    from qlora_trainer.runtime import launched_world
 
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:

@@ -10,6 +10,7 @@ from qlora_trainer.errors import QloraError
 from qlora_trainer.memory.estimate import GB, GIB, estimate
 from qlora_trainer.memory.references import PAPER_ROWS, PAPER_SETTINGS
 from qlora_trainer.models.catalog import get_arch, param_counts
+from qlora_trainer.io import atomic_write_bytes
 
 # Chart groups: estimate components -> the paper's four bars.
 GROUPS = {
@@ -86,8 +87,6 @@ def paper_chart(rows: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from qlora_trainer.io import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(GROUPS) + ["optimizer (paged)"]

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.io import read_json_object
+from qlora_trainer.runtime import expand_path
 
 if TYPE_CHECKING:
     from qlora_trainer.config import ModelConfig
@@ -40,8 +42,6 @@ def check_source(name: str, what: str) -> None:
 
 def check_model_source(m: "ModelConfig") -> None:
     """Check ``model.name_or_path`` (and a separate local ``model.tokenizer``) when they are local."""
-    from qlora_trainer.runtime import expand_path
-
     tokenizer = m.tokenizer or m.name_or_path
     if not m.name_or_path.startswith(RANDOM_PREFIX):
         name = expand_path(m.name_or_path)
@@ -57,8 +57,6 @@ def check_model_source(m: "ModelConfig") -> None:
 
 def check_model_dir(p: Path, *, trust_remote_code: bool = False) -> None:
     """Raise QloraError naming ``p`` and the fix if it is not a loadable causal-LM directory."""
-    from qlora_trainer.io import read_json_object
-
     key = "model.name_or_path"
     if not p.is_dir():
         raise QloraError(f"{key}: {str(p)!r} is a file; point it at the model directory (the one with config.json)")
@@ -86,8 +84,6 @@ def check_model_dir(p: Path, *, trust_remote_code: bool = False) -> None:
 def _check_weights(p: Path) -> None:
     index = p / "model.safetensors.index.json"
     if index.is_file():
-        from qlora_trainer.io import read_json_object
-
         shards = sorted(set(read_json_object(index).get("weight_map", {}).values()))
         for name in shards:
             if not (p / name).is_file():

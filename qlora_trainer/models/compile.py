@@ -24,6 +24,10 @@ import logging
 import torch
 from torch import nn
 
+from qlora_trainer.kernels.backend import resolve_backend
+from qlora_trainer.kernels.base_weight import base_weight
+from qlora_trainer.models.checkpointing import CheckpointedLayer, _decoder_layer_lists
+
 log = logging.getLogger(__name__)
 
 MODES = {"default": None, "reduce-overhead": "reduce-overhead"}  # train.compile -> torch.compile mode
@@ -33,9 +37,6 @@ def warm_base_weights(model: nn.Module) -> int:
     """Build the cached frozen-weight object of every LoRA layer's base (``base_layer``, its
     ``backend``) and of every frozen ``NF4Linear`` (itself, its ``kernel_backend``), for the
     weight's device, so that compiled code finds it; returns how many were built or found."""
-    from qlora_trainer.kernels.backend import resolve_backend
-    from qlora_trainer.kernels.base_weight import base_weight
-
     n = 0
     for m in model.modules():
         if isinstance(getattr(m, "kernel_backend", None), str):
@@ -53,8 +54,6 @@ def compile_layers(model: nn.Module, mode: str, *, backend: str | None = None) -
     named ``layers``; a checkpointed layer's wrapped layer, not its checkpoint) with
     ``mode`` (``default | reduce-overhead``) and torch.compile ``backend`` (None: inductor; the CPU
     tests use ``aot_eager``). Returns the number of layers compiled."""
-    from qlora_trainer.models.checkpointing import CheckpointedLayer, _decoder_layer_lists
-
     if mode not in MODES:
         raise ValueError(f"compile_layers: mode {mode!r} is not one of {', '.join(MODES)}")
     warm_base_weights(model)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.data.formats import IGNORE_INDEX
+from qlora_trainer.kernels.cross_entropy import linear_cross_entropy
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -29,8 +30,6 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, chunk_si
         (loss_sum, n_tokens): () fp32 differentiable sum over predicted tokens, () int64 count.
         Divide by the total count over all micro-batches of a step for a token-mean loss.
     """
-    from qlora_trainer.kernels.cross_entropy import linear_cross_entropy
-
     kwargs: dict[str, Any] = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     out = decoder(model)(input_ids=batch["input_ids"], use_cache=False, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)

@@ -26,12 +26,25 @@ import torch
 from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import DataError, QloraError
 from qlora_trainer.evaluate.perplexity import mean_loss
-from qlora_trainer.io import writing
+from qlora_trainer.io import atomic_write_text, writing
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
                                             rng_state, save_checkpoint)
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
 from qlora_trainer.models.loss import causal_lm_loss
 from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
+from qlora_trainer.data import build_datasets, make_dataloader
+from qlora_trainer.data.templates import add_marker_tokens
+from qlora_trainer.evaluate import training_eval
+from qlora_trainer.lora import save_adapter
+from qlora_trainer.lora.adalora import allocator_for
+from qlora_trainer.lora.tokens import make_tokens_trainable
+from qlora_trainer.memory import estimate_for_config
+from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
+from qlora_trainer.models.load import load_base_model, load_tokenizer
+from qlora_trainer.runtime import resolve_dtype
+from qlora_trainer.train import distributed
+from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
+from qlora_trainer.train.trackers import start_trackers
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -57,17 +70,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     """Run training as configured. ``stop_after`` ends this invocation after that many optimizer
     steps with a checkpoint (a planned pre-emption; ``resume: auto`` continues it)."""
     from accelerate.utils import set_seed
-
-    from qlora_trainer.data import build_datasets
-    from qlora_trainer.data.templates import add_marker_tokens
-    from qlora_trainer.lora import save_adapter
-    from qlora_trainer.lora.tokens import make_tokens_trainable
-    from qlora_trainer.models.load import load_base_model, load_tokenizer
-    from qlora_trainer.lora.adalora import allocator_for
-    from qlora_trainer.runtime import resolve_dtype
-    from qlora_trainer.train import distributed
-    from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
-    from qlora_trainer.train.trackers import start_trackers
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -191,8 +193,6 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                 metrics.write({"step": state.step, "eval_loss": result.eval_loss})
             if cfg.train.eval_tasks and (state.step == cfg.train.max_steps or (
                     cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
-                from qlora_trainer.evaluate import training_eval  # generation tasks (evaluate/runner.py)
-
                 if par.is_main:  # DDP: every rank holds the whole model; rank 0 generates, the others wait
                     metrics.write(training_eval(model, tokenizer, cfg, state.step))
                 par.barrier()
@@ -225,8 +225,6 @@ def _micro_batches(train_ds: Any, cfg: "Config", tokenizer: Any, epoch: int, ski
     """Endless ``(epoch, batches consumed in that epoch, batch)``, starting after ``skip`` batches of
     ``epoch``. Each epoch's order depends only on (seed, epoch); the DataLoader iterator is created
     under ``fork_rng`` so starting an epoch never moves the global RNG (dropout stays in step on resume)."""
-    from qlora_trainer.data import make_dataloader
-
     while True:
         dl = make_dataloader(train_ds, cfg=cfg.data, tokenizer=tokenizer, batch_size=cfg.train.batch_size,
                              shuffle=True, seed=cfg.train.seed, epoch=epoch, rank=rank, world=world)
@@ -307,12 +305,6 @@ def _check_output_dir(cfg: "Config", out: Path, resume: Path | None, main: bool 
 def _log_memory_estimate(cfg: "Config", device: torch.device) -> None:
     """Log the memory estimator's prediction; warn when it exceeds the GPU (advisory only)."""
     try:
-        from qlora_trainer.memory import estimate_for_config
-    except ImportError:
-        return
-    try:
-        from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
-
         # the layers prepare_model checkpoints on this device (model.checkpoint_layers)
         est = estimate_for_config(cfg, plan_checkpoint_layers(cfg, device_budget(device)))
     except Exception as e:  # noqa: BLE001 - the estimate is advisory; training goes on without it
@@ -350,8 +342,6 @@ class _MetricsFile:
     after its last checkpoint) are dropped so a resumed run's log reads as one run."""
 
     def __init__(self, path: Path, keep_until: int) -> None:
-        from qlora_trainer.io import atomic_write_text
-
         self.path = path
         if path.exists():
             lines = metrics_lines(path, keep_until)  # a truncated last line (killed mid-write) is dropped

@@ -7,6 +7,9 @@ figures come from :mod:`qlora_trainer.memory.references`.
 from __future__ import annotations
 
 from qlora_trainer.memory.profile import Profiler, memory_history
+from qlora_trainer.config import Config
+from qlora_trainer.models.synthetic import synthetic_nf4_model
+from qlora_trainer.train import build_optimizer, causal_lm_loss, prepare_model
 
 
 def measure_training(arch, *, seq_len: int, batch: int = 1, lora_r: int = 16, optimizer: str = "paged_adamw_8bit",
@@ -19,10 +22,6 @@ def measure_training(arch, *, seq_len: int, batch: int = 1, lora_r: int = 16, op
     Raises QloraError without CUDA (from :class:`~qlora_trainer.memory.profile.CudaReader`).
     """
     import torch
-
-    from qlora_trainer.config import Config
-    from qlora_trainer.models.synthetic import synthetic_nf4_model
-    from qlora_trainer.train import build_optimizer, causal_lm_loss, prepare_model
 
     prof = Profiler(reader)
     device, dtype = torch.device("cuda"), torch.bfloat16

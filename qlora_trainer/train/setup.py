@@ -8,6 +8,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from qlora_trainer.kernels.base_weight import set_nf4_matmul
+from qlora_trainer.lora import inject_lora, lora_param_groups
+from qlora_trainer.lora.loftq import apply_loftq_from_config
+from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
+from qlora_trainer.models.adapt import adapt_model
+from qlora_trainer.models.checkpointing import apply_checkpointing
+from qlora_trainer.models.compile import compile_layers
+from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
+from qlora_trainer.runtime import resolve_dtype
+
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
 
@@ -21,8 +31,6 @@ _SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": 
 
 def adapter_dtype(cfg: "Config", device: torch.device) -> torch.dtype:
     """``lora.dtype`` resolved for ``device`` (``auto``: the runtime compute dtype)."""
-    from qlora_trainer.runtime import resolve_dtype
-
     return resolve_dtype(cfg.lora.dtype, device)
 
 
@@ -39,34 +47,21 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
     in CPU memory (``model.embeddings_on_cpu``), checkpoint each decoder layer
     (``model.gradient_checkpointing``), torch.compile each decoder layer (``train.compile``), and
     put the model in train mode. In place; returns it."""
-    from qlora_trainer.lora import inject_lora
-    from qlora_trainer.models.adapt import adapt_model
-
     backend = cfg.model.kernels
     inject_lora(model, cfg.lora, dtype=adapter_dtype(cfg, device), backend=backend)
     if cfg.lora.init == "loftq":
-        from qlora_trainer.lora.loftq import apply_loftq_from_config
-
         apply_loftq_from_config(model, cfg)
     adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
                 group_projections=grouped_projections_on(cfg), fuse_add_norm=cfg.model.fused_add_norm)
     if cfg.model.nf4_matmul != "dequant":  # the large-M NF4 matmul path (kernels/base_weight.py)
-        from qlora_trainer.kernels.base_weight import set_nf4_matmul
 
         set_nf4_matmul(model, cfg.model.nf4_matmul)
     if cfg.model.embeddings_on_cpu:
-        from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
-
         apply_cpu_embeddings(model)
     if cfg.model.gradient_checkpointing:
-        from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
-        from qlora_trainer.models.checkpointing import apply_checkpointing
-
         max_layers = plan_checkpoint_layers(cfg, device_budget(device))
         apply_checkpointing(model, offload=cfg.model.offload_activations, max_layers=max_layers)
     if cfg.train.compile != "none":
-        from qlora_trainer.models.compile import compile_layers
-
         compile_layers(model, cfg.train.compile)
     # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
     # and adapters are created on their base layer's device
@@ -94,8 +89,6 @@ def build_optimizer(model: nn.Module, cfg: "Config") -> torch.optim.Optimizer:
     under pressure). Paging needs CUDA: on the CPU they run non-paged (one log line). If this
     bitsandbytes build cannot run the optimizer on the device at all, torch AdamW is used (logged).
     """
-    from qlora_trainer.lora import lora_param_groups
-
     t = cfg.train
     groups = lora_param_groups(model, t.lr, cfg.lora.loraplus_ratio, t.weight_decay)
     if not groups:
