@@ -19,7 +19,7 @@ QA = [{"prompt": f"Add {a} and {b}.", "answer": str(a + b)} for a, b in [(1, 2),
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-step run with the QA task evaluated at steps 2 and 3 (the last)."""
-    from qlora_trainer.train.loop import train
+    from qlora_trainer.train import train
 
     root = tmp_path_factory.mktemp("evalrun")
     qa = root / "qa.jsonl"

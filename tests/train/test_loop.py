@@ -80,7 +80,7 @@ def test_interrupt_saves_last_completed_step_and_resume_is_exact(tiny_cfg, tmp_p
     import signal
 
     from qlora_trainer.lora.peft_format import WEIGHTS_NAME
-    from qlora_trainer.train import loop
+    from qlora_trainer.train import recipe
 
     tiny_cfg.train.max_steps, tiny_cfg.train.save_every = 5, 2
     full, part = copy.deepcopy(tiny_cfg), copy.deepcopy(tiny_cfg)
@@ -101,9 +101,9 @@ def test_interrupt_saves_last_completed_step_and_resume_is_exact(tiny_cfg, tmp_p
         raise KeyboardInterrupt
 
     if how.startswith("ctrl-c"):  # 2 micro-batches a step: call 8 is step 4's second
-        monkeypatch.setattr(loop, "causal_lm_loss", counted("loss", loop.causal_lm_loss, 8, ctrl_c))
+        monkeypatch.setattr(recipe, "causal_lm_loss", counted("loss", recipe.causal_lm_loss, 8, ctrl_c))
     else:  # rng_state: once at the start, then at the end of each step inside the held block
-        monkeypatch.setattr(loop, "rng_state", counted("rng", loop.rng_state, 4,
+        monkeypatch.setattr(recipe, "rng_state", counted("rng", recipe.rng_state, 4,
                                                        lambda: os.kill(os.getpid(), signal.SIGTERM)))
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt if how.startswith("ctrl-c") else SystemExit) as exc:
