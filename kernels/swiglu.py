@@ -79,8 +79,8 @@ class SwiGLUMLP(nn.Module):
         self.backend = backend
         self.chunk_tokens = chunk_tokens
         self.group_projections = group_projections  # gate/up as one grouped matmul (grouped_linear.py)
-        if chunk_tokens and isinstance(getattr(down_proj, "base_last", None), bool):
-            down_proj.base_last = True  # each chunk's recompute stops before down_proj's base matmul
+        if chunk_tokens and isinstance(getattr(down_proj, "recompute_skips_base", None), bool):
+            down_proj.recompute_skips_base = True  # each chunk's recompute stops before down_proj's base matmul
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H) through (..., I) gate/up activations, untiled."""

@@ -108,8 +108,8 @@ def bench_lora(shapes, tokens, rank, ceil) -> list[dict]:
 
             variants = {
                 "ours_auto": lambda: lora_linear(x, base, a, b, 2.0),
-                "ours_fused": lambda: lora_linear(x, base, a, b, 2.0, fuse=True),
-                "ours_dequant_cublas": lambda: lora_linear(x, base, a, b, 2.0, fuse=False),
+                "ours_fused": lambda: lora_linear(x, base, a, b, 2.0, decode=True),
+                "ours_dequant_cublas": lambda: lora_linear(x, base, a, b, 2.0, decode=False),
                 "hf_peft_bnb": lambda: lora_matmul(x, q, a, b, 2.0, backend="torch"),
                 "dense_bf16_floor": lambda: x @ w_dense.t() + (x @ a.t() @ b.t()) * 2.0,
             }

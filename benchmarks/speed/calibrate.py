@@ -1,6 +1,6 @@
 """Fit the speed model's efficiency factors to measurements; the H100 references; leave-one-out.
 
-Two kinds of measurement (:data:`COMPONENTS`, :data:`STEPS`), both HF stack on an H100 (issue 20):
+Two kinds of measurement (:data:`COMPONENTS`, :data:`STEPS`), both HF stack on an H100 (the reference rows):
 
 * profiled **components**: the step's linear GEMMs and bitsandbytes' dequantizations. These fix
   ``gemm`` (the mean of measured/predicted over both shapes, in log space) and the bitsandbytes
@@ -37,14 +37,14 @@ class StepRow:
     tokens_per_s: float
     batch: int = 1
     gpu: str = "h100"
-    source: str = "issue 20 (HF stack, H100)"
+    source: str = "reference rows (HF stack, H100)"
 
     @property
     def step_s(self) -> float:
         return self.batch * self.seq_len / self.tokens_per_s
 
 
-# The H100 measurements we have (benchmarks/README.md reference table; issue 20).
+# The H100 measurements we have (benchmarks/README.md reference table).
 STEPS = (StepRow("hf", "llama-3-8b", 2048, 3626.0), StepRow("hf", "llama-2-7b", 512, 678.0),
          StepRow("hf", "llama-2-70b", 512, 398.0), StepRow("hf", "llama-3-70b", 512, 327.0))
 # (model, seq_len) -> profiled seconds of the HF step's linear GEMMs and bitsandbytes dequants.

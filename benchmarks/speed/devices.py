@@ -68,7 +68,7 @@ class Efficiency:
     gemm: bf16 cuBLAS GEMMs. gemm_fp32: fp32 (TF32 off) GEMMs. attention: flash attention (bf16);
     attention_fp32: SDPA's memory-efficient kernel in fp32 (the HF stack's fp32 q/k/v). mem:
     elementwise/reduction kernels. dequant: our Triton NF4 dequant; dequant_bnb: bitsandbytes'.
-    fused_gemm: an NF4-decoding Triton GEMM relative to cuBLAS (issue 16, not built). launch_us:
+    fused_gemm: an NF4-decoding Triton GEMM relative to cuBLAS (planned, not built). launch_us:
     host time per kernel launch (eager PyTorch dispatch + autograd + Python). bnb_call_us: GPU time
     per bitsandbytes dequantize_4bit call beyond its bandwidth term (its absmax kernels, tails);
     bnb_host_us: that call's Python cost beyond its launches; opt_param_us: per parameter tensor in bitsandbytes' optimizer

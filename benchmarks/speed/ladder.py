@@ -32,7 +32,7 @@ BASELINE = dict(skip_down_recompute=False, fused_qkv=False, fused_gate_up=False,
                 cuda_graphs=False, ckpt_layers=None, fused_add_norm=False)
 AUTO_CKPT = "checkpoint_layers=auto"  # fields filled per shape and GPU from the memory plan
 RUNGS = (
-    Rung("recompute skips down_proj (`base_last`)", dict(skip_down_recompute=True), "on"),
+    Rung("recompute skips down_proj (`recompute_skips_base`)", dict(skip_down_recompute=True), "on"),
     Rung("grouped q/k/v and gate/up (`model.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), "on"),
     Rung("fused residual add + RMSNorm (`model.fused_add_norm`)", dict(fused_add_norm=True), "on"),
     Rung(f"`model.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, "on"),

@@ -22,7 +22,7 @@ the trainer's, read off the sources:
   (``MatMul4Bit.backward``); checkpointing makes it three dequantizations per weight per step.
   Full (N, V) fp32 logits, log-softmax + NLL.
 
-Issue-16 speed work is expressed as options (``fused_qkv``, ``fused_gate_up``,
+Planned speed work is expressed as options (``fused_qkv``, ``fused_gate_up``,
 ``skip_down_recompute``, ``fused_dequant_gemm``, ``cuda_graphs``) so its predicted effect can be shown
 before it is built. The launch and dequantization counts of ``ours`` are tested equal to those of a
 real CPU step of the tiny model (``tests/benchmarks/speed/test_counts.py``).
@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields, replace
 from qlora_trainer.models.catalog import ArchSpec
 from benchmarks.speed.ops import Op, attention, dequant, elementwise, gemm, host, merge_ops, nf4_bytes
 
-FUSED_MAX_TOKENS = 64  # kernels/lora_linear.py: fused dequant-in-GEMM at or below this many tokens
+DECODE_MAX_TOKENS = 64  # kernels/lora_linear.py: fused dequant-in-GEMM at or below this many tokens
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,20 @@ class StepOptions:
     sequence-tiled MLP chunk (0 = off). offload: checkpoints to pinned CPU memory (copied back over
     PCIe before each recompute). dropout: LoRA dropout p. loss_chunk: rows per loss chunk (0 = auto).
     act_bytes: 2 (bf16 on CUDA) or 4 (fp32 on the CPU). clip_grad: the trainer clips the grad norm.
-    skip_down_recompute (built, on by default: ``LoRALinear.base_last`` in checkpointed layers) - the
+    skip_down_recompute (built, on by default: ``LoRALinear.recompute_skips_base`` in checkpointed layers) - the
     recompute skips down_proj's dequantization and base GEMM (its adapter term still runs).
-    Issue 16: fused_qkv / fused_gate_up (built, on by default: ``model.group_projections``, mapped
+    Speed work: fused_qkv / fused_gate_up (built, on by default: ``model.group_projections``, mapped
     onto these options by ``report.options_for_config``): one grouped decode launch, one base GEMM
     and one LoRA-A GEMM for the group, per-member B GEMMs;
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy; built as
     ``model.nf4_matmul: fused``), cuda_graphs (a captured step: per-launch host cost -> graph replay
-    cost). nf4_chunk_bytes > 0: ``model.nf4_matmul: chunked`` (above FUSED_MAX_TOKENS each W is
+    cost). nf4_chunk_bytes > 0: ``model.nf4_matmul: chunked`` (above DECODE_MAX_TOKENS each W is
     dequantized in row chunks of about this many 16-bit bytes, each chunk's GEMM run at once; the
     chunk is modelled as staying in L2: its write and re-read cost no HBM bytes).
     fused_add_norm (built, on by default: ``model.fused_add_norm``) - each layer's attention residual
     add + post-attention RMSNorm as one Triton kernel forward and one backward, and the input
     norm's backward summing its input's residual gradient (with ``kernels``).
-    compile (built: ``train.compile``, issue 16c): ``none | default | reduce-overhead``, each decoder
+    compile (built: ``train.compile``): ``none | default | reduce-overhead``, each decoder
     layer under torch.compile; the ops of the layer phases (forward, recompute, backward) cost
     ``compiled_launch_us`` (default) or ``graph_launch_us`` (reduce-overhead) per launch on the host,
     the loss and the optimizer stay eager; the launch counts are the eager ones (inductor's
@@ -159,10 +159,10 @@ def _members(name: str) -> int:
 def _ours_linear(o: StepOptions, phase: str, name: str, m: int, i: int, out: int, lora: bool,
                  skip_base: bool = False) -> list[Op]:
     """One ``LoRALinearFunction`` forward (phase forward/recompute) over m tokens, in -> out. A fused
-    group (issue 16) reads x once for its stacked A (k r, in); its B GEMMs total r x out."""
+    group reads x once for its stacked A (k r, in); its B GEMMs total r x out."""
     b, r, ops = o.act_bytes, o.lora_r, []
     ra = r * _members(name)
-    fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
+    fused = o.kernels and (o.fused_dequant_gemm or m <= DECODE_MAX_TOKENS)
     if lora and o.dropout > 0:  # draw_seed (a randint on the device), then x_l = x * k / (1 - p)
         ops += [host("lora.draw_seed", phase, 1), _kernel(o, "lora.dropout", phase, m * i, m * i)]
     k = _members(name)
@@ -182,7 +182,7 @@ def _base_matmul(o: StepOptions, phase: str, name: str, m: int, k: int, n: int, 
     """(m, k) @ (k, n) against the NF4 weight of shape ``w_shape`` (out, in): k = in (forward) or
     out (dx)."""
     b = o.act_bytes
-    if o.kernels and not fused and o.nf4_chunk_bytes > 0 and m > FUSED_MAX_TOKENS:
+    if o.kernels and not fused and o.nf4_chunk_bytes > 0 and m > DECODE_MAX_TOKENS:
         return _chunked_matmul(o, phase, name, m, k, n, w_shape)
     if fused:  # the Triton NF4 GEMM decodes W tile by tile: no bf16 copy in HBM
         return [gemm(f"base.{name}.fused", phase, m, k, n, b, w_bytes=nf4_bytes(k * n, o.blocksize, o.double_quant))]
@@ -219,7 +219,7 @@ def _ours_linear_backward(o: StepOptions, name: str, m: int, i: int, out: int, l
                           need_dx: bool = True) -> list[Op]:
     b, r, ph, ops = o.act_bytes, o.lora_r, "backward", []
     ra = r * _members(name)
-    fused = o.kernels and (o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS)
+    fused = o.kernels and (o.fused_dequant_gemm or m <= DECODE_MAX_TOKENS)
     k = _members(name)  # a group (kernels.grouped_linear): du and dB per member, du and dy concatenated
     if lora:
         ops += [gemm("lora.du", ph, m, out / k, r, b, count=k), elementwise("lora.scale", ph, m * r, m * r, b, count=k)]
@@ -529,4 +529,4 @@ def _step_ops(arch: ArchSpec, o: StepOptions) -> tuple[Op, ...]:
     return tuple(merge_ops(ops))
 
 
-__all__ = ["FUSED_MAX_TOKENS", "StepOptions", "checkpointed_layers", "lora_tensors", "step_ops"]
+__all__ = ["DECODE_MAX_TOKENS", "StepOptions", "checkpointed_layers", "lora_tensors", "step_ops"]

@@ -88,7 +88,7 @@ class LoRALinear(nn.Module):
         self.backend = backend
         # adapter term before the base matmul, so a checkpoint recompute's early stop skips the base
         # GEMM (set on a layer's last projection by models/checkpointing.py; see kernels.lora_linear)
-        self.base_last = False
+        self.recompute_skips_base = False
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # name -> (out,), DoRA only
@@ -165,7 +165,7 @@ class LoRALinear(nn.Module):
                                 spec.scale, backend=self.backend, norm=self._eval_norm(name))
         p = spec.dropout if self.training else 0.0  # applied inside lora_matmul (mask not saved)
         return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend,
-                           base_last=self.base_last)
+                           recompute_skips_base=self.recompute_skips_base)
 
     def grouping_operands(self):
         """(BaseWeight, A, B, scale) of the active adapter when this layer's forward can join a grouped

@@ -6,7 +6,7 @@ its gradient checkpoint (``models/checkpointing.py``): the checkpoint stays eage
 calls the same compiled graph again, with the RNG state it restored (LoRA dropout draws its seed
 tensor from the device generator: ``kernels/dropout.py``; no host integer is captured). The
 compiled layer is one graph, so that recompute runs all of it: the eager early stop that skips
-down_proj's base matmul (``LoRALinear.base_last``) does not happen. The loss (chunked linear +
+down_proj's base matmul (``LoRALinear.recompute_skips_base``) does not happen. The loss (chunked linear +
 cross-entropy) and the optimizer stay eager.
 
 Our kernels under dynamo: the LoRA / frozen-linear autograd Functions are traced (forward and

@@ -107,9 +107,9 @@ def test_model_counts_equal_a_real_step(seq, dropout, mlp_chunk):
     print(f"tiny step: {real} launches, {modelled} modelled")
     assert modelled == pytest.approx(real, rel=0.05)
     if not mlp_chunk:  # 4 layers x 7 linears, dequantized in forward, recompute and backward, except
-        # layer 0's q/k/v dx (its input needs no grad) and down_proj in each recompute (base_last)
+        # layer 0's q/k/v dx (its input needs no grad) and down_proj in each recompute (recompute_skips_base)
         assert launches["dequant"] == 3 * 28 - 3 - 4
-        assert launches["fused"] == 0            # 96 tokens > FUSED_MAX_TOKENS: dequant + cuBLAS
+        assert launches["fused"] == 0            # 96 tokens > DECODE_MAX_TOKENS: dequant + cuBLAS
     else:  # 32-token chunks take the fused NF4 GEMM (<= 64 tokens); per layer, of gate/up/down:
         # forward 3 chunks x 3; the layer's recompute runs 2 chunks whole (early stop at the third's
         # checkpoint); each chunk's own recompute 3 x 2 (down_proj skipped); backward dx 3 x 3
@@ -153,7 +153,7 @@ def test_fused_add_norm_model_saves_a_launch_per_layer_pass():
 
 def test_each_nf4_matmul_path_counts_as_modelled_and_steps_like_the_default():
     """``model.nf4_matmul`` dequant, chunked (16 KiB chunks: 2-11 per weight) and fused, one
-    training step each of a 1-layer tiny model (96 tokens > FUSED_MAX_TOKENS): dequant launches,
+    training step each of a 1-layer tiny model (96 tokens > DECODE_MAX_TOKENS): dequant launches,
     fused GEMMs, aten GEMMs and their FLOPs equal the model's exactly, all launches within 5% and
     the launches a path adds or removes exactly;
     the loss, every adapter gradient and the adapters after the optimizer step equal the default's."""

@@ -24,7 +24,7 @@ def test_each_rung_changes_what_it_claims():
     assert labels[:2] == ["HF stack", "ours before issue 16"] and len(rows) == 2 + len(ladder.RUNGS)
     base = rows[1][1]
     by = {rung.label: rows[2 + i] for i, rung in enumerate(ladder.RUNGS)}
-    skip = by["recompute skips down_proj (`base_last`)"][2]
+    skip = by["recompute skips down_proj (`recompute_skips_base`)"][2]
     assert base.dequants - skip.dequants == get_arch("llama-2-7b").layers       # one dequant per layer
     auto = next(r for r in ladder.RUNGS if ladder.AUTO_CKPT in r.fields)
     alone = by[auto.label][2]

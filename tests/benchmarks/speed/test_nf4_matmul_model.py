@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.speed.ops import nf4_bytes
-from benchmarks.speed.recipes import FUSED_MAX_TOKENS, StepOptions, _base_matmul
+from benchmarks.speed.recipes import DECODE_MAX_TOKENS, StepOptions, _base_matmul
 
 
 def _ops(path: str, dx: bool = False, m: int = 128):
     o = StepOptions(fused_dequant_gemm=path == "fused", nf4_chunk_bytes=4096 if path == "chunked" else 0)
-    fused = o.fused_dequant_gemm or m <= FUSED_MAX_TOKENS  # as recipes._ours_linear decides
+    fused = o.fused_dequant_gemm or m <= DECODE_MAX_TOKENS  # as recipes._ours_linear decides
     out_f, in_f = 96, 64  # W (96, 64) bf16 = 12 KiB: 3 chunks of 4 KiB (32 rows)
     k, n, name = (out_f, in_f, "x.dx") if dx else (in_f, out_f, "x")
     return _base_matmul(o, "forward", name, m, k, n, fused, (out_f, in_f))
@@ -35,7 +35,7 @@ def test_bytes_and_launches_per_path(dx):
 
 
 def test_small_m_is_always_the_decode_kernel_and_config_maps_the_path():
-    small = _ops("chunked", m=64)  # <= FUSED_MAX_TOKENS: the decode kernel, whatever the path
+    small = _ops("chunked", m=64)  # <= DECODE_MAX_TOKENS: the decode kernel, whatever the path
     assert small == _ops("dequant", m=64) == _ops("fused", m=64) and small[0].name.endswith(".fused")
     from qlora_trainer.config import Config
     from benchmarks.speed.report import options_for_config

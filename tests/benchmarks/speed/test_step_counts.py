@@ -76,7 +76,7 @@ def _set_base_last(model, on: bool) -> int:
 
     layers = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and n.endswith("mlp.down_proj")]
     for m in layers:
-        m.base_last = on
+        m.recompute_skips_base = on
     return len(layers)
 
 
