@@ -11,7 +11,7 @@ so a step does not rebuild it per call.
 
 Which NF4 matmul runs for M tokens is decided here only (:meth:`BaseWeight.path`): ``decode``
 (M <= ``DECODE_MAX_TOKENS``: the split-K dequant-in-GEMM, ``_triton_lora.py``), else the weight's
-large-M path (``model.nf4_matmul``, set per model by :func:`set_nf4_matmul`): ``dequant`` (the
+large-M path (``performance.nf4_matmul``, set per model by :func:`set_nf4_matmul`): ``dequant`` (the
 default: the dequant kernel writes a transient 16-bit W, cuBLAS reads it), ``chunked`` (W
 dequantized in L2-sized row chunks, each chunk's GEMM run at once) or ``fused`` (the tiled
 autotuned GEMM reading packed NF4, ``_triton_nf4_gemm.py``). Dense weights and the torch backend
@@ -33,7 +33,7 @@ from .nf4 import NF4Weight, dequantize_nf4, gemm_supported, row_step_for
 # the weight's large-M path (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
 DECODE_MAX_TOKENS = 64
 
-NF4_MATMUL_PATHS = ("dequant", "chunked", "fused")  # the large-M paths (config: model.nf4_matmul)
+NF4_MATMUL_PATHS = ("dequant", "chunked", "fused")  # the large-M paths (config: performance.nf4_matmul)
 # 16-bit W bytes per chunk of the chunked path: a chunk, its GEMM's share of x and y stay in L2
 # (50 MB on an H100/H200); to be tuned with benchmarks/kernels/bench_nf4_lora.py
 CHUNK_BYTES = 8 << 20
@@ -248,7 +248,7 @@ def _base_weight_eager(base: nn.Module, backend: str) -> BaseWeight | None:
 
 def set_nf4_matmul(model: nn.Module, path: str = "dequant", chunk_bytes: int = CHUNK_BYTES) -> int:
     """Make every NF4 weight under ``model`` run ``path`` (:data:`NF4_MATMUL_PATHS`) above
-    ``DECODE_MAX_TOKENS`` (``model.nf4_matmul``); cached base weights rebuild. Returns how many."""
+    ``DECODE_MAX_TOKENS`` (``performance.nf4_matmul``); cached base weights rebuild. Returns how many."""
     if path not in NF4_MATMUL_PATHS:
         raise ValueError(f"nf4_matmul: {path!r} is not one of {', '.join(NF4_MATMUL_PATHS)}")
     n = 0

@@ -24,7 +24,7 @@ The LoRA math runs in the activation dtype; dA/dB are returned in A/B's dtype.
 
 Base matmul: for an NF4 weight with few tokens (M <= ``DECODE_MAX_TOKENS``) a Triton GEMM that
 dequantizes inside the operand load (``_triton_lora.py``); otherwise the weight's large-M path
-(``BaseWeight.path``, ``model.nf4_matmul``): by default the Triton dequant kernel (``nf4.py``) to a
+(``BaseWeight.path``, ``performance.nf4_matmul``): by default the Triton dequant kernel (``nf4.py``) to a
 transient 16-bit W, then cuBLAS. A dense weight goes straight to cuBLAS.
 """
 

@@ -7,7 +7,7 @@ With s = sigmoid(g), silu(g) = g * s and d silu / dg = s + g * s * (1 - s) = s *
 The Triton path saves only g and u (which the MLP must keep anyway) and recomputes s in the
 backward; the torch reference also keeps silu(g), an extra (N, I) activation per layer.
 
-Sequence tiling (``SwiGLUMLP(chunk_tokens=C)``, ``model.mlp_chunk_tokens``): the (B, T, H) input is
+Sequence tiling (``SwiGLUMLP(chunk_tokens=C)``, ``performance.mlp_chunk_tokens``): the (B, T, H) input is
 split along T into chunks of C tokens, each run under its own non-reentrant
 ``torch.utils.checkpoint.checkpoint``; only the chunk outputs (B, C, H) are concatenated. Autograd
 then keeps no (B, T, I) intermediates at all, and forward and backward (which recomputes one chunk

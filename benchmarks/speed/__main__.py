@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "when set and not packing; else not shown)")
     for name, what in (("fused-qkv", "q/k/v as one dequant + GEMM"), ("fused-gate-up", "gate/up as one"),
                        ("skip-down-recompute", "no down_proj GEMM in the recompute"),
-                       ("fused-dequant-gemm", "NF4 decoded inside the GEMM at every M (built as model.nf4_matmul=fused)"),
+                       ("fused-dequant-gemm", "NF4 decoded inside the GEMM at every M (built as performance.nf4_matmul=fused)"),
                        ("cuda-graphs", "the step replayed as a CUDA graph")):
         p.add_argument(f"--{name}", action="store_true", help=f"planned option, predicted only: {what}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:
         raise ConfigError(f"{args.config}: model.name_or_path: {reason} (or pass --arch NAME)")
-    # what the config builds on this GPU (model.checkpoint_layers planned for its memory); the flags
+    # what the config builds on this GPU (performance.checkpoint_layers planned for its memory); the flags
     # add planned optimisations
     base = options_for_config(cfg, budget_bytes=dev.memory_bytes)
     opts = replace(base, fused_qkv=base.fused_qkv or args.fused_qkv,
@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"peak memory (estimate): {mem.total_gb:.2f} GB on the device, {mem.allocated_gib:.2f} GiB "
               f"allocated: {verdict} in the {dev.name}'s {dev.memory_gb:g} GB (HF stack: "
               f"{hf_mem.total_gb:.2f} GB, {hf_mem.allocated_gib:.2f} GiB allocated)")
-        print(f"checkpointed layers: {ck} of {arch.layers} (model.checkpoint_layers="
-              f"{cfg.model.checkpoint_layers}, planned for {dev.memory_gb:g} GB)\n")
+        print(f"checkpointed layers: {ck} of {arch.layers} (performance.checkpoint_layers="
+              f"{cfg.performance.checkpoint_layers}, planned for {dev.memory_gb:g} GB)\n")
     print(markdown(ours, hf, steps=steps, epoch_steps=epoch_steps))
     return 0
 

@@ -26,7 +26,7 @@ LAUNCHERS = {  # (module in qlora_trainer.kernels, launcher function) -> the ste
     ("_triton_rmsnorm", "rmsnorm_bwd"): "rmsnorm.bwd", ("_triton_rope", "rope_launch"): "rope",
     ("_triton_swiglu", "swiglu_fwd"): "swiglu.fwd", ("_triton_swiglu", "swiglu_bwd"): "swiglu.bwd",
     ("_triton_ce", "ce_chunk"): "ce.chunk", ("_triton_lora", "nf4_matmul"): "fused",
-    ("_triton_nf4_gemm", "nf4_gemm"): "fused",  # the large-M NF4 GEMM (model.nf4_matmul: fused)
+    ("_triton_nf4_gemm", "nf4_gemm"): "fused",  # the large-M NF4 GEMM (performance.nf4_matmul: fused)
     ("_triton_dropout", "dropout_launch"): "lora.dropout",
     ("_triton_rmsnorm", "add_rmsnorm_fwd"): "add_rmsnorm.fwd", ("_triton_rmsnorm", "add_rmsnorm_bwd"): "add_rmsnorm.bwd",
 }

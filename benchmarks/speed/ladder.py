@@ -33,12 +33,12 @@ BASELINE = dict(skip_down_recompute=False, fused_qkv=False, fused_gate_up=False,
 AUTO_CKPT = "checkpoint_layers=auto"  # fields filled per shape and GPU from the memory plan
 RUNGS = (
     Rung("recompute skips down_proj (`recompute_skips_base`)", dict(skip_down_recompute=True), "on"),
-    Rung("grouped q/k/v and gate/up (`model.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), "on"),
-    Rung("fused residual add + RMSNorm (`model.fused_add_norm`)", dict(fused_add_norm=True), "on"),
+    Rung("grouped q/k/v and gate/up (`performance.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), "on"),
+    Rung("fused residual add + RMSNorm (`performance.fused_add_norm`)", dict(fused_add_norm=True), "on"),
     Rung(f"`model.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, "on"),
-    Rung("decoder layers as CUDA graphs (`train.compile: reduce-overhead`)", dict(compile="reduce-overhead"), "off"),
+    Rung("decoder layers as CUDA graphs (`performance.compile: reduce-overhead`)", dict(compile="reduce-overhead"), "off"),
     # the code groups only on the dequant path, so the fused GEMM gives grouping up
-    Rung("NF4 decoded inside the GEMM at every M (`model.nf4_matmul: fused`; ungrouped)",
+    Rung("NF4 decoded inside the GEMM at every M (`performance.nf4_matmul: fused`; ungrouped)",
          dict(fused_dequant_gemm=True, fused_qkv=False, fused_gate_up=False), "off"),
     Rung("the whole step replayed as one CUDA graph", dict(cuda_graphs=True), "model"),
 )
@@ -46,7 +46,7 @@ SHAPES = (("llama-3-8b", 2048), ("llama-2-7b", 512))
 
 
 def planned_layers(model: str, seq_len: int, gpu: str) -> int:
-    """Layers ``model.checkpoint_layers=auto`` checkpoints for the benchmark settings on ``gpu``."""
+    """Layers ``performance.checkpoint_layers=auto`` checkpoints for the benchmark settings on ``gpu``."""
     from qlora_trainer.config import Config
     from qlora_trainer.memory.checkpoint_plan import plan_checkpoint_layers
     from qlora_trainer.models.catalog import get_arch

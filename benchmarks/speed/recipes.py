@@ -43,27 +43,27 @@ DECODE_MAX_TOKENS = 64  # kernels/lora_linear.py: fused dequant-in-GEMM at or be
 class StepOptions:
     """Everything about a run that changes the step's ops (all explicit, nothing read implicitly).
 
-    system: ``ours`` | ``hf``. kernels: our Triton kernels (False: their torch references, ``model.kernels: torch``).
+    system: ``ours`` | ``hf``. kernels: our Triton kernels (False: their torch references, ``performance.kernels: torch``).
     ckpt_every: checkpoint one decoder layer in every k (1 = all, 0 = none). ckpt_layers: when set,
-    exactly that many layers are checkpointed (``model.checkpoint_layers``: the first N; overrides
+    exactly that many layers are checkpointed (``performance.checkpoint_layers``: the first N; overrides
     ckpt_every unless ckpt_every is 0). mlp_chunk: tokens per
     sequence-tiled MLP chunk (0 = off). offload: checkpoints to pinned CPU memory (copied back over
     PCIe before each recompute). dropout: LoRA dropout p. loss_chunk: rows per loss chunk (0 = auto).
     act_bytes: 2 (bf16 on CUDA) or 4 (fp32 on the CPU). clip_grad: the trainer clips the grad norm.
     skip_down_recompute (built, on by default: ``LoRALinear.recompute_skips_base`` in checkpointed layers) - the
     recompute skips down_proj's dequantization and base GEMM (its adapter term still runs).
-    Speed work: fused_qkv / fused_gate_up (built, on by default: ``model.group_projections``, mapped
+    Speed work: fused_qkv / fused_gate_up (built, on by default: ``performance.group_projections``, mapped
     onto these options by ``report.options_for_config``): one grouped decode launch, one base GEMM
     and one LoRA-A GEMM for the group, per-member B GEMMs;
     fused_dequant_gemm (NF4 decoded inside the GEMM at every M: no bf16 W copy; built as
-    ``model.nf4_matmul: fused``), cuda_graphs (a captured step: per-launch host cost -> graph replay
-    cost). nf4_chunk_bytes > 0: ``model.nf4_matmul: chunked`` (above DECODE_MAX_TOKENS each W is
+    ``performance.nf4_matmul: fused``), cuda_graphs (a captured step: per-launch host cost -> graph replay
+    cost). nf4_chunk_bytes > 0: ``performance.nf4_matmul: chunked`` (above DECODE_MAX_TOKENS each W is
     dequantized in row chunks of about this many 16-bit bytes, each chunk's GEMM run at once; the
     chunk is modelled as staying in L2: its write and re-read cost no HBM bytes).
-    fused_add_norm (built, on by default: ``model.fused_add_norm``) - each layer's attention residual
+    fused_add_norm (built, on by default: ``performance.fused_add_norm``) - each layer's attention residual
     add + post-attention RMSNorm as one Triton kernel forward and one backward, and the input
     norm's backward summing its input's residual gradient (with ``kernels``).
-    compile (built: ``train.compile``): ``none | default | reduce-overhead``, each decoder
+    compile (built: ``performance.compile``): ``none | default | reduce-overhead``, each decoder
     layer under torch.compile; the ops of the layer phases (forward, recompute, backward) cost
     ``compiled_launch_us`` (default) or ``graph_launch_us`` (reduce-overhead) per launch on the host,
     the loss and the optimizer stay eager; the launch counts are the eager ones (inductor's
@@ -132,7 +132,7 @@ def checkpointed_layers(layers: int, every: int) -> int:
 
 # -- ours -------------------------------------------------------------------------------------------
 
-# ``kernels=False`` (``model.kernels: torch``): the torch references run instead of one Triton launch
+# ``kernels=False`` (``performance.kernels: torch``): the torch references run instead of one Triton launch
 # each. (launches, traffic multiple of the Triton kernel's bytes), counted on the CPU in fp32 by a
 # dispatch mode (tests/benchmarks/speed/test_counts.py); in 16-bit the RMSNorm reference casts twice more.
 REFERENCE = {"rmsnorm.fwd": (6, 3.5), "rmsnorm.bwd": (12, 4.0), "rope.fwd": (10, 4.0), "rope.bwd": (10, 4.0),

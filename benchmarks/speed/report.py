@@ -19,7 +19,7 @@ from benchmarks.speed.recipes import StepOptions, step_ops
 # back to back (CUDA's launch queue absorbs GPU-heavy and host-heavy stretches alternating); the
 # host then waits (grad norm / loss .item(), the paged optimizer's synchronize) before the optimizer.
 SEGMENTS = (("forward", "loss", "recompute", "backward"), ("optimizer",))
-COMPILED_PHASES = ("forward", "recompute", "backward")  # train.compile: the decoder layers' ops
+COMPILED_PHASES = ("forward", "recompute", "backward")  # performance.compile: the decoder layers' ops
 # Rows of the breakdown: op names grouped into what a reader wants to compare.
 GROUPS = (("dequant", ("dequant",)), ("linear GEMMs", ("base",)), ("LoRA", ("lora.",)),
           ("attention", ("attention.",)), ("lm_head + loss", ("lm_head", "ce.", "loss")),
@@ -134,29 +134,29 @@ def predict(arch: ArchSpec, options: StepOptions, gpu: str | Device = "h100",
 
 def options_for_config(cfg, *, act_bytes: int = 2, budget_bytes: int | None = None) -> StepOptions:
     """Our trainer's :class:`StepOptions` for a run config (kernels ``auto`` = on for CUDA).
-    ``budget_bytes``: the GPU's memory, for ``model.checkpoint_layers: auto`` (the trainer's plan,
+    ``budget_bytes``: the GPU's memory, for ``performance.checkpoint_layers: auto`` (the trainer's plan,
     ``memory/checkpoint_plan.py``; None = every layer checkpointed, as on a device of unknown size)."""
     from qlora_trainer.kernels.base_weight import CHUNK_BYTES
     from qlora_trainer.memory.checkpoint_plan import plan_checkpoint_layers
     from qlora_trainer.train.setup import grouped_projections_on
 
     t = cfg.lora.targets
-    kernels, path = cfg.model.kernels != "torch", cfg.model.nf4_matmul
+    kernels, path = cfg.performance.kernels != "torch", cfg.performance.nf4_matmul
     # a fused/chunked member is not grouped (kernels/grouped_linear.py grouped_projections)
     grouped = grouped_projections_on(cfg, training=True) and (path == "dequant" or not kernels)
     return StepOptions(
         system="ours", batch=cfg.train.batch_size, seq_len=cfg.data.seq_len, grad_accum=cfg.train.grad_accum,
         lora_r=cfg.lora.r, targets=tuple(t) if isinstance(t, list) else t, dropout=cfg.lora.dropout,
-        kernels=kernels, ckpt_every=1 if cfg.model.gradient_checkpointing else 0,
-        ckpt_layers=plan_checkpoint_layers(cfg, budget_bytes) if cfg.model.gradient_checkpointing else None,
-        mlp_chunk=cfg.model.mlp_chunk_tokens, offload=cfg.model.offload_activations,
-        loss_chunk=cfg.train.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
+        kernels=kernels, ckpt_every=1 if cfg.performance.gradient_checkpointing else 0,
+        ckpt_layers=plan_checkpoint_layers(cfg, budget_bytes) if cfg.performance.gradient_checkpointing else None,
+        mlp_chunk=cfg.performance.mlp_chunk_tokens, offload=cfg.performance.offload_activations,
+        loss_chunk=cfg.performance.loss_chunk_size, optimizer=cfg.train.optimizer, act_bytes=act_bytes,
         blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
         clip_grad=cfg.train.max_grad_norm > 0,
-        # model.group_projections: one dequant launch and one base GEMM per q/k/v and gate/up group
+        # performance.group_projections: one dequant launch and one base GEMM per q/k/v and gate/up group
         # (the per-member B, du and dB GEMMs modelled too), where the trainer's step runs it
-        fused_qkv=grouped, fused_gate_up=grouped, fused_add_norm=cfg.model.fused_add_norm, compile=cfg.train.compile,
-        # model.nf4_matmul (kernels/base_weight.py BaseWeight.path; Triton kernels only)
+        fused_qkv=grouped, fused_gate_up=grouped, fused_add_norm=cfg.performance.fused_add_norm, compile=cfg.performance.compile,
+        # performance.nf4_matmul (kernels/base_weight.py BaseWeight.path; Triton kernels only)
         fused_dequant_gemm=kernels and path == "fused", nf4_chunk_bytes=CHUNK_BYTES if kernels and path == "chunked" else 0)
 
 

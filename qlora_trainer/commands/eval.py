@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="CONFIG_OR_ADAPTER", help="adapter directory or run config (.yaml)")
     p.add_argument("--task", action="append", default=[], metavar="TASK",
                    help="gsm8k, gsm8k-train or FILE.jsonl[@extractor] (repeatable; default: the config's "
-                        "train.eval_tasks, else gsm8k)")
+                        "eval.tasks, else gsm8k)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N examples per task (default all)")
     p.add_argument("--no-tasks", action="store_true", help="skip generation tasks (loss only)")
     p.add_argument("--perplexity", action="store_true",
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_task(s)  # bad specs fail before the model loads
     loaded, default_out = load_target(args.target, overrides=args.overrides, device=args.device)
     cfg, model, tok = loaded.config, loaded.model, loaded.tokenizer
-    specs = [] if args.no_tasks else (args.task or list(cfg.train.eval_tasks or []) or ["gsm8k"])
+    specs = [] if args.no_tasks else (args.task or list(cfg.eval.tasks or []) or ["gsm8k"])
     settings = replace(settings_from_args(args), batch_size=args.batch_size)
     runs: list[str | None] = ([None] if args.with_base or not loaded.names else []) + list(loaded.names)
     results, losses = [], {}

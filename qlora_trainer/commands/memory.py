@@ -28,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="store every layer's activations instead of recomputing them")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to pinned CPU memory")
     p.add_argument("--mlp-chunk", type=int, default=0, metavar="N",
-                   help="sequence-tiled MLP: N tokens per checkpointed chunk (model.mlp_chunk_tokens; 0 = off)")
+                   help="sequence-tiled MLP: N tokens per checkpointed chunk (performance.mlp_chunk_tokens; 0 = off)")
     p.add_argument("--embeddings-on-cpu", action="store_true",
-                   help="keep the input embedding table in CPU memory (model.embeddings_on_cpu)")
+                   help="keep the input embedding table in CPU memory (performance.embeddings_on_cpu)")
     p.add_argument("--dropout", type=float, default=0.05, metavar="P",
                    help="LoRA dropout probability (lora.dropout; default 0.05 as in the config); "
                         "0 leaves out the memory dropout costs (masks, dropped copies)")

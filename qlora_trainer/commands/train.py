@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qlora_trainer.config import field_docs, load_config
+from qlora_trainer.config import UNADVERTISED, field_docs, load_config
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.train import train
 
@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.help_config:
         for key, doc in field_docs().items():
-            print(f"{key}\n    {doc}")
+            if key not in UNADVERTISED:
+                print(f"{key}\n    {doc}")
         return 0
     if args.config is None:
         raise ConfigError("train: give a config file, e.g. qlora-trainer train configs/demo.yaml")

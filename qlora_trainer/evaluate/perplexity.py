@@ -50,7 +50,7 @@ def mean_loss(model: torch.nn.Module, eval_ds: Any, cfg: "Config", tokenizer: An
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 loss_sum, n = loss(batch) if loss is not None else causal_lm_loss(
-                    model, batch, chunk_size=cfg.train.loss_chunk_size, backend=cfg.model.kernels)
+                    model, batch, chunk_size=cfg.performance.loss_chunk_size, backend=cfg.performance.kernels)
             total, count = total + float(loss_sum), count + int(n)
     model.train(was_training)
     return total / max(count, 1)

@@ -1,6 +1,6 @@
 """Run generation tasks (and the dataset loss) on a loaded model; write predictions and a summary.
 
-Shared by ``qlora-trainer eval`` and the trainer (``train.eval_tasks`` every ``train.eval_every``
+Shared by ``qlora-trainer eval`` and the trainer (``eval.tasks`` every ``eval.every``
 steps): both call :func:`run_tasks` on a model in memory, so the in-training numbers are the ones
 the command reports for the same checkpoint.
 
@@ -106,19 +106,19 @@ def write_results(out_dir: Path, results: list[TaskResult], summary: dict) -> tu
 
 
 def settings_from_config(cfg: "Config") -> GenerationSettings:
-    """The in-training generation settings: greedy, ``train.eval_max_new_tokens`` (0 = task default)."""
-    return GenerationSettings(max_new_tokens=cfg.train.eval_max_new_tokens, seed=cfg.train.seed)
+    """The in-training generation settings: greedy, ``eval.max_new_tokens`` (0 = task default)."""
+    return GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
 
 
 def training_eval(model: nn.Module, tokenizer: Any, cfg: "Config", step: int) -> dict:
-    """The ``train.eval_tasks`` evaluation at ``step``: writes ``<output_dir>/eval/step-<N>/`` and returns
+    """The ``eval.tasks`` evaluation at ``step``: writes ``<output_dir>/eval/step-<N>/`` and returns
     the metrics row ``{"step", "eval_<task>_exact_match", "eval_<task>_samples_per_s", ...}``."""
-    results = run_tasks(model, tokenizer, cfg, list(cfg.train.eval_tasks), settings_from_config(cfg),
-                        limit=cfg.train.eval_limit or None, label="adapter",
+    results = run_tasks(model, tokenizer, cfg, list(cfg.eval.tasks), settings_from_config(cfg),
+                        limit=cfg.eval.limit or None, label="adapter",
                         progress=cfg.output.progress_bar)
     out = Path(cfg.output_dir) / "eval" / f"step-{step:06d}"
     write_results(out, results, {"step": step, "settings": asdict(settings_from_config(cfg)),
-                                 "limit": cfg.train.eval_limit or None})
+                                 "limit": cfg.eval.limit or None})
     row: dict[str, Any] = {"step": step}
     for r in results:
         row[f"eval_{r.task}_exact_match"] = round(r.exact_match, 6)

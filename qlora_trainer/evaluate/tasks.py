@@ -1,7 +1,7 @@
 """Generation tasks: where the examples come from, which fields are prompt and answer, how answers
 are extracted.
 
-A task spec (``eval --task`` / ``train.eval_tasks``) is
+A task spec (``eval --task`` / ``eval.tasks``) is
 
 * a registered name: ``gsm8k`` (``$QLORA_DATA/gsm8k/test.jsonl``, ``####`` answers) or
   ``gsm8k-train`` (its train split), or any name added with :func:`register_task`;
@@ -95,7 +95,7 @@ def load_examples(task: GenerationTask, *, limit: int | None = None) -> tuple[Ge
     return task, examples
 
 
-def check_eval_tasks(specs: list[str], key: str = "train.eval_tasks") -> None:
+def check_eval_tasks(specs: list[str], key: str = "eval.tasks") -> None:
     """Every task spec names a task and extractor (checked at preflight, before anything loads)."""
     for spec in specs:
         try:

@@ -116,11 +116,11 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
         for dora in sorted({w.use_dora for w in weights}):
             group = [w for w in weights if w.use_dora == dora]
             slot = "hotswap-dora" if dora else "hotswap"
-            prepare_hotswap(model, group, name=slot, dtype=adapter_dtype, backend=cfg.model.kernels)
+            prepare_hotswap(model, group, name=slot, dtype=adapter_dtype, backend=cfg.performance.kernels)
             swaps.update({n: (slot, w) for n, w in zip(names, weights) if w.use_dora == dora})
     else:
         for d, name in zip(dirs, names):
-            load_adapter(model, d, adapter_name=name, dtype=adapter_dtype, backend=cfg.model.kernels)
+            load_adapter(model, d, adapter_name=name, dtype=adapter_dtype, backend=cfg.performance.kernels)
     loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, config=cfg, names=names, dirs=dirs, swaps=swaps)
     if swaps:
         loaded.activate(names[-1])

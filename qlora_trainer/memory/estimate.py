@@ -141,7 +141,7 @@ def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dro
     0, the mask is regenerated from a seed). LoRA's (tokens, r) products are negligible.
 
     ``mlp_tokens`` (default ``tokens``): tokens whose MLP intermediates are alive at once. The
-    sequence-tiled MLP (``model.mlp_chunk_tokens``) checkpoints each chunk, so only one chunk's
+    sequence-tiled MLP (``performance.mlp_chunk_tokens``) checkpoints each chunk, so only one chunk's
     intermediates (and its gate/up/down dropout inputs) count; the MLP's input stays ``tokens`` wide."""
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
     mlp = tokens if mlp_tokens is None else min(tokens, mlp_tokens)
@@ -204,16 +204,16 @@ def estimate(
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
     ``chunked_loss`` overrides the profile's logits handling (None = profile default).
-    ``mlp_chunk`` > 0: sequence-tiled MLP (``model.mlp_chunk_tokens``); the layer's intermediate-
+    ``mlp_chunk`` > 0: sequence-tiled MLP (``performance.mlp_chunk_tokens``); the layer's intermediate-
     width activations count ``batch * min(seq_len, mlp_chunk)`` tokens instead of ``batch * seq_len``.
     The chunk outputs (hidden-wide, concatenated) are not counted separately: they are the MLP output
     the untiled count already omits as the next residual.
     ``act_bytes``: bytes of an activation element (2 for bf16/fp16 compute; 4 for fp32, the CPU).
-    ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``model.embeddings_on_cpu``).
+    ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``performance.embeddings_on_cpu``).
     ``gpus`` / ``distributed`` (``none|ddp|fsdp``, ``train.distributed``): the estimate is **per GPU**
     (``batch`` is the per-GPU micro-batch); see :func:`per_gpu` for what each mode shares.
     ``checkpointed_layers``: with ``checkpointing``, only the first N decoder layers are checkpointed
-    (``model.checkpoint_layers``; None = all); the others hold their activations like an
+    (``performance.checkpoint_layers``; None = all); the others hold their activations like an
     un-checkpointed run.
     ``new_tokens``: tokens added to the vocabulary (``data.marker_tokens: add``): the embedding, output
     layer and logits grow by them, and their embedding (and untied output) rows train (``lora/tokens.py``).
@@ -399,7 +399,7 @@ def resolve_arch(name_or_path: str) -> tuple[ArchSpec | None, str]:
 def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEstimate | None:
     """The estimate for a run :class:`~qlora_trainer.config.Config` (our profile), or None (with the
     reason logged) when the model's shape cannot be known without downloading.
-    ``checkpointed_layers``: the plan's answer for ``model.checkpoint_layers`` (None = all)."""
+    ``checkpointed_layers``: the plan's answer for ``performance.checkpoint_layers`` (None = all)."""
     import logging
 
     arch, reason = resolve_arch(cfg.model.name_or_path)
@@ -410,11 +410,11 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
         arch, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size, lora_r=cfg.lora.r,
         targets=cfg.lora.targets, quant=cfg.model.quantization,
         double_quant=cfg.quantization.double_quant, blocksize=cfg.quantization.blocksize,
-        optimizer=cfg.train.optimizer, checkpointing=cfg.model.gradient_checkpointing,
+        optimizer=cfg.train.optimizer, checkpointing=cfg.performance.gradient_checkpointing,
         checkpointed_layers=checkpointed_layers,
-        offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
-        lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
-        embeddings_on_cpu=cfg.model.embeddings_on_cpu,
+        offload=cfg.performance.offload_activations, loss_chunk=cfg.performance.loss_chunk_size,
+        lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.performance.mlp_chunk_tokens,
+        embeddings_on_cpu=cfg.performance.embeddings_on_cpu,
         attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours",
         gpus=launched_world(), distributed=cfg.train.distributed,
         new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens))

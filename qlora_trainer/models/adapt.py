@@ -15,7 +15,7 @@ Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` are replaced:
 are known to match the kernels (e.g. Gemma's ``(1 + w)`` RMSNorm is not). Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
 classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
-not use it (``model.fused_add_norm: false`` keeps transformers' decoder layers).
+not use it (``performance.fused_add_norm: false`` keeps transformers' decoder layers).
 """
 
 from __future__ import annotations

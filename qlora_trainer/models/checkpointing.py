@@ -168,7 +168,7 @@ def apply_checkpointing(model: nn.Module, *, offload: bool = False, max_layers: 
 
     ``offload=True`` moves each layer's saved input hidden state (B·T·H·2 bytes in bf16) to pinned
     CPU memory on a side stream (a no-op for CPU tensors). ``max_layers``: checkpoint only the first
-    that many layers of each list (None = all; ``model.checkpoint_layers``); the others keep their
+    that many layers of each list (None = all; ``performance.checkpoint_layers``); the others keep their
     activations and are not recomputed."""
     lists = _decoder_layer_lists(model)
     if not lists:

@@ -1,4 +1,4 @@
-"""``train.compile``: torch.compile of each decoder layer, so the step launches fewer kernels and runs
+"""``performance.compile``: torch.compile of each decoder layer, so the step launches fewer kernels and runs
 less Python (``reduce-overhead``: CUDA graphs replay each layer's forward and backward).
 
 What is compiled: each decoder layer's own forward (and, through AOTAutograd, its backward), *inside*
@@ -30,7 +30,7 @@ from qlora_trainer.models.checkpointing import CheckpointedLayer, _decoder_layer
 
 log = logging.getLogger(__name__)
 
-MODES = {"default": None, "reduce-overhead": "reduce-overhead"}  # train.compile -> torch.compile mode
+MODES = {"default": None, "reduce-overhead": "reduce-overhead"}  # performance.compile -> torch.compile mode
 
 
 def warm_base_weights(model: nn.Module) -> int:
@@ -64,6 +64,6 @@ def compile_layers(model: nn.Module, mode: str, *, backend: str | None = None) -
             target = layer._layer if isinstance(layer, CheckpointedLayer) else layer
             target.compile(**kwargs)
             n += 1
-    log.info("train.compile=%s: %d decoder layers compiled (torch.compile backend %s)", mode, n,
+    log.info("performance.compile=%s: %d decoder layers compiled (torch.compile backend %s)", mode, n,
              backend or "inductor")
     return n

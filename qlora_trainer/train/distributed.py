@@ -112,7 +112,7 @@ class Parallel:
              loss: Callable[..., Any] | None = None) -> nn.Module:
         """The engine for ``model``: a :class:`LossModule` (``loss``: default ``causal_lm_loss``),
         wrapped per ``mode``."""
-        engine = LossModule(model, chunk_size=cfg.train.loss_chunk_size, backend=cfg.model.kernels, loss=loss)
+        engine = LossModule(model, chunk_size=cfg.performance.loss_chunk_size, backend=cfg.performance.kernels, loss=loss)
         if self.mode == "fsdp":
             return shard_fsdp(engine, model, dtype, self.device)
         if self.mode == "ddp" and self.world > 1:

@@ -48,7 +48,7 @@ def preflight(cfg: "Config", out: Path) -> None:
     check_output_location(out)
     clean_temporaries(out)
     check_model_source(cfg.model)
-    check_eval_tasks(cfg.train.eval_tasks or [])
+    check_eval_tasks(cfg.eval.tasks or [])
 
 
 def check_output_location(out: Path) -> None:

@@ -113,7 +113,7 @@ def check_output_dir(cfg: "Config", out: Path, resume: Path | None, main: bool =
 def log_memory_estimate(cfg: "Config", device: torch.device) -> None:
     """Log the memory estimator's prediction; warn when it exceeds the GPU (advisory only)."""
     try:
-        # the layers prepare_model checkpoints on this device (model.checkpoint_layers)
+        # the layers prepare_model checkpoints on this device (performance.checkpoint_layers)
         est = estimate_for_config(cfg, plan_checkpoint_layers(cfg, device_budget(device)))
     except Exception as e:  # noqa: BLE001 - the estimate is advisory; training goes on without it
         log.info("memory estimate unavailable: %s", e)

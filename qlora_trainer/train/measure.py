@@ -27,9 +27,9 @@ def measure_training(arch, *, seq_len: int, batch: int = 1, lora_r: int = 16, op
     device, dtype = torch.device("cuda"), torch.bfloat16
     cfg = Config()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = lora_r, 2.0 * lora_r, lora_dropout
-    cfg.model.embeddings_on_cpu = embeddings_on_cpu
+    cfg.performance.embeddings_on_cpu = embeddings_on_cpu
     cfg.train.optimizer, cfg.train.batch_size, cfg.data.seq_len = optimizer, batch, seq_len
-    cfg.model.gradient_checkpointing, cfg.model.offload_activations = checkpointing, offload
+    cfg.performance.gradient_checkpointing, cfg.performance.offload_activations = checkpointing, offload
     with prof.phase("load"):
         model = synthetic_nf4_model(arch, device=device, compute_dtype=dtype)
     with prof.phase("adapters"):

@@ -129,18 +129,18 @@ class AdaLoRAHook(Hook):
 
 
 class EvalLossHook(Hook):
-    """The eval split's token-mean loss every ``train.eval_every`` steps and after the last one."""
+    """The eval split's token-mean loss every ``eval.every`` steps and after the last one."""
 
     def __init__(self, eval_ds: Any) -> None:
         self.eval_ds = eval_ds
 
     def _due(self, step: int, cfg: "Config") -> bool:
-        return bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
+        return bool(cfg.eval.every) and step % cfg.eval.every == 0
 
     def _run(self, recipe: "Recipe") -> None:
         r = recipe
         r.result.eval_loss = mean_loss(r.model, self.eval_ds, r.cfg, r.tokenizer, r.device,
-                                       autocast=r.accelerator.autocast, max_batches=r.cfg.train.eval_batches,
+                                       autocast=r.accelerator.autocast, max_batches=r.cfg.eval.batches,
                                        loss=r.engine)
         r.metrics.write({"step": r.state.step, "eval_loss": r.result.eval_loss})
 
@@ -154,11 +154,11 @@ class EvalLossHook(Hook):
 
 
 class GenerationEvalHook(Hook):
-    """``train.eval_tasks``: generate and score on rank 0 every ``train.eval_every`` steps and at the end."""
+    """``eval.tasks``: generate and score on rank 0 every ``eval.every`` steps and at the end."""
 
     def after_step(self, recipe: "Recipe") -> None:
         cfg, step = recipe.cfg, recipe.state.step
-        if step == cfg.train.max_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+        if step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
             if recipe.par.is_main:  # DDP: every rank holds the whole model; rank 0 generates, the others wait
                 recipe.metrics.write(training_eval(recipe.model, recipe.tokenizer, cfg, step))
             recipe.par.barrier()
@@ -257,7 +257,7 @@ class Recipe:
         self.metrics = start_trackers(self.accelerator, cfg, metrics)
         if self.eval_ds is not None:
             self.hooks.append(EvalLossHook(self.eval_ds))
-        if cfg.train.eval_tasks:
+        if cfg.eval.tasks:
             self.hooks.append(GenerationEvalHook())
         self.result = TrainResult(output_dir=self.out, adapter_dir=None, step=self.state.step,
                                   resumed_from=self.resume)

@@ -1,4 +1,4 @@
-"""The large-M NF4 matmul paths (``model.nf4_matmul``) against the torch reference.
+"""The large-M NF4 matmul paths (``performance.nf4_matmul``) against the torch reference.
 
 ``fused`` (``_triton_nf4_gemm.nf4_gemm``: the tiled GEMM reading packed NF4) and ``chunked``
 (``BaseWeight._chunked``: row chunks of W dequantized and multiplied one at a time), forward

@@ -25,7 +25,7 @@ def test_run_writes_metrics_checkpoints_and_adapter(tiny_cfg):
     tiny_cfg.train.save_every = 1
     tiny_cfg.output.keep_last = 2
     tiny_cfg.data.eval_fraction = 0.25
-    tiny_cfg.train.eval_every = 2
+    tiny_cfg.eval.every = 2
     res = train(tiny_cfg)
     out = Path(tiny_cfg.output_dir)
     evals = [r for r in _rows(out) if "eval_loss" in r]
@@ -151,7 +151,7 @@ def test_eval_every_n_steps_leaves_training_bit_identical(tiny_cfg, tmp_path, mo
     runs = {}
     for every in (0, 1):
         cfg = copy.deepcopy(tiny_cfg)
-        cfg.train.eval_every = every
+        cfg.eval.every = every
         cfg.output_dir = str(tmp_path / f"eval{every}")
         runs[every] = train(cfg)
     assert runs[1].eval_loss is not None and runs[1].eval_loss > 0

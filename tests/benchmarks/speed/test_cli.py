@@ -18,7 +18,7 @@ def _cfg(tmp_path, model="llama-2-7b"):
 
 
 def test_estimate_json(tmp_path, capsys):
-    assert main([_cfg(tmp_path), "model.checkpoint_layers=all", "--gpu", "h100", "--json",
+    assert main([_cfg(tmp_path), "performance.checkpoint_layers=all", "--gpu", "h100", "--json",
                  "--samples", "1000"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "prediction" and out["memory"]["total_gb"] > 0 and out["fits"] is True
@@ -31,8 +31,8 @@ def test_estimate_json(tmp_path, capsys):
     assert hf["dequants"] == 2 * 32 * 7 * 3                # 2 micro-batches, every weight three times
     assert main([_cfg(tmp_path), "data.max_samples=300", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["epoch_steps"] == 150   # data.max_samples by default
-    # model.group_projections (on by default) is modelled as the fused q/k/v and gate/up options
-    ungrouped = main([_cfg(tmp_path), "model.group_projections=false", "model.checkpoint_layers=all",
+    # performance.group_projections (on by default) is modelled as the fused q/k/v and gate/up options
+    ungrouped = main([_cfg(tmp_path), "performance.group_projections=false", "performance.checkpoint_layers=all",
                       "--gpu", "h100", "--json"])  # like for like with the first call
     assert ungrouped == 0 and json.loads(capsys.readouterr().out)["ours"]["step_s"] > ours["step_s"]
 
@@ -71,7 +71,7 @@ def test_step_time_check_on_cpu_predicts_nothing(caplog):
 
 
 def test_estimate_plans_checkpoint_layers_for_the_gpu(tmp_path, capsys):
-    """model.checkpoint_layers=auto: the estimate plans for the chosen GPU's memory, as the trainer
+    """performance.checkpoint_layers=auto: the estimate plans for the chosen GPU's memory, as the trainer
     does on that GPU: at 7B/4096 an 80 GB H100 recomputes nothing (a faster step, more memory),
     a 24 GB card some layers; a fixed number is taken as given."""
     p = tmp_path / "run.yaml"
@@ -84,6 +84,6 @@ def test_estimate_plans_checkpoint_layers_for_the_gpu(tmp_path, capsys):
     assert h100["checkpointed_layers"] == 0 and 0 < small["checkpointed_layers"] < 32
     assert h100["memory"]["total_gb"] > small["memory"]["total_gb"] and small["fits"] is True
     assert h100["ours"]["launches"] < small["ours"]["launches"]   # no recompute launches
-    assert main([str(p), "model.checkpoint_layers=all", "--gpu", "h100", "--json"]) == 0
+    assert main([str(p), "performance.checkpoint_layers=all", "--gpu", "h100", "--json"]) == 0
     every = json.loads(capsys.readouterr().out)
     assert every["checkpointed_layers"] == 32 and every["ours"]["step_s"] > h100["ours"]["step_s"]

@@ -32,13 +32,13 @@ def _real_step(seq: int, dropout: float, mlp_chunk: int, backend: str = "triton"
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 8, dropout, "float32"
     cfg.train.optimizer, cfg.data.seq_len = "adamw", seq
-    cfg.model.kernels, cfg.model.mlp_chunk_tokens = backend, mlp_chunk
-    cfg.model.group_projections = False  # grouping's counts: tests/train/test_step_counts.py
+    cfg.performance.kernels, cfg.performance.mlp_chunk_tokens = backend, mlp_chunk
+    cfg.performance.group_projections = False  # grouping's counts: tests/train/test_step_counts.py
     cpu = torch.device("cpu")
     torch.manual_seed(0)  # the same weights and adapters on every call
     model = prepare_model(synthetic_nf4_model(arch, device=cpu, compute_dtype=torch.float32), cfg,
                           device=cpu, dtype=torch.float32)
-    if nf4_matmul is not None:  # (path, chunk bytes): what model.nf4_matmul sets, with small chunks
+    if nf4_matmul is not None:  # (path, chunk bytes): what performance.nf4_matmul sets, with small chunks
         from qlora_trainer.kernels.base_weight import set_nf4_matmul
 
         set_nf4_matmul(model, *nf4_matmul)
@@ -118,7 +118,7 @@ def test_model_counts_equal_a_real_step(seq, dropout, mlp_chunk):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_model_counts_equal_a_real_step_with_the_torch_references(dropout):
-    """``model.kernels: torch``: every kernel is its torch reference (the dequantization 14 aten ops,
+    """``performance.kernels: torch``: every kernel is its torch reference (the dequantization 14 aten ops,
     RMSNorm 6 + 12, RoPE 10 + 10, SwiGLU 2 + 3, the loss chunk 15, LoRA dropout's Philox 126 + 2)."""
     launches, mode = _real_step(96, dropout, 0, backend="torch")
     ops = step_ops(CATALOG["tiny"], _options(96, dropout, 0, kernels=False))
@@ -134,7 +134,7 @@ def test_model_counts_equal_a_real_step_with_the_torch_references(dropout):
 
 
 def test_fused_add_norm_model_saves_a_launch_per_layer_pass():
-    """model.fused_add_norm: one launch fewer per layer in forward, recompute and backward, and one
+    """performance.fused_add_norm: one launch fewer per layer in forward, recompute and backward, and one
     more in the backward of every layer but the first (the input norm sums the residual gradient;
     the drift tests above check the fused counts against a real step, test_step_counts the
     unfused), less traffic; with the torch references the ops are the unfused ones."""
@@ -152,7 +152,7 @@ def test_fused_add_norm_model_saves_a_launch_per_layer_pass():
     assert step_ops(arch, ref) == step_ops(arch, replace(ref, fused_add_norm=False))
 
 def test_each_nf4_matmul_path_counts_as_modelled_and_steps_like_the_default():
-    """``model.nf4_matmul`` dequant, chunked (16 KiB chunks: 2-11 per weight) and fused, one
+    """``performance.nf4_matmul`` dequant, chunked (16 KiB chunks: 2-11 per weight) and fused, one
     training step each of a 1-layer tiny model (96 tokens > DECODE_MAX_TOKENS): dequant launches,
     fused GEMMs, aten GEMMs and their FLOPs equal the model's exactly, all launches within 5% and
     the launches a path adds or removes exactly;

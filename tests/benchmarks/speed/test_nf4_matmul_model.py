@@ -1,4 +1,4 @@
-"""The step model's base matmul per ``model.nf4_matmul`` path, against hand-computed bytes and
+"""The step model's base matmul per ``performance.nf4_matmul`` path, against hand-computed bytes and
 launches for one (M, in) @ W^T (out, in) NF4 GEMM and its dx, and the config -> options mapping."""
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def test_small_m_is_always_the_decode_kernel_and_config_maps_the_path():
     cfg.lora.dropout = 0.0
     base = options_for_config(cfg)
     assert (base.fused_dequant_gemm, base.nf4_chunk_bytes, base.fused_qkv) == (False, 0, True)
-    cfg.model.nf4_matmul = "fused"
+    cfg.performance.nf4_matmul = "fused"
     fused = options_for_config(cfg)
     assert fused.fused_dequant_gemm and not fused.fused_qkv  # a fused member is not grouped
-    cfg.model.nf4_matmul = "chunked"
+    cfg.performance.nf4_matmul = "chunked"
     assert options_for_config(cfg).nf4_chunk_bytes == 8 << 20
-    cfg.model.kernels = "torch"  # the torch references: every path is dequant + matmul
+    cfg.performance.kernels = "torch"  # the torch references: every path is dequant + matmul
     assert options_for_config(cfg).nf4_chunk_bytes == 0 and options_for_config(cfg).fused_qkv

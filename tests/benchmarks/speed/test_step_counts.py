@@ -28,7 +28,7 @@ def tiny_model(seq: int = 96, kernels: str = "triton", dropout: float = 0.0, **m
     arch = CATALOG["tiny"]
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 8, dropout, "float32"
-    cfg.data.seq_len, cfg.model.kernels = seq, kernels
+    cfg.data.seq_len, cfg.performance.kernels = seq, kernels
     for k, v in model_keys.items():
         setattr(cfg.model, k, v)
     cpu = torch.device("cpu")
@@ -133,7 +133,7 @@ def test_base_last_saves_the_same_tensors():
 # docs/speed.md: one step of the tiny model, 96 tokens, every layer checkpointed (the default).
 BEFORE = {"dequant": 81, "gemm": 304, "launches": 560}  # e264338 (3 x 28 - 3 dequantizations)
 AFTER = {"dequant": 43, "gemm": 220, "launches": 493}   # + recompute skip + grouped q/k/v, gate/up + fused add-norm
-UNFUSED_ADD_NORM = 508  # launches with model.fused_add_norm: false (grouped, recompute skip)
+UNFUSED_ADD_NORM = 508  # launches with performance.fused_add_norm: false (grouped, recompute skip)
 
 
 def test_step_counts_torch_backend():
@@ -149,7 +149,7 @@ def test_step_counts_torch_backend():
 
 def _grouped_model(kernels: bool) -> dict:
     """The step model's prediction for count_step's grouped step: fused_qkv / fused_gate_up (what
-    model.group_projections maps to, ``report.options_for_config``)."""
+    performance.group_projections maps to, ``report.options_for_config``)."""
     from qlora_trainer.models.catalog import CATALOG
     from benchmarks.speed.recipes import StepOptions, step_ops
 
@@ -188,7 +188,7 @@ def test_step_counts_triton_backend():
 
 
 def test_partial_checkpointing_recomputes_only_the_first_n_layers():
-    """model.checkpoint_layers=2 of 4: two layers are wrapped and recomputed (minus their
+    """performance.checkpoint_layers=2 of 4: two layers are wrapped and recomputed (minus their
     down_proj base matmul); the step equals the one without checkpointing."""
     from qlora_trainer.kernels.base_weight import COUNTS
     from qlora_trainer.models.checkpointing import CheckpointedLayer
