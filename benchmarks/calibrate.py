@@ -63,7 +63,7 @@ def estimate_row(row: dict):
         from benchmarks.systems.ours import make_config
         from qlora_trainer.memory.checkpoint_plan import plan_checkpoint_layers
 
-        cfg = make_config(spec)  # model.checkpoint_layers=auto rows: planned for their cap, as the run did
+        cfg = make_config(spec)  # performance.checkpoint_layers=auto rows: planned for their cap, as the run did
         budget = int(spec.cap_gb * GIB) if spec.cap_gb else None
         return estimate_for_config(cfg, plan_checkpoint_layers(cfg, budget))
     if spec.system == "hf":

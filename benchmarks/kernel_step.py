@@ -1,4 +1,4 @@
-"""One full training step of a small NF4 model with our kernels on (``model.kernels: triton``) and off
+"""One full training step of a small NF4 model with our kernels on (``performance.kernels: triton``) and off
 (``torch`` references): same weights, same adapters, same tokens; the loss, every adapter gradient and
 every adapter after the optimizer step must agree (part 1 of the suite).
 
@@ -38,7 +38,7 @@ def one_step(backend: str, device: torch.device, dtype: torch.dtype, seed: int) 
     from qlora_trainer.train import build_optimizer, causal_lm_loss, prepare_model
 
     cfg = Config()
-    cfg.model.kernels = backend
+    cfg.performance.kernels = backend
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets = 8, 16.0, 0.0, "all-linear"
     cfg.lora.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
     cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay = "adamw", 1e-3, 0.0

@@ -25,12 +25,12 @@ from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
 # Part 2: (model, seq_len) shapes; systems in order of value (Unsloth last: it needs a checkpoint).
 SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
 SPEED_SYSTEMS = ("qlora_trainer", "hf", "hf-tuned")
-# After Unsloth, variants of ours (RunSpec.extra, cap GB): what model.checkpoint_layers=auto does on a 24 GB card.
-SPEED_VARIANTS = [({"model": {"checkpoint_layers": "auto"}}, 24.0)]
+# After Unsloth, variants of ours (RunSpec.extra, cap GB): what performance.checkpoint_layers=auto does on a 24 GB card.
+SPEED_VARIANTS = [({"performance": {"checkpoint_layers": "auto"}}, 24.0)]
 # Then (GPU only) ours with a step option (issue 16c: CUDA graphs), 7B/512 first (the launch-bound shape):
 # (model, seq_len, RunSpec.extra). Not in the dry run: compiling even the tiny layer outlasts its speed box.
-COMPILE_ROWS = [("llama-2-7b", 512, {"train": {"compile": "reduce-overhead"}}),
-                ("llama-3-8b", 2048, {"train": {"compile": "reduce-overhead"}})]
+COMPILE_ROWS = [("llama-2-7b", 512, {"performance": {"compile": "reduce-overhead"}}),
+                ("llama-3-8b", 2048, {"performance": {"compile": "reduce-overhead"}})]
 # Part 3: 70B rows (in-process NF4 build, layer by layer).
 BIG_ROWS = [("qlora_trainer", "llama-3-70b", 512), ("qlora_trainer", "llama-3-70b", 2048), ("hf", "llama-3-70b", 512)]
 # Part 4: (model, goal seq_len, cap GB): pass/fail at the goal, ours with MLP tiling, CPU embeddings, offload.
@@ -129,7 +129,7 @@ def junit_summary(path: Path) -> dict:
 def part_speed(p: Part) -> None:
     """Speed and memory rows: every system on every shape, same weights and tokens (in-process NF4
     build; Unsloth loads a checkpoint written here, its cost inside its own row's box); then, on a
-    GPU, ours with ``train.compile: reduce-overhead`` (:data:`COMPILE_ROWS`); then the variants."""
+    GPU, ours with ``performance.compile: reduce-overhead`` (:data:`COMPILE_ROWS`); then the variants."""
     from benchmarks.run import prepare_weights, unsloth_available
     from benchmarks.systems import UNSLOTH_MISSING
 
@@ -181,7 +181,7 @@ def part_long(p: Part) -> None:
     from qlora_trainer.models.catalog import get_arch
 
     goals = DRY["long_goals"] if p.dry else LONG_GOALS
-    extra = {"model": DRY["long_model"] if p.dry else LONG_MODEL}
+    extra = {"performance": DRY["long_model"] if p.dry else LONG_MODEL}
     done = []
     for model, seq, cap in goals:
         row = p.launch(p.spec("qlora_trainer", model, seq, "long", cap_gb=cap, extra=extra), ROW_CAP_S["long"])
@@ -214,7 +214,7 @@ def part_calibration(p: Part) -> None:
 
 
 def part_nf4_paths(p: Part) -> None:
-    """Which ``model.nf4_matmul`` path wins per M bucket (``bench_nf4_lora.bench_paths``): every
+    """Which ``performance.nf4_matmul`` path wins per M bucket (``bench_nf4_lora.bench_paths``): every
     projection shape of Llama-3-8B and Llama-2-7B, headline buckets (8B/2048, 7B/512) first, until
     the box ends. The dry run: one tiny-64 projection at 96 tokens under the interpreter."""
     import torch

@@ -10,7 +10,7 @@ or a kill still leaves everything finished before it. Three files: the GPU machi
     3 70b           Llama-3-70B: ours at 512 and 2048, hf at 512
     4 long          Llama-3.1-70B 32k under 48 GB, Llama-3.1-8B 128k under 24 GB (pass/fail)
     5 calibration   CUDA context measured; estimate vs measured peak for every row; memory --measure
-    6 nf4_paths     model.nf4_matmul: dequant vs chunked vs fused per M bucket, 8B and 7B shapes
+    6 nf4_paths     performance.nf4_matmul: dequant vs chunked vs fused per M bucket, 8B and 7B shapes
 
 ``--dry-run``: the same parts and code paths on the CPU with tiny shapes (kernels under the Triton
 interpreter), well under 2 minutes. Boxes: each part's planned seconds (``PLAN``, scaled to

@@ -85,7 +85,7 @@ def nf4_paths_markdown(doc: dict) -> list[str]:
     rows = _rows(doc, "nf4_paths_winner")
     if not rows:
         return []
-    lines = ["", "## NF4 matmul paths (model.nf4_matmul; one decoder layer's base GEMMs: 2 x forward + dx, ms)", "",
+    lines = ["", "## NF4 matmul paths (performance.nf4_matmul; one decoder layer's base GEMMs: 2 x forward + dx, ms)", "",
              "| model | tokens | " + " | ".join(rows[0]["layer_ms"]) + " | winner | x dequant |",
              "|---|---|" + "---|" * (len(rows[0]["layer_ms"]) + 2)]
     for r in rows:

@@ -129,6 +129,8 @@ def nf4_dequant(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
     return out
 
 
+GROUP_SLOTS = 3  # member slots of _nf4_dequant_group_kernel (nf4.MAX_GROUP: the most a group may have)
+
 
 def nf4_dequant_group(weights: Sequence[Any], out: torch.Tensor) -> torch.Tensor:
     """Decode ``weights`` (NF4Weight-like: packed, absmax, code, code2, absmax2, offset, blocksize,
@@ -136,17 +138,13 @@ def nf4_dequant_group(weights: Sequence[Any], out: torch.Tensor) -> torch.Tensor
     rows of ``out`` ((sum o_i, in) contiguous, any float dtype) in ONE launch: member i's (o_i, in)
     lands in rows sum_{j<i} o_j onward. Each element is computed as :func:`nf4_dequant` computes
     it (bit-identical). The packed weights are read where they are (no concatenated copy)."""
-    from .nf4 import MAX_GROUP, nf4_groupable
-
-    k, first = len(weights), weights[0]
+    k, first = len(weights), weights[0]  # groupable: checked by the caller (nf4.dequantize_nf4_group)
     rows = sum(w.shape[0] for w in weights)
-    if not nf4_groupable(weights):
-        raise ValueError(f"nf4_dequant_group: needs 1..{MAX_GROUP} weights with one blocksize, nesting and in")
     if tuple(out.shape) != (rows, first.shape[1]) or not out.is_contiguous():
         raise ValueError(f"nf4_dequant_group: out is {tuple(out.shape)}, needs contiguous {(rows, first.shape[1])}")
     block_bytes = _block_bytes(first.blocksize)
     args, start, tile = [], 0, 0
-    for i in range(MAX_GROUP):
+    for i in range(GROUP_SLOTS):
         w = weights[min(i, k - 1)]  # unused slots repeat the last member (never read)
         nested = w.code2 is not None
         member = [w.packed, w.absmax, w.code, w.code2 if nested else w.code, w.absmax2 if nested else w.code,

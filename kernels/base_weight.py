@@ -10,8 +10,8 @@ so a step does not rebuild it per call.
 ``COUNTS`` counts dequantizations and base matmuls (any backend), for the step-count tests.
 
 Which NF4 matmul runs for M tokens is decided here only (:meth:`BaseWeight.path`): ``decode``
-(M <= ``FUSED_MAX_TOKENS``: the split-K dequant-in-GEMM, ``_triton_lora.py``), else the weight's
-large-M path (``model.nf4_matmul``, set per model by :func:`set_nf4_matmul`): ``dequant`` (the
+(M <= ``DECODE_MAX_TOKENS``: the split-K dequant-in-GEMM, ``_triton_lora.py``), else the weight's
+large-M path (``performance.nf4_matmul``, set per model by :func:`set_nf4_matmul`): ``dequant`` (the
 default: the dequant kernel writes a transient 16-bit W, cuBLAS reads it), ``chunked`` (W
 dequantized in L2-sized row chunks, each chunk's GEMM run at once) or ``fused`` (the tiled
 autotuned GEMM reading packed NF4, ``_triton_nf4_gemm.py``). Dense weights and the torch backend
@@ -31,9 +31,9 @@ from .nf4 import NF4Weight, dequantize_nf4, gemm_supported, row_step_for
 
 # At or below this many tokens the split-K decode kernel (_triton_lora.nf4_matmul) runs; above it
 # the weight's large-M path (to be re-tuned with benchmarks/kernels/bench_nf4_lora.py).
-FUSED_MAX_TOKENS = 64
+DECODE_MAX_TOKENS = 64
 
-NF4_MATMUL_PATHS = ("dequant", "chunked", "fused")  # the large-M paths (config: model.nf4_matmul)
+NF4_MATMUL_PATHS = ("dequant", "chunked", "fused")  # the large-M paths (config: performance.nf4_matmul)
 # 16-bit W bytes per chunk of the chunked path: a chunk, its GEMM's share of x and y stay in L2
 # (50 MB on an H100/H200); to be tuned with benchmarks/kernels/bench_nf4_lora.py
 CHUNK_BYTES = 8 << 20
@@ -54,7 +54,7 @@ def count(key: str) -> None:
 class BaseWeight:
     """The frozen base layer of a LoRA linear: exactly one of ``dense`` (out, in) or ``nf4``; bias
     (out,) or None. ``backend`` (``triton|torch``) picks the NF4 dequant/fused kernels.
-    ``large_m``: the NF4 path above ``FUSED_MAX_TOKENS`` (one of :data:`NF4_MATMUL_PATHS`);
+    ``large_m``: the NF4 path above ``DECODE_MAX_TOKENS`` (one of :data:`NF4_MATMUL_PATHS`);
     ``chunk_bytes``: 16-bit W bytes per chunk of the ``chunked`` path."""
 
     dense: torch.Tensor | None = None
@@ -117,32 +117,32 @@ class BaseWeight:
         """W + scale * B @ A (out, in) in fp32: B (out, r), A (r, in)."""
         return torch.addmm(self.weight().float(), lora_B.detach().float(), lora_A.detach().float(), alpha=scale)
 
-    def path(self, m: int, fuse: bool | None = None) -> str:
+    def path(self, m: int, decode: bool | None = None) -> str:
         """The matmul that runs over ``m`` tokens: ``decode`` | ``fused`` | ``chunked`` | ``dequant``
-        (see the module docstring). ``fuse`` True/False forces/forbids the decode kernel."""
+        (see the module docstring). ``decode`` True/False forces/forbids the decode kernel."""
         if self.nf4 is None or self.backend != "triton":
             return "dequant"
-        if fuse is not None:
-            return "decode" if fuse else "dequant"
-        if m <= FUSED_MAX_TOKENS:
+        if decode is not None:
+            return "decode" if decode else "dequant"
+        if m <= DECODE_MAX_TOKENS:
             return "decode"
         if self.large_m == "fused" and not gemm_supported(self.nf4.shape, self.nf4.blocksize):
             return "dequant"
         return self.large_m
 
-    def forward_matmul(self, x: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
+    def forward_matmul(self, x: torch.Tensor, decode: bool | None = None) -> torch.Tensor:
         """x (M, in) -> x @ W^T + bias (M, out), in x.dtype."""
         count("forward")
-        return self._matmul(x, None if self.bias is None else self.bias.to(x.dtype), fuse, trans_w=True)
+        return self._matmul(x, None if self.bias is None else self.bias.to(x.dtype), decode, trans_w=True)
 
-    def backward_matmul(self, dy: torch.Tensor, fuse: bool | None = None) -> torch.Tensor:
+    def backward_matmul(self, dy: torch.Tensor, decode: bool | None = None) -> torch.Tensor:
         """dy (M, out) -> dy @ W (M, in), in dy.dtype (W recomputed, never saved)."""
         count("dx")
-        return self._matmul(dy, None, fuse, trans_w=False)
+        return self._matmul(dy, None, decode, trans_w=False)
 
-    def _matmul(self, a: torch.Tensor, bias: torch.Tensor | None, fuse: bool | None, *, trans_w: bool) -> torch.Tensor:
+    def _matmul(self, a: torch.Tensor, bias: torch.Tensor | None, decode: bool | None, *, trans_w: bool) -> torch.Tensor:
         """trans_w: a @ W^T (+ bias); else a @ W; through :meth:`path`'s kernel for a's M rows."""
-        path = self.path(a.shape[0], fuse)
+        path = self.path(a.shape[0], decode)
         if path == "decode":
             from ._triton_lora import nf4_matmul
 
@@ -248,7 +248,7 @@ def _base_weight_eager(base: nn.Module, backend: str) -> BaseWeight | None:
 
 def set_nf4_matmul(model: nn.Module, path: str = "dequant", chunk_bytes: int = CHUNK_BYTES) -> int:
     """Make every NF4 weight under ``model`` run ``path`` (:data:`NF4_MATMUL_PATHS`) above
-    ``FUSED_MAX_TOKENS`` (``model.nf4_matmul``); cached base weights rebuild. Returns how many."""
+    ``DECODE_MAX_TOKENS`` (``performance.nf4_matmul``); cached base weights rebuild. Returns how many."""
     if path not in NF4_MATMUL_PATHS:
         raise ValueError(f"nf4_matmul: {path!r} is not one of {', '.join(NF4_MATMUL_PATHS)}")
     n = 0

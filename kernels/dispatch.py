@@ -24,7 +24,7 @@ def lora_matmul(
     scale: float,
     dropout: float = 0.0,
     backend: str = "auto",
-    base_last: bool = False,
+    recompute_skips_base: bool = False,
 ) -> torch.Tensor:
     """y = base(x) + scale * (dropout(x) @ A^T) @ B^T.
 
@@ -36,7 +36,7 @@ def lora_matmul(
         dropout: probability p of zeroing an adapter input element, applied whenever p > 0
             (callers pass 0 in eval mode).
         backend: ``auto|triton|torch`` (see :func:`resolve_backend`).
-        base_last: adapter term first, base matmul after, so that a checkpoint recompute stops
+        recompute_skips_base: adapter term first, base matmul after, so that a checkpoint recompute stops
             before the base matmul (for a layer whose output the backward never needs, e.g.
             down_proj; see ``lora_linear.lora_linear``). Ignored on the fallback path.
     Returns:
@@ -51,7 +51,7 @@ def lora_matmul(
     """
     bw = base_weight(base, resolve_backend(backend, x.device))
     if bw is not None:
-        return lora_linear(x, bw, lora_A, lora_B, scale, dropout, base_last=base_last)
+        return lora_linear(x, bw, lora_A, lora_B, scale, dropout, recompute_skips_base=recompute_skips_base)
     xa = torch.nn.functional.dropout(x, dropout, training=True) if dropout > 0 else x
     y = base(x)
     return y + lora_update(xa, lora_A, lora_B, scale, y.dtype)

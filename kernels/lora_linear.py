@@ -22,9 +22,9 @@ kernel never materialises k; the reference holds one bool (M, in) k for the back
 reading the same input — and u (M, r), the same bytes with dropout as without (+ the seed).
 The LoRA math runs in the activation dtype; dA/dB are returned in A/B's dtype.
 
-Base matmul: for an NF4 weight with few tokens (M <= ``FUSED_MAX_TOKENS``) a Triton GEMM that
+Base matmul: for an NF4 weight with few tokens (M <= ``DECODE_MAX_TOKENS``) a Triton GEMM that
 dequantizes inside the operand load (``_triton_lora.py``); otherwise the weight's large-M path
-(``BaseWeight.path``, ``model.nf4_matmul``): by default the Triton dequant kernel (``nf4.py``) to a
+(``BaseWeight.path``, ``performance.nf4_matmul``): by default the Triton dequant kernel (``nf4.py``) to a
 transient 16-bit W, then cuBLAS. A dense weight goes straight to cuBLAS.
 """
 
@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import torch
 
-from .base_weight import FUSED_MAX_TOKENS, BaseWeight
+from .base_weight import DECODE_MAX_TOKENS, BaseWeight
 from .dropout import SeededDropout, draw_seed, dropout_mask
 
-__all__ = ["FUSED_MAX_TOKENS", "BaseWeight", "LoRALinearFunction", "FrozenLinearFunction", "lora_linear",
+__all__ = ["DECODE_MAX_TOKENS", "BaseWeight", "LoRALinearFunction", "FrozenLinearFunction", "lora_linear",
            "frozen_linear", "lora_update", "lora_linear_reference", "draw_seed", "dropout_mask"]
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """forward(x (..., in), A (r, in), B (out, r), base, scale, dropout, backend, fuse) -> (..., out).
+    """forward(x (..., in), A (r, in), B (out, r), base, scale, dropout, backend, decode) -> (..., out).
     ``base`` None: the adapter term s * (x_l A^T) B^T alone (no base matmul, no dy @ W).
 
     ``dropout`` is the probability p of zeroing an adapter input (applied whenever p > 0: the
@@ -49,7 +49,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, base: BaseWeight,
-                scale: float, dropout: float, backend: str, fuse: bool | None) -> torch.Tensor:
+                scale: float, dropout: float, backend: str, decode: bool | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
         a = lora_A.to(x.dtype)
@@ -59,13 +59,13 @@ class LoRALinearFunction(torch.autograd.Function):
             u = x2 @ a.t()  # (M, r)
         else:
             u = SeededDropout(seed, dropout, backend)(x2) @ a.t()  # x_l (M, in), transient
-        if base is None:  # adapter term only (see lora_linear(base_last=True))
+        if base is None:  # adapter term only (see lora_linear(recompute_skips_base=True))
             y = torch.mm(u, b.t()).mul_(scale)  # (M, out)
         else:
-            y = base.forward_matmul(x2, fuse)  # (M, out)
+            y = base.forward_matmul(x2, decode)  # (M, out)
             y.addmm_(u, b.t(), alpha=scale)
         ctx.save_for_backward(x2, u, lora_A, lora_B, *(() if seed is None else (seed,)))
-        ctx.base, ctx.scale, ctx.fuse, ctx.p, ctx.backend = base, scale, fuse, dropout, backend
+        ctx.base, ctx.scale, ctx.decode, ctx.p, ctx.backend = base, scale, decode, dropout, backend
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
@@ -83,7 +83,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b:
             d_b = (dy2.t() @ u).mul_(s).to(lora_B.dtype)  # (out, r)
         if need_x:
-            dx = None if ctx.base is None else ctx.base.backward_matmul(dy2, ctx.fuse)  # dy @ W (M, in)
+            dx = None if ctx.base is None else ctx.base.backward_matmul(dy2, ctx.decode)  # dy @ W (M, in)
             if seed is not None:  # += (du @ A) ⊙ k / (1 - p), k regenerated from the seed
                 dx = drop(du @ a, out=dx)
             elif dx is None:
@@ -104,41 +104,41 @@ class FrozenLinearFunction(torch.autograd.Function):
     nothing is saved for backward (W and bias are frozen: no dW, no db)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, base: BaseWeight, fuse: bool | None = None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, base: BaseWeight, decode: bool | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = base.forward_matmul(x.reshape(-1, x.shape[-1]).contiguous(), fuse)  # (M, out)
-        ctx.base, ctx.fuse = base, fuse
+        y = base.forward_matmul(x.reshape(-1, x.shape[-1]).contiguous(), decode)  # (M, out)
+        ctx.base, ctx.decode = base, decode
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         lead = dy.shape[:-1]
-        dx = ctx.base.backward_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), ctx.fuse)  # (M, in)
+        dx = ctx.base.backward_matmul(dy.reshape(-1, dy.shape[-1]).contiguous(), ctx.decode)  # (M, in)
         return dx.view(*lead, dx.shape[-1]), None, None
 
 
-def frozen_linear(x: torch.Tensor, base: BaseWeight, *, fuse: bool | None = None) -> torch.Tensor:
+def frozen_linear(x: torch.Tensor, base: BaseWeight, *, decode: bool | None = None) -> torch.Tensor:
     """y (..., out) = x @ W^T (+ bias) via :class:`FrozenLinearFunction` (W never saved)."""
-    return FrozenLinearFunction.apply(x, base, fuse)
+    return FrozenLinearFunction.apply(x, base, decode)
 
 
 def lora_linear(x: torch.Tensor, base: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                scale: float, dropout: float = 0.0, *, fuse: bool | None = None,
-                base_last: bool = False) -> torch.Tensor:
+                scale: float, dropout: float = 0.0, *, decode: bool | None = None,
+                recompute_skips_base: bool = False) -> torch.Tensor:
     """y (..., out) = x @ W^T (+ bias) + scale * (dropout(x) @ A^T) @ B^T via :class:`LoRALinearFunction`.
 
     ``dropout``: probability p in [0, 1) of zeroing an adapter input element (0 in eval mode).
-    ``fuse``: force (True) / forbid (False) the fused NF4 dequant-in-GEMM kernel; None = by size.
-    ``base_last``: for a layer whose output only feeds ops that save nothing (down_proj, before the
+    ``decode``: force (True) / forbid (False) the split-K NF4 decode kernel (small M); None = by size.
+    ``recompute_skips_base``: for a layer whose output only feeds ops that save nothing (down_proj, before the
     residual add): the adapter term runs first as its own node (it saves x, u, A, B), then the base
     matmul as a :class:`FrozenLinearFunction` (saves nothing), then one add. A non-reentrant
     checkpoint's recompute stops (early stop) once the last saved tensor is packed, i.e. before
     the base matmul and its dequantization, whose output the backward never uses. Same saved
     tensors as the fused form; the sum is rounded once more (``y_base + y_lora`` vs ``addmm_``)."""
-    if base_last:
-        y_lora = LoRALinearFunction.apply(x, lora_A, lora_B, None, scale, dropout, base.backend, fuse)
-        return frozen_linear(x, base, fuse=fuse) + y_lora
-    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scale, dropout, base.backend, fuse)
+    if recompute_skips_base:
+        y_lora = LoRALinearFunction.apply(x, lora_A, lora_B, None, scale, dropout, base.backend, decode)
+        return frozen_linear(x, base, decode=decode) + y_lora
+    return LoRALinearFunction.apply(x, lora_A, lora_B, base, scale, dropout, base.backend, decode)
 
 
 def lora_update(x_lora: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,

@@ -7,7 +7,7 @@ With s = sigmoid(g), silu(g) = g * s and d silu / dg = s + g * s * (1 - s) = s *
 The Triton path saves only g and u (which the MLP must keep anyway) and recomputes s in the
 backward; the torch reference also keeps silu(g), an extra (N, I) activation per layer.
 
-Sequence tiling (``SwiGLUMLP(chunk_tokens=C)``, ``model.mlp_chunk_tokens``): the (B, T, H) input is
+Sequence tiling (``SwiGLUMLP(chunk_tokens=C)``, ``performance.mlp_chunk_tokens``): the (B, T, H) input is
 split along T into chunks of C tokens, each run under its own non-reentrant
 ``torch.utils.checkpoint.checkpoint``; only the chunk outputs (B, C, H) are concatenated. Autograd
 then keeps no (B, T, I) intermediates at all, and forward and backward (which recomputes one chunk
@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backend import resolve_backend
+from .grouped_linear import grouped_projections
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -78,15 +79,13 @@ class SwiGLUMLP(nn.Module):
         self.backend = backend
         self.chunk_tokens = chunk_tokens
         self.group_projections = group_projections  # gate/up as one grouped matmul (grouped_linear.py)
-        if chunk_tokens and isinstance(getattr(down_proj, "base_last", None), bool):
-            down_proj.base_last = True  # each chunk's recompute stops before down_proj's base matmul
+        if chunk_tokens and isinstance(getattr(down_proj, "recompute_skips_base", None), bool):
+            down_proj.recompute_skips_base = True  # each chunk's recompute stops before down_proj's base matmul
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., H) through (..., I) gate/up activations, untiled."""
         gate_up = None
         if self.group_projections:
-            from .grouped_linear import grouped_projections
-
             gate_up = grouped_projections(x, self, "gate_up", (self.gate_proj, self.up_proj))
         gate, up = gate_up if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(swiglu(gate, up, self.backend))

@@ -7,12 +7,15 @@ Modules are imported only when their command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
+import importlib.util
 import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from qlora_trainer import __version__
 from qlora_trainer.errors import QloraError
@@ -28,7 +31,6 @@ COMMANDS: dict[str, str] = {
     "memory": "qlora_trainer.commands.memory",
     "memory-table": "qlora_trainer.commands.memory_table",
     "doctor": "qlora_trainer.commands.doctor",
-    "estimate": "qlora_trainer.commands.estimate",
 }
 
 
@@ -49,10 +51,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def _help_line(modname: str) -> str:
-    try:
-        return importlib.import_module(modname).HELP
-    except ImportError:
+    """A command's ``HELP`` read from its source, not imported: ``--help`` never loads torch."""
+    spec = importlib.util.find_spec(modname)
+    if spec is None or not spec.origin:
         return "(not available)"
+    for node in ast.parse(Path(spec.origin).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HELP" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return "(not available)"
 
 
 def main(argv: list[str] | None = None) -> int:

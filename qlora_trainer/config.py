@@ -2,7 +2,6 @@
 
 A config file is YAML with the sections below (each optional) plus the top-level keys
 ``output_dir`` and ``resume``::
-
     model:        {name_or_path: random:tiny, quantization: nf4}
     quantization: {double_quant: true, quant_storage: uint8}
     lora:         {r: 16, alpha: 32, dropout: 0.05, targets: all-linear}
@@ -27,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qlora_trainer.errors import ConfigError, QloraError
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.config_rules import describe, problem
+from qlora_trainer.io import atomic_write_text
 
 # --------------------------------------------------------------------------------------------------
 # sections
@@ -50,37 +51,8 @@ class ModelConfig:
     """Run model code from the hub. Off by default; turn on only for repositories you trust."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention backend passed to transformers."""
-    gradient_checkpointing: bool = True
-    """Recompute each decoder layer's activations in backward (non-reentrant) instead of storing them."""
-    offload_activations: bool = False
-    """With gradient checkpointing: keep the checkpointed hidden states in pinned CPU memory (CUDA only)."""
-    mlp_chunk_tokens: int = 0
-    """Sequence-tiled MLP: run each SwiGLU MLP over chunks of this many tokens, each checkpointed, so only
-    one chunk's (B, chunk, intermediate) activations are alive at once (long contexts). 0 = off."""
-    embeddings_on_cpu: bool = False
-    """Keep the frozen input embedding table in (pinned) CPU memory and copy each step's looked-up
-    (B, T, hidden) rows to the GPU (Llama-3-70B: frees 1.96 GiB). Tied embeddings stay on the device."""
-    kernels: Literal["auto", "triton", "torch"] = "auto"
-    """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
     resize_embeddings: bool = False
     """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
-    group_projections: bool = True
-    """Run q/k/v and gate/up as one grouped matmul each (one GEMM over the stacked weights, one adapter-A
-    GEMM, one dx GEMM) where the adapters allow it (plain LoRA/rsLoRA, no active dropout). Same modules,
-    same parameter names and adapter files; see docs/speed.md."""
-    checkpoint_layers: Literal["auto", "all"] | int = "auto"
-    """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
-    their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the
-    memory estimate says fit in the CUDA device's memory (all on the CPU; see docs/speed.md)."""
-    fused_add_norm: bool = True
-    """Run each decoder layer's attention residual add and the RMSNorm after it as one kernel (our
-    decoder layer, same children and parameter names). ``false`` keeps transformers' decoder layers
-    (e.g. for its ``output_hidden_states`` capture); see docs/speed.md."""
-    nf4_matmul: Literal["dequant", "chunked", "fused"] = "dequant"
-    """NF4 base matmuls over more than 64 tokens (Triton kernels only): ``dequant`` = the whole W to a
-    transient 16-bit copy, then cuBLAS; ``chunked`` = W in L2-sized row chunks, each chunk's GEMM at
-    once; ``fused`` = one autotuned Triton GEMM that reads the packed 4-bit W (no 16-bit copy).
-    Same results within rounding; which is fastest is measured by the GPU suite (docs/speed.md)."""
 
 
 @dataclass
@@ -204,21 +176,6 @@ class TrainConfig:
     """Seed for adapter init, data order, dropout."""
     save_every: int = 0
     """Checkpoint every N optimizer steps (0: only at the end)."""
-    eval_every: int = 0
-    """Evaluation loss every N optimizer steps (0: never)."""
-    eval_batches: int = 0
-    """Evaluation batches per evaluation (0: the whole eval set)."""
-    eval_tasks: list[str] | None = None
-    """Generation tasks (unset: none) scored by exact match every ``eval_every`` steps and at the last step, logged to
-    metrics.jsonl (``eval_<task>_exact_match``) with predictions under ``output_dir/eval/step-N/``: a
-    task name (``gsm8k``, ``gsm8k-train``) or a data file with prompt/answer fields, ``FILE@extractor``
-    (see docs/eval.md)."""
-    eval_limit: int = 50
-    """Examples per eval task (the first N; 0: all)."""
-    eval_max_new_tokens: int = 0
-    """New-token limit of in-training generation (0: the task's default, 256 for GSM8K)."""
-    loss_chunk_size: int = 0
-    """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
     device: str = "auto"
     """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda[:N]``."""
     skip_bad_steps: int = 0
@@ -229,12 +186,68 @@ class TrainConfig:
     averages gradients; ``fsdp`` also shards the NF4 base, adapters and optimizer state across the
     GPUs (FSDP2 ``fully_shard`` per decoder layer; needs ``quantization.quant_storage`` = the compute
     dtype). ``none``: one process. See docs/distributed.md."""
+
+
+@dataclass
+class PerformanceConfig:
+    """Speed and memory knobs: none changes what is computed (within rounding), only how."""
+
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer's activations in backward (non-reentrant) instead of storing them."""
+    offload_activations: bool = False
+    """With gradient checkpointing: keep the checkpointed hidden states in pinned CPU memory (CUDA only)."""
+    mlp_chunk_tokens: int = 0
+    """Sequence-tiled MLP: run each SwiGLU MLP over chunks of this many tokens, each checkpointed, so only
+    one chunk's (B, chunk, intermediate) activations are alive at once (long contexts). 0 = off."""
+    embeddings_on_cpu: bool = False
+    """Keep the frozen input embedding table in (pinned) CPU memory and copy each step's looked-up
+    (B, T, hidden) rows to the GPU (Llama-3-70B: frees 1.96 GiB). Tied embeddings stay on the device."""
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
+    group_projections: bool = True
+    """Run q/k/v and gate/up as one grouped matmul each (one GEMM over the stacked weights, one adapter-A
+    GEMM, one dx GEMM) where the adapters allow it (plain LoRA/rsLoRA, no active dropout). Same modules,
+    same parameter names and adapter files; see docs/speed.md."""
+    checkpoint_layers: Literal["auto", "all"] | int = "auto"
+    """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
+    their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the
+    memory estimate says fit in the CUDA device's memory (all on the CPU; see docs/speed.md)."""
+    fused_add_norm: bool = True
+    """Run each decoder layer's attention residual add and the RMSNorm after it as one kernel (our
+    decoder layer, same children and parameter names). ``false`` keeps transformers' decoder layers
+    (e.g. for its ``output_hidden_states`` capture); see docs/speed.md."""
+    nf4_matmul: Literal["dequant", "chunked", "fused"] = "dequant"
+    """NF4 base matmuls over more than 64 tokens (Triton kernels only): ``dequant`` = the whole W to a
+    transient 16-bit copy, then cuBLAS; ``chunked`` = W in L2-sized row chunks, each chunk's GEMM at
+    once; ``fused`` = one autotuned Triton GEMM that reads the packed 4-bit W (no 16-bit copy).
+    Same results within rounding; which is fastest is measured by the GPU suite (docs/speed.md)."""
     compile: Literal["none", "default", "reduce-overhead"] = "none"
     """torch.compile each decoder layer (forward and backward, inside its checkpoint): ``default``
     (inductor: fused elementwise ops, less Python), ``reduce-overhead`` (also CUDA graphs: each
     layer's launches replayed at once; for short sequences, where the step is launch-bound; fixed
     shapes, e.g. ``data.pack: true``, avoid recompiles). ``none``: eager. Unmeasured on a GPU
     so far (docs/speed.md); lora/rslora adapters, one process."""
+    loss_chunk_size: int = 0
+    """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training: the eval split's loss and generation tasks."""
+
+    every: int = 0
+    """Evaluation loss every N optimizer steps (0: never)."""
+    batches: int = 0
+    """Evaluation batches per evaluation (0: the whole eval set)."""
+    tasks: list[str] | None = None
+    """Generation tasks (unset: none) scored by exact match every ``eval.every`` steps and at the last step, logged to
+    metrics.jsonl (``eval_<task>_exact_match``) with predictions under ``output_dir/eval/step-N/``: a
+    task name (``gsm8k``, ``gsm8k-train``) or a data file with prompt/answer fields, ``FILE@extractor``
+    (see docs/eval.md)."""
+    limit: int = 50
+    """Examples per eval task (the first N; 0: all)."""
+    max_new_tokens: int = 0
+    """New-token limit of in-training generation (0: the task's default, 256 for GSM8K)."""
 
 
 # experiment trackers accelerate knows (``output.report_to``)
@@ -266,6 +279,8 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     output_dir: str = "outputs/run"
     """Where the adapter, metrics.jsonl and checkpoints go."""
@@ -277,8 +292,6 @@ class Config:
 
     def validate(self) -> "Config":
         """Check value ranges and cross-field rules; raise ConfigError naming the key."""
-        from qlora_trainer.config_rules import problem
-
         for key in valid_keys():  # every field against its rule (config_rules.RULES)
             msg = problem(key, _get(self, key))
             if msg:
@@ -290,14 +303,6 @@ class Config:
                 raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
         if self.data.marker_tokens == "add" and not self.model.resize_embeddings:
             raise ConfigError("data.marker_tokens: 'add' grows the vocabulary; also set model.resize_embeddings=true")
-        if self.train.eval_tasks:
-            from qlora_trainer.evaluate.tasks import resolve_task
-
-            for spec in self.train.eval_tasks:
-                try:
-                    resolve_task(spec)
-                except QloraError as e:  # an unknown task or extractor
-                    raise ConfigError(f"train.eval_tasks: {e}") from None
         if self.lora.init == "loftq" and self.model.quantization != "nf4":
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
         if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):
@@ -309,20 +314,20 @@ class Config:
         if lc.variant == "adalora" and lc.adalora_tinit >= self.train.max_steps - lc.adalora_tfinal:
             raise ConfigError(f"lora.adalora_tinit: {lc.adalora_tinit} + adalora_tfinal {lc.adalora_tfinal} leave no "
                               f"budget phase in train.max_steps {self.train.max_steps}; lower them")
-        if self.model.offload_activations and not self.model.gradient_checkpointing:
-            raise ConfigError("model.offload_activations: needs model.gradient_checkpointing=true")
-        if self.train.compile != "none" and (self.lora.variant not in ("lora", "rslora") or
-                                             self.train.distributed != "none"):
-            raise ConfigError(f"train.compile: {self.train.compile} supports lora/rslora adapters in one process "
-                              f"(lora.variant={self.lora.variant}, train.distributed={self.train.distributed}); "
-                              "set train.compile=none")
+        if self.performance.offload_activations and not self.performance.gradient_checkpointing:
+            raise ConfigError("performance.offload_activations: needs performance.gradient_checkpointing=true")
+        if self.performance.compile != "none" and (self.lora.variant not in ("lora", "rslora") or
+                                                   self.train.distributed != "none"):
+            raise ConfigError(f"performance.compile: {self.performance.compile} supports lora/rslora adapters in one "
+                              f"process (lora.variant={self.lora.variant}, train.distributed={self.train.distributed}); "
+                              "set performance.compile=none")
         if self.train.distributed == "fsdp":
             if self.model.quantization == "nf4" and self.quantization.quant_storage == "uint8":
                 raise ConfigError("quantization.quant_storage: FSDP shards floating-point tensors only; set it to "
                                   "the compute dtype (bfloat16 on CUDA, float32 on the CPU) with train.distributed=fsdp")
-            for bad, key in ((self.model.embeddings_on_cpu, "model.embeddings_on_cpu"),
+            for bad, key in ((self.performance.embeddings_on_cpu, "performance.embeddings_on_cpu"),
                              (self.lora.variant == "dora", "lora.variant=dora"),
-                             (bool(self.train.eval_tasks), "train.eval_tasks")):  # generation needs whole weights
+                             (bool(self.eval.tasks), "eval.tasks")):  # generation needs whole weights
                 if bad:
                     raise ConfigError(f"{key}: not supported with train.distributed=fsdp; use ddp or turn it off")
         return self
@@ -342,7 +347,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         ConfigError: one line naming the file, the key and the fix.
     """
     import yaml
-
     raw: dict[str, Any] = {}
     where = "config"
     if path is not None:
@@ -398,8 +402,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the config as YAML, atomically."""
     import yaml
 
-    from qlora_trainer.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
@@ -407,9 +409,6 @@ def field_docs() -> dict[str, str]:
     """``section.key`` -> documentation string, read from the field docstrings in this file."""
     import ast
     import inspect
-
-    from qlora_trainer.config_rules import describe
-
     docs: dict[str, str] = {}
     tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))
     classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
@@ -462,7 +461,20 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
+# built but not measured on a GPU yet: settable, left out of --help-config until the GPU suite has measured them
+UNADVERTISED = ("performance.nf4_matmul", "performance.compile")
+
+# keys that moved to another section: old key -> its place now (a one-line error names it)
+MOVED = {f"model.{k}": f"performance.{k}" for k in (
+    "gradient_checkpointing", "offload_activations", "mlp_chunk_tokens", "embeddings_on_cpu", "kernels",
+    "group_projections", "checkpoint_layers", "fused_add_norm", "nf4_matmul")} | {
+    "train.compile": "performance.compile", "train.loss_chunk_size": "performance.loss_chunk_size"} | {
+    f"train.eval_{k}": f"eval.{k}" for k in ("every", "batches", "tasks", "limit", "max_new_tokens")}
+
+
 def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    if key in MOVED:
+        raise ConfigError(f"{where}: {key} is now {MOVED[key]}; rename it there")
     parts = key.split(".")
     obj: Any = cfg
     for part in parts[:-1]:

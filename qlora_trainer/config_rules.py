@@ -94,10 +94,10 @@ POSITIVE = Range(0, lo_open=True)
 FRACTION = Range(0, 1, hi_open=True)
 
 RULES: dict[str, Any] = {
-    "model.checkpoint_layers": WordOrRange(("auto", "all"), AT_LEAST_0),
+    "performance.checkpoint_layers": WordOrRange(("auto", "all"), AT_LEAST_0),
     "model.name_or_path": NONEMPTY,
     "model.tokenizer": NONEMPTY,
-    "model.mlp_chunk_tokens": AT_LEAST_0,
+    "performance.mlp_chunk_tokens": AT_LEAST_0,
     "quantization.blocksize": OneOf((64, 128, 256, 512, 1024, 2048, 4096)),
     "lora.r": AT_LEAST_1,
     "lora.alpha": POSITIVE,
@@ -125,11 +125,11 @@ RULES: dict[str, Any] = {
     "train.max_grad_norm": AT_LEAST_0,
     "train.seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
     "train.save_every": AT_LEAST_0,
-    "train.eval_every": AT_LEAST_0,
-    "train.eval_batches": AT_LEAST_0,
-    "train.eval_limit": AT_LEAST_0,
-    "train.eval_max_new_tokens": AT_LEAST_0,
-    "train.loss_chunk_size": AT_LEAST_0,
+    "eval.every": AT_LEAST_0,
+    "eval.batches": AT_LEAST_0,
+    "eval.limit": AT_LEAST_0,
+    "eval.max_new_tokens": AT_LEAST_0,
+    "performance.loss_chunk_size": AT_LEAST_0,
     "train.skip_bad_steps": AT_LEAST_0,
     "train.device": Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N (N a GPU index)"),
     "output.log_every": AT_LEAST_1,

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_trainer.memory import estimate_for_config
+
 DIST = "qlora-trainer"
 STATUSES = ("ok", "warn", "error")
 
@@ -205,7 +207,7 @@ def triton_check() -> Check:
 
     spec = importlib.util.find_spec("triton")
     if spec is None:
-        return Check("triton", "warn", "not installed; model.kernels=auto uses the torch reference kernels",
+        return Check("triton", "warn", "not installed; performance.kernels=auto uses the torch reference kernels",
                      {"installed": False})
     try:
         import triton
@@ -251,8 +253,6 @@ def memory_check(cfg: Any) -> Check:
     """The estimator's peak for ``cfg`` against this machine's GPU (the CPU: reported, not judged)."""
     import torch
 
-    from qlora_trainer.memory import estimate_for_config
-
     try:
         est = estimate_for_config(cfg)
     except Exception as e:  # noqa: BLE001 - the estimate is advisory
@@ -283,10 +283,10 @@ def config_check(cfg: Any, triton: Check) -> Check:
         return Check("config", "error", f"train.device={dev} but no CUDA device is visible; use auto or cpu")
     if dev.startswith("cuda:") and int(dev.split(":")[1] or 0) >= torch.cuda.device_count():
         return Check("config", "error", f"train.device={dev} but only {torch.cuda.device_count()} GPU(s) are visible")
-    if cfg.model.kernels == "triton" and not triton.data.get("usable"):
-        return Check("config", "error", "model.kernels=triton but Triton is not usable here (no GPU and no "
+    if cfg.performance.kernels == "triton" and not triton.data.get("usable"):
+        return Check("config", "error", "performance.kernels=triton but Triton is not usable here (no GPU and no "
                      "TRITON_INTERPRET=1); use auto or torch")
-    return Check("config", "ok", f"train.device={dev}, model.kernels={cfg.model.kernels}")
+    return Check("config", "ok", f"train.device={dev}, performance.kernels={cfg.performance.kernels}")
 
 
 def run_checks(cfg: Any | None = None) -> list[Check]:

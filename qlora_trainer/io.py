@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from qlora_trainer.errors import DiskFullError, QloraError
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
@@ -84,8 +86,6 @@ def write_failure(e: BaseException, path: Path) -> "Exception | None":
     when the place cannot hold the file (inside a file, no permission, read-only filesystem). A
     DiskFullError from a nested write is re-labelled with ``path`` (the user's target, not our
     temporary)."""
-    from qlora_trainer.errors import DiskFullError, QloraError
-
     if isinstance(e, DiskFullError):
         return DiskFullError(path)
     if not isinstance(e, Exception) or isinstance(e, QloraError):
@@ -126,8 +126,6 @@ def read_json_object(path: Path, error: type[Exception] | None = None) -> dict:
     """Parse a JSON file whose top level must be an object; otherwise raise ``error`` (default
     QloraError) with one line naming the file (and line)."""
     import json
-
-    from qlora_trainer.errors import QloraError
 
     error = error or QloraError
     try:

@@ -47,13 +47,18 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def launched_world() -> int:
+    """Processes in this launch (``WORLD_SIZE`` set by ``accelerate launch`` / torchrun; 1 if unset)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def data_root() -> Path:
-    """Root of the shared real data: ``$QLORA_DATA``, default ``../shared/data`` (from the repo root)."""
+    """Root of the shared real data: ``$QLORA_DATA``, default ``../shared/data`` from the working directory
+    (the repository root, where the tests and ``make`` run); never a path inside the installed package."""
     env = os.environ.get("QLORA_DATA")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parent.parent
-    return (repo / ".." / "shared" / "data").resolve()
+    return Path("..", "shared", "data").resolve()
 
 
 def expand_path(path: str) -> str:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+# benchmarks/ and the notebooks' support/ live outside the package: importable by name from the tests
+# without putting the repository root (and with it the bare `kernels` folder) on sys.path
+_REPO = Path(__file__).resolve().parents[1]
+_OUTSIDE = Path(tempfile.mkdtemp(prefix="qlora-tests-path-"))
+atexit.register(shutil.rmtree, _OUTSIDE, True)
+(_OUTSIDE / "benchmarks").symlink_to(_REPO / "benchmarks", target_is_directory=True)
+sys.path += [str(_OUTSIDE), str(_REPO / "notebooks")]
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

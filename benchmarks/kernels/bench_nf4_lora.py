@@ -17,7 +17,7 @@ FLOPs / measured bf16 GEMM rate for the matmuls. Rows:
 * ``linear_ce``: loss + d hidden through the lm_head: ours (Triton chunk kernel, torch chunk op)
   vs full logits + ``F.cross_entropy``; time and peak memory.
 * ``nf4_paths`` / ``nf4_paths_winner`` (also part 6 of ``python -m benchmarks.suite``): the three
-  large-M paths of ``model.nf4_matmul`` (``dequant`` + cuBLAS, ``chunked`` with 8 and 32 MiB
+  large-M paths of ``performance.nf4_matmul`` (``dequant`` + cuBLAS, ``chunked`` with 8 and 32 MiB
   chunks, ``fused``), forward
   ``x @ W^T`` and dx ``dy @ W`` of every projection shape of Llama-3-8B and Llama-2-7B at M buckets
   256 .. 4096 tokens, then per (model, M) the decoder layer's sum (forward twice: forward + the
@@ -108,8 +108,8 @@ def bench_lora(shapes, tokens, rank, ceil) -> list[dict]:
 
             variants = {
                 "ours_auto": lambda: lora_linear(x, base, a, b, 2.0),
-                "ours_fused": lambda: lora_linear(x, base, a, b, 2.0, fuse=True),
-                "ours_dequant_cublas": lambda: lora_linear(x, base, a, b, 2.0, fuse=False),
+                "ours_fused": lambda: lora_linear(x, base, a, b, 2.0, decode=True),
+                "ours_dequant_cublas": lambda: lora_linear(x, base, a, b, 2.0, decode=False),
                 "hf_peft_bnb": lambda: lora_matmul(x, q, a, b, 2.0, backend="torch"),
                 "dense_bf16_floor": lambda: x @ w_dense.t() + (x @ a.t() @ b.t()) * 2.0,
             }
@@ -177,7 +177,7 @@ PATH_MODELS = {
 }
 PATH_BUCKETS = [("llama-3-8b", 2048), ("llama-2-7b", 512), ("llama-3-8b", 4096), ("llama-2-7b", 2048),
                 ("llama-3-8b", 512), ("llama-2-7b", 256), ("llama-3-8b", 1024), ("llama-2-7b", 1024)]
-# variant -> (model.nf4_matmul path, chunk bytes): the chunked path at its default 8 MiB and at 32 MiB
+# variant -> (performance.nf4_matmul path, chunk bytes): the chunked path at its default 8 MiB and at 32 MiB
 # (a quarter of the launches; does the chunk still stay in a 50 MB L2?)
 PATHS = {"dequant": ("dequant", 8 << 20), "chunked": ("chunked", 8 << 20), "chunked_32mib": ("chunked", 32 << 20),
          "fused": ("fused", 8 << 20)}

@@ -12,14 +12,18 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from qlora_trainer.commands.merge import merge_and_save
+from qlora_trainer.errors import QloraError
+from qlora_trainer.lora.combine import METHODS, SIGN_METHODS, combine_adapters
+from qlora_trainer.lora.loading import load_with_adapters
+from qlora_trainer.lora.peft_format import read_adapter, weights_state_dict, write_adapter_dir
+
 HELP = "combine LoRA adapters (linear, cat, svd, ties, dare, magnitude_prune) into one adapter or a merged model"
 
 COPIED = ("config.yaml", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qlora_trainer.lora.combine import METHODS, SIGN_METHODS
-
     p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="adapter directories (PEFT format)")
     p.add_argument("--method", choices=METHODS, default="cat",
                    help="cat (default): exact, ranks add up; linear/ties/dare_*/magnitude_prune: equal ranks, "
@@ -45,10 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.lora.combine import combine_adapters
-    from qlora_trainer.lora.peft_format import read_adapter
-
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
@@ -66,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
         write_combined(combined, out, copy, replace=args.overwrite)
         print(f"{summary} -> {out}")
         return 0
-    from qlora_trainer.commands.merge import merge_and_save
-    from qlora_trainer.lora.loading import load_with_adapters
 
     with tempfile.TemporaryDirectory(prefix=".combined.") as tmp:
         adapter_dir = Path(tmp) / "combined"
@@ -80,7 +78,5 @@ def run(args: argparse.Namespace) -> int:
 
 def write_combined(combined, out: Path, copy: list[Path], *, replace: bool = False) -> Path:
     """Write ``combined`` (``AdapterWeights``) as a PEFT adapter directory, ``copy`` files alongside."""
-    from qlora_trainer.lora.peft_format import weights_state_dict, write_adapter_dir
-
     # --overwrite swaps in the whole new directory: the old adapter's other files must not linger
     return write_adapter_dir(out, combined.config, weights_state_dict(combined), copy_files=copy, replace=replace)

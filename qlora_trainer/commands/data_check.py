@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from qlora_trainer.config import load_config
+from qlora_trainer.data.check import check_data, format_report
+from qlora_trainer.models.load import load_tokenizer
+
 HELP = "Check a config's dataset: counts, token lengths, truncation, masking, duplicates."
 
 
@@ -17,9 +21,6 @@ def run(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from qlora_trainer.config import load_config
-    from qlora_trainer.data.check import check_data, format_report
-
     logging.getLogger("qlora_trainer.data").setLevel(logging.ERROR)  # the report carries the counts
     cfg = load_config(args.config, args.overrides)
     report = check_data(cfg, _tokenizer(cfg), seed=cfg.train.seed)
@@ -29,6 +30,4 @@ def run(args: argparse.Namespace) -> int:
 
 def _tokenizer(cfg):
     """The trainer's tokenizer loader, so data-check sees exactly what training sees."""
-    from qlora_trainer.models.load import load_tokenizer
-
     return load_tokenizer(cfg.model)

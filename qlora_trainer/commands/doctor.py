@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from qlora_trainer.config import load_config
+from qlora_trainer.doctor import report, run_checks
+
 HELP = "report the environment (versions, CUDA, bitsandbytes, CPU features, Triton); exit 1 on a problem"
 _MARK = {"ok": "ok  ", "warn": "warn", "error": "FAIL"}
 
@@ -19,16 +22,12 @@ def run(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from qlora_trainer.doctor import report, run_checks
-
     # bitsandbytes' CPU backend logs a warning at import when Hugging Face's `kernels` package is absent
     # (it would fetch a gemm kernel from the hub); doctor reports that name itself
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     cfg = None
     if args.config is not None:
-        from qlora_trainer.config import load_config
-
         cfg = load_config(args.config, args.overrides)
     checks = run_checks(cfg)
     rep = report(checks)

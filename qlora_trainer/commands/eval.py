@@ -11,6 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qlora_trainer.commands.generate import settings_from_args
+from qlora_trainer.config import load_config
+from qlora_trainer.errors import QloraError
+from qlora_trainer.evaluate import dataset_loss, resolve_task, run_tasks, write_results
+from qlora_trainer.lora import disable_adapters, set_active_adapter
+from qlora_trainer.lora.loading import LoadedModel, load_with_adapters
+from qlora_trainer.models.load import load_base_model, load_tokenizer
+from qlora_trainer.runtime import resolve_device, resolve_dtype
+
 HELP = "evaluate a model/adapter: exact-match on generation tasks (GSM8K, ...) and dataset loss/perplexity"
 
 
@@ -18,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="CONFIG_OR_ADAPTER", help="adapter directory or run config (.yaml)")
     p.add_argument("--task", action="append", default=[], metavar="TASK",
                    help="gsm8k, gsm8k-train or FILE.jsonl[@extractor] (repeatable; default: the config's "
-                        "train.eval_tasks, else gsm8k)")
+                        "eval.tasks, else gsm8k)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N examples per task (default all)")
     p.add_argument("--no-tasks", action="store_true", help="skip generation tasks (loss only)")
     p.add_argument("--perplexity", action="store_true",
@@ -43,9 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_target(target: str, *, overrides: list[str], device: str | None):
     """(LoadedModel, default output dir) for an adapter directory or a run config."""
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.lora.loading import LoadedModel, load_with_adapters
-
     path = Path(target)
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
@@ -54,16 +60,12 @@ def load_target(target: str, *, overrides: list[str], device: str | None):
         return load_with_adapters([path], overrides=overrides, device=device), run_dir / "eval"
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise QloraError(f"{path}: expected an adapter directory or a run config (.yaml)")
-    from qlora_trainer.config import load_config
 
     cfg = load_config(path, overrides)
     adapter = Path(cfg.output_dir) / "adapter"
     if (adapter / "adapter_config.json").is_file():
         return load_with_adapters([adapter], overrides=overrides, device=device), Path(cfg.output_dir) / "eval"
     import logging
-
-    from qlora_trainer.models.load import load_base_model, load_tokenizer
-    from qlora_trainer.runtime import resolve_device, resolve_dtype
 
     logging.getLogger(__name__).warning("%s: no trained adapter at %s; evaluating the base model", path, adapter)
     if device is not None:
@@ -77,11 +79,6 @@ def load_target(target: str, *, overrides: list[str], device: str | None):
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
-    from qlora_trainer.commands.generate import settings_from_args
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.evaluate import dataset_loss, resolve_task, run_tasks, write_results
-    from qlora_trainer.lora import disable_adapters, set_active_adapter
-
     for name in ("limit", "max_new_tokens", "batch_size", "loss_batches"):
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -92,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_task(s)  # bad specs fail before the model loads
     loaded, default_out = load_target(args.target, overrides=args.overrides, device=args.device)
     cfg, model, tok = loaded.config, loaded.model, loaded.tokenizer
-    specs = [] if args.no_tasks else (args.task or list(cfg.train.eval_tasks or []) or ["gsm8k"])
+    specs = [] if args.no_tasks else (args.task or list(cfg.eval.tasks or []) or ["gsm8k"])
     settings = replace(settings_from_args(args), batch_size=args.batch_size)
     runs: list[str | None] = ([None] if args.with_base or not loaded.names else []) + list(loaded.names)
     results, losses = [], {}

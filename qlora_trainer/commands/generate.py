@@ -11,6 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
+from qlora_trainer.errors import QloraError
+from qlora_trainer.evaluate.generation import GenerationSettings, format_prompt, generate_batch
+from qlora_trainer.io import atomic_write_text
+from qlora_trainer.lora import disable_adapters
+from qlora_trainer.lora.loading import load_with_adapters
+
 HELP = "generate text with the base model plus LoRA adapter(s), comparing several side by side"
 
 
@@ -41,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    from qlora_trainer.errors import QloraError
-
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -65,18 +69,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def settings_from_args(args: argparse.Namespace):
     """The decoding settings of ``--max-new-tokens/--sample/--temperature/--top-p/--seed``."""
-    from qlora_trainer.evaluate.generation import GenerationSettings
-
     return GenerationSettings(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, batch_size=1)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.evaluate.generation import format_prompt, generate_batch
-    from qlora_trainer.lora import disable_adapters
-    from qlora_trainer.lora.loading import load_with_adapters
-
     if not args.adapter and not args.base:
         raise QloraError("generate: pass --adapter DIR (repeatable) and/or --base MODEL")
     if args.max_new_tokens < 1:
@@ -101,7 +98,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"--- {name or 'base'} ---\n{completion}")
             records.append({"prompt": prompt, "adapter": name or "base", "completion": completion})
     if args.output:
-        from qlora_trainer.io import atomic_write_text
-
         atomic_write_text(Path(args.output), "".join(json.dumps(r) + "\n" for r in records))
     return 0

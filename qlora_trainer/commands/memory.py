@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from qlora_trainer.memory.report import estimate_markdown
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
+from qlora_trainer.memory.profile import CudaReader
+from qlora_trainer.train.measure import measure_training
+
 HELP = "estimate peak GPU memory of a QLoRA run before loading anything (exit 0 fits, 1 does not)"
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
 
@@ -22,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="store every layer's activations instead of recomputing them")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to pinned CPU memory")
     p.add_argument("--mlp-chunk", type=int, default=0, metavar="N",
-                   help="sequence-tiled MLP: N tokens per checkpointed chunk (model.mlp_chunk_tokens; 0 = off)")
+                   help="sequence-tiled MLP: N tokens per checkpointed chunk (performance.mlp_chunk_tokens; 0 = off)")
     p.add_argument("--embeddings-on-cpu", action="store_true",
-                   help="keep the input embedding table in CPU memory (model.embeddings_on_cpu)")
+                   help="keep the input embedding table in CPU memory (performance.embeddings_on_cpu)")
     p.add_argument("--dropout", type=float, default=0.05, metavar="P",
                    help="LoRA dropout probability (lora.dropout; default 0.05 as in the config); "
                         "0 leaves out the memory dropout costs (masks, dropped copies)")
@@ -43,9 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import math
-
-    from qlora_trainer.errors import ConfigError
-    from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
 
     for name in ("seq", "batch", "r"):
         if getattr(args, name) < 1:
@@ -81,9 +84,6 @@ def run(args: argparse.Namespace) -> int:
     max_batch = largest_fitting(arch, args.budget, vary="batch", basis=args.basis, seq_len=args.seq, **kw)
     measured = None
     if args.measure:
-        from qlora_trainer.memory.measure import measure_training
-        from qlora_trainer.memory.profile import CudaReader
-
         CudaReader()  # one-line error without CUDA, before building anything
         measured = measure_training(arch, seq_len=args.seq, batch=args.batch, lora_r=args.r,
                                     optimizer=args.optimizer, checkpointing=args.checkpointing,
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             out["measured"] = measured.compare(est)
         print(json.dumps(out))
     else:
-        print(est.to_markdown())
+        print(estimate_markdown(est))
         verdict = "fits" if fits else "does NOT fit"
         per = f" per GPU ({args.gpus} GPUs, {args.distributed})" if args.distributed != "none" else ""
         print(f"\n{verdict} in {args.budget:g} GB{per} ({args.basis} basis); at batch {args.batch} the longest "

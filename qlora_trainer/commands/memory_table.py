@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.memory.estimate import GIB
+from qlora_trainer.memory.paper import paper_chart, paper_markdown, paper_table
+from qlora_trainer.memory.profile import CudaReader
+from qlora_trainer.memory.references import PAPER_SETTINGS
+from qlora_trainer.train.measure import measure_training
+
 HELP = "reproduce the QLoRA paper's memory table (LLaMA 7B-65B) with our estimates, as markdown/JSON/chart"
 
 
@@ -21,11 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from qlora_trainer.memory.paper import paper_chart, paper_markdown, paper_table
-
     if args.chart and Path(args.chart).suffix.lower() not in CHART_TYPES:
-        from qlora_trainer.errors import ConfigError
-
         raise ConfigError(f"--chart: {args.chart!r} has no supported extension; end it in "
                           f"{', '.join(CHART_TYPES)} (e.g. --chart memory.png)")
     rows = paper_table()
@@ -45,11 +48,6 @@ def run(args: argparse.Namespace) -> int:
 def _measure(rows: list[dict]) -> None:
     """Add ``measured_ours_allocated_gib`` (peak over phases) to each row whose estimate fits the GPU."""
     import torch
-
-    from qlora_trainer.memory.estimate import GIB
-    from qlora_trainer.memory.measure import measure_training
-    from qlora_trainer.memory.profile import CudaReader
-    from qlora_trainer.memory.references import PAPER_SETTINGS
 
     CudaReader()  # one-line error without CUDA
     capacity = torch.cuda.get_device_properties(0).total_memory / 1e9

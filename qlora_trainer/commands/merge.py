@@ -11,6 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qlora_trainer.errors import QloraError
+from qlora_trainer.io import atomic_directory
+from qlora_trainer.lora import merge_lora
+from qlora_trainer.lora.loading import load_with_adapters
+from qlora_trainer.runtime import resolve_dtype
+
 HELP = "merge a LoRA adapter into its dequantized base and save a 16-bit HF model directory"
 
 SAMPLE = "The quick brown fox jumps over the lazy dog. 1 + 2 = 3."
@@ -31,9 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.lora.loading import load_with_adapters
-
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
@@ -46,10 +49,6 @@ def merge_and_save(loaded, out: Path, *, dtype: str = "auto", sample: str = SAMP
     """Merge ``loaded``'s active adapter into its base, write the dense model to ``out`` (atomically)
     and print the largest |Δlogit| adapter vs merged on ``sample``."""
     import torch
-
-    from qlora_trainer.io import atomic_directory
-    from qlora_trainer.lora import merge_lora
-    from qlora_trainer.runtime import resolve_dtype
 
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device

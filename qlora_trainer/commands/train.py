@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from qlora_trainer.config import UNADVERTISED, field_docs, load_config
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.train import train
+
 HELP = "train a LoRA adapter on an NF4 base model from a YAML config (+ section.key=value overrides)"
 
 
@@ -17,15 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlora_trainer.config import field_docs, load_config
-
     if args.help_config:
         for key, doc in field_docs().items():
-            print(f"{key}\n    {doc}")
+            if key not in UNADVERTISED:
+                print(f"{key}\n    {doc}")
         return 0
     if args.config is None:
-        from qlora_trainer.errors import ConfigError
-
         raise ConfigError("train: give a config file, e.g. qlora-trainer train configs/demo.yaml")
     cfg = load_config(args.config, args.overrides)  # config errors before any heavy import
 
@@ -33,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from qlora_trainer.train import train
 
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: rank 0 reports for the run

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_trainer.data import formats
 from qlora_trainer.data.sources import load_records, record_line, split_records
 from qlora_trainer.errors import DataError
+from qlora_trainer.data.templates import resolve_chat_template
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -79,7 +80,6 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
         raw_eval = load_records(cfg.eval_path, split=cfg.split, key="data.eval_path")
         formats.validate_records(raw_eval, cfg.format, cols, _namer(cfg.eval_path, raw_eval))
     if chat:  # markers are single tokens (or added, or split as configured); BOS warning
-        from qlora_trainer.data.templates import resolve_chat_template
 
         chat_template, _ = resolve_chat_template(tokenizer, cfg.chat_template, cfg.marker_tokens)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from qlora_trainer.errors import DataError
 from qlora_trainer.runtime import expand_path
+from qlora_trainer.data.demo import demo_dataset
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -32,8 +33,6 @@ def load_records(path: str, *, split: str = "train", key: str = "data.path") -> 
     unreachable hub dataset.
     """
     if path.startswith("builtin:"):
-        from qlora_trainer.data.demo import demo_dataset
-
         if path != "builtin:demo":
             raise DataError(f"{key}: unknown built-in dataset {path!r}; the only one is 'builtin:demo'")
         return demo_dataset()

@@ -6,7 +6,7 @@
 - ``perplexity.py``: mean loss / perplexity through the training data pipeline
 - ``runner.py``: run tasks on a loaded model, write predictions + summary, the in-training hook
 
-``qlora-trainer eval`` (commands/eval.py) and ``train.eval_tasks`` both go through ``runner``.
+``qlora-trainer eval`` (commands/eval.py) and ``eval.tasks`` both go through ``runner``.
 """
 
 from qlora_trainer.evaluate.extractors import (EXTRACTORS, exact_match, get_extractor, gsm8k_answer,

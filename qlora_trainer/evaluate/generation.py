@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_trainer.data.formats import chat_template_for, instruction_prompt
+from qlora_trainer.memory.inference import largest_generation_batch
+from qlora_trainer.models.catalog import arch_from_hf_config
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -58,7 +62,6 @@ def format_prompt(prompt: str, cfg: Any, tokenizer: Any, template: str = "auto")
     """The prompt as the model saw prompts in training (``data.format`` / ``data.template``), or raw."""
     if template == "raw":
         return prompt
-    from qlora_trainer.data.formats import chat_template_for, instruction_prompt
 
     if cfg.data.format == "instruction":
         return instruction_prompt(prompt, None, cfg.data.template)
@@ -109,9 +112,6 @@ def auto_batch_size(model: nn.Module, *, prompt_len: int, new_tokens: int, cap: 
     """The largest batch whose KV cache and transients fit the free memory (CUDA: free device memory;
     CPU: half the available RAM), at least 1. The weights are loaded already, so only the
     per-sequence part is counted (``memory.inference.generation_memory``)."""
-    from qlora_trainer.memory.inference import largest_generation_batch
-    from qlora_trainer.models.catalog import arch_from_hf_config
-
     p = next(model.parameters())
     act_bytes = 2 if p.dtype in (torch.bfloat16, torch.float16) else 4
     try:

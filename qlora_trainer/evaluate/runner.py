@@ -1,6 +1,6 @@
 """Run generation tasks (and the dataset loss) on a loaded model; write predictions and a summary.
 
-Shared by ``qlora-trainer eval`` and the trainer (``train.eval_tasks`` every ``train.eval_every``
+Shared by ``qlora-trainer eval`` and the trainer (``eval.tasks`` every ``eval.every``
 steps): both call :func:`run_tasks` on a model in memory, so the in-training numbers are the ones
 the command reports for the same checkpoint.
 
@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from qlora_trainer.evaluate.generation import GenerationSettings, format_prompt, generate_texts
+from qlora_trainer.evaluate.extractors import score_one
+from qlora_trainer.evaluate.tasks import load_examples, resolve_task
+from qlora_trainer.io import atomic_write_text
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -62,9 +65,6 @@ def run_task(model: nn.Module, tokenizer: Any, cfg: "Config", spec: str, setting
     ``settings.max_new_tokens <= 0`` takes the task's default."""
     from dataclasses import replace
 
-    from qlora_trainer.evaluate.extractors import score_one
-    from qlora_trainer.evaluate.tasks import load_examples, resolve_task
-
     task, examples = load_examples(resolve_task(spec), limit=limit)
     if settings.max_new_tokens <= 0:
         settings = replace(settings, max_new_tokens=task.max_new_tokens)
@@ -94,8 +94,6 @@ def run_tasks(model: nn.Module, tokenizer: Any, cfg: "Config", specs: list[str],
 def write_results(out_dir: Path, results: list[TaskResult], summary: dict) -> tuple[Path, Path]:
     """``out_dir/predictions.jsonl`` and ``out_dir/summary.json`` (``summary`` plus each result's
     numbers under ``results[label][task]``), atomically. Returns both paths."""
-    from qlora_trainer.io import atomic_write_text
-
     out_dir = Path(out_dir)
     table: dict[str, dict] = summary.setdefault("results", {})
     for r in results:
@@ -108,19 +106,19 @@ def write_results(out_dir: Path, results: list[TaskResult], summary: dict) -> tu
 
 
 def settings_from_config(cfg: "Config") -> GenerationSettings:
-    """The in-training generation settings: greedy, ``train.eval_max_new_tokens`` (0 = task default)."""
-    return GenerationSettings(max_new_tokens=cfg.train.eval_max_new_tokens, seed=cfg.train.seed)
+    """The in-training generation settings: greedy, ``eval.max_new_tokens`` (0 = task default)."""
+    return GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
 
 
 def training_eval(model: nn.Module, tokenizer: Any, cfg: "Config", step: int) -> dict:
-    """The ``train.eval_tasks`` evaluation at ``step``: writes ``<output_dir>/eval/step-<N>/`` and returns
+    """The ``eval.tasks`` evaluation at ``step``: writes ``<output_dir>/eval/step-<N>/`` and returns
     the metrics row ``{"step", "eval_<task>_exact_match", "eval_<task>_samples_per_s", ...}``."""
-    results = run_tasks(model, tokenizer, cfg, list(cfg.train.eval_tasks), settings_from_config(cfg),
-                        limit=cfg.train.eval_limit or None, label="adapter",
+    results = run_tasks(model, tokenizer, cfg, list(cfg.eval.tasks), settings_from_config(cfg),
+                        limit=cfg.eval.limit or None, label="adapter",
                         progress=cfg.output.progress_bar)
     out = Path(cfg.output_dir) / "eval" / f"step-{step:06d}"
     write_results(out, results, {"step": step, "settings": asdict(settings_from_config(cfg)),
-                                 "limit": cfg.train.eval_limit or None})
+                                 "limit": cfg.eval.limit or None})
     row: dict[str, Any] = {"step": step}
     for r in results:
         row[f"eval_{r.task}_exact_match"] = round(r.exact_match, 6)

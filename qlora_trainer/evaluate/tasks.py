@@ -1,7 +1,7 @@
 """Generation tasks: where the examples come from, which fields are prompt and answer, how answers
 are extracted.
 
-A task spec (``eval --task`` / ``train.eval_tasks``) is
+A task spec (``eval --task`` / ``eval.tasks``) is
 
 * a registered name: ``gsm8k`` (``$QLORA_DATA/gsm8k/test.jsonl``, ``####`` answers) or
   ``gsm8k-train`` (its train split), or any name added with :func:`register_task`;
@@ -15,7 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qlora_trainer.errors import DataError, QloraError
+from qlora_trainer.errors import ConfigError, DataError, QloraError
+from qlora_trainer.data.sources import load_records, record_line
+from qlora_trainer.evaluate.extractors import get_extractor
+from qlora_trainer.runtime import expand_path
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,6 @@ def register_task(task: GenerationTask) -> None:
 def resolve_task(spec: str) -> GenerationTask:
     """A task from its spec (a registered name, or ``FILE[@extractor]``); raises QloraError naming
     the spec and the valid choices."""
-    from qlora_trainer.evaluate.extractors import get_extractor
-
     if spec in TASKS:
         return TASKS[spec]
     path, _, extractor = spec.partition("@")
@@ -73,9 +74,6 @@ def load_examples(task: GenerationTask, *, limit: int | None = None) -> tuple[Ge
     """The first ``limit`` (all when None) examples of ``task``, and the task with its fields resolved.
 
     Raises DataError naming the file and, for a bad record, its line."""
-    from qlora_trainer.data.sources import load_records, record_line
-    from qlora_trainer.runtime import expand_path
-
     path = expand_path(task.path)
     ds = load_records(path)
     cols = set(ds.column_names)
@@ -95,3 +93,12 @@ def load_examples(task: GenerationTask, *, limit: int | None = None) -> tuple[Ge
                             f"a string or number")
         examples.append(Example(p, str(a)))
     return task, examples
+
+
+def check_eval_tasks(specs: list[str], key: str = "eval.tasks") -> None:
+    """Every task spec names a task and extractor (checked at preflight, before anything loads)."""
+    for spec in specs:
+        try:
+            resolve_task(spec)
+        except QloraError as e:  # an unknown task or extractor
+            raise ConfigError(f"{key}: {e}") from None

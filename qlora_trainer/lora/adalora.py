@@ -24,7 +24,7 @@ gives a plain LoRA adapter A' = E ⊙ A with scale s / r0 (``peft_format.read_ad
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ from torch import nn
 from qlora_trainer.kernels import lora_matmul
 from qlora_trainer.lora.base import base_weight_of, dequantized_weight
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
+from qlora_trainer.lora.modules import linear_layers, match_targets, replace_module
+from qlora_trainer.errors import ConfigError
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, LoRAConfig
@@ -118,9 +120,6 @@ def ada_layers(model: nn.Module, name: str = "default") -> dict[str, AdaLoRALine
 def inject_adalora(model: nn.Module, cfg: "LoRAConfig", *, dtype: torch.dtype, backend: str = "auto",
                    adapter_name: str = "default") -> list[str]:
     """Put an AdaLoRA adapter (r0 = ``cfg.r``) on every targeted linear layer; everything else frozen."""
-    from qlora_trainer.errors import ConfigError
-    from qlora_trainer.lora.inject import linear_layers, match_targets, replace_module
-
     names = match_targets(model, cfg.targets)
     if not names:
         some = ", ".join(list(linear_layers(model))[:6])
@@ -282,48 +281,3 @@ def allocator_for(model: nn.Module, cfg: "Config") -> RankAllocator | None:
     return RankAllocator(model, target_r=lc.adalora_target_r, total_step=cfg.train.max_steps, tinit=lc.adalora_tinit,
                          tfinal=lc.adalora_tfinal, delta_t=lc.adalora_delta_t, beta1=lc.adalora_beta1,
                          beta2=lc.adalora_beta2)
-
-
-def adalora_tensors_and_config(model: nn.Module, name: str, cfg: "LoRAConfig", total_step: int | None = None
-                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PEFT AdaLoRA-format tensors (pruned to the kept triplets once ranks are final) and config fields
-    (``total_step``: the run's ``train.max_steps``; PEFT needs one > tinit + tfinal)."""
-    from qlora_trainer.lora.peft_format import PREFIX
-
-    tensors: dict[str, torch.Tensor] = {}
-    pattern: dict[str, list[bool]] = {}
-    for n, layer in ada_layers(model, name).items():
-        a, b, e = layer.lora_A[name].detach(), layer.lora_B[name].detach(), layer.lora_E[name].detach()
-        mask = layer.rank_mask.get(name)
-        if mask is not None:
-            keep = torch.tensor(mask, device=a.device)
-            a, b, e = a[keep], b[:, keep], e[keep]
-            pattern[f"{n}.lora_E"] = mask
-        for key, t in (("lora_A", a), ("lora_B", b), ("lora_E", e)):
-            tensors[f"{PREFIX}{n}.{key}"] = t.cpu().contiguous()
-    r0 = cfg.r
-    fields = {"peft_type": "ADALORA", "init_r": r0, "target_r": cfg.adalora_target_r, "tinit": cfg.adalora_tinit,
-              "tfinal": cfg.adalora_tfinal, "deltaT": cfg.adalora_delta_t, "beta1": cfg.adalora_beta1,
-              "beta2": cfg.adalora_beta2, "orth_reg_weight": cfg.adalora_orth_reg_weight,
-              "total_step": total_step or cfg.adalora_tinit + cfg.adalora_tfinal + 1, "rank_pattern": pattern or None, "r": 8}
-    return tensors, fields
-
-
-def adalora_as_lora(groups: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], file: Any) -> dict:
-    """PEFT AdaLoRA tensors (module -> {A, E, B}) as plain LoRA ``LayerWeights``: A' = E ⊙ A, scale
-    alpha / (init_r + 1e-5); layers pruned to rank 0 are left out (they add nothing)."""
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.lora.weights import LayerWeights
-
-    r0 = float(config.get("init_r", 12))
-    alpha = float(config.get("lora_alpha", 8))
-    scale = (alpha if alpha > 0 else r0) / (r0 + EPS)
-    layers = {}
-    for name, parts in groups.items():
-        if not {"A", "B", "E"} <= set(parts):
-            raise QloraError(f"{file}: incomplete AdaLoRA tensors for {name!r} (have {sorted(parts)})")
-        a, b, e = parts["A"], parts["B"], parts["E"]
-        if a.shape[0] == 0:
-            continue
-        layers[name] = LayerWeights(a=(a.float() * e.float()).to(a.dtype), b=b, scale=scale)
-    return layers

@@ -10,17 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_trainer.kernels.backend import resolve_backend
+from qlora_trainer.kernels.base_weight import base_weight, quant_state_of
+from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
 
 def base_weight_of(base: nn.Module, backend: str = "auto"):
     """The cached ``kernels.base_weight.BaseWeight`` of a frozen ``base`` (None if the kernels do not
     read it: FP4, trainable, other modules). Undoes bitsandbytes' AVX512 repacking first."""
-    from qlora_trainer.kernels.backend import resolve_backend
-    from qlora_trainer.kernels.base_weight import base_weight, quant_state_of
-
     quant_state = quant_state_of(base)
     if getattr(quant_state, "packing_format_for_cpu", False):
-        from qlora_trainer.models.nf4_linear import claim_4bit_layers
-
         claim_4bit_layers(base)  # undo bitsandbytes' AVX512 repacking (warns: lossy)
     return base_weight(base, resolve_backend(backend, base.weight.device))
 

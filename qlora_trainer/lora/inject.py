@@ -1,5 +1,6 @@
-"""Put ``LoRALinear`` in place of the targeted linear layers (module replacement), freeze the rest,
-and build the optimizer's parameter groups (LoRA+)."""
+"""Put ``LoRALinear`` in place of the targeted linear layers (module replacement; the variant dispatch:
+AdaLoRA has its own module), freeze the rest, and build the optimizer's parameter groups (LoRA+).
+The module-tree helpers it uses live in ``lora/modules.py``."""
 
 from __future__ import annotations
 
@@ -12,54 +13,11 @@ from torch import nn
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
+from qlora_trainer.lora.adalora import inject_adalora
+from qlora_trainer.lora.modules import is_linear, linear_layers, match_targets, replace_module  # noqa: F401 (also here)
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
-from qlora_trainer.targets import select_targets
 
 log = logging.getLogger(__name__)
-
-
-
-def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or a bitsandbytes 4-bit linear layer (not our wrapper)."""
-    from qlora_trainer.models.quantize import is_4bit
-
-    return isinstance(module, nn.Linear) or is_4bit(module)
-
-
-def _output_layer_names(model: nn.Module) -> set[str]:
-    names = {"lm_head"}
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if out is not None:
-        names |= {n for n, m in model.named_modules() if m is out}
-    return names
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> linear layer (plain or already wrapped), never inside a ``LoRALinear``."""
-    found: dict[str, nn.Module] = {}
-    wrapped: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrapped):
-            continue
-        if isinstance(module, LoRALinear):
-            wrapped.append(name)
-            found[name] = module
-        elif is_linear(module):
-            found[name] = module
-    return found
-
-
-def match_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Names of the linear layers ``targets`` selects (see :func:`qlora_trainer.targets.select_targets`)."""
-    return select_targets(linear_layers(model), targets, output_names=_output_layer_names(model))
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Set the submodule at qualified ``name`` to ``new`` (module replacement, no patching)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backend: str = "auto",
@@ -71,8 +29,6 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
     Raises ConfigError when ``cfg.targets`` selects nothing (ValueError for an unknown ``cfg.variant``).
     """
     if cfg.variant == "adalora":  # SVD-form adapters with a rank allocator: their own module
-        from qlora_trainer.lora.adalora import inject_adalora
-
         return inject_adalora(model, cfg, dtype=dtype, backend=backend, adapter_name=adapter_name)
     names = match_targets(model, cfg.targets)
     if not names:

@@ -26,6 +26,8 @@ from torch import nn
 from qlora_trainer.kernels import lora_matmul
 from qlora_trainer.lora.base import base_compute_dtype, base_weight_of, dequantized_weight, frozen_linear
 from qlora_trainer.lora.dora import dora_forward, weight_norm
+from qlora_trainer.models.nf4_linear import claim_4bit_layers
+from qlora_trainer.models.quantize import is_4bit
 
 __all__ = ["VARIANTS", "INITS", "AdapterSpec", "LoRALinear", "dequantized_weight", "frozen_linear",
            "base_compute_dtype"]
@@ -74,10 +76,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, *, backend: str = "auto") -> None:
         super().__init__()
-        from qlora_trainer.models.quantize import is_4bit
 
         if is_4bit(base_layer):  # our NF4 compute, no bitsandbytes CPU repacking (nf4_linear.py)
-            from qlora_trainer.models.nf4_linear import claim_4bit_layers
 
             claim_4bit_layers(base_layer, backend=backend)
         self.base_layer = base_layer
@@ -88,7 +88,7 @@ class LoRALinear(nn.Module):
         self.backend = backend
         # adapter term before the base matmul, so a checkpoint recompute's early stop skips the base
         # GEMM (set on a layer's last projection by models/checkpointing.py; see kernels.lora_linear)
-        self.base_last = False
+        self.recompute_skips_base = False
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # name -> (out,), DoRA only
@@ -165,7 +165,7 @@ class LoRALinear(nn.Module):
                                 spec.scale, backend=self.backend, norm=self._eval_norm(name))
         p = spec.dropout if self.training else 0.0  # applied inside lora_matmul (mask not saved)
         return lora_matmul(x, self.base_layer, a, b, spec.scale, dropout=p, backend=self.backend,
-                           base_last=self.base_last)
+                           recompute_skips_base=self.recompute_skips_base)
 
     def grouping_operands(self):
         """(BaseWeight, A, B, scale) of the active adapter when this layer's forward can join a grouped

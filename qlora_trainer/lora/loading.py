@@ -13,8 +13,13 @@ from typing import Any
 
 from torch import nn
 
-from qlora_trainer.config import Config
+from qlora_trainer.config import Config, apply_override, load_config
 from qlora_trainer.errors import QloraError
+from qlora_trainer.lora.loftq import rebuild_loftq_base, weight_source
+from qlora_trainer.lora.multi import hotswap_adapter, prepare_hotswap, set_active_adapter
+from qlora_trainer.lora.peft_format import load_adapter, read_adapter, read_adapter_config
+from qlora_trainer.models.load import load_base_model, load_tokenizer
+from qlora_trainer.runtime import resolve_device, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -33,8 +38,6 @@ class LoadedModel:
     def activate(self, name: str | None) -> None:
         """Make adapter ``name`` the one the model runs (``None``: the base): hot-swapped into its slot
         when loaded with ``hotswap=True``, else switched to."""
-        from qlora_trainer.lora.multi import hotswap_adapter, set_active_adapter
-
         if name in self.swaps:
             slot, weights = self.swaps[name]
             hotswap_adapter(self.model, weights, name=slot)
@@ -45,9 +48,6 @@ class LoadedModel:
 def run_config_for(adapter_dir: str | Path | None, *, base: str | None = None,
                    overrides: list[str] | None = None) -> Config:
     """The run config describing ``adapter_dir``'s base model (``base`` replaces its path)."""
-    from qlora_trainer.config import apply_override, load_config
-    from qlora_trainer.lora.peft_format import read_adapter_config
-
     if adapter_dir is not None and (Path(adapter_dir) / "config.yaml").is_file():
         cfg = load_config(Path(adapter_dir) / "config.yaml")
     else:
@@ -86,10 +86,6 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
     ``qlora_trainer.lora.multi.hotswap_adapter``). Adapters trained on different bases are an error
     unless ``base`` is given.
     """
-    from qlora_trainer.lora.peft_format import load_adapter, read_adapter_config
-    from qlora_trainer.models.load import load_base_model, load_tokenizer
-    from qlora_trainer.runtime import resolve_device, resolve_dtype
-
     dirs = [Path(d) for d in adapter_dirs]
     bases = {read_adapter_config(d).get("base_model_name_or_path") for d in dirs}
     if len(bases) > 1 and base is None:
@@ -112,24 +108,19 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
     adapter_dtype = resolve_dtype(cfg.lora.dtype, dev)
     if dirs and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1 and cfg.model.quantization == "nf4":
         # the adapter was trained on a LoftQ re-quantized base: rebuild it (deterministic from W)
-        from qlora_trainer.lora.loftq import rebuild_loftq_base, weight_source
-        from qlora_trainer.lora.peft_format import read_adapter
 
         rebuild_loftq_base(model, read_adapter(dirs[0]), weight_source(cfg, len(tokenizer)), cfg.lora.loftq_iters)
     swaps: dict[str, tuple[str, Any]] = {}
     if hotswap and dirs:
-        from qlora_trainer.lora.multi import prepare_hotswap
-        from qlora_trainer.lora.peft_format import read_adapter
-
         weights = [read_adapter(d) for d in dirs]
         for dora in sorted({w.use_dora for w in weights}):
             group = [w for w in weights if w.use_dora == dora]
             slot = "hotswap-dora" if dora else "hotswap"
-            prepare_hotswap(model, group, name=slot, dtype=adapter_dtype, backend=cfg.model.kernels)
+            prepare_hotswap(model, group, name=slot, dtype=adapter_dtype, backend=cfg.performance.kernels)
             swaps.update({n: (slot, w) for n, w in zip(names, weights) if w.use_dora == dora})
     else:
         for d, name in zip(dirs, names):
-            load_adapter(model, d, adapter_name=name, dtype=adapter_dtype, backend=cfg.model.kernels)
+            load_adapter(model, d, adapter_name=name, dtype=adapter_dtype, backend=cfg.performance.kernels)
     loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, config=cfg, names=names, dirs=dirs, swaps=swaps)
     if swaps:
         loaded.activate(names[-1])

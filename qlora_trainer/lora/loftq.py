@@ -33,6 +33,11 @@ from torch import nn
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.lora.base import base_compute_dtype, dequantized_weight, frozen_linear
+from qlora_trainer.lora.modules import replace_module
+from qlora_trainer.lora.multi import lora_layers
+from qlora_trainer.models.load import RANDOM_PREFIX, _random_base
+from qlora_trainer.models.quantize import is_4bit, quantize_linear
+from qlora_trainer.runtime import expand_path
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -45,8 +50,6 @@ WeightSource = Callable[[str], torch.Tensor]  # module path -> its 16-bit weight
 
 def nf4_like(w: torch.Tensor, like: nn.Module) -> nn.Module:
     """A frozen ``Linear4bit`` holding NF4(``w``) with ``like``'s quantization settings and bias."""
-    from qlora_trainer.models.quantize import quantize_linear
-
     qs = like.weight.quant_state
     dense = frozen_linear(like, w, base_compute_dtype(like))
     return quantize_linear(dense, compute_dtype=base_compute_dtype(like), double_quant=bool(qs.nested), quant_type=qs.quant_type,
@@ -90,9 +93,6 @@ def apply_loftq(model: nn.Module, source: WeightSource, *, adapter_name: str = "
     """Set adapter ``adapter_name``'s A, B on every adapted 4-bit layer by LoftQ (T = ``iters``); with
     T > 1 each layer's base becomes the re-quantized Q. W comes from ``source`` one layer at a time
     and is dropped before the next. Returns module -> (plain NF4 error, LoftQ error), Frobenius."""
-    from qlora_trainer.lora.multi import lora_layers
-    from qlora_trainer.models.quantize import is_4bit
-
     errors: dict[str, tuple[float, float]] = {}
     for name, layer in lora_layers(model).items():
         if adapter_name not in layer.specs:
@@ -125,8 +125,6 @@ def apply_loftq(model: nn.Module, source: WeightSource, *, adapter_name: str = "
 def rebuild_loftq_base(model: nn.Module, adapter: "AdapterWeights", source: WeightSource, iters: int) -> None:
     """Re-create the re-quantized base a T > 1 LoftQ run trained on (deterministic from W), for every
     layer ``adapter`` adapts; call before the adapter is loaded. T = 1 changes nothing."""
-    from qlora_trainer.lora.inject import replace_module
-
     if iters <= 1:
         return
     for name, lw in adapter.layers.items():
@@ -171,13 +169,8 @@ def weight_source(cfg: "Config", vocab_size: int | None = None) -> WeightSource:
     """The 16-bit weights of ``model.name_or_path``: a ``random:`` model rebuilt in-process (same
     seed and ``vocab_size``; tiny models only hold it whole), a local directory, or the hub cache of
     a model id (already downloaded by the NF4 load)."""
-    from qlora_trainer.models.load import RANDOM_PREFIX
-    from qlora_trainer.runtime import expand_path
-
     name = cfg.model.name_or_path
     if name.startswith(RANDOM_PREFIX):
-        from qlora_trainer.models.load import _random_base
-
         dense = _random_base(_dense_cfg(cfg), device=torch.device("cpu"), dtype=torch.float32,
                              vocab_size=vocab_size)
         return lambda module: dense.get_submodule(module).weight.detach()

@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_trainer.lora.inject import replace_module
+from qlora_trainer.lora.modules import replace_module
 from qlora_trainer.lora.layer import LoRALinear, dequantized_weight, frozen_linear
 from qlora_trainer.models.quantize import is_4bit
+from qlora_trainer.lora.tokens import merge_token_rows
+from qlora_trainer.runtime import resolve_dtype
 
 
 def dequantize_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
@@ -25,8 +27,6 @@ def merge_lora(model: nn.Module, *, adapter_name: str | None = None, dtype: torc
     ``dtype`` defaults to the runtime's compute dtype for the model's device (bf16 on CUDA, fp32 on
     the CPU). Layers without that adapter keep their base weight. Returns ``model``.
     """
-    from qlora_trainer.runtime import resolve_dtype
-
     if dtype is None:
         device = next(model.parameters()).device
         dtype = resolve_dtype("auto", device)
@@ -34,7 +34,6 @@ def merge_lora(model: nn.Module, *, adapter_name: str | None = None, dtype: torc
         if isinstance(layer, LoRALinear):
             use = adapter_name if adapter_name in layer.specs else (None if adapter_name else layer.active_adapter)
             replace_module(model, name, layer.dense_linear(use, dtype=dtype))
-    from qlora_trainer.lora.tokens import merge_token_rows
 
     merge_token_rows(model)  # rows of added tokens (data.marker_tokens=add) into the embedding / output tables
     for name, module in list(model.named_modules()):

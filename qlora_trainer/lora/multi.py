@@ -16,6 +16,7 @@ from torch import nn
 from qlora_trainer.errors import QloraError
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.weights import AdapterWeights
+from qlora_trainer.lora.modules import replace_module
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -110,8 +111,6 @@ def prepare_hotswap(model: nn.Module, adapters: list[AdapterWeights], *, name: s
     Python float changes, and a ``torch.compile``d model is not recompiled. The slot is DoRA when
     the adapters are (all or none must be). Layers not yet adapted get a ``LoRALinear``.
     """
-    from qlora_trainer.lora.inject import replace_module
-
     if not adapters:
         raise QloraError("prepare_hotswap: give at least one adapter")
     kinds = {ad.use_dora for ad in adapters}

@@ -24,12 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_trainer.config import LoRAConfig
+from qlora_trainer.config import LoRAConfig, save_config
 from qlora_trainer.errors import QloraError
-from qlora_trainer.io import read_json_object
+from qlora_trainer.io import atomic_directory, atomic_write_bytes, read_json_object
+from qlora_trainer.lora.adalora import EPS, ada_layers
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
+from qlora_trainer.lora.inject import replace_module, set_trainable
+from qlora_trainer.lora.modules import linear_layers
+from qlora_trainer.lora.tokens import PEFT_SUFFIX, load_token_rows, peft_token_entries
+from qlora_trainer.runtime import resolve_dtype
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,8 +46,6 @@ _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vect
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly ``names``: the list of last name components when that
     selects nothing else, else a regular expression PEFT full-matches against module names."""
-    from qlora_trainer.lora.inject import linear_layers
-
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     chosen = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in suffixes}
     if chosen == set(names):
@@ -104,7 +107,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     ``run_config`` (our ``Config``, as ``config.yaml``) are saved alongside when given.
     """
     if cfg.variant == "adalora":
-        from qlora_trainer.lora.adalora import adalora_tensors_and_config
 
         total = run_config.train.max_steps if run_config is not None else None
         tensors, fields = adalora_tensors_and_config(model, adapter_name, cfg, total)
@@ -112,7 +114,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         tensors, fields = adapter_state_dict(model, adapter_name), {}
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
-    from qlora_trainer.lora.tokens import peft_token_entries
 
     token_tensors, token_indices = peft_token_entries(model, PREFIX)  # rows of added tokens (lora/tokens.py)
     tensors |= token_tensors
@@ -143,8 +144,6 @@ def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tenso
     directory in one rename."""
     from safetensors.torch import save_file
 
-    from qlora_trainer.io import atomic_directory, atomic_write_bytes
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
@@ -156,8 +155,6 @@ def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tenso
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         if run_config is not None:
-            from qlora_trainer.config import save_config
-
             save_config(run_config, staging / "config.yaml")
         if not out_dir.exists() or replace:
             with atomic_directory(out_dir, replace=replace) as target:
@@ -215,14 +212,12 @@ def read_adapter(path: str | Path) -> AdapterWeights:
     if not file.is_file():
         other = " (adapter_model.bin is not read: safetensors only)" if (path / "adapter_model.bin").exists() else ""
         raise QloraError(f"{path}: no {WEIGHTS_NAME}{other}")
-    from qlora_trainer.lora.tokens import PEFT_SUFFIX
 
     use_dora, use_rslora = bool(config.get("use_dora", False)), bool(config.get("use_rslora", False))
     tensors = load_file(str(file))
     token_rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(PEFT_SUFFIX)}  # added tokens' rows
     groups = _group(tensors, file)
     if config.get("peft_type") == "ADALORA":
-        from qlora_trainer.lora.adalora import adalora_as_lora
 
         return AdapterWeights(layers=adalora_as_lora(groups, config, file), config=config, path=path,
                               token_rows=token_rows)
@@ -253,10 +248,6 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
 def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: str = "default",
                    dtype: torch.dtype | None = None, backend: str = "auto", trainable: bool = False) -> list[str]:
     """Put ``weights`` on ``model`` as adapter ``adapter_name`` (see :func:`load_adapter`)."""
-    from qlora_trainer.lora.inject import replace_module, set_trainable
-    from qlora_trainer.lora.tokens import load_token_rows
-    from qlora_trainer.runtime import resolve_dtype
-
     config = weights.config
     file = weights.path / WEIGHTS_NAME if weights.path is not None else Path(weights.name)
     if dtype is None:
@@ -297,3 +288,45 @@ def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: s
     if trainable:
         set_trainable(model, adapter_name)
     return list(weights.layers)
+
+
+# -- AdaLoRA in PEFT's format (SVD-form triplets) ----------------------------------------------------
+
+def adalora_tensors_and_config(model: nn.Module, name: str, cfg: "LoRAConfig", total_step: int | None = None
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT AdaLoRA-format tensors (pruned to the kept triplets once ranks are final) and config fields
+    (``total_step``: the run's ``train.max_steps``; PEFT needs one > tinit + tfinal)."""
+    tensors: dict[str, torch.Tensor] = {}
+    pattern: dict[str, list[bool]] = {}
+    for n, layer in ada_layers(model, name).items():
+        a, b, e = layer.lora_A[name].detach(), layer.lora_B[name].detach(), layer.lora_E[name].detach()
+        mask = layer.rank_mask.get(name)
+        if mask is not None:
+            keep = torch.tensor(mask, device=a.device)
+            a, b, e = a[keep], b[:, keep], e[keep]
+            pattern[f"{n}.lora_E"] = mask
+        for key, t in (("lora_A", a), ("lora_B", b), ("lora_E", e)):
+            tensors[f"{PREFIX}{n}.{key}"] = t.cpu().contiguous()
+    r0 = cfg.r
+    fields = {"peft_type": "ADALORA", "init_r": r0, "target_r": cfg.adalora_target_r, "tinit": cfg.adalora_tinit,
+              "tfinal": cfg.adalora_tfinal, "deltaT": cfg.adalora_delta_t, "beta1": cfg.adalora_beta1,
+              "beta2": cfg.adalora_beta2, "orth_reg_weight": cfg.adalora_orth_reg_weight,
+              "total_step": total_step or cfg.adalora_tinit + cfg.adalora_tfinal + 1, "rank_pattern": pattern or None, "r": 8}
+    return tensors, fields
+
+
+def adalora_as_lora(groups: dict[str, dict[str, torch.Tensor]], config: dict[str, Any], file: Any) -> dict:
+    """PEFT AdaLoRA tensors (module -> {A, E, B}) as plain LoRA ``LayerWeights``: A' = E ⊙ A, scale
+    alpha / (init_r + 1e-5); layers pruned to rank 0 are left out (they add nothing)."""
+    r0 = float(config.get("init_r", 12))
+    alpha = float(config.get("lora_alpha", 8))
+    scale = (alpha if alpha > 0 else r0) / (r0 + EPS)
+    layers = {}
+    for name, parts in groups.items():
+        if not {"A", "B", "E"} <= set(parts):
+            raise QloraError(f"{file}: incomplete AdaLoRA tensors for {name!r} (have {sorted(parts)})")
+        a, b, e = parts["A"], parts["B"], parts["E"]
+        if a.shape[0] == 0:
+            continue
+        layers[name] = LayerWeights(a=(a.float() * e.float()).to(a.dtype), b=b, scale=scale)
+    return layers

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora_trainer.errors import QloraError
+from qlora_trainer.lora.modules import replace_module
+
 log = logging.getLogger(__name__)
 
 DELTA = "trainable_tokens_delta"
@@ -65,8 +68,6 @@ class TrainableTokens(nn.Module):
 def make_tokens_trainable(model: nn.Module, token_ids: list[int]) -> list[str]:
     """Replace the input embedding and the output layer by :class:`TrainableTokens` over ``token_ids``.
     Returns the replaced module names. In place; call after LoRA injection, before the optimizer."""
-    from qlora_trainer.lora.inject import replace_module
-
     if not token_ids:
         return []
     names = {id(m): n for n, m in model.named_modules()}
@@ -113,8 +114,6 @@ def load_token_rows(model: nn.Module, tensors: dict[str, torch.Tensor], indices:
                     where: str) -> list[str]:
     """Apply an adapter's saved token rows (``tensors``: the PEFT ``...token_adapter.trainable_tokens_delta``
     entries; ``indices``: its ``trainable_token_indices``) to ``model``, frozen. Returns the module names."""
-    from qlora_trainer.errors import QloraError
-
     if not tensors:
         return []
     if token_layers(model):
@@ -138,8 +137,6 @@ def load_token_rows(model: nn.Module, tensors: dict[str, torch.Tensor], indices:
 
 def merge_token_rows(model: nn.Module) -> None:
     """Write the trained rows into the wrapped tables and put the plain modules back (for ``merge``)."""
-    from qlora_trainer.lora.inject import replace_module
-
     for name, m in token_layers(model).items():
         with torch.no_grad():
             m.base.weight.index_copy_(0, m.token_indices, m.trainable_tokens_delta.to(m.base.weight))

@@ -1,4 +1,4 @@
-"""How many decoder layers to checkpoint (``model.checkpoint_layers``), from the memory estimate.
+"""How many decoder layers to checkpoint (``performance.checkpoint_layers``), from the memory estimate.
 
 Checkpointing a layer keeps only its input (B, T, H) and recomputes the rest in the backward: it
 saves memory and costs a second forward of that layer. A run that fits without recomputing should
@@ -15,6 +15,8 @@ import logging
 from typing import Callable
 
 import torch
+
+from qlora_trainer.memory.estimate import estimate_for_config, resolve_arch
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,10 @@ def device_budget(device: torch.device) -> int | None:
 
 
 def plan_checkpoint_layers(cfg, budget_bytes: int | None) -> int | None:
-    """Layers to checkpoint for run config ``cfg`` (None = all): ``model.checkpoint_layers`` when it
+    """Layers to checkpoint for run config ``cfg`` (None = all): ``performance.checkpoint_layers`` when it
     is ``all`` or a number; for ``auto`` the estimate's answer for ``budget_bytes`` (all when there is
     no budget, e.g. on the CPU, or the model's shape is unknown)."""
-    from qlora_trainer.memory.estimate import estimate_for_config, resolve_arch
-
-    setting = cfg.model.checkpoint_layers
+    setting = cfg.performance.checkpoint_layers
     if setting == "all":
         return None
     if isinstance(setting, int):
@@ -70,7 +70,7 @@ def plan_checkpoint_layers(cfg, budget_bytes: int | None) -> int | None:
         return estimate_for_config(cfg, checkpointed_layers=n).device_bytes
 
     n = fewest_layers(footprint, arch.layers, budget_bytes)
-    log.info("model.checkpoint_layers=auto: %d of %d layers checkpointed (estimate %.1f GB, all %.1f GB, "
+    log.info("performance.checkpoint_layers=auto: %d of %d layers checkpointed (estimate %.1f GB, all %.1f GB, "
              "none %.1f GB; device %.1f GB)", n, arch.layers, footprint(n) / 1e9, footprint(arch.layers) / 1e9,
              footprint(0) / 1e9, budget_bytes / 1e9)
     return n

@@ -20,8 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from qlora_trainer.memory.quant import adam_state_bytes, nf4_weight_bytes, quant_constant_bytes
-from qlora_trainer.models.catalog import ArchSpec, linear_shapes, param_counts
+from qlora_trainer.models.catalog import ArchSpec, CATALOG, arch_from_hf_config, linear_shapes, param_counts
 from qlora_trainer.targets import select_targets
+from qlora_trainer.data.templates import new_token_bound
+from qlora_trainer.kernels.cross_entropy import auto_chunk_size
+from qlora_trainer.runtime import expand_path, launched_world
 
 GIB = 2**30
 GB = 10**9
@@ -118,11 +121,6 @@ class MemoryEstimate:
                 "host_pinned_gib": round(self.host_bytes / GIB, 3),
                 "total_gb": round(self.total_gb, 3), "notes": self.notes}
 
-    def to_markdown(self) -> str:
-        from qlora_trainer.memory.report import estimate_markdown
-
-        return estimate_markdown(self)
-
 
 def _targeted(arch: ArchSpec, targets: str | list[str]) -> list[tuple[str, int, int, bool]]:
     """One decoder layer's targeted linear shapes, matched by ``lora.inject``'s rules on HF Llama
@@ -143,7 +141,7 @@ def layer_activation_bytes(arch: ArchSpec, tokens: int, *, resid_bytes: int, dro
     0, the mask is regenerated from a seed). LoRA's (tokens, r) products are negligible.
 
     ``mlp_tokens`` (default ``tokens``): tokens whose MLP intermediates are alive at once. The
-    sequence-tiled MLP (``model.mlp_chunk_tokens``) checkpoints each chunk, so only one chunk's
+    sequence-tiled MLP (``performance.mlp_chunk_tokens``) checkpoints each chunk, so only one chunk's
     intermediates (and its gate/up/down dropout inputs) count; the MLP's input stays ``tokens`` wide."""
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
     mlp = tokens if mlp_tokens is None else min(tokens, mlp_tokens)
@@ -206,16 +204,16 @@ def estimate(
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
     ``chunked_loss`` overrides the profile's logits handling (None = profile default).
-    ``mlp_chunk`` > 0: sequence-tiled MLP (``model.mlp_chunk_tokens``); the layer's intermediate-
+    ``mlp_chunk`` > 0: sequence-tiled MLP (``performance.mlp_chunk_tokens``); the layer's intermediate-
     width activations count ``batch * min(seq_len, mlp_chunk)`` tokens instead of ``batch * seq_len``.
     The chunk outputs (hidden-wide, concatenated) are not counted separately: they are the MLP output
     the untiled count already omits as the next residual.
     ``act_bytes``: bytes of an activation element (2 for bf16/fp16 compute; 4 for fp32, the CPU).
-    ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``model.embeddings_on_cpu``).
+    ``embeddings_on_cpu``: the input embedding table stays in CPU memory (``performance.embeddings_on_cpu``).
     ``gpus`` / ``distributed`` (``none|ddp|fsdp``, ``train.distributed``): the estimate is **per GPU**
     (``batch`` is the per-GPU micro-batch); see :func:`per_gpu` for what each mode shares.
     ``checkpointed_layers``: with ``checkpointing``, only the first N decoder layers are checkpointed
-    (``model.checkpoint_layers``; None = all); the others hold their activations like an
+    (``performance.checkpoint_layers``; None = all); the others hold their activations like an
     un-checkpointed run.
     ``new_tokens``: tokens added to the vocabulary (``data.marker_tokens: add``): the embedding, output
     layer and logits grow by them, and their embedding (and untied output) rows train (``lora/tokens.py``).
@@ -283,11 +281,10 @@ def estimate(
         # the fp32 log-softmax output cross_entropy saves, its gradient and the logits' fp32 gradient
         forward["logits_loss"] = tokens * arch.vocab * (wide + 12)
     else:                  # one (C, V) chunk whose gradient overwrites it + dL/dh (N, H), made in forward
-        from qlora_trainer.kernels.cross_entropy import auto_chunk_size
 
         chunk = min(tokens, loss_chunk or auto_chunk_size(tokens, arch.vocab, arch.hidden))
         forward["logits_loss"] = chunk * arch.vocab * b + tokens * arch.hidden * b
-        if new_tokens:  # token-row output layer: train/loss.py's module-head path, one checkpointed chunk
+        if new_tokens:  # token-row output layer: models/loss.py's module-head path, one checkpointed chunk
             chunk = min(tokens, loss_chunk or 1024)  # of logits, their row-replaced copy, fp32 copy and grad
             forward["logits_loss"] = chunk * arch.vocab * (2 * b + 8) + tokens * arch.hidden * b
     backward = dict(held, layer_recompute=layer if n_ck else 0,
@@ -386,9 +383,6 @@ def resolve_arch(name_or_path: str) -> tuple[ArchSpec | None, str]:
     (None, reason) for hub ids that are not on disk (never downloads)."""
     from pathlib import Path
 
-    from qlora_trainer.models.catalog import CATALOG, arch_from_hf_config
-    from qlora_trainer.runtime import expand_path
-
     name = name_or_path.removeprefix("random:")
     if name in CATALOG:
         return CATALOG[name], ""
@@ -405,11 +399,8 @@ def resolve_arch(name_or_path: str) -> tuple[ArchSpec | None, str]:
 def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEstimate | None:
     """The estimate for a run :class:`~qlora_trainer.config.Config` (our profile), or None (with the
     reason logged) when the model's shape cannot be known without downloading.
-    ``checkpointed_layers``: the plan's answer for ``model.checkpoint_layers`` (None = all)."""
+    ``checkpointed_layers``: the plan's answer for ``performance.checkpoint_layers`` (None = all)."""
     import logging
-
-    from qlora_trainer.data.templates import new_token_bound
-    from qlora_trainer.train.distributed import launched_world
 
     arch, reason = resolve_arch(cfg.model.name_or_path)
     if arch is None:
@@ -419,11 +410,11 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
         arch, seq_len=cfg.data.seq_len, batch=cfg.train.batch_size, lora_r=cfg.lora.r,
         targets=cfg.lora.targets, quant=cfg.model.quantization,
         double_quant=cfg.quantization.double_quant, blocksize=cfg.quantization.blocksize,
-        optimizer=cfg.train.optimizer, checkpointing=cfg.model.gradient_checkpointing,
+        optimizer=cfg.train.optimizer, checkpointing=cfg.performance.gradient_checkpointing,
         checkpointed_layers=checkpointed_layers,
-        offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
-        lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
-        embeddings_on_cpu=cfg.model.embeddings_on_cpu,
+        offload=cfg.performance.offload_activations, loss_chunk=cfg.performance.loss_chunk_size,
+        lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.performance.mlp_chunk_tokens,
+        embeddings_on_cpu=cfg.performance.embeddings_on_cpu,
         attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours",
         gpus=launched_world(), distributed=cfg.train.distributed,
         new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens))

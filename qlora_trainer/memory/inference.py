@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora_trainer.models.catalog import ArchSpec
+from qlora_trainer.memory.estimate import estimate
 
 WEIGHT_COMPONENTS = ("base_nf4", "base_16bit", "quant_constants", "embeddings", "lm_head", "norms_biases",
                      "lora_params")
@@ -47,8 +48,6 @@ def generation_memory(arch: ArchSpec, *, batch: int, prompt_len: int, new_tokens
     """Peak bytes of generating ``new_tokens`` after ``batch`` left-padded prompts of ``prompt_len``."""
     weights = 0
     if include_weights:
-        from qlora_trainer.memory.estimate import estimate
-
         est = estimate(arch, seq_len=prompt_len, batch=1, lora_r=lora_r, targets=targets, quant=quant,
                        act_bytes=act_bytes)
         weights = sum(est.components.get(k, 0) for k in WEIGHT_COMPONENTS)

@@ -6,9 +6,11 @@ Units in every row are labelled: paper figures in MB/GB (1e6/1e9 B), allocated p
 
 from __future__ import annotations
 
+from qlora_trainer.errors import QloraError
 from qlora_trainer.memory.estimate import GB, GIB, estimate
 from qlora_trainer.memory.references import PAPER_ROWS, PAPER_SETTINGS
 from qlora_trainer.models.catalog import get_arch, param_counts
+from qlora_trainer.io import atomic_write_bytes
 
 # Chart groups: estimate components -> the paper's four bars.
 GROUPS = {
@@ -78,12 +80,13 @@ def paper_chart(rows: list[dict], path: str) -> None:
     allocated peak as a marker. Written atomically."""
     import io
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise QloraError("the chart needs matplotlib: pip install 'qlora-trainer[notebooks]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from qlora_trainer.io import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = list(GROUPS) + ["optimizer (paged)"]

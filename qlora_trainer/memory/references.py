@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HF_SOURCE = ("project H100 runs of the HF stack (transformers + PEFT prepare_model_for_kbit_training "
-             "+ bitsandbytes NF4/DQ, bf16 compute, SDPA, HF gradient checkpointing), issue #5")
+             "+ bitsandbytes NF4/DQ, bf16 compute, SDPA, HF gradient checkpointing)")
 PAPER_SOURCE = "Dettmers et al., QLoRA (arXiv:2305.14314), appendix memory-breakdown figure"
 
 

@@ -15,7 +15,7 @@ Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` are replaced:
 are known to match the kernels (e.g. Gemma's ``(1 + w)`` RMSNorm is not). Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
 classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
-not use it (``model.fused_add_norm: false`` keeps transformers' decoder layers).
+not use it (``performance.fused_add_norm: false`` keeps transformers' decoder layers).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ import logging
 
 import torch
 from torch import nn
+
+from qlora_trainer.kernels.grouped_linear import grouped_projections
+from qlora_trainer.kernels.rmsnorm import RMSNorm
+from qlora_trainer.kernels.rope import apply_rope
+from qlora_trainer.kernels.swiglu import SwiGLUMLP
+from qlora_trainer.models.checkpointing import CheckpointedLayer
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +91,10 @@ class RoPEAttention(nn.Module):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
-        from qlora_trainer.kernels.rope import apply_rope
-
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         qkv = None
         if self.group_projections:
-            from qlora_trainer.kernels.grouped_linear import grouped_projections
-
             qkv = grouped_projections(hidden_states, self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
         if qkv is None:
             qkv = [p(hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj)]
@@ -160,8 +162,6 @@ class FusedDecoderLayer(nn.Module):
         """hidden_states (B, T, H) -> (B, T, H). Every other argument (``position_embeddings``,
         ``use_cache``, the KV cache as ``cache`` (transformers >= 5.24) or ``past_key_values``
         (5.17-5.23), ...) goes to ``self_attn`` under the name it came with, as transformers' layer does."""
-        from qlora_trainer.kernels.rmsnorm import RMSNorm
-
         fused = isinstance(self.input_layernorm, RMSNorm) and isinstance(self.post_attention_layernorm, RMSNorm)
         if fused:  # h = norm(x); residual = x, as the input norm's second output
             h, residual = self.input_layernorm(hidden_states, return_residual=True)
@@ -185,8 +185,6 @@ def _is_silu_mlp(mlp: nn.Module) -> bool:
 def _fused_decoder(module: nn.Module) -> nn.Module | None:
     """A :class:`FusedDecoderLayer` for a transformers decoder layer, also one already wrapped by
     ``checkpointing.CheckpointedLayer`` (re-wrapped); None for anything else."""
-    from qlora_trainer.models.checkpointing import CheckpointedLayer
-
     if isinstance(module, CheckpointedLayer):
         inner = _fused_decoder(module._layer)
         return None if inner is None else CheckpointedLayer(inner, module.offloader)
@@ -207,9 +205,6 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
     ``fuse_add_norm``: decoder layers become :class:`FusedDecoderLayer` (attention residual add +
     ``post_attention_layernorm`` in one kernel on the Triton backend; the same ops on torch).
     """
-    from qlora_trainer.kernels.rmsnorm import RMSNorm
-    from qlora_trainer.kernels.swiglu import SwiGLUMLP
-
     if mlp_chunk_tokens < 0:
         raise ValueError(f"adapt_model: mlp_chunk_tokens must be >= 0, got {mlp_chunk_tokens}")
     if backend not in _BACKENDS:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from qlora_trainer.errors import ConfigError
+from qlora_trainer.io import read_json_object
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -132,8 +135,6 @@ def arch_from_hf_config(source: "str | os.PathLike | dict") -> ArchSpec:
     """
     from pathlib import Path
 
-    from qlora_trainer.errors import ConfigError
-
     where = "config"
     if isinstance(source, dict):
         raw = source
@@ -143,7 +144,6 @@ def arch_from_hf_config(source: "str | os.PathLike | dict") -> ArchSpec:
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json here; pass a model directory or a catalog name")
-        from qlora_trainer.io import read_json_object
 
         raw = read_json_object(path, ConfigError)
     raw = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
@@ -172,8 +172,6 @@ def arch_from_hf_config(source: "str | os.PathLike | dict") -> ArchSpec:
 def get_arch(name: str) -> ArchSpec:
     """Catalog lookup with a one-line error naming the nearest entry."""
     from difflib import get_close_matches
-
-    from qlora_trainer.errors import ConfigError
 
     if name in CATALOG:
         return CATALOG[name]

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.io import read_json_object
+from qlora_trainer.runtime import expand_path
 
 if TYPE_CHECKING:
     from qlora_trainer.config import ModelConfig
@@ -22,30 +24,39 @@ if TYPE_CHECKING:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "spiece.model")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+RANDOM_PREFIX = "random:"
+
+
+def is_random(name: str) -> bool:
+    """``random:<arch>``: a random model of a catalog shape, built in-process."""
+    return name.startswith(RANDOM_PREFIX)
+
+
+def check_source(name: str, what: str) -> None:
+    """A path-looking name must exist; a hub id needs the network unless it is cached."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise QloraError(f"model.{what}: {name!r} does not exist (a local directory or a hub id "
+                         f"like meta-llama/Llama-2-7b-hf)")
 
 
 def check_model_source(m: "ModelConfig") -> None:
     """Check ``model.name_or_path`` (and a separate local ``model.tokenizer``) when they are local."""
-    from qlora_trainer.models.load import RANDOM_PREFIX, _check_source
-    from qlora_trainer.runtime import expand_path
-
     tokenizer = m.tokenizer or m.name_or_path
     if not m.name_or_path.startswith(RANDOM_PREFIX):
         name = expand_path(m.name_or_path)
-        _check_source(name, "name_or_path")
+        check_source(name, "name_or_path")
         if Path(name).exists():
             check_model_dir(Path(name), trust_remote_code=m.trust_remote_code)
     if not tokenizer.startswith(RANDOM_PREFIX):
         name = expand_path(tokenizer)
-        _check_source(name, "tokenizer" if m.tokenizer else "name_or_path")
+        check_source(name, "tokenizer" if m.tokenizer else "name_or_path")
         if Path(name).is_dir():
             check_tokenizer_dir(Path(name), key="model.tokenizer" if m.tokenizer else "model.name_or_path")
 
 
 def check_model_dir(p: Path, *, trust_remote_code: bool = False) -> None:
     """Raise QloraError naming ``p`` and the fix if it is not a loadable causal-LM directory."""
-    from qlora_trainer.io import read_json_object
-
     key = "model.name_or_path"
     if not p.is_dir():
         raise QloraError(f"{key}: {str(p)!r} is a file; point it at the model directory (the one with config.json)")
@@ -73,8 +84,6 @@ def check_model_dir(p: Path, *, trust_remote_code: bool = False) -> None:
 def _check_weights(p: Path) -> None:
     index = p / "model.safetensors.index.json"
     if index.is_file():
-        from qlora_trainer.io import read_json_object
-
         shards = sorted(set(read_json_object(index).get("weight_map", {}).values()))
         for name in shards:
             if not (p / name).is_file():

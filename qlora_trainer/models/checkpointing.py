@@ -149,14 +149,15 @@ def _decoder_layer_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 def mark_recompute_tail(layer: nn.Module) -> int:
     """Let a checkpointed ``layer``'s recompute skip its MLP's ``down_proj`` base matmul: the
-    adapter term runs first and the base matmul after it (``LoRALinear.base_last``), so torch's
+    adapter term runs first and the base matmul after it (``LoRALinear.recompute_skips_base``), so torch's
     early stop ends the recompute once the adapter's tensors are saved (the layer's last saved
     tensors: what follows, the base matmul and the residual add, saves nothing). Returns how many
     projections were marked (0 for a frozen down_proj: its matmul saves nothing and is skipped anyway)."""
     n = 0
     for name, module in layer.named_modules():
-        if name.rsplit(".", 2)[-2:] == ["mlp", "down_proj"] and isinstance(getattr(module, "base_last", None), bool):
-            module.base_last = True
+        if name.rsplit(".", 2)[-2:] == ["mlp", "down_proj"] and \
+                isinstance(getattr(module, "recompute_skips_base", None), bool):
+            module.recompute_skips_base = True
             n += 1
     return n
 
@@ -167,7 +168,7 @@ def apply_checkpointing(model: nn.Module, *, offload: bool = False, max_layers: 
 
     ``offload=True`` moves each layer's saved input hidden state (B·T·H·2 bytes in bf16) to pinned
     CPU memory on a side stream (a no-op for CPU tensors). ``max_layers``: checkpoint only the first
-    that many layers of each list (None = all; ``model.checkpoint_layers``); the others keep their
+    that many layers of each list (None = all; ``performance.checkpoint_layers``); the others keep their
     activations and are not recomputed."""
     lists = _decoder_layer_lists(model)
     if not lists:

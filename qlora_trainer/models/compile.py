@@ -1,4 +1,4 @@
-"""``train.compile``: torch.compile of each decoder layer, so the step launches fewer kernels and runs
+"""``performance.compile``: torch.compile of each decoder layer, so the step launches fewer kernels and runs
 less Python (``reduce-overhead``: CUDA graphs replay each layer's forward and backward).
 
 What is compiled: each decoder layer's own forward (and, through AOTAutograd, its backward), *inside*
@@ -6,7 +6,7 @@ its gradient checkpoint (``models/checkpointing.py``): the checkpoint stays eage
 calls the same compiled graph again, with the RNG state it restored (LoRA dropout draws its seed
 tensor from the device generator: ``kernels/dropout.py``; no host integer is captured). The
 compiled layer is one graph, so that recompute runs all of it: the eager early stop that skips
-down_proj's base matmul (``LoRALinear.base_last``) does not happen. The loss (chunked linear +
+down_proj's base matmul (``LoRALinear.recompute_skips_base``) does not happen. The loss (chunked linear +
 cross-entropy) and the optimizer stay eager.
 
 Our kernels under dynamo: the LoRA / frozen-linear autograd Functions are traced (forward and
@@ -24,18 +24,19 @@ import logging
 import torch
 from torch import nn
 
+from qlora_trainer.kernels.backend import resolve_backend
+from qlora_trainer.kernels.base_weight import base_weight
+from qlora_trainer.models.checkpointing import CheckpointedLayer, _decoder_layer_lists
+
 log = logging.getLogger(__name__)
 
-MODES = {"default": None, "reduce-overhead": "reduce-overhead"}  # train.compile -> torch.compile mode
+MODES = {"default": None, "reduce-overhead": "reduce-overhead"}  # performance.compile -> torch.compile mode
 
 
 def warm_base_weights(model: nn.Module) -> int:
     """Build the cached frozen-weight object of every LoRA layer's base (``base_layer``, its
     ``backend``) and of every frozen ``NF4Linear`` (itself, its ``kernel_backend``), for the
     weight's device, so that compiled code finds it; returns how many were built or found."""
-    from qlora_trainer.kernels.backend import resolve_backend
-    from qlora_trainer.kernels.base_weight import base_weight
-
     n = 0
     for m in model.modules():
         if isinstance(getattr(m, "kernel_backend", None), str):
@@ -53,8 +54,6 @@ def compile_layers(model: nn.Module, mode: str, *, backend: str | None = None) -
     named ``layers``; a checkpointed layer's wrapped layer, not its checkpoint) with
     ``mode`` (``default | reduce-overhead``) and torch.compile ``backend`` (None: inductor; the CPU
     tests use ``aot_eager``). Returns the number of layers compiled."""
-    from qlora_trainer.models.checkpointing import CheckpointedLayer, _decoder_layer_lists
-
     if mode not in MODES:
         raise ValueError(f"compile_layers: mode {mode!r} is not one of {', '.join(MODES)}")
     warm_base_weights(model)
@@ -65,6 +64,6 @@ def compile_layers(model: nn.Module, mode: str, *, backend: str | None = None) -
             target = layer._layer if isinstance(layer, CheckpointedLayer) else layer
             target.compile(**kwargs)
             n += 1
-    log.info("train.compile=%s: %d decoder layers compiled (torch.compile backend %s)", mode, n,
+    log.info("performance.compile=%s: %d decoder layers compiled (torch.compile backend %s)", mode, n,
              backend or "inductor")
     return n

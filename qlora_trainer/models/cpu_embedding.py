@@ -1,4 +1,4 @@
-"""Keep the frozen input embedding table in (pinned) CPU memory (``model.embeddings_on_cpu``).
+"""Keep the frozen input embedding table in (pinned) CPU memory (``performance.embeddings_on_cpu``).
 
 LoRA never trains the input embeddings and a step reads only its B*T rows, so the table (Llama-3-70B:
 128256 x 8192 bf16 = 1.96 GiB) can live in host memory: each forward gathers the rows on the CPU and
@@ -83,7 +83,7 @@ def apply_cpu_embeddings(model: nn.Module) -> int:
            if getattr(head, "weight", None) is emb.weight else
            "it is trainable" if emb.weight.requires_grad else "")
     if why:
-        log.warning("model.embeddings_on_cpu: keeping the input embeddings on the device: %s", why)
+        log.warning("performance.embeddings_on_cpu: keeping the input embeddings on the device: %s", why)
         return 0
     wrapper = CpuEmbedding(emb)
     model.set_input_embeddings(wrapper)
@@ -91,5 +91,5 @@ def apply_cpu_embeddings(model: nn.Module) -> int:
     delattr(parent, name)
     setattr(parent, name, wrapper)
     nbytes = wrapper.weight.numel() * wrapper.weight.element_size()
-    log.info("model.embeddings_on_cpu: input embedding table (%.2f GiB) kept in CPU memory", nbytes / 2**30)
+    log.info("performance.embeddings_on_cpu: input embedding table (%.2f GiB) kept in CPU memory", nbytes / 2**30)
     return nbytes

@@ -19,27 +19,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qlora_trainer.errors import QloraError
-from qlora_trainer.runtime import dtype_from_name
+from qlora_trainer.models.check import RANDOM_PREFIX, check_model_dir, check_source, check_tokenizer_dir, is_random
+from qlora_trainer.runtime import dtype_from_name, expand_path
+from qlora_trainer.models.catalog import get_arch
+from qlora_trainer.models.nf4_linear import claim_4bit_layers
+from qlora_trainer.models.quantize import quantize_model
+from qlora_trainer.models.tiny import byte_tokenizer, random_model
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
-
-RANDOM_PREFIX = "random:"
-
-
-def _is_random(name: str) -> bool:
-    return name.startswith(RANDOM_PREFIX)
-
-
-def _check_source(name: str, what: str) -> None:
-    """A path-looking name must exist; a hub id needs the network unless it is cached."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise QloraError(f"model.{what}: {name!r} does not exist (a local directory or a hub id "
-                         f"like meta-llama/Llama-2-7b-hf)")
-
 
 def load_tokenizer(cfg: "ModelConfig") -> Any:
     """The tokenizer for ``cfg`` with a pad token set.
@@ -48,18 +38,12 @@ def load_tokenizer(cfg: "ModelConfig") -> Any:
     pad token the existing UNK (else EOS) token is reused; ``cfg.resize_embeddings`` adds ``<pad>``
     instead (the caller then resizes the embeddings, see :func:`load_base_model`).
     """
-    from qlora_trainer.runtime import expand_path
-
     name = cfg.tokenizer or cfg.name_or_path
-    if _is_random(name):
-        from qlora_trainer.models.tiny import byte_tokenizer
-
+    if is_random(name):
         return byte_tokenizer()
     name = expand_path(name)
-    _check_source(name, "tokenizer" if cfg.tokenizer else "name_or_path")
+    check_source(name, "tokenizer" if cfg.tokenizer else "name_or_path")
     if Path(name).is_dir():
-        from qlora_trainer.models.check import check_tokenizer_dir
-
         check_tokenizer_dir(Path(name), "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     from transformers import AutoTokenizer
 
@@ -105,7 +89,7 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
     model's embeddings when ``model.resize_embeddings`` is on and the tokenizer grew.
     """
     m = cfg.model
-    if _is_random(m.name_or_path):
+    if is_random(m.name_or_path):
         model = _random_base(cfg, device=device, dtype=dtype, vocab_size=vocab_size)
     else:
         model = _pretrained_base(cfg, device=device, dtype=dtype)
@@ -118,7 +102,6 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
     for p in model.parameters():
         p.requires_grad_(False)
     if m.quantization == "nf4":  # our NF4 compute on every device, no bitsandbytes CPU repacking
-        from qlora_trainer.models.nf4_linear import claim_4bit_layers
 
         claim_4bit_layers(model)
     model.config.use_cache = False
@@ -127,9 +110,6 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
 
 def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, vocab_size: int | None) -> Any:
     import dataclasses
-
-    from qlora_trainer.models.catalog import get_arch
-    from qlora_trainer.models.tiny import random_model
 
     arch_name = cfg.model.name_or_path[len(RANDOM_PREFIX):]
     try:
@@ -141,8 +121,6 @@ def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, voc
     model = random_model(arch, dtype=dtype, seed=cfg.train.seed, device="cpu",
                          attn_implementation=cfg.model.attn_implementation)
     if cfg.model.quantization == "nf4":
-        from qlora_trainer.models.quantize import quantize_model
-
         q = cfg.quantization
         quantize_model(model, compute_dtype=dtype, double_quant=q.double_quant, quant_type=q.quant_type,
                        quant_storage=_quant_storage(q.quant_storage), blocksize=q.blocksize)
@@ -152,14 +130,10 @@ def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, voc
 def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from qlora_trainer.runtime import expand_path
-
     m = cfg.model
     name = expand_path(m.name_or_path)
-    _check_source(name, "name_or_path")
+    check_source(name, "name_or_path")
     if Path(name).exists():
-        from qlora_trainer.models.check import check_model_dir
-
         check_model_dir(Path(name), trust_remote_code=m.trust_remote_code)
     kwargs: dict[str, Any] = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
                                   attn_implementation=m.attn_implementation, dtype=dtype)

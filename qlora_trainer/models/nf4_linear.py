@@ -28,6 +28,8 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from qlora_trainer.kernels.dispatch import frozen_matmul
+
 log = logging.getLogger(__name__)
 
 
@@ -38,8 +40,6 @@ class NF4Linear(bnb.nn.Linear4bit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        from qlora_trainer.kernels.dispatch import frozen_matmul
 
         fix_4bit_weight_quant_state_from_module(self)
         dtype = self.compute_dtype or x.dtype

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_trainer.models.nf4_linear import claim_4bit_layers
+
 
 def quantize_linear(
     linear: nn.Linear,
@@ -27,8 +29,6 @@ def quantize_linear(
     The weight (out, in) is quantized when the module moves to ``device`` (default: the weight's
     device; a meta weight is an error). The bias, if any, is kept in ``compute_dtype``.
     """
-    from qlora_trainer.models.nf4_linear import claim_4bit_layers
-
     import bitsandbytes as bnb
 
     if linear.weight.is_meta:

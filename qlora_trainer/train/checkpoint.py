@@ -31,6 +31,14 @@ import torch
 from torch import nn
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.config import save_config
+from qlora_trainer.io import atomic_directory
+from qlora_trainer.lora import save_adapter
+from qlora_trainer.lora.peft_format import PREFIX, WEIGHTS_NAME
+from qlora_trainer.lora.tokens import peft_token_key
+from qlora_trainer.train import resume as checks
+from qlora_trainer.train.guards import check_finite_params
+from qlora_trainer.train.resume import write_manifest
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -63,8 +71,6 @@ def resolve_resume(cfg: "Config") -> Path | None:
     """The checkpoint to resume from: ``resume: auto`` -> newest complete one in ``output_dir`` (None if
     there is none; damaged newer ones are moved aside with a warning), a path -> that checkpoint (error
     if missing or damaged), unset -> None."""
-    from qlora_trainer.train import resume as checks
-
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
@@ -115,12 +121,8 @@ def _tuplify(x: Any) -> Any:
 
 def _peft_key(name: str) -> str | None:
     """The key of trainable parameter ``name`` in the adapter's PEFT file (None: not an adapter tensor)."""
-    from qlora_trainer.lora.peft_format import PREFIX
-
     m = _LORA_PARAM.match(name)
     if m is None:
-        from qlora_trainer.lora.tokens import peft_token_key
-
         return peft_token_key(name, PREFIX)  # rows of added tokens (data.marker_tokens=add), or None
     return f"{PREFIX}{m[1]}.{m[2]}" + ("" if m[2] == "lora_magnitude_vector" else ".weight")
 
@@ -131,13 +133,6 @@ def save_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, state: Tra
     ``rng``: the RNG states to store (default: the current ones)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from qlora_trainer.config import save_config
-    from qlora_trainer.io import atomic_directory
-    from qlora_trainer.lora import save_adapter
-    from qlora_trainer.lora.peft_format import WEIGHTS_NAME
-    from qlora_trainer.train.guards import check_finite_params
-    from qlora_trainer.train.resume import write_manifest
 
     check_finite_params(model, state.step)  # never a checkpoint of NaN weights
     path = Path(cfg.output_dir) / "checkpoints" / f"step-{state.step}"
@@ -176,8 +171,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     optimizer and scheduler from ``path``; return its TrainerState. RNG states are restored
     separately (:func:`restore_rng`) once all set-up is done."""
     from safetensors.torch import load_file
-
-    from qlora_trainer.lora.peft_format import WEIGHTS_NAME
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {key: n for n in params if (key := _peft_key(n)) is not None}

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,12 @@ import torch
 from torch import nn
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.runtime import launched_world, resolve_device, resolve_dtype
+from qlora_trainer.models.checkpointing import _decoder_layer_lists
+from qlora_trainer.models.loss import causal_lm_loss
+from qlora_trainer.models.quantize import is_4bit
+from qlora_trainer.train.checkpoint import restore_rng, set_rng_state
+from qlora_trainer.train.trackers import accelerator_kwargs
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -56,19 +61,12 @@ class LossModule(nn.Module):
 
     def __init__(self, model: nn.Module, *, chunk_size: int = 0, backend: str = "auto",
                  loss: Callable[..., Any] | None = None) -> None:
-        from qlora_trainer.train.loss import causal_lm_loss
-
         super().__init__()
         self.model, self.chunk_size, self.backend = model, chunk_size, backend
         self.loss = loss or causal_lm_loss
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss(self.model, batch, chunk_size=self.chunk_size, backend=self.backend)
-
-
-def launched_world() -> int:
-    """Processes in this launch (``WORLD_SIZE`` set by ``accelerate launch`` / torchrun; 1 if unset)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -114,7 +112,7 @@ class Parallel:
              loss: Callable[..., Any] | None = None) -> nn.Module:
         """The engine for ``model``: a :class:`LossModule` (``loss``: default ``causal_lm_loss``),
         wrapped per ``mode``."""
-        engine = LossModule(model, chunk_size=cfg.train.loss_chunk_size, backend=cfg.model.kernels, loss=loss)
+        engine = LossModule(model, chunk_size=cfg.performance.loss_chunk_size, backend=cfg.performance.kernels, loss=loss)
         if self.mode == "fsdp":
             return shard_fsdp(engine, model, dtype, self.device)
         if self.mode == "ddp" and self.world > 1:
@@ -153,8 +151,6 @@ class Parallel:
 
     def restore_rng(self, path: Path) -> None:
         """Restore this rank's RNG from checkpoint ``path``; error if it was written by another world size."""
-        from qlora_trainer.train.checkpoint import restore_rng, set_rng_state
-
         state = torch.load(path / "rng.pt", weights_only=True)
         ranks = state.get("ranks")
         written = len(ranks) if ranks is not None else 1
@@ -173,15 +169,12 @@ def setup(cfg: "Config") -> Parallel:
     ``train.distributed``. One-line errors for a mismatch."""
     from accelerate import Accelerator
 
-    from qlora_trainer.runtime import resolve_device, resolve_dtype
-
     world, mode = launched_world(), cfg.train.distributed
     if world > 1 and mode == "none":
         raise QloraError(f"train.distributed: launched with {world} processes but set to none; set "
                          f"train.distributed=ddp (replicated model) or fsdp (sharded base)")
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
-    from qlora_trainer.train.trackers import accelerator_kwargs
 
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" and dtype == torch.bfloat16 else "no",
                               cpu=device.type == "cpu", **accelerator_kwargs(cfg))  # + output.report_to trackers
@@ -237,8 +230,6 @@ def _keep_quant_state(model: nn.Module) -> None:
     (``kernels.base_weight.quant_state_of``): grouped q/k/v and gate/up never call the members'
     forward, so without it the first forward fell back to member-wise LoRA and the checkpoint's
     recompute grouped (a saved-tensor count mismatch)."""
-    from qlora_trainer.models.quantize import is_4bit
-
     def hook(base: nn.Module) -> Any:
         def attach(_module: nn.Module, _args: Any) -> None:
             if getattr(base.weight, "quant_state", None) is None:
@@ -259,8 +250,6 @@ def shard_fsdp(engine: LossModule, model: nn.Module, dtype: torch.dtype, device:
     the loss reads ``lm_head.weight`` directly). Trainable (LoRA) tensors are ignored: replicated,
     moved to ``device`` here (FSDP moves what it manages; bitsandbytes' quant states too, below)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from qlora_trainer.models.checkpointing import _decoder_layer_lists
 
     check_fsdp_dtypes(model, dtype)
     _keep_quant_state(model)

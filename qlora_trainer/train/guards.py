@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.evaluate.tasks import check_eval_tasks
+from qlora_trainer.models.check import check_model_source
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -41,12 +43,12 @@ _OURS = {
 
 
 def preflight(cfg: "Config", out: Path) -> None:
-    """Everything checkable before loading: the output location, our leftovers, the model directory."""
-    from qlora_trainer.models.check import check_model_source
-
+    """Everything checkable before loading: the output location, our leftovers, the model directory,
+    the generation-eval tasks."""
     check_output_location(out)
     clean_temporaries(out)
     check_model_source(cfg.model)
+    check_eval_tasks(cfg.eval.tasks or [])
 
 
 def check_output_location(out: Path) -> None:

@@ -8,6 +8,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from qlora_trainer.kernels.base_weight import set_nf4_matmul
+from qlora_trainer.lora import inject_lora, lora_param_groups
+from qlora_trainer.lora.loftq import apply_loftq_from_config
+from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
+from qlora_trainer.models.adapt import adapt_model
+from qlora_trainer.models.checkpointing import apply_checkpointing
+from qlora_trainer.models.compile import compile_layers
+from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
+from qlora_trainer.runtime import resolve_dtype
+
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
 
@@ -21,53 +31,38 @@ _SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": 
 
 def adapter_dtype(cfg: "Config", device: torch.device) -> torch.dtype:
     """``lora.dtype`` resolved for ``device`` (``auto``: the runtime compute dtype)."""
-    from qlora_trainer.runtime import resolve_dtype
-
     return resolve_dtype(cfg.lora.dtype, device)
 
 
 def grouped_projections_on(cfg: "Config", *, training: bool = False) -> bool:
-    """Whether q/k/v and gate/up run as grouped GEMMs (``model.group_projections``), FSDP included
+    """Whether q/k/v and gate/up run as grouped GEMMs (``performance.group_projections``), FSDP included
     (docs/distributed.md, "Grouped projections under FSDP"). ``training``: off with LoRA dropout,
     where the layers skip grouping (``grouping_operands``)."""
-    on = cfg.model.group_projections
+    on = cfg.performance.group_projections
     return on and not (training and cfg.lora.dropout > 0)
 
 
 def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Inject LoRA (everything else frozen), swap in kernel-backed modules, keep the input embeddings
-    in CPU memory (``model.embeddings_on_cpu``), checkpoint each decoder layer
-    (``model.gradient_checkpointing``), torch.compile each decoder layer (``train.compile``), and
+    in CPU memory (``performance.embeddings_on_cpu``), checkpoint each decoder layer
+    (``performance.gradient_checkpointing``), torch.compile each decoder layer (``performance.compile``), and
     put the model in train mode. In place; returns it."""
-    from qlora_trainer.lora import inject_lora
-    from qlora_trainer.models.adapt import adapt_model
-
-    backend = cfg.model.kernels
+    backend = cfg.performance.kernels
     inject_lora(model, cfg.lora, dtype=adapter_dtype(cfg, device), backend=backend)
     if cfg.lora.init == "loftq":
-        from qlora_trainer.lora.loftq import apply_loftq_from_config
-
         apply_loftq_from_config(model, cfg)
-    adapt_model(model, backend, mlp_chunk_tokens=cfg.model.mlp_chunk_tokens,
-                group_projections=grouped_projections_on(cfg), fuse_add_norm=cfg.model.fused_add_norm)
-    if cfg.model.nf4_matmul != "dequant":  # the large-M NF4 matmul path (kernels/base_weight.py)
-        from qlora_trainer.kernels.base_weight import set_nf4_matmul
+    adapt_model(model, backend, mlp_chunk_tokens=cfg.performance.mlp_chunk_tokens,
+                group_projections=grouped_projections_on(cfg), fuse_add_norm=cfg.performance.fused_add_norm)
+    if cfg.performance.nf4_matmul != "dequant":  # the large-M NF4 matmul path (kernels/base_weight.py)
 
-        set_nf4_matmul(model, cfg.model.nf4_matmul)
-    if cfg.model.embeddings_on_cpu:
-        from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
-
+        set_nf4_matmul(model, cfg.performance.nf4_matmul)
+    if cfg.performance.embeddings_on_cpu:
         apply_cpu_embeddings(model)
-    if cfg.model.gradient_checkpointing:
-        from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
-        from qlora_trainer.models.checkpointing import apply_checkpointing
-
+    if cfg.performance.gradient_checkpointing:
         max_layers = plan_checkpoint_layers(cfg, device_budget(device))
-        apply_checkpointing(model, offload=cfg.model.offload_activations, max_layers=max_layers)
-    if cfg.train.compile != "none":
-        from qlora_trainer.models.compile import compile_layers
-
-        compile_layers(model, cfg.train.compile)
+        apply_checkpointing(model, offload=cfg.performance.offload_activations, max_layers=max_layers)
+    if cfg.performance.compile != "none":
+        compile_layers(model, cfg.performance.compile)
     # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
     # and adapters are created on their base layer's device
     return model.train()
@@ -94,8 +89,6 @@ def build_optimizer(model: nn.Module, cfg: "Config") -> torch.optim.Optimizer:
     under pressure). Paging needs CUDA: on the CPU they run non-paged (one log line). If this
     bitsandbytes build cannot run the optimizer on the device at all, torch AdamW is used (logged).
     """
-    from qlora_trainer.lora import lora_param_groups
-
     t = cfg.train
     groups = lora_param_groups(model, t.lr, cfg.lora.loraplus_ratio, t.weight_decay)
     if not groups:

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_trainer.memory import GB, estimate_for_config
+
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
 
@@ -62,8 +64,6 @@ def flat_config(cfg: "Config") -> dict[str, Any]:
 
 def memory_metrics(cfg: "Config") -> dict[str, float]:
     """The estimator's peak and components (GB) for ``cfg``, or {} when the shape is unknown offline."""
-    from qlora_trainer.memory import GB, estimate_for_config
-
     try:
         est = estimate_for_config(cfg)
     except Exception:  # noqa: BLE001 - advisory, as in the loop's own estimate log line

@@ -132,7 +132,7 @@ def test_ratios_and_loss_disagreement_flag(bench):
 
 
 def test_compile_rows_set_the_trainer_option_and_are_labelled(bench):
-    """Part 2's ``train.compile`` rows (issue 16c): the spec's ``extra.train`` reaches the trainer's
+    """Part 2's ``performance.compile`` rows (issue 16c): the spec's ``extra.train`` reaches the trainer's
     config, a wrong key is refused, and the table names the option beside the system."""
     import pytest
 
@@ -141,7 +141,7 @@ def test_compile_rows_set_the_trainer_option_and_are_labelled(bench):
     assert [(m, s) for m, s, _ in parts.COMPILE_ROWS] == [("llama-2-7b", 512), ("llama-3-8b", 2048)]
     for model, seq, extra in parts.COMPILE_ROWS:
         spec = spec_mod.RunSpec(system="qlora_trainer", model=model, seq_len=seq, extra=extra)
-        assert ours.make_config(spec).train.compile == "reduce-overhead"
+        assert ours.make_config(spec).performance.compile == "reduce-overhead"
         assert "qlora_trainer [compile=reduce-overhead]" in results.to_markdown(
             {"device": {"date": "-", "gpu": "-", "driver": None, "cuda": None, "versions": {}, "command": "-"},
              "loss_rtol": 0.02, "rows": [{**spec_mod.base_row(spec), "status": "ok", "step0_loss": 1.0}]})

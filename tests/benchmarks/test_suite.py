@@ -76,7 +76,7 @@ def test_dry_run_writes_every_part(dry_run):
     speed = {r["system"]: r for r in rows if not r.get("extra")}
     assert set(speed) == {"qlora_trainer", "hf", "hf-tuned", "unsloth"}
     variant, = [r for r in rows if r.get("extra")]
-    assert variant["extra"] == {"model": {"checkpoint_layers": "auto"}} and variant["status"] == "ok"
+    assert variant["extra"] == {"performance": {"checkpoint_layers": "auto"}} and variant["status"] == "ok"
     assert variant["speedup_vs_hf"] > 0 and variant["step0_loss_ok"] is True
     assert speed["unsloth"]["status"] == "skipped" and speed["unsloth"]["reason"]
     for s in ("qlora_trainer", "hf", "hf-tuned"):
@@ -86,7 +86,7 @@ def test_dry_run_writes_every_part(dry_run):
     big = {r["system"]: r for r in _rows(doc, "step", "70b")}  # part 3
     assert set(big) == {"qlora_trainer", "hf"} and all(r["status"] == "ok" for r in big.values())
     long, *probes = _rows(doc, "long_context")  # part 4: pass/fail at the goal, tiled MLP (then probes)
-    assert long["passed"] is True and long["goal_seq_len"] == 256 and long["extra"]["model"]["mlp_chunk_tokens"] == 64
+    assert long["passed"] is True and long["goal_seq_len"] == 256 and long["extra"]["performance"]["mlp_chunk_tokens"] == 64
 
     ctx, = _rows(doc, "cuda_context")  # part 5
     assert ctx["status"] == "skipped" and ctx["assumed_gib"] > 0

@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gsm8k_config_trains_a_few_steps(tmp_path):
     cfg = load_config(REPO / "configs" / "gsm8k.yaml", [
         f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=1", "train.grad_accum=1",
-        "train.loss_chunk_size=256", "train.eval_every=0", "train.lr=1e-3", "data.max_samples=8",
+        "performance.loss_chunk_size=256", "eval.every=0", "train.lr=1e-3", "data.max_samples=8",
         "data.eval_path=null", "data.seq_len=128", "output.progress_bar=false", "lora.r=4",
-        "model.gradient_checkpointing=false",
+        "performance.gradient_checkpointing=false",
     ])
     result = train_mod.train(cfg)
     assert result.step == 2 and len(result.losses) == 2

@@ -1,4 +1,4 @@
-"""Evaluation inside training (``train.eval_tasks``) equals ``qlora-trainer eval`` on the saved adapter:
+"""Evaluation inside training (``eval.tasks``) equals ``qlora-trainer eval`` on the saved adapter:
 the same completions per sample, the same exact-match, the same eval loss; ``--with-base`` scores the
 adapter switched off on the same loaded model; the outputs are a JSONL of predictions and a summary."""
 
@@ -19,7 +19,7 @@ QA = [{"prompt": f"Add {a} and {b}.", "answer": str(a + b)} for a, b in [(1, 2),
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-step run with the QA task evaluated at steps 2 and 3 (the last)."""
-    from qlora_trainer.train.loop import train
+    from qlora_trainer.train import train
 
     root = tmp_path_factory.mktemp("evalrun")
     qa = root / "qa.jsonl"
@@ -29,8 +29,8 @@ def trained(tmp_path_factory):
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"path": "builtin:demo", "seq_len": 48, "max_samples": 40, "eval_fraction": 0.25,
                  "template": "{instruction}\nInput: {input}\nOutput: "},
-        "train": {"max_steps": 3, "lr": 3e-3, "batch_size": 2, "grad_accum": 1, "seed": 0, "device": "cpu",
-                  "eval_every": 2, "eval_tasks": [f"{qa}@last_number"], "eval_limit": 4, "eval_max_new_tokens": 6},
+        "train": {"max_steps": 3, "lr": 3e-3, "batch_size": 2, "grad_accum": 1, "seed": 0, "device": "cpu"},
+        "eval": {"every": 2, "tasks": [f"{qa}@last_number"], "limit": 4, "max_new_tokens": 6},
         "output": {"progress_bar": False},
         "output_dir": str(root / "run"),
     }).validate()

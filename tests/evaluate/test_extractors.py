@@ -88,15 +88,18 @@ def test_gsm8k_task_reads_the_shared_data():
     assert task.extractor == "gsm8k" and len(ex) == 3 and gsm8k_answer(ex[0].reference) == "18"
 
 
-def test_config_validates_eval_tasks():
+def test_eval_tasks_are_checked_at_preflight(tmp_path):
     from qlora_trainer.config import ConfigError, config_from_dict
+    from qlora_trainer.train.guards import preflight
 
-    cfg = config_from_dict({"train": {"eval_tasks": ["gsm8k", "data/qa.jsonl@first_line"], "eval_limit": 5}})
-    assert cfg.validate().train.eval_tasks == ["gsm8k", "data/qa.jsonl@first_line"]
-    with pytest.raises(ConfigError, match="train.eval_tasks: eval task 'gsm9k'"):
-        config_from_dict({"train": {"eval_tasks": ["gsm9k"]}}).validate()
-    with pytest.raises(ConfigError, match="train.eval_tasks: not supported with train.distributed=fsdp"):
-        config_from_dict({"train": {"eval_tasks": ["gsm8k"], "distributed": "fsdp"},
+    cfg = config_from_dict({"eval": {"tasks": ["gsm8k", "data/qa.jsonl@first_line"], "limit": 5}})
+    assert cfg.validate().eval.tasks == ["gsm8k", "data/qa.jsonl@first_line"]
+    preflight(cfg, tmp_path / "out")
+    bad = config_from_dict({"eval": {"tasks": ["gsm9k"]}}).validate()  # the config alone is fine
+    with pytest.raises(ConfigError, match="eval.tasks: eval task 'gsm9k'"):
+        preflight(bad, tmp_path / "out")
+    with pytest.raises(ConfigError, match="eval.tasks: not supported with train.distributed=fsdp"):
+        config_from_dict({"eval": {"tasks": ["gsm8k"]}, "train": {"distributed": "fsdp"},
                           "quantization": {"quant_storage": "float32"}}).validate()
-    with pytest.raises(ConfigError, match="train.eval_limit: must be >= 0"):
-        config_from_dict({"train": {"eval_limit": -1}}).validate()
+    with pytest.raises(ConfigError, match="eval.limit: must be >= 0"):
+        config_from_dict({"eval": {"limit": -1}}).validate()

@@ -41,7 +41,7 @@ def _nf4_base(out_f, in_f, dtype, blocksize=64, double_quant=True, bias=True, de
     return BaseWeight(nf4=w, bias=b), dequantize_nf4(w, torch.float32, backend="triton")
 
 
-def _check(base, w_dense, in_f, out_f, dtype, p, fuse, lead=(3, 7)):
+def _check(base, w_dense, in_f, out_f, dtype, p, decode, lead=(3, 7)):
     r, device = 5, w_dense.device
     x = torch.randn(*lead, in_f).to(device, dtype).requires_grad_()
     a = (torch.randn(r, in_f) * 0.2).to(device).requires_grad_()
@@ -49,7 +49,7 @@ def _check(base, w_dense, in_f, out_f, dtype, p, fuse, lead=(3, 7)):
     torch.manual_seed(11)
     seed = draw_seed(device)  # the (1,) seed tensor the Function draws below
     torch.manual_seed(11)
-    y = lora_linear(x, base, a, b, SCALE, p, fuse=fuse)
+    y = lora_linear(x, base, a, b, SCALE, p, decode=decode)
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     assert type(y.grad_fn).__name__ == "LoRALinearFunctionBackward"
     dy = torch.randn_like(y)
@@ -75,22 +75,22 @@ def _check(base, w_dense, in_f, out_f, dtype, p, fuse, lead=(3, 7)):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_nf4_lora_linear_forward_and_grads(dtype, fuse, p, device):
+def test_nf4_lora_linear_forward_and_grads(dtype, decode, p, device):
     base, w_dense = _nf4_base(70, 98, dtype, device=device)
-    _check(base, w_dense, 98, 70, dtype, p, fuse)
+    _check(base, w_dense, 98, 70, dtype, p, decode)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_nf4_odd_in_features_blocksize_256_no_double_quant(fuse, device):
+@pytest.mark.parametrize("decode", [True, False])
+def test_nf4_odd_in_features_blocksize_256_no_double_quant(decode, device):
     base, w_dense = _nf4_base(33, 97, torch.float32, blocksize=256, double_quant=False, bias=False, device=device)
-    _check(base, w_dense, 97, 33, torch.float32, p=0.3, fuse=fuse)
+    _check(base, w_dense, 97, 33, torch.float32, p=0.3, decode=decode)
 
 
 def test_nf4_fused_kernel_large_tile_config(device):
     base, w_dense = _nf4_base(150, 98, torch.float32, device=device)  # M = 130 tokens: 128x128 tiles, 2 x 2 grid
-    _check(base, w_dense, 98, 150, torch.float32, p=0.0, fuse=True, lead=(130,))
+    _check(base, w_dense, 98, 150, torch.float32, p=0.0, decode=True, lead=(130,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -99,10 +99,10 @@ def test_dropout_odd_shapes(dtype, kind, device):
     """p = 0.3, M = 37, in = 53, out = 29, r = 5: forward and grads of x, A, B vs the oracle."""
     if kind == "dense":
         lin = nn.Linear(53, 29).to(device, dtype).requires_grad_(False)
-        base, w_dense, fuse = BaseWeight.from_module(lin), lin.weight.float(), None
+        base, w_dense, decode = BaseWeight.from_module(lin), lin.weight.float(), None
     else:
-        (base, w_dense), fuse = _nf4_base(29, 53, dtype, device=device), kind == "nf4_fused"
-    _check(base, w_dense, 53, 29, dtype, p=0.3, fuse=fuse, lead=(37,))
+        (base, w_dense), decode = _nf4_base(29, 53, dtype, device=device), kind == "nf4_fused"
+    _check(base, w_dense, 53, 29, dtype, p=0.3, decode=decode, lead=(37,))
 
 
 @pytest.mark.parametrize("trans_w", [True, False])
@@ -127,7 +127,7 @@ def test_dense_base(dtype, device):
     lin = nn.Linear(45, 23).to(device, dtype).requires_grad_(False)
     base = BaseWeight.from_module(lin)
     assert base is not None and base.dense is lin.weight
-    _check(base, lin.weight.float(), 45, 23, dtype, p=0.0, fuse=None)
+    _check(base, lin.weight.float(), 45, 23, dtype, p=0.0, decode=None)
 
 
 def _saved(fn) -> list[torch.Tensor]:
@@ -165,7 +165,7 @@ def test_dropout_is_reproducible_from_torch_seed_and_keeps_1_minus_p():
 
     def run(seed):
         torch.manual_seed(seed)
-        y = lora_linear(x, base, a, b, SCALE, 0.3, fuse=False)
+        y = lora_linear(x, base, a, b, SCALE, 0.3, decode=False)
         torch.rand(100)  # the backward must not depend on the global RNG after the forward
         return (y, *torch.autograd.grad(y.square().sum(), (x, a, b)))
 
@@ -173,7 +173,7 @@ def test_dropout_is_reproducible_from_torch_seed_and_keeps_1_minus_p():
     for t1, t2 in zip(first, again):
         assert torch.equal(t1, t2)
     assert not torch.equal(first[0], other[0])
-    no_drop = lora_linear(x, base, a, b, SCALE, 0.0, fuse=False)
+    no_drop = lora_linear(x, base, a, b, SCALE, 0.0, decode=False)
     assert not torch.equal(first[0], no_drop)
 
 
@@ -192,7 +192,7 @@ def test_checkpoint_recompute_reproduces_the_dropout_mask(backend, device):
     b = torch.randn(70, 5, device=device, requires_grad=True)
 
     def block(inp):
-        return torch.tanh(lora_linear(inp, base, a, b, SCALE, 0.3, fuse=False))
+        return torch.tanh(lora_linear(inp, base, a, b, SCALE, 0.3, decode=False))
 
     results = []
     for ckpt in (False, True):
@@ -263,7 +263,7 @@ def test_tiny_nf4_model_step_triton_matches_torch(tiny_nf4_model):
     and the loss through the Triton chunked cross-entropy, vs the torch backends. fp32: 1e-4."""
     from qlora_trainer.config import LoRAConfig
     from qlora_trainer.lora.inject import inject_lora
-    from qlora_trainer.train.loss import causal_lm_loss
+    from qlora_trainer.models.loss import causal_lm_loss
 
     model = tiny_nf4_model.train()  # train mode: bitsandbytes' CPU inference repacking stays off
     cfg = LoRAConfig(r=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])  # GQA v: out 64

@@ -1,4 +1,4 @@
-"""The large-M NF4 matmul paths (``model.nf4_matmul``) against the torch reference.
+"""The large-M NF4 matmul paths (``performance.nf4_matmul``) against the torch reference.
 
 ``fused`` (``_triton_nf4_gemm.nf4_gemm``: the tiled GEMM reading packed NF4) and ``chunked``
 (``BaseWeight._chunked``: row chunks of W dequantized and multiplied one at a time), forward
@@ -93,7 +93,7 @@ def test_chunked_matches_dequant_then_matmul(case, dtype, device):
     bw = BaseWeight(nf4=w, large_m="chunked", chunk_bytes=40 * case[1] * 2)
     rows = bw.chunk_rows(torch.tensor([], dtype=dtype).element_size())
     assert 0 < rows < case[0] and (rows * case[1]) % case[2] == 0
-    tokens = tuple(m for m in TOKENS[dtype] if m > 64)  # chunked runs above FUSED_MAX_TOKENS
+    tokens = tuple(m for m in TOKENS[dtype] if m > 64)  # chunked runs above DECODE_MAX_TOKENS
 
     def mm(a, trans_w, bias):
         b = BaseWeight(nf4=w, bias=bias, large_m="chunked", chunk_bytes=bw.chunk_bytes)
@@ -109,7 +109,7 @@ def test_path_switch():
     odd, _ = _weight(64, 97, 64, False, torch.float32, torch.device("cpu"))
     for path in ("dequant", "chunked", "fused"):
         bw = BaseWeight(nf4=w, large_m=path)
-        assert (bw.path(64), bw.path(65), bw.path(65, fuse=True), bw.path(65, fuse=False)) == \
+        assert (bw.path(64), bw.path(65), bw.path(65, decode=True), bw.path(65, decode=False)) == \
             ("decode", path, "decode", "dequant")
         assert BaseWeight(nf4=w, large_m=path, backend="torch").path(300) == "dequant"
     assert BaseWeight(nf4=odd, large_m="fused").path(300) == "dequant"

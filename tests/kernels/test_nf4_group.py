@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_trainer.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_group, nf4_groupable
+from qlora_trainer.kernels.nf4 import MAX_GROUP, NF4Weight, dequantize_nf4, dequantize_nf4_group, nf4_groupable
 
 # (out sizes of the members, in): q/k/v of a GQA layer (352, 96, 96) and odd ones whose element
 # counts are not multiples of the block size (13 * 67 is odd: the last byte is half-used)
@@ -47,7 +47,7 @@ def test_group_decode_equals_memberwise_bit_for_bit(outs, n_in, blocksize, doubl
 
 
 def test_group_decode_is_one_launch(device):
-    from qlora_trainer.speed.counting import StepCounter
+    from benchmarks.speed.counting import StepCounter
 
     ws = _members((352, 96, 96), 128, 64, True, device)
     out = torch.empty(544, 128, device=device)
@@ -64,7 +64,8 @@ def test_ungroupable_members_are_refused():
     assert not nf4_groupable([a] * 4) and nf4_groupable([a] * 3)
     with pytest.raises(ValueError, match="not groupable"):
         dequantize_nf4_group([a] * 4, torch.empty(32, 64))
-    from qlora_trainer.kernels._triton_nf4 import nf4_dequant_group
+    from qlora_trainer.kernels._triton_nf4 import GROUP_SLOTS, nf4_dequant_group
 
+    assert GROUP_SLOTS == MAX_GROUP  # the kernel has a slot for every member a group may have
     with pytest.raises(ValueError, match="needs contiguous"):
         nf4_dequant_group([a, a], torch.empty(64, 16).t())

@@ -125,7 +125,7 @@ def test_adalora_round_trips_with_peft(trained, tmp_path):
 
 def test_train_with_adalora_reaches_the_budget(tmp_path):
     from qlora_trainer.lora.peft_format import read_adapter_config
-    from qlora_trainer.train.loop import train
+    from qlora_trainer.train import train
 
     result = train(_adalora_run_cfg(tmp_path))
     config = read_adapter_config(result.adapter_dir)
@@ -141,7 +141,7 @@ def test_train_with_adalora_reaches_the_budget(tmp_path):
 def test_adalora_run_resumes_after_the_final_allocation(tmp_path):
     """A run stopped after the ranks are fixed resumes with the same ranks (pruned E's stay 0)."""
     from qlora_trainer.lora.peft_format import read_adapter_config
-    from qlora_trainer.train.loop import train
+    from qlora_trainer.train import train
 
     cfg = _adalora_run_cfg(tmp_path)
     cfg.train.save_every, cfg.train.max_steps, cfg.lora.adalora_tfinal = 1, 6, 2

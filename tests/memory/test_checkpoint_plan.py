@@ -1,4 +1,4 @@
-"""model.checkpoint_layers: parsing/validation, the estimate-driven plan, and partial checkpointing."""
+"""performance.checkpoint_layers: parsing/validation, the estimate-driven plan, and partial checkpointing."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from qlora_trainer.memory.checkpoint_plan import HEADROOM, fewest_layers, plan_c
 
 def test_config_key_parses_and_validates():
     cfg = Config()
-    assert cfg.model.checkpoint_layers == "auto"
+    assert cfg.performance.checkpoint_layers == "auto"
     for text, want in (("all", "all"), ("3", 3), ("0", 0), ("auto", "auto")):
-        apply_override(cfg, f"model.checkpoint_layers={text}")
-        assert cfg.validate().model.checkpoint_layers == want
-    with pytest.raises(ConfigError, match="model.checkpoint_layers"):
-        apply_override(cfg, "model.checkpoint_layers=some")
-    cfg.model.checkpoint_layers = -1
-    with pytest.raises(ConfigError, match="model.checkpoint_layers: must be"):
+        apply_override(cfg, f"performance.checkpoint_layers={text}")
+        assert cfg.validate().performance.checkpoint_layers == want
+    with pytest.raises(ConfigError, match="performance.checkpoint_layers"):
+        apply_override(cfg, "performance.checkpoint_layers=some")
+    cfg.performance.checkpoint_layers = -1
+    with pytest.raises(ConfigError, match="performance.checkpoint_layers: must be"):
         cfg.validate()
 
 
@@ -44,9 +44,9 @@ def test_plan_follows_the_estimate():
     plans = [plan_checkpoint_layers(cfg, gb * 10**9) for gb in (8, 12, 24, 80)]
     assert plans[0] == 32 and plans[-1] == 0 and plans == sorted(plans, reverse=True)
     assert 0 < plans[2] < 32  # a 24 GB card at 4k tokens: some layers, not all
-    cfg.model.checkpoint_layers = 5
+    cfg.performance.checkpoint_layers = 5
     assert plan_checkpoint_layers(cfg, 8 * 10**9) == 5
-    cfg.model.checkpoint_layers = "all"
+    cfg.performance.checkpoint_layers = "all"
     assert plan_checkpoint_layers(cfg, 80 * 10**9) is None
 
 
@@ -62,9 +62,9 @@ def test_estimate_of_a_partial_plan_fits_its_budget():
     layers = get_arch("llama-2-7b").layers
     every, none = estimate_for_config(cfg), estimate_for_config(cfg, checkpointed_layers=0)
     assert estimate_for_config(cfg, checkpointed_layers=layers).device_bytes == every.device_bytes
-    cfg.model.gradient_checkpointing = False
+    cfg.performance.gradient_checkpointing = False
     assert estimate_for_config(cfg).device_bytes == none.device_bytes
-    cfg.model.gradient_checkpointing = True
+    cfg.performance.gradient_checkpointing = True
     sizes = [estimate_for_config(cfg, checkpointed_layers=n).device_bytes for n in range(layers + 1)]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
     budget = 24 * 10**9

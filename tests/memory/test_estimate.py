@@ -9,6 +9,7 @@ import pytest
 from qlora_trainer.memory.estimate import (CUDA_CONTEXT, GB, GIB, estimate, estimate_for_config,
                                            largest_fitting)
 from qlora_trainer.memory.references import HF_CAPACITY_48, HF_PEAKS
+from qlora_trainer.memory.report import estimate_markdown
 from qlora_trainer.models.catalog import get_arch
 
 L2_7B = get_arch("llama-2-7b")
@@ -135,7 +136,7 @@ def test_json_and_markdown_views():
     d = e.to_dict()
     assert d["total_gb"] == pytest.approx(e.total_gb, abs=1e-3)
     assert d["components"]["base_nf4"] == pytest.approx(LINEAR_7B / 2 / GB, abs=1e-4)
-    md = e.to_markdown()
+    md = estimate_markdown(e)
     assert "| base_nf4 | 3.016 |" in md and "allocated" in md and "CUDA context" in md
 
 

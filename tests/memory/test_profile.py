@@ -67,7 +67,7 @@ def test_cuda_reader_says_no_cuda_cleanly():
 def test_measure_tiny_on_gpu_close_to_estimate(tmp_path):
     """Real steps with the synthetic tiny model; the step peak is reported for every phase and the
     snapshot is written."""
-    from qlora_trainer.memory.measure import measure_training
+    from qlora_trainer.train.measure import measure_training
 
     snap = tmp_path / "snap.pickle"
     prof = measure_training("tiny", seq_len=128, batch=2, steps=2, snapshot=str(snap))

@@ -52,7 +52,7 @@ def _measure(seq: int, mlp_chunk: int) -> tuple[int, int]:
     cfg = Config()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.dtype = 8, 16, 0.1, "float32"
     cfg.train.optimizer, cfg.data.seq_len = "adamw", seq
-    cfg.model.kernels, cfg.model.mlp_chunk_tokens = "triton", mlp_chunk
+    cfg.performance.kernels, cfg.performance.mlp_chunk_tokens = "triton", mlp_chunk
     cpu = torch.device("cpu")
     model = prepare_model(synthetic_nf4_model(PROBE, device=cpu, compute_dtype=torch.float32), cfg,
                           device=cpu, dtype=torch.float32)

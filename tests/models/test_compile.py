@@ -1,4 +1,4 @@
-"""``train.compile``: each decoder layer under torch.compile equals the eager step, and the LoRA dropout
+"""``performance.compile``: each decoder layer under torch.compile equals the eager step, and the LoRA dropout
 seed is not frozen by a compiled graph.
 
 On the CPU: torch.compile's ``aot_eager`` backend (dynamo + AOTAutograd, no code generation: the
@@ -28,7 +28,7 @@ def _model(kernels: str = "torch", device: str = "cpu", compile_mode: str | None
     dtype = resolve_dtype("auto", dev)
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout = 8, 0.1
-    cfg.data.seq_len, cfg.model.kernels, cfg.model.gradient_checkpointing = SEQ, kernels, checkpointing
+    cfg.data.seq_len, cfg.performance.kernels, cfg.performance.gradient_checkpointing = SEQ, kernels, checkpointing
     torch.manual_seed(0)
     model = prepare_model(synthetic_nf4_model(CATALOG["tiny"], device=dev, compute_dtype=dtype), cfg,
                           device=dev, dtype=dtype)
@@ -89,15 +89,15 @@ def test_compile_config_is_validated(cli_error, tmp_path):
     from qlora_trainer.errors import ConfigError
 
     cfg = Config()
-    cfg.train.compile = "reduce-overhead"
+    cfg.performance.compile = "reduce-overhead"
     cfg.validate()
     cfg.lora.variant = "dora"
-    with pytest.raises(ConfigError, match="^train.compile: reduce-overhead supports lora/rslora"):
+    with pytest.raises(ConfigError, match="^performance.compile: reduce-overhead supports lora/rslora"):
         cfg.validate()
     path = tmp_path / "c.yaml"
     path.write_text("train: {compile: max-autotune}\n")
     msg = cli_error("estimate", path)
-    assert "train.compile" in msg and "reduce-overhead" in msg
+    assert "performance.compile" in msg and "reduce-overhead" in msg
 
 
 @pytest.mark.slow

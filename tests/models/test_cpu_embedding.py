@@ -1,4 +1,4 @@
-"""``model.embeddings_on_cpu``: the CpuEmbedding wrapper changes no logits, gradients or state-dict
+"""``performance.embeddings_on_cpu``: the CpuEmbedding wrapper changes no logits, gradients or state-dict
 keys, skips tied / trainable tables with a warning, is applied by prepare_model, and the estimate
 moves the table's bytes to host memory. Comparisons are exact: the lookup is the same gather."""
 
@@ -87,8 +87,8 @@ def test_prepare_model_applies_the_config_flag():
     from qlora_trainer.models.load import load_base_model
     from qlora_trainer.train.setup import prepare_model
 
-    cfg = config_from_dict({"model": {"name_or_path": "random:tiny", "quantization": "none",
-                                      "embeddings_on_cpu": True}, "lora": {"r": 4}}).validate()
+    cfg = config_from_dict({"model": {"name_or_path": "random:tiny", "quantization": "none"},
+                            "performance": {"embeddings_on_cpu": True}, "lora": {"r": 4}}).validate()
     cpu = torch.device("cpu")
     model = prepare_model(load_base_model(cfg, device=cpu, dtype=torch.float32), cfg, device=cpu,
                           dtype=torch.float32)
@@ -98,9 +98,9 @@ def test_prepare_model_applies_the_config_flag():
 
 def test_config_bad_type_is_one_line():
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=["model.embeddings_on_cpu=sometimes"])
+        load_config(overrides=["performance.embeddings_on_cpu=sometimes"])
     msg = str(e.value)
-    assert "model.embeddings_on_cpu" in msg and "\n" not in msg
+    assert "performance.embeddings_on_cpu" in msg and "\n" not in msg
 
 
 def test_estimate_for_config_moves_the_table_to_host():
@@ -108,7 +108,7 @@ def test_estimate_for_config_moves_the_table_to_host():
 
     cfg = config_from_dict({"model": {"name_or_path": "llama-3.1-70b"}, "data": {"seq_len": 1024}})
     off = estimate_for_config(cfg)
-    cfg.model.embeddings_on_cpu = True
+    cfg.performance.embeddings_on_cpu = True
     on = estimate_for_config(cfg)
     table = 128256 * 8192 * 2
     assert off.components["embeddings"] == table and on.components["embeddings"] == 0

@@ -19,7 +19,7 @@ def _prepared(group: bool, dropout: float = 0.0, backend: str = "torch"):
 
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 8, dropout, "float32"
-    cfg.model.kernels, cfg.model.group_projections = backend, group
+    cfg.performance.kernels, cfg.performance.group_projections = backend, group
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     return prepare_model(synthetic_nf4_model(CATALOG["tiny"], device=cpu, compute_dtype=torch.float32), cfg,

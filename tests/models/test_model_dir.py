@@ -65,7 +65,7 @@ BROKEN = {  # what is broken -> (damage, text the error must contain)
 @pytest.mark.parametrize("what", list(BROKEN))
 def test_broken_model_directory_is_one_line_error_before_loading(cli_error, saved_tiny, tmp_path, monkeypatch,
                                                                  what):
-    import qlora_trainer.models.load as load
+    import qlora_trainer.train.recipe as load  # where train() looks the loader up
 
     damage, text = BROKEN[what]
     d = tmp_path / "m"

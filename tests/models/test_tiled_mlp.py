@@ -1,4 +1,4 @@
-"""Sequence-tiled MLP (``model.mlp_chunk_tokens``): same logits and gradients as the untiled MLP,
+"""Sequence-tiled MLP (``performance.mlp_chunk_tokens``): same logits and gradients as the untiled MLP,
 LoRA dropout masks reproduced by the (nested) recomputes, fewer saved bytes, and the estimator's
 layer_recompute shrinks accordingly.
 
@@ -145,13 +145,13 @@ def test_estimator_mlp_chunk_shrinks_layer_recompute():
     # chunk >= seq_len changes nothing
     assert estimate(arch, seq_len=2048, mlp_chunk=4096).components == estimate(arch, seq_len=2048).components
     cfg = load_config(None, ["model.name_or_path=llama-3-70b", "data.seq_len=24000",
-                             "model.offload_activations=true", "model.mlp_chunk_tokens=4096"])
+                             "performance.offload_activations=true", "performance.mlp_chunk_tokens=4096"])
     assert estimate_for_config(cfg).phases == tiled.phases
 
 
 def test_negative_mlp_chunk_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match=r"model\.mlp_chunk_tokens: must be >= 0") as e:
-        load_config(None, ["model.mlp_chunk_tokens=-1"])
+        load_config(None, ["performance.mlp_chunk_tokens=-1"])
     assert "\n" not in str(e.value)
 
 

@@ -25,7 +25,7 @@ def tiny_grouped_model(seed: int = 0) -> torch.nn.Module:
 
     cfg = Config()
     cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 4, 0.0, "float32"
-    cfg.model.kernels, cfg.data.seq_len = "torch", SEQ
+    cfg.performance.kernels, cfg.data.seq_len = "torch", SEQ
     cfg.train.distributed, cfg.quantization.quant_storage = "fsdp", "float32"
     assert grouped_projections_on(cfg, training=True)
     cpu = torch.device("cpu")

@@ -26,7 +26,8 @@ RUN = {
     "data": {"path": "builtin:demo", "seq_len": 48, "max_samples": 50, "eval_fraction": 0.2,
              "template": "{instruction}\nInput: {input}\nOutput: "},
     "train": {"max_steps": 3, "lr": 3e-3, "batch_size": 2, "grad_accum": 1, "seed": 0, "device": "cpu",
-              "optimizer": "adamw", "eval_batches": 2},
+              "optimizer": "adamw"},
+    "eval": {"batches": 2},
     "output": {"progress_bar": False, "keep_last": 5},
 }
 

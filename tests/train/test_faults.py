@@ -16,7 +16,7 @@ import torch
 
 from qlora_trainer.config import save_config
 from qlora_trainer.errors import QloraError
-from qlora_trainer.train import loop, train
+from qlora_trainer.train import recipe, train
 
 
 def _yaml(cfg, path: Path) -> Path:
@@ -36,14 +36,14 @@ def _losses(out: Path) -> dict[int, float]:
 
 def _nan_loss_at(monkeypatch, calls: set[int]) -> None:
     """Make the loss of the given causal_lm_loss calls (2 per step here) NaN."""
-    real, n = loop.causal_lm_loss, {"calls": 0}
+    real, n = recipe.causal_lm_loss, {"calls": 0}
 
     def nan_loss(*args, **kwargs):
         n["calls"] += 1
         loss, count = real(*args, **kwargs)
         return (loss * float("nan"), count) if n["calls"] in calls else (loss, count)
 
-    monkeypatch.setattr(loop, "causal_lm_loss", nan_loss)
+    monkeypatch.setattr(recipe, "causal_lm_loss", nan_loss)
 
 
 # ---------------------------------------------------------------------------------------- non-finite
@@ -190,7 +190,7 @@ def test_our_temporaries_are_removed_and_user_files_kept(tiny_cfg, monkeypatch):
         Path(out_dir).parent.joinpath(".adapter.late1.tmp").mkdir(exist_ok=True)
         return real(model, out_dir, **kw)
 
-    monkeypatch.setattr("qlora_trainer.lora.save_adapter", leaves_staging)
+    monkeypatch.setattr("qlora_trainer.train.recipe.save_adapter", leaves_staging)
     train(tiny_cfg)
     assert not [p for p in ours + [out / ".metrics.jsonl.k3j2.tmp", out / ".adapter.late1.tmp",
                                    out / "adapter" / ".adapter_model.safetensors.ab12cd34.tmp"] if p.exists()]
@@ -256,14 +256,14 @@ def test_sigterm_while_loading_exits_143_with_a_message(tiny_cfg, tmp_path, monk
     import os
     import signal
 
-    import qlora_trainer.models.load as load
+    import qlora_trainer.train.recipe as recipe
     from qlora_trainer.cli import main
 
     def killed(*_a, **_k):
         os.kill(os.getpid(), signal.SIGTERM)
         pytest.fail("SIGTERM did not interrupt loading")
 
-    monkeypatch.setattr(load, "load_base_model", killed)
+    monkeypatch.setattr(recipe, "load_base_model", killed)
     handler = signal.getsignal(signal.SIGTERM)
     assert main(["train", str(_yaml(tiny_cfg, tmp_path / "c.yaml"))]) == 143
     err = capsys.readouterr().err

@@ -25,7 +25,7 @@ def test_run_writes_metrics_checkpoints_and_adapter(tiny_cfg):
     tiny_cfg.train.save_every = 1
     tiny_cfg.output.keep_last = 2
     tiny_cfg.data.eval_fraction = 0.25
-    tiny_cfg.train.eval_every = 2
+    tiny_cfg.eval.every = 2
     res = train(tiny_cfg)
     out = Path(tiny_cfg.output_dir)
     evals = [r for r in _rows(out) if "eval_loss" in r]
@@ -80,7 +80,7 @@ def test_interrupt_saves_last_completed_step_and_resume_is_exact(tiny_cfg, tmp_p
     import signal
 
     from qlora_trainer.lora.peft_format import WEIGHTS_NAME
-    from qlora_trainer.train import loop
+    from qlora_trainer.train import recipe
 
     tiny_cfg.train.max_steps, tiny_cfg.train.save_every = 5, 2
     full, part = copy.deepcopy(tiny_cfg), copy.deepcopy(tiny_cfg)
@@ -101,9 +101,9 @@ def test_interrupt_saves_last_completed_step_and_resume_is_exact(tiny_cfg, tmp_p
         raise KeyboardInterrupt
 
     if how.startswith("ctrl-c"):  # 2 micro-batches a step: call 8 is step 4's second
-        monkeypatch.setattr(loop, "causal_lm_loss", counted("loss", loop.causal_lm_loss, 8, ctrl_c))
+        monkeypatch.setattr(recipe, "causal_lm_loss", counted("loss", recipe.causal_lm_loss, 8, ctrl_c))
     else:  # rng_state: once at the start, then at the end of each step inside the held block
-        monkeypatch.setattr(loop, "rng_state", counted("rng", loop.rng_state, 4,
+        monkeypatch.setattr(recipe, "rng_state", counted("rng", recipe.rng_state, 4,
                                                        lambda: os.kill(os.getpid(), signal.SIGTERM)))
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt if how.startswith("ctrl-c") else SystemExit) as exc:
@@ -151,7 +151,7 @@ def test_eval_every_n_steps_leaves_training_bit_identical(tiny_cfg, tmp_path, mo
     runs = {}
     for every in (0, 1):
         cfg = copy.deepcopy(tiny_cfg)
-        cfg.train.eval_every = every
+        cfg.eval.every = every
         cfg.output_dir = str(tmp_path / f"eval{every}")
         runs[every] = train(cfg)
     assert runs[1].eval_loss is not None and runs[1].eval_loss > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.models.loss import causal_lm_loss
 
 
 def _batch():

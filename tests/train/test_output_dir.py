@@ -11,7 +11,7 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    import qlora_trainer.models.load as load
+    import qlora_trainer.train.recipe as load  # where train() looks the loader up
 
     monkeypatch.setattr(load, "load_tokenizer", lambda *_: pytest.fail("loaded before the output check"))
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.models.loss import causal_lm_loss
 from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
 
 

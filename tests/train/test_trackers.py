@@ -31,7 +31,7 @@ def test_tensorboard_events_hold_every_metrics_line(tiny_cfg):
     tiny_cfg.output.report_to = ["tensorboard"]
     tiny_cfg.train.max_steps = 3
     tiny_cfg.data.eval_fraction = 0.1
-    tiny_cfg.train.eval_every = 2
+    tiny_cfg.eval.every = 2
     train(tiny_cfg)
     out = Path(tiny_cfg.output_dir)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]  # metrics.jsonl stays
