@@ -17,6 +17,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
+from qlora_trainer.errors import QloraError
+from qlora_trainer.export.chat import end_of_turn, resolve_template
+from qlora_trainer.export.gguf_adapter import write_adapter_gguf
+from qlora_trainer.export.gguf_file import KQUANTS, OUTTYPES, quantize_command
+from qlora_trainer.export.gguf_model import write_model_gguf
+from qlora_trainer.export.ollama import modelfile
+from qlora_trainer.export.vllm import write_vllm_adapter, write_vllm_model
+from qlora_trainer.io import atomic_directory
+from qlora_trainer.lora import merge_lora
+from qlora_trainer.lora.loading import load_with_adapters, run_config_for
+from qlora_trainer.lora.peft_format import CONFIG_NAME, read_adapter
+from qlora_trainer.models.catalog import get_arch
+from qlora_trainer.models.load import RANDOM_PREFIX
+from qlora_trainer.runtime import expand_path
 
 HELP = "export an adapter or merged model to GGUF (llama.cpp), a GGUF LoRA adapter, Ollama or vLLM"
 
@@ -24,7 +38,6 @@ TARGETS = ("gguf", "gguf-adapter", "ollama", "vllm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qlora_trainer.export.gguf_file import KQUANTS, OUTTYPES
 
     p.add_argument("source", metavar="ADAPTER_OR_MERGED",
                    help="adapter directory (PEFT format) or merged model directory")
@@ -53,7 +66,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_paths(source: Path, out: Path, overwrite: bool) -> None:
     """The output may not be, hold, or sit inside the input; an existing output needs ``overwrite``."""
-    from qlora_trainer.errors import QloraError
 
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
@@ -63,8 +75,6 @@ def check_paths(source: Path, out: Path, overwrite: bool) -> None:
 
 
 def is_adapter(source: Path) -> bool:
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.lora.peft_format import CONFIG_NAME
 
     if (source / CONFIG_NAME).is_file():
         return True
@@ -75,8 +85,6 @@ def is_adapter(source: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qlora_trainer.errors import QloraError
-    from qlora_trainer.export.gguf_file import KQUANTS
 
     source, out = Path(args.source), Path(args.output)
     if not source.is_dir():
@@ -94,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
             raise QloraError(f"{source}: --to gguf-adapter needs an adapter directory, not a merged model")
         return _gguf_adapter(args, source, out, outtype)
     model, tokenizer, template_choice, tok_dirs = _merged(args, source, adapter)
-    from qlora_trainer.export.chat import end_of_turn, resolve_template
 
     template, name = resolve_template(tokenizer, args.chat_template or template_choice)
     eot = end_of_turn(name)
@@ -106,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({outtype}, {model.config.architectures or type(model).__name__})")
         import shutil
 
-        from qlora_trainer.export.gguf_file import quantize_command
 
         found = shutil.which("llama-quantize")
         print(f"lower-bit k-quants need llama.cpp's llama-quantize ({'found: ' + found if found else 'not on PATH'}):")
@@ -124,8 +130,6 @@ def _merged(args: argparse.Namespace, source: Path, adapter: bool) -> tuple[Any,
 
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(str(source)), None, [source]
-    from qlora_trainer.lora import merge_lora
-    from qlora_trainer.lora.loading import load_with_adapters
 
     loaded = load_with_adapters([source], base=args.base, overrides=args.overrides, device="cpu")
     merge_lora(loaded.model, dtype=torch.float32)
@@ -141,16 +145,12 @@ def _sentencepiece_model(args: argparse.Namespace, dirs: list[Path]) -> Path | N
 
 
 def _write_gguf(model, tokenizer, out: Path, outtype: str, template, eot, spm, name) -> None:
-    from qlora_trainer.export.gguf_model import write_model_gguf
 
     write_model_gguf(model, tokenizer, out, outtype=outtype, chat_template=template, eot=eot,
                      sentencepiece_model=spm, name=name)
 
 
 def _gguf_adapter(args: argparse.Namespace, source: Path, out: Path, outtype: str) -> int:
-    from qlora_trainer.export.gguf_adapter import write_adapter_gguf
-    from qlora_trainer.lora.loading import run_config_for
-    from qlora_trainer.lora.peft_format import read_adapter
 
     cfg = run_config_for(source, base=args.base, overrides=args.overrides)
     weights = read_adapter(source)
@@ -162,23 +162,18 @@ def _gguf_adapter(args: argparse.Namespace, source: Path, out: Path, outtype: st
 
 def base_hf_config(model_cfg: Any) -> Any:
     """The transformers config of the run's base model (read, not loaded)."""
-    from qlora_trainer.models.load import RANDOM_PREFIX
 
     name = model_cfg.name_or_path
     if name.startswith(RANDOM_PREFIX):
-        from qlora_trainer.models.catalog import get_arch
 
         return get_arch(name[len(RANDOM_PREFIX):]).to_hf_config()
     from transformers import AutoConfig
 
-    from qlora_trainer.runtime import expand_path
 
     return AutoConfig.from_pretrained(expand_path(name), revision=model_cfg.revision, trust_remote_code=False)
 
 
 def _ollama(args, out: Path, model, tokenizer, outtype: str, template, name, eot, spm) -> int:
-    from qlora_trainer.export.ollama import modelfile
-    from qlora_trainer.io import atomic_directory
 
     gguf_name = f"model-{outtype}.gguf"
     num_ctx = args.num_ctx or min(int(model.config.max_position_embeddings), 4096)
@@ -194,10 +189,7 @@ def _ollama(args, out: Path, model, tokenizer, outtype: str, template, name, eot
 def _vllm(args, source: Path, out: Path, adapter: bool, model, tokenizer, template, eot) -> int:
     import torch
 
-    from qlora_trainer.export.vllm import write_vllm_adapter, write_vllm_model
-    from qlora_trainer.io import atomic_directory
 
-    from qlora_trainer.errors import QloraError
 
     with atomic_directory(out) as tmp:
         write_vllm_model(model, tokenizer, tmp / "merged", chat_template=template, eot=eot,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from qlora_trainer.io import writing
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 KQUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_k_s", "q4_k_m", "q5_0", "q5_k_s", "q5_k_m", "q6_k")
@@ -57,7 +58,6 @@ def write_gguf(path: Path, arch_name: str, fill: Callable[[Any], None]) -> Path:
     the file is written beside ``path`` and renamed over it only when complete."""
     import gguf
 
-    from qlora_trainer.io import writing
 
     path = Path(path)
     with writing(path):

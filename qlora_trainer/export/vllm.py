@@ -21,6 +21,8 @@ from torch import nn
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.export.vocab import serving_template
+from qlora_trainer.io import atomic_directory, read_json_object
+from qlora_trainer.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
 _DROP = ("trainable_token_indices", "modules_to_save")
 
@@ -43,7 +45,6 @@ def write_vllm_model(model: nn.Module, tokenizer: Any, out: Path, *, chat_templa
                      eot: str | None, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Save the dense ``model`` in ``dtype`` with the tokenizer, chat template and generation config to
     ``out`` (a directory; whole or not at all)."""
-    from qlora_trainer.io import atomic_directory
 
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise QloraError(f"export --to vllm: dtype {dtype} (bfloat16, float16 or float32)")
@@ -79,8 +80,6 @@ def check_vllm_adapter(config: dict[str, Any], weights: Any, where: str) -> None
 def write_vllm_adapter(adapter_dir: Path, out: Path) -> tuple[Path, int]:
     """Copy a PEFT adapter into ``out`` as vLLM loads it (our run files left out). Returns (out, the
     largest rank, for ``--max-lora-rank``)."""
-    from qlora_trainer.io import atomic_directory, read_json_object
-    from qlora_trainer.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
     adapter_dir = Path(adapter_dir)
     weights = read_adapter(adapter_dir)
