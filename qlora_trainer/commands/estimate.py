@@ -64,10 +64,12 @@ def run(args: argparse.Namespace) -> int:
                       targets=cfg.lora.targets, optimizer=cfg.train.optimizer, lora_dropout=cfg.lora.dropout,
                       blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
                       system="hf")
-    steps = cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     samples = args.samples or (0 if cfg.data.pack else int((cfg.data.max_samples or 0) * (1 - cfg.data.eval_fraction)))
     epoch_steps = -(-samples // per_step) if samples else None  # (--samples, else data.max_samples unpacked)
+    steps = cfg.train.max_steps  # train.epochs: its steps where the data size is known, else the default 100
+    if steps is None:
+        steps = max(1, round(cfg.train.epochs * epoch_steps)) if epoch_steps else 100
     if args.json:
         out = {"gpu": dev.name, "model": arch.name, "max_steps": steps, "checkpointed_layers": ck,
                "memory": mem.to_dict() if mem else None, "memory_hf": hf_mem.to_dict(),

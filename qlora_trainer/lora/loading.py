@@ -15,6 +15,7 @@ from torch import nn
 
 from qlora_trainer.config import Config
 from qlora_trainer.errors import QloraError
+from qlora_trainer.io import FIX_ADAPTER
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -49,7 +50,7 @@ def run_config_for(adapter_dir: str | Path | None, *, base: str | None = None,
     from qlora_trainer.lora.peft_format import read_adapter_config
 
     if adapter_dir is not None and (Path(adapter_dir) / "config.yaml").is_file():
-        cfg = load_config(Path(adapter_dir) / "config.yaml")
+        cfg = load_config(Path(adapter_dir) / "config.yaml", fix=FIX_ADAPTER, ours=True)
     else:
         cfg = Config()
         if adapter_dir is not None:
@@ -103,6 +104,10 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
     tok_dir = next((d for d in dirs if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
     if tok_dir is not None:
         from transformers import AutoTokenizer
+
+        from qlora_trainer.models.check import check_tokenizer_files
+
+        check_tokenizer_files(tok_dir, fix=FIX_ADAPTER)
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     else:

@@ -26,7 +26,7 @@ from torch import nn
 
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import QloraError
-from qlora_trainer.io import read_json_object
+from qlora_trainer.io import FIX_ADAPTER, read_json_object, read_safetensors
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
@@ -174,7 +174,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise QloraError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter directory")
-    config = read_json_object(file)
+    config = read_json_object(file, fix=FIX_ADAPTER)
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (LORA or ADALORA)")
     for key in ("modules_to_save", "layer_replication"):
@@ -207,8 +207,6 @@ def _group(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, 
 def read_adapter(path: str | Path) -> AdapterWeights:
     """A PEFT-format LoRA/rsLoRA/DoRA adapter directory (ours or PEFT's) as ``AdapterWeights`` (CPU,
     as stored), with each layer's scale from ``lora_alpha``/``alpha_pattern``, its rank from A."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = read_adapter_config(path)
     file = path / WEIGHTS_NAME
@@ -218,7 +216,7 @@ def read_adapter(path: str | Path) -> AdapterWeights:
     from qlora_trainer.lora.tokens import PEFT_SUFFIX
 
     use_dora, use_rslora = bool(config.get("use_dora", False)), bool(config.get("use_rslora", False))
-    tensors = load_file(str(file))
+    tensors = read_safetensors(file, FIX_ADAPTER)
     token_rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(PEFT_SUFFIX)}  # added tokens' rows
     groups = _group(tensors, file)
     if config.get("peft_type") == "ADALORA":

@@ -13,7 +13,9 @@
     config.yaml               the run's config
     manifest.json             size and SHA-256 of every file above, written last (train/resume.py)
 
-Loading uses ``torch.load(weights_only=True)`` and safetensors only.
+Loading uses ``torch.load(weights_only=True)`` and safetensors only, through the checked readers of
+``qlora_trainer.io`` (a damaged file is one line naming it; ``resume=auto`` has verified the manifest
+before, train/resume.py).
 """
 
 from __future__ import annotations
@@ -175,18 +177,17 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     """Restore trainable tensors (from the adapter, plus ``trainable.safetensors`` where present),
     optimizer and scheduler from ``path``; return its TrainerState. RNG states are restored
     separately (:func:`restore_rng`) once all set-up is done."""
-    from safetensors.torch import load_file
-
+    from qlora_trainer.io import FIX_CHECKPOINT, read_json_object, read_safetensors, read_torch
     from qlora_trainer.lora.peft_format import WEIGHTS_NAME
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {key: n for n in params if (key := _peft_key(n)) is not None}
     tensors: dict[str, torch.Tensor] = {}
     if (path / "adapter" / WEIGHTS_NAME).is_file():
-        tensors = {names.get(k, k): t for k, t in load_file(str(path / "adapter" / WEIGHTS_NAME)).items()
+        tensors = {names.get(k, k): t for k, t in read_safetensors(path / "adapter" / WEIGHTS_NAME, FIX_CHECKPOINT).items()
                    if not k.endswith((".lora_A", ".lora_B", ".lora_E"))}  # AdaLoRA's: in trainable.safetensors
     if (path / "trainable.safetensors").is_file():
-        tensors.update(load_file(str(path / "trainable.safetensors")))
+        tensors.update(read_safetensors(path / "trainable.safetensors", FIX_CHECKPOINT))
     if set(tensors) != set(params):
         missing = sorted(set(params) ^ set(tensors))[:3]
         raise QloraError(f"{path}: checkpoint does not match this model/LoRA config (e.g. {missing}); "
@@ -199,10 +200,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
+    optimizer.load_state_dict(read_torch(path / "optimizer.pt", FIX_CHECKPOINT))
+    scheduler.load_state_dict(read_torch(path / "scheduler.pt", FIX_CHECKPOINT))
+    return TrainerState(**read_json_object(path / "trainer_state.json", fix=FIX_CHECKPOINT))
 
 
 def restore_rng(path: Path) -> None:
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    from qlora_trainer.io import FIX_CHECKPOINT, read_torch
+
+    set_rng_state(read_torch(path / "rng.pt", FIX_CHECKPOINT))

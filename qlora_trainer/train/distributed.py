@@ -153,9 +153,10 @@ class Parallel:
 
     def restore_rng(self, path: Path) -> None:
         """Restore this rank's RNG from checkpoint ``path``; error if it was written by another world size."""
+        from qlora_trainer.io import FIX_CHECKPOINT, read_torch
         from qlora_trainer.train.checkpoint import restore_rng, set_rng_state
 
-        state = torch.load(path / "rng.pt", weights_only=True)
+        state = read_torch(path / "rng.pt", FIX_CHECKPOINT)
         ranks = state.get("ranks")
         written = len(ranks) if ranks is not None else 1
         if written != self.world:

@@ -29,6 +29,7 @@ from qlora_trainer.io import writing
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
                                             rng_state, save_checkpoint)
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
+from qlora_trainer.train.budget import already_complete, budget_label, checkpoint_step, finished_adapter_error, resolve_budget
 from qlora_trainer.train.loss import causal_lm_loss
 from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
 
@@ -50,11 +51,20 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: Path | None = None
+    already_complete: bool = False  # resume=auto on a finished run whose budget was reached: nothing done
 
 
 def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     """Run training as configured. ``stop_after`` ends this invocation after that many optimizer
-    steps with a checkpoint (a planned pre-emption; ``resume: auto`` continues it)."""
+    steps with a checkpoint (a planned pre-emption; ``resume: auto`` continues it). ``output_dir`` is
+    locked for the run (rank 0; a second run there is refused)."""
+    from qlora_trainer.train.lock import output_lock
+
+    with output_lock(cfg.output_dir):
+        return _train(cfg, stop_after=stop_after)
+
+
+def _train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from qlora_trainer.data import build_datasets
@@ -91,6 +101,10 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
     fingerprint = data_fingerprint(train_ds)
     check_data(cfg, resume, fingerprint)  # refuses changed data before the model loads
+    epochs, cfg = cfg.train.epochs, resolve_budget(cfg, train_ds, tokenizer, rank=par.rank, world=par.world)
+    if already_complete(cfg, out, resume):  # resume=auto on a finished run that reached this budget
+        return TrainResult(output_dir=out, adapter_dir=out / "adapter", step=checkpoint_step(resume),
+                           resumed_from=resume, already_complete=True)
     model = load_base_model(cfg, device=par.load_device, dtype=dtype, vocab_size=len(tokenizer))
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     make_tokens_trainable(model, new_tokens)  # the added tokens' embedding / output rows train
@@ -113,7 +127,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     stream = _micro_batches(train_ds, cfg, tokenizer, state.epoch, state.batch, rank=par.rank, world=par.world)
     result = TrainResult(output_dir=out, adapter_dir=None, step=state.step, resumed_from=resume)
-    bar = _progress(cfg, state.step, enabled=par.is_main)
+    bar = _progress(cfg, state.step, enabled=par.is_main, desc=budget_label(cfg, epochs))
     window_tokens, window_t = 0, time.perf_counter()
     steps_this_run = 0
     if device.type == "cuda":
@@ -317,9 +331,9 @@ class _Interrupts:
 
 
 def _check_output_dir(cfg: "Config", out: Path, resume: Path | None, main: bool = True) -> None:
-    if (out / "adapter" / "adapter_config.json").exists() and not cfg.output.overwrite:
-        raise QloraError(f"output_dir: {str(out)!r} already holds a finished adapter; pick another "
-                         f"output_dir or set output.overwrite=true")
+    finished = (out / "adapter" / "adapter_config.json").exists()
+    if finished and not cfg.output.overwrite and not (cfg.resume == "auto" and resume is not None):
+        raise QloraError(finished_adapter_error(out))
     if resume is None and checkpoint_dirs(out) and not cfg.output.overwrite:
         raise QloraError(f"output_dir: {str(out)!r} has checkpoints of an earlier run; set resume=auto to "
                          f"continue it or output.overwrite=true to start over")
@@ -364,11 +378,11 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def _progress(cfg: "Config", initial: int, enabled: bool = True) -> Any:
+def _progress(cfg: "Config", initial: int, enabled: bool = True, desc: str = "train") -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.train.max_steps, initial=initial, disable=not (cfg.output.progress_bar and enabled),
-                desc="train", unit="step", dynamic_ncols=True)
+                desc=desc, unit="step", dynamic_ncols=True)
 
 
 class _MetricsFile:
