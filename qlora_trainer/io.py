@@ -2,7 +2,8 @@
 
 Writes are atomic (written aside, renamed into place): nothing a user made is overwritten or left
 half-written. Reads are checked (``read_*``): a missing, cut-short or malformed file is one line naming
-the file, what is wrong and what to do."""
+the file, what is wrong and what to do. A command's output never overlaps its inputs and replaces
+only what our commands wrote (``check_output``, ``mark_output``)."""
 
 from __future__ import annotations
 
@@ -252,3 +253,53 @@ def read_torch(path: Path, fix: str = FIX_COPY) -> Any:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs of commands (merge, combine, eval, export): never over an input, never over what is not ours.
+
+OUTPUT_MARKER = ".qlora-trainer-output"
+
+
+def check_output(out: Path, inputs: "list[Path | str]", *, overwrite: bool, option: str = "--output",
+                 files: "tuple[str, ...] | None" = None) -> None:
+    """Refuse (one line) an output ``out`` that is, contains or lies inside one of ``inputs``, or that
+    would replace what our own commands did not write.
+
+    ``files=None`` (merge, combine, export): the command replaces ``out`` as a whole, so an existing
+    ``out`` needs ``overwrite`` and must be a directory holding :data:`OUTPUT_MARKER` (an empty one is
+    fine too), never a user's file or a foreign directory. ``files`` (eval): the command writes these
+    names into a directory; an existing one is fine unless it holds one of them without our marker."""
+    from qlora_trainer.errors import QloraError
+
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        how = ("is" if target == src else "lies inside" if src in target.parents else
+               "contains" if target in src.parents else None)
+        if how is not None:
+            raise QloraError(f"{option}: {out} {how} the input {given}; writing there would destroy what is being "
+                             f"read: choose an output outside the inputs")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise QloraError(f"{option}: {out} is {'a link' if out.is_symlink() else 'a file'}, not an output of "
+                         f"qlora-trainer; choose another path (nothing of yours is replaced)")
+    ours = (out / OUTPUT_MARKER).is_file()
+    if files is not None:
+        clash = [n for n in files if (out / n).exists()]
+        if clash and not ours:
+            raise QloraError(f"{option}: {out} holds {clash[0]}, not written by qlora-trainer (no {OUTPUT_MARKER}); "
+                             f"choose another {option} or move that file away")
+        return
+    if not overwrite:
+        raise QloraError(f"{option}: {out} already exists; pass --overwrite to replace it")
+    if not ours and any(out.iterdir()):
+        raise QloraError(f"{option}: {out} was not written by qlora-trainer (no {OUTPUT_MARKER}); --overwrite "
+                         f"replaces only our own outputs: choose another {option} or remove it yourself")
+
+
+def mark_output(directory: Path, command: str) -> None:
+    """Mark ``directory`` as an output of our ``command`` (what ``--overwrite`` may replace later)."""
+    atomic_write_text(Path(directory) / OUTPUT_MARKER, f"written by qlora-trainer {command}\n")

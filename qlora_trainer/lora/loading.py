@@ -65,6 +65,15 @@ def run_config_for(adapter_dir: str | Path | None, *, base: str | None = None,
     return cfg.validate()
 
 
+def local_bases(adapter_dirs: list[str | Path], base: str | None = None) -> list[Path]:
+    """The local base model directories ``adapter_dirs`` (or ``base``) name: inputs an output must
+    not overlap (hub ids and ``random:`` models are none)."""
+    from qlora_trainer.runtime import expand_path
+
+    names = [base] if base is not None else [run_config_for(d).model.name_or_path for d in adapter_dirs[:1]]
+    return [Path(expand_path(n)) for n in names if n and Path(expand_path(n)).exists()]
+
+
 def _unique_names(dirs: list[Path]) -> list[str]:
     names: list[str] = []
     for d in dirs:

@@ -134,16 +134,17 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
 
 def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
                       tokenizer: Any = None, run_config: Any = None, copy_files: list[Path] = (),
-                      replace: bool = False) -> Path:
+                      replace: bool = False, marker: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT-keyed ``tensors``), plus the
     tokenizer, our run config and ``copy_files`` where given.
 
     A new directory appears whole (built aside, then renamed); into an existing one each file is
     replaced atomically and other files are left alone, unless ``replace`` swaps in the whole new
-    directory in one rename."""
+    directory in one rename. ``marker``: the command that writes it, recorded as its output marker
+    (``qlora_trainer.io.mark_output``)."""
     from safetensors.torch import save_file
 
-    from qlora_trainer.io import atomic_directory, atomic_write_bytes
+    from qlora_trainer.io import atomic_directory, atomic_write_bytes, mark_output
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +160,8 @@ def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tenso
             from qlora_trainer.config import save_config
 
             save_config(run_config, staging / "config.yaml")
+        if marker is not None:
+            mark_output(staging, marker)
         if not out_dir.exists() or replace:
             with atomic_directory(out_dir, replace=replace) as target:
                 for f in staging.iterdir():

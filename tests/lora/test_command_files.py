@@ -1,5 +1,7 @@
-"""A damaged adapter directory (a file cut short by an interrupted copy or a full disk, or malformed)
-is one line naming the file, what is wrong and what to do, for every command that reads adapters."""
+"""The files of the commands that read adapters (generate, merge, eval, combine): a damaged adapter
+directory (a file cut short by an interrupted copy or a full disk, or malformed) is one line naming the
+file, what is wrong and what to do; an output never overlaps an input, and ``--overwrite`` replaces
+only what our commands wrote."""
 
 from __future__ import annotations
 
@@ -68,3 +70,52 @@ def test_garbage_weights_are_one_line(cli_error, adapter, tmp_path):
     (bad / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     msg = cli_error("merge", bad, "-o", tmp_path / "m")
     assert msg == f"{bad / 'adapter_model.safetensors'}: corrupt safetensors header; {FIX}"
+
+
+# ------------------------------------------------------------------ outputs never overlap inputs
+
+
+@pytest.mark.parametrize("command", ["merge", "combine"])
+def test_output_over_the_adapter_is_refused_and_the_adapter_kept(cli_error, adapter, tmp_path, command):
+    work = tmp_path / "adapter"
+    shutil.copytree(adapter, work)
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    args = ["merge", work] if command == "merge" else ["combine", work, work]
+    msg = cli_error(*args, "-o", work, "--overwrite")
+    assert msg == (f"--output: {work} is the input {work}; writing there would destroy what is being read: "
+                   f"choose an output outside the inputs")
+    assert cli_error(*args, "-o", work / "inside").startswith(f"--output: {work / 'inside'} lies inside the input")
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+
+
+def test_overwrite_never_replaces_a_users_file_or_directory(cli_error, adapter, tmp_path):
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    msg = cli_error("merge", adapter, "-o", user_file, "--overwrite")
+    assert msg == f"--output: {user_file} is a file, not an output of qlora-trainer; choose another path " \
+                  f"(nothing of yours is replaced)"
+    assert user_file.read_text() == "mine"
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "a.txt").write_text("mine")
+    msg = cli_error("combine", adapter, adapter, "-o", user_dir, "--overwrite")
+    assert msg.startswith(f"--output: {user_dir} was not written by qlora-trainer")
+    assert (user_dir / "a.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_our_own_output(adapter, tmp_path, capsys):
+    from qlora_trainer.cli import main
+
+    out = tmp_path / "combined"
+    assert main(["combine", str(adapter), str(adapter), "-o", str(out)]) == 0
+    assert (out / ".qlora-trainer-output").is_file()
+    assert main(["combine", str(adapter), str(adapter), "-o", str(out), "--overwrite"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["merge", str(adapter), "-o", str(merged)]) == 0
+    assert main(["merge", str(adapter), "-o", str(merged), "--overwrite"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_eval_output_inside_the_adapter_is_refused_before_loading(cli_error, adapter, tmp_path):
+    msg = cli_error("eval", adapter, "--no-tasks", "--perplexity", "--output", adapter / "eval")
+    assert msg.startswith(f"--output: {adapter / 'eval'} lies inside the input {adapter}")
