@@ -231,7 +231,7 @@ def read_safetensors(path: Path, fix: str = FIX_COPY) -> "dict[str, Any]":
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors' errors (SafetensorError) become one line
-        raise damaged(Path(path), f"cannot be read as safetensors ({_first_line(e)})", fix) from None
+        raise damaged(Path(path), f"cannot be read as safetensors ({first_line(e)})", fix) from None
 
 
 def read_torch(path: Path, fix: str = FIX_COPY) -> Any:
@@ -247,10 +247,11 @@ def read_torch(path: Path, fix: str = FIX_COPY) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise damaged(path, f"cannot be loaded ({_first_line(e)})", fix) from None
+        raise damaged(path, f"cannot be loaded ({first_line(e)})", fix) from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for a one-line error."""
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
 

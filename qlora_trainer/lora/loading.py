@@ -15,7 +15,7 @@ from torch import nn
 
 from qlora_trainer.config import Config
 from qlora_trainer.errors import QloraError
-from qlora_trainer.io import FIX_ADAPTER
+from qlora_trainer.io import FIX_ADAPTER, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -117,8 +117,10 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
         from qlora_trainer.models.check import check_tokenizer_files
 
         check_tokenizer_files(tok_dir, fix=FIX_ADAPTER)
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. a damaged tokenizer.model (sentencepiece)
+            raise QloraError(f"{tok_dir}: its tokenizer files cannot be loaded ({first_line(e)}); {FIX_ADAPTER}") from None
     else:
         tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg, device=dev, dtype=dtype, vocab_size=len(tokenizer))

@@ -43,7 +43,8 @@ def resolve_budget(cfg: "Config", train_ds: Any, tokenizer: Any, *, rank: int = 
         steps = max(1, math.ceil(t.epochs * batches / t.grad_accum))
         log.info("train.epochs=%g: %d micro-batches per epoch, %d per step -> %d optimizer steps",
                  t.epochs, batches, t.grad_accum, steps)
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps, epochs=None))
+    # validated again: the rules that involve the budget (AdaLoRA's phases) now see it
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps, epochs=None)).validate()
 
 
 def budget_label(cfg: "Config", epochs: float | None) -> str:
