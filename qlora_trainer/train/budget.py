@@ -56,9 +56,9 @@ def budget_label(cfg: "Config", epochs: float | None) -> str:
 
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a checkpoint was saved after (its ``trainer_state.json``)."""
-    from qlora_trainer.io import read_json_object
+    from qlora_trainer.io import FIX_CHECKPOINT, read_json_object
 
-    return int(read_json_object(checkpoint / "trainer_state.json").get("step", 0))
+    return int(read_json_object(checkpoint / "trainer_state.json", fix=FIX_CHECKPOINT).get("step", 0))
 
 
 def already_complete(cfg: "Config", out: Path, resume: Path | None) -> bool:
