@@ -120,7 +120,8 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         except (OSError, ValueError, RuntimeError) as e:  # e.g. a damaged tokenizer.model (sentencepiece)
-            raise QloraError(f"{tok_dir}: its tokenizer files cannot be loaded ({first_line(e)}); {FIX_ADAPTER}") from None
+            raise QloraError(f"{tok_dir}: its tokenizer files cannot be loaded ({first_line(e)}); "
+                             f"{FIX_ADAPTER}") from None
     else:
         tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg, device=dev, dtype=dtype, vocab_size=len(tokenizer))

@@ -184,7 +184,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     names = {key: n for n in params if (key := _peft_key(n)) is not None}
     tensors: dict[str, torch.Tensor] = {}
     if (path / "adapter" / WEIGHTS_NAME).is_file():
-        tensors = {names.get(k, k): t for k, t in read_safetensors(path / "adapter" / WEIGHTS_NAME, FIX_CHECKPOINT).items()
+        stored = read_safetensors(path / "adapter" / WEIGHTS_NAME, FIX_CHECKPOINT)
+        tensors = {names.get(k, k): t for k, t in stored.items()
                    if not k.endswith((".lora_A", ".lora_B", ".lora_E"))}  # AdaLoRA's: in trainable.safetensors
     if (path / "trainable.safetensors").is_file():
         tensors.update(read_safetensors(path / "trainable.safetensors", FIX_CHECKPOINT))

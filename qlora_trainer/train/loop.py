@@ -26,10 +26,11 @@ import torch
 from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import DataError, QloraError
 from qlora_trainer.io import writing
+from qlora_trainer.train.budget import (already_complete, budget_label, checkpoint_step, finished_adapter_error,
+                                        resolve_budget)
 from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_checkpoint, resolve_resume,
                                             rng_state, save_checkpoint)
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
-from qlora_trainer.train.budget import already_complete, budget_label, checkpoint_step, finished_adapter_error, resolve_budget
 from qlora_trainer.train.loss import causal_lm_loss
 from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
 

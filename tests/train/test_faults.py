@@ -319,10 +319,11 @@ def test_kill_9_then_damaged_newest_checkpoint_resumes_from_the_one_before(tiny_
     newest = sorted((p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()),
                     key=lambda p: int(p.name[5:]))
     assert len(newest) >= 2, "killed too late or too early"
+    assert (out / ".lock").is_file()  # the killed run's lock: stale, taken over by the resume
     (newest[-1] / "adapter" / "adapter_model.safetensors").unlink()
     tiny_cfg.resume = "auto"
     res = train(tiny_cfg)
-    assert res.resumed_from == newest[-2]
+    assert res.resumed_from == newest[-2] and not (out / ".lock").exists()
     assert _losses(out) == _losses(Path(full.output_dir))
 
 

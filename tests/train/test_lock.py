@@ -65,7 +65,7 @@ def test_stale_lock_is_taken_over_with_a_warning_and_released(tiny_cfg, caplog):
     assert not (out / LOCK).exists()
 
 
-@pytest.mark.parametrize("how", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("how", [KeyboardInterrupt, SystemExit, RuntimeError])
 def test_lock_is_released_on_interrupt_and_error(tiny_cfg, monkeypatch, how):
     def boom(*args, **kwargs):
         assert (Path(tiny_cfg.output_dir) / LOCK).is_file()  # held while training
