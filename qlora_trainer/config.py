@@ -29,6 +29,7 @@ from typing import Any, Literal
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.config_rules import describe, problem
 from qlora_trainer.io import atomic_write_text
+from qlora_trainer.io import read_text
 
 # --------------------------------------------------------------------------------------------------
 # sections
@@ -154,8 +155,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    """Optimizer steps to run."""
+    max_steps: int | None = None
+    """Optimizer steps to run (unset: 100, unless ``train.epochs`` sizes the run; set only one of the two)."""
+    epochs: float | None = None
+    """Passes over the training data instead of ``train.max_steps`` (HF's ``num_train_epochs``; fractions
+    allowed): the step budget is ceil(epochs x micro-batches per epoch / grad_accum); the LR schedule and
+    the progress bar run over it. Set ``train.max_steps`` or this, not both."""
     lr: float = 2e-4
     """Peak learning rate (QLoRA paper: 2e-4 for 7B/13B, 1e-4 for 33B/65B)."""
     batch_size: int = 1
@@ -307,11 +312,17 @@ class Config:
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
         if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):
             raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.lora.variant})")
+        if self.train.epochs is not None and self.train.max_steps is not None:
+            raise ConfigError(f"train.epochs: {self.train.epochs:g} and train.max_steps {self.train.max_steps} both "
+                              f"size the run; set one of them (train.max_steps=null to count in epochs)")
+        if self.train.epochs is None and self.train.max_steps is None:
+            self.train.max_steps = 100
         lc = self.lora
         if lc.variant == "adalora" and lc.adalora_target_r > lc.r:
             raise ConfigError(f"lora.adalora_target_r: must be <= lora.r, AdaLoRA's initial rank "
                               f"(got {lc.adalora_target_r} > {lc.r})")
-        if lc.variant == "adalora" and lc.adalora_tinit >= self.train.max_steps - lc.adalora_tfinal:
+        if lc.variant == "adalora" and self.train.max_steps is not None and \
+                lc.adalora_tinit >= self.train.max_steps - lc.adalora_tfinal:
             raise ConfigError(f"lora.adalora_tinit: {lc.adalora_tinit} + adalora_tfinal {lc.adalora_tfinal} leave no "
                               f"budget phase in train.max_steps {self.train.max_steps}; lower them")
         if self.performance.offload_activations and not self.performance.gradient_checkpointing:
@@ -340,8 +351,11 @@ class Config:
 # loading
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
+                fix: str = "fix it", ours: bool = False) -> Config:
     """Read a YAML file (or start from defaults), apply ``section.key=value`` overrides, validate.
+    ``fix``: what to do about a damaged file; ``ours``: a config.yaml we wrote (always whole lines, so
+    a cut-short one is recognised).
 
     Raises:
         ConfigError: one line naming the file, the key and the fix.
@@ -354,8 +368,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         where = str(p)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
+
+        text = read_text(p, fix, ConfigError, whole_lines=ours)
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""

@@ -117,6 +117,7 @@ RULES: dict[str, Any] = {
     "data.max_samples": AT_LEAST_1,
     "data.num_proc": AT_LEAST_1,
     "train.max_steps": AT_LEAST_1,
+    "train.epochs": POSITIVE,
     "train.lr": POSITIVE,
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,

@@ -1,4 +1,9 @@
-"""Atomic file and directory writes: nothing a user made is overwritten or left half-written."""
+"""Files a user gave us and files we write for them.
+
+Writes are atomic (written aside, renamed into place): nothing a user made is overwritten or left
+half-written. Reads are checked (``read_*``): a missing, cut-short or malformed file is one line naming
+the file, what is wrong and what to do. A command's output never overlaps its inputs and replaces
+only what our commands wrote (``check_output``, ``mark_output``)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from qlora_trainer.errors import DiskFullError, QloraError
 
@@ -122,18 +128,176 @@ def writing(path: Path) -> Iterator[None]:
         raise
 
 
-def read_json_object(path: Path, error: type[Exception] | None = None) -> dict:
+# ---------------------------------------------------------------------------------------------------
+# Checked reads: every file we read from a user's directory (adapters, configs, tokenizer files,
+# checkpoints, data) goes through these. A missing, truncated or malformed file is one QloraError line:
+# the file, what is wrong with it, and ``fix`` (what to do: copy it again, re-train, resume from an
+# earlier checkpoint). A file cut short by an interrupted copy or a full disk is the usual cause.
+
+FIX_ADAPTER = "copy the adapter directory again (an interrupted copy or a full disk cuts files short) or re-train it"
+FIX_CHECKPOINT = ("resume from an earlier checkpoint (resume=auto skips damaged ones; or resume=PATH/step-N) or "
+                  "start over with output.overwrite=true")
+FIX_COPY = "copy the file again or fix it"
+
+
+def damaged(path: Path, what: str, fix: str, error: "type[Exception] | None" = None) -> Exception:
+    """The one-line error ``PATH: WHAT; FIX`` (``error`` default QloraError)."""
+    return (error or QloraError)(f"{path}: {what}; {fix}")
+
+
+def read_bytes(path: Path, fix: str = FIX_COPY, error: "type[Exception] | None" = None) -> bytes:
+    """The bytes of ``path``; a missing or unreadable file is one line."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise damaged(path, "file not found", fix, error) from None
+    except IsADirectoryError:
+        raise damaged(path, "is a directory, not a file", fix, error) from None
+    except OSError as e:
+        raise damaged(path, f"cannot be read ({e.strerror or e})", fix, error) from None
+
+
+def read_text(path: Path, fix: str = FIX_COPY, error: "type[Exception] | None" = None, *,
+              whole_lines: bool = False) -> str:
+    """UTF-8 text of ``path`` (one line naming the line of the first bad byte otherwise). With
+    ``whole_lines`` (files we wrote ourselves, which always end in a newline) a file whose last line
+    has no newline is reported as cut short."""
+    path = Path(path)
+    raw = read_bytes(path, fix, error)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise damaged(Path(f"{path}:{line}"), f"not valid UTF-8 (byte {e.start})", fix, error) from None
+    if whole_lines and text and not text.endswith("\n"):
+        raise damaged(path, f"is cut short (its last line, {text.count(chr(10)) + 1}, is incomplete)", fix, error)
+    return text
+
+
+def read_json_object(path: Path, error: "type[Exception] | None" = None, fix: str = FIX_COPY) -> dict:
     """Parse a JSON file whose top level must be an object; otherwise raise ``error`` (default
-    QloraError) with one line naming the file (and line)."""
+    QloraError) with one line naming the file (and line) and ``fix``."""
     import json
 
-    error = error or QloraError
+    text = read_text(path, fix, error)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text") from None
+        end = " (the file ends early: cut short?)" if e.pos >= len(text.rstrip()) else ""
+        raise damaged(path, f"line {e.lineno}: invalid JSON ({e.msg}){end}", fix, error) from None
     if not isinstance(data, dict):
-        raise error(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+        raise damaged(path, f"top level must be a JSON object, got {type(data).__name__}", fix, error)
     return data
+
+
+def check_safetensors(path: Path, fix: str = FIX_COPY) -> None:
+    """Check a safetensors file's structure without loading it: the 8-byte header length, a JSON
+    header, and exactly as many data bytes as its tensors' offsets need (a cut-short file has fewer)."""
+    import json
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = f.read(n) if 0 <= n <= size - 8 else b""
+    except FileNotFoundError:
+        raise damaged(path, "file not found", fix) from None
+    except OSError as e:
+        raise damaged(path, f"cannot be read ({e.strerror or e})", fix) from None
+    if n < 2 or 8 + n > size:
+        raise damaged(path, f"not a safetensors file or truncated ({size} bytes)", fix)
+    try:
+        meta = json.loads(header)
+        ends = [int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise damaged(path, "corrupt safetensors header", fix) from None
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise damaged(path, f"truncated ({size} of {need} bytes)", fix)
+    if size > need:
+        raise damaged(path, f"{size - need} bytes after its last tensor (damaged)", fix)
+
+
+def read_safetensors(path: Path, fix: str = FIX_COPY) -> "dict[str, Any]":
+    """All tensors of a safetensors file (CPU), structure checked first (:func:`check_safetensors`)."""
+    from safetensors.torch import load_file
+
+    check_safetensors(path, fix)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors' errors (SafetensorError) become one line
+        raise damaged(Path(path), f"cannot be read as safetensors ({first_line(e)})", fix) from None
+
+
+def read_torch(path: Path, fix: str = FIX_COPY) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a damaged file is one line."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise damaged(path, "file not found", fix)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise damaged(path, f"cannot be loaded ({first_line(e)})", fix) from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for a one-line error."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs of commands (merge, combine, eval, export): never over an input, never over what is not ours.
+
+OUTPUT_MARKER = ".qlora-trainer-output"
+
+
+def check_output(out: Path, inputs: "list[Path | str]", *, overwrite: bool, option: str = "--output",
+                 files: "tuple[str, ...] | None" = None) -> None:
+    """Refuse (one line) an output ``out`` that is, contains or lies inside one of ``inputs``, or that
+    would replace what our own commands did not write.
+
+    ``files=None`` (merge, combine, export): the command replaces ``out`` as a whole, so an existing
+    ``out`` needs ``overwrite`` and must be a directory holding :data:`OUTPUT_MARKER` (an empty one is
+    fine too), never a user's file or a foreign directory. ``files`` (eval): the command writes these
+    names into a directory; an existing one is fine unless it holds one of them without our marker."""
+
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        how = ("is" if target == src else "lies inside" if src in target.parents else
+               "contains" if target in src.parents else None)
+        if how is not None:
+            raise QloraError(f"{option}: {out} {how} the input {given}; writing there would destroy what is being "
+                             f"read: choose an output outside the inputs")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise QloraError(f"{option}: {out} is {'a link' if out.is_symlink() else 'a file'}, not an output of "
+                         f"qlora-trainer; choose another path (nothing of yours is replaced)")
+    ours = (out / OUTPUT_MARKER).is_file()
+    if files is not None:
+        clash = [n for n in files if (out / n).exists()]
+        if clash and not ours:
+            raise QloraError(f"{option}: {out} holds {clash[0]}, not written by qlora-trainer (no {OUTPUT_MARKER}); "
+                             f"choose another {option} or move that file away")
+        return
+    if not overwrite:
+        raise QloraError(f"{option}: {out} already exists; pass --overwrite to replace it")
+    if not ours and any(out.iterdir()):
+        raise QloraError(f"{option}: {out} was not written by qlora-trainer (no {OUTPUT_MARKER}); --overwrite "
+                         f"replaces only our own outputs: choose another {option} or remove it yourself")
+
+
+def mark_output(directory: Path, command: str) -> None:
+    """Mark ``directory`` as an output of our ``command`` (what ``--overwrite`` may replace later)."""
+    atomic_write_text(Path(directory) / OUTPUT_MARKER, f"written by qlora-trainer {command}\n")

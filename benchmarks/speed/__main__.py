@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from qlora_trainer.config import load_config
+from qlora_trainer.errors import ConfigError, QloraError
+from qlora_trainer.memory.estimate import estimate, estimate_for_config, resolve_arch
+from qlora_trainer.models.catalog import get_arch
 
 HELP = "predict a run's peak memory, step time, tokens/s and wall time (ours vs the HF stack) before a GPU-day"
 
@@ -35,9 +39,6 @@ def run(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
 
-    from qlora_trainer.config import load_config
-    from qlora_trainer.errors import ConfigError
-    from qlora_trainer.memory.estimate import estimate, estimate_for_config, resolve_arch
     from benchmarks.speed.devices import get_device
     from benchmarks.speed.report import hf_options, markdown, options_for_config, predict
 
@@ -46,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     dev = get_device(args.gpu)
     cfg = load_config(args.config, args.overrides)
     if args.arch:
-        from qlora_trainer.models.catalog import get_arch
 
         get_arch(args.arch)  # one-line error for an unknown name
         cfg.model.name_or_path = args.arch
@@ -68,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
                       targets=cfg.lora.targets, optimizer=cfg.train.optimizer, lora_dropout=cfg.lora.dropout,
                       blocksize=cfg.quantization.blocksize, double_quant=cfg.quantization.double_quant,
                       system="hf")
-    steps = cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     samples = args.samples or (0 if cfg.data.pack else int((cfg.data.max_samples or 0) * (1 - cfg.data.eval_fraction)))
     epoch_steps = -(-samples // per_step) if samples else None  # (--samples, else data.max_samples unpacked)
+    steps = cfg.train.max_steps  # train.epochs: its steps where the data size is known, else the default 100
+    if steps is None:
+        steps = max(1, round(cfg.train.epochs * epoch_steps)) if epoch_steps else 100
     if args.json:
         out = {"gpu": dev.name, "model": arch.name, "max_steps": steps, "checkpointed_layers": ck,
                "memory": mem.to_dict() if mem else None, "memory_hf": hf_mem.to_dict(),
@@ -97,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qlora_trainer.errors import QloraError
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=HELP)
     add_arguments(parser)

@@ -17,6 +17,8 @@ from qlora_trainer.errors import QloraError
 from qlora_trainer.lora.combine import METHODS, SIGN_METHODS, combine_adapters
 from qlora_trainer.lora.loading import load_with_adapters
 from qlora_trainer.lora.peft_format import read_adapter, weights_state_dict, write_adapter_dir
+from qlora_trainer.io import check_output
+from qlora_trainer.lora.loading import local_bases
 
 HELP = "combine LoRA adapters (linear, cat, svd, ties, dare, magnitude_prune) into one adapter or a merged model"
 
@@ -43,15 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="with --merge-into: the merged weights' dtype")
     p.add_argument("--device", default=None, help="with --merge-into: auto, cpu or cuda[:N]")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output directory an earlier merge/combine wrote (never anything else)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
+    bases = local_bases([], args.merge_into) if args.merge_into else []
+    check_output(out, [*args.adapters, *bases], overwrite=args.overwrite)
     adapters = [read_adapter(d) for d in args.adapters]
     weights = args.weights if args.weights is not None else [1.0] * len(adapters)
     generator = torch.Generator().manual_seed(args.seed)
@@ -72,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
         write_combined(combined, adapter_dir, copy)
         loaded = load_with_adapters([adapter_dir], base=args.merge_into, device=args.device)
         print(summary)
-        merge_and_save(loaded, out, dtype=args.dtype)
+        merge_and_save(loaded, out, dtype=args.dtype, command="combine")
     return 0
 
 
 def write_combined(combined, out: Path, copy: list[Path], *, replace: bool = False) -> Path:
     """Write ``combined`` (``AdapterWeights``) as a PEFT adapter directory, ``copy`` files alongside."""
     # --overwrite swaps in the whole new directory: the old adapter's other files must not linger
-    return write_adapter_dir(out, combined.config, weights_state_dict(combined), copy_files=copy, replace=replace)
+    return write_adapter_dir(out, combined.config, weights_state_dict(combined), copy_files=copy, replace=replace,
+                             marker="combine")

@@ -3,7 +3,8 @@
 The target is an adapter directory (its ``config.yaml`` describes the base, data and template) or a
 run config (its ``output_dir/adapter`` when trained, else the base model alone). ``--with-base``
 scores the same loaded model with its adapter switched off as well. Writes
-``predictions.jsonl`` + ``summary.json`` to ``--output`` (default ``<run>/eval``).
+``predictions.jsonl`` + ``summary.json`` to ``--output`` (default ``<run>/eval``; beside an adapter
+directory not named ``adapter``: ``<adapter>-eval``), never into an input (``io.check_output``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from qlora_trainer.lora import disable_adapters, set_active_adapter
 from qlora_trainer.lora.loading import LoadedModel, load_with_adapters
 from qlora_trainer.models.load import load_base_model, load_tokenizer
 from qlora_trainer.runtime import resolve_device, resolve_dtype
+from qlora_trainer.io import check_output, mark_output
 
 HELP = "evaluate a model/adapter: exact-match on generation tasks (GSM8K, ...) and dataset loss/perplexity"
 
@@ -43,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--template", choices=["auto", "raw"], default="auto",
                    help="auto: wrap prompts as in training (data.format/template); raw: as given")
-    p.add_argument("--output", default=None, metavar="DIR", help="results directory (default: <run>/eval)")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="results directory (default: <run>/eval, or ADAPTER-eval beside an adapter directory)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the run config's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -56,8 +59,7 @@ def load_target(target: str, *, overrides: list[str], device: str | None):
     if path.is_dir():
         if not (path / "adapter_config.json").is_file():
             raise QloraError(f"{path}: not an adapter directory (no adapter_config.json)")
-        run_dir = path.parent if path.name == "adapter" else path
-        return load_with_adapters([path], overrides=overrides, device=device), run_dir / "eval"
+        return load_with_adapters([path], overrides=overrides, device=device), _default_output(path)
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise QloraError(f"{path}: expected an adapter directory or a run config (.yaml)")
 
@@ -76,8 +78,31 @@ def load_target(target: str, *, overrides: list[str], device: str | None):
     return LoadedModel(model=model.eval(), tokenizer=tok, config=cfg), Path(cfg.output_dir) / "eval"
 
 
+RESULT_FILES = ("predictions.jsonl", "summary.json")
+
+
+def _default_output(adapter: Path) -> Path:
+    """``<run>/eval`` for a run's ``adapter`` directory, else ``<adapter>-eval`` beside it (never inside)."""
+    return adapter.parent / "eval" if adapter.name == "adapter" else adapter.parent / f"{adapter.name}-eval"
+
+
+def check_eval_output(args: argparse.Namespace) -> None:
+    """Refuse, before loading, an ``--output`` that overlaps the evaluated adapter or config, or holds
+    result files we did not write."""
+
+    if args.output is None:
+        return
+    target = Path(args.target)
+    inputs = [target]
+    if not target.is_dir() and target.is_file():
+
+        inputs.append(Path(load_config(target, args.overrides).output_dir) / "adapter")
+    check_output(Path(args.output), inputs, overwrite=True, files=RESULT_FILES)
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
+
 
     for name in ("limit", "max_new_tokens", "batch_size", "loss_batches"):
         value = getattr(args, name)
@@ -87,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         raise QloraError("nothing to evaluate: --no-tasks without --perplexity")
     for s in args.task:
         resolve_task(s)  # bad specs fail before the model loads
+    check_eval_output(args)
     loaded, default_out = load_target(args.target, overrides=args.overrides, device=args.device)
     cfg, model, tok = loaded.config, loaded.model, loaded.tokenizer
     specs = [] if args.no_tasks else (args.task or list(cfg.eval.tasks or []) or ["gsm8k"])
@@ -103,9 +129,12 @@ def run(args: argparse.Namespace) -> int:
             if args.perplexity:
                 losses[label] = dataset_loss(model, cfg, tok, max_batches=args.loss_batches)
     out = Path(args.output) if args.output else default_out
+    if args.output is None:
+        check_output(out, [args.target, *loaded.dirs], overwrite=True, files=RESULT_FILES)
     summary = {"target": str(args.target), "base": cfg.model.name_or_path, "adapters": loaded.names,
                "tasks": specs, "limit": args.limit, "settings": asdict(settings), "loss": losses}
     preds, summ = write_results(out, results, summary)
+    mark_output(out, "eval")
     for r in results:
         print(f"{r.label:>12} {r.task:<16} exact-match {r.exact_match:7.2%} ({r.correct}/{r.n})  "
               f"{r.samples_per_s:.2f} samples/s  {r.tokens_per_s:.1f} tokens/s")

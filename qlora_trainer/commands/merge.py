@@ -16,6 +16,8 @@ from qlora_trainer.io import atomic_directory
 from qlora_trainer.lora import merge_lora
 from qlora_trainer.lora.loading import load_with_adapters
 from qlora_trainer.runtime import resolve_dtype
+from qlora_trainer.io import check_output, mark_output
+from qlora_trainer.lora.loading import local_bases
 
 HELP = "merge a LoRA adapter into its dequantized base and save a 16-bit HF model directory"
 
@@ -31,24 +33,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="merged weights' dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--sample", default=SAMPLE, metavar="TEXT", help="text for the |Δlogit| check")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the run config's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output directory an earlier merge/combine wrote (never anything else)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key, e.g. model.revision=main")
 
 
 def run(args: argparse.Namespace) -> int:
+
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
+    check_output(out, [args.adapter, *local_bases([args.adapter], args.base)], overwrite=args.overwrite)
     loaded = load_with_adapters([args.adapter], base=args.base, overrides=args.overrides, device=args.device)
     merge_and_save(loaded, out, dtype=args.dtype, sample=args.sample)
     return 0
 
 
-def merge_and_save(loaded, out: Path, *, dtype: str = "auto", sample: str = SAMPLE) -> None:
+def merge_and_save(loaded, out: Path, *, dtype: str = "auto", sample: str = SAMPLE, command: str = "merge") -> None:
     """Merge ``loaded``'s active adapter into its base, write the dense model to ``out`` (atomically)
     and print the largest |Δlogit| adapter vs merged on ``sample``."""
     import torch
+
 
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
@@ -63,6 +67,7 @@ def merge_and_save(loaded, out: Path, *, dtype: str = "auto", sample: str = SAMP
     with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        mark_output(tmp, command)  # --overwrite may replace it later
     print(f"merged {loaded.names[0]} into {loaded.config.model.name_or_path} ({str(dtype).removeprefix('torch.')}) "
           f"-> {out}")
     print(f"max |Δlogit| adapter vs merged on the sample: {delta:.3g}")

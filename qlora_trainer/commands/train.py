@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: rank 0 reports for the run
         return 0
+    if result.already_complete:
+        print(f"the run in {result.output_dir} is already complete (step {result.step}); raise train.max_steps or "
+              f"train.epochs to continue it")
+        return 0
     if result.losses:
         first, last = result.losses[0], result.losses[-1]
         print(f"loss {first:.4f} -> {last:.4f} over steps {result.step - len(result.losses) + 1}..{result.step} "

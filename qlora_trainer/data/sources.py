@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_trainer.errors import DataError
+from qlora_trainer.io import read_text
 from qlora_trainer.runtime import expand_path
 from qlora_trainer.data.demo import demo_dataset
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 log = logging.getLogger(__name__)
+
+FIX_ENCODING = "re-encode the file as UTF-8"
 
 
 def load_records(path: str, *, split: str = "train", key: str = "data.path") -> "Dataset":
@@ -67,11 +70,7 @@ def _load_files(kind: str, files: list[Path]) -> "Dataset":
             raise DataError(f"{p}: file is empty")
         if kind == "parquet":
             continue
-        raw = p.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _not_utf8(p, raw, e) from None
+        text = read_text(p, FIX_ENCODING, DataError)
         if not text.strip():
             raise DataError(f"{p}: holds only blank lines, no records; add data or point data.path elsewhere")
         if kind == "json":
@@ -159,11 +158,7 @@ def _load_hub(name: str, split: str) -> "Dataset":
 
 def _diagnose_json(p: Path) -> None:
     """Read a .jsonl/.json file line by line; raise DataError at the first undecodable line."""
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(p, raw, e) from None
+    text = read_text(p, FIX_ENCODING, DataError)
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array file
         try:
@@ -207,12 +202,6 @@ def _diagnose_csv(p: Path, text: str) -> None:
                                 f"quote values that contain commas (\"a, b\") or fix the row")
     except csv.Error as e:
         raise DataError(f"{p}:{reader.line_num}: invalid CSV ({e})") from None
-
-
-def _not_utf8(p: Path, raw: bytes, e: UnicodeDecodeError) -> DataError:
-    """The one-line error for ``raw`` (the bytes of ``p``) failing to decode at ``e.start``."""
-    line = raw[: e.start].count(b"\n") + 1
-    return DataError(f"{p}:{line}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8")
 
 
 def _json_kind(v: object) -> str:

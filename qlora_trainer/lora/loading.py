@@ -20,6 +20,9 @@ from qlora_trainer.lora.multi import hotswap_adapter, prepare_hotswap, set_activ
 from qlora_trainer.lora.peft_format import load_adapter, read_adapter, read_adapter_config
 from qlora_trainer.models.load import load_base_model, load_tokenizer
 from qlora_trainer.runtime import resolve_device, resolve_dtype
+from qlora_trainer.io import FIX_ADAPTER, first_line
+from qlora_trainer.models.check import check_tokenizer_files
+from qlora_trainer.runtime import expand_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -49,7 +52,7 @@ def run_config_for(adapter_dir: str | Path | None, *, base: str | None = None,
                    overrides: list[str] | None = None) -> Config:
     """The run config describing ``adapter_dir``'s base model (``base`` replaces its path)."""
     if adapter_dir is not None and (Path(adapter_dir) / "config.yaml").is_file():
-        cfg = load_config(Path(adapter_dir) / "config.yaml")
+        cfg = load_config(Path(adapter_dir) / "config.yaml", fix=FIX_ADAPTER, ours=True)
     else:
         cfg = Config()
         if adapter_dir is not None:
@@ -62,6 +65,14 @@ def run_config_for(adapter_dir: str | Path | None, *, base: str | None = None,
     for item in overrides or []:
         apply_override(cfg, item)
     return cfg.validate()
+
+
+def local_bases(adapter_dirs: list[str | Path], base: str | None = None) -> list[Path]:
+    """The local base model directories ``adapter_dirs`` (or ``base``) name: inputs an output must
+    not overlap (hub ids and ``random:`` models are none)."""
+
+    names = [base] if base is not None else [run_config_for(d).model.name_or_path for d in adapter_dirs[:1]]
+    return [Path(expand_path(n)) for n in names if n and Path(expand_path(n)).exists()]
 
 
 def _unique_names(dirs: list[Path]) -> list[str]:
@@ -100,7 +111,13 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
     if tok_dir is not None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+
+        check_tokenizer_files(tok_dir, fix=FIX_ADAPTER)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. a damaged tokenizer.model (sentencepiece)
+            raise QloraError(f"{tok_dir}: its tokenizer files cannot be loaded ({first_line(e)}); "
+                             f"{FIX_ADAPTER}") from None
     else:
         tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg, device=dev, dtype=dtype, vocab_size=len(tokenizer))

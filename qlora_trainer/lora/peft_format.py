@@ -28,6 +28,7 @@ from qlora_trainer.config import LoRAConfig, save_config
 from qlora_trainer.errors import QloraError
 from qlora_trainer.io import atomic_directory, atomic_write_bytes, read_json_object
 from qlora_trainer.lora.adalora import EPS, ada_layers
+from qlora_trainer.io import FIX_ADAPTER, read_json_object, read_safetensors
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
@@ -35,6 +36,7 @@ from qlora_trainer.lora.inject import replace_module, set_trainable
 from qlora_trainer.lora.modules import linear_layers
 from qlora_trainer.lora.tokens import PEFT_SUFFIX, load_token_rows, peft_token_entries
 from qlora_trainer.runtime import resolve_dtype
+from qlora_trainer.io import mark_output
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -135,14 +137,16 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
 
 def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
                       tokenizer: Any = None, run_config: Any = None, copy_files: list[Path] = (),
-                      replace: bool = False) -> Path:
+                      replace: bool = False, marker: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT-keyed ``tensors``), plus the
     tokenizer, our run config and ``copy_files`` where given.
 
     A new directory appears whole (built aside, then renamed); into an existing one each file is
     replaced atomically and other files are left alone, unless ``replace`` swaps in the whole new
-    directory in one rename."""
+    directory in one rename. ``marker``: the command that writes it, recorded as its output marker
+    (``qlora_trainer.io.mark_output``)."""
     from safetensors.torch import save_file
+
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +160,8 @@ def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tenso
             tokenizer.save_pretrained(str(staging))
         if run_config is not None:
             save_config(run_config, staging / "config.yaml")
+        if marker is not None:
+            mark_output(staging, marker)
         if not out_dir.exists() or replace:
             with atomic_directory(out_dir, replace=replace) as target:
                 for f in staging.iterdir():
@@ -171,7 +177,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise QloraError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter directory")
-    config = read_json_object(file)
+    config = read_json_object(file, fix=FIX_ADAPTER)
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA"):
         raise QloraError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (LORA or ADALORA)")
     for key in ("modules_to_save", "layer_replication"):
@@ -204,8 +210,6 @@ def _group(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, 
 def read_adapter(path: str | Path) -> AdapterWeights:
     """A PEFT-format LoRA/rsLoRA/DoRA adapter directory (ours or PEFT's) as ``AdapterWeights`` (CPU,
     as stored), with each layer's scale from ``lora_alpha``/``alpha_pattern``, its rank from A."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = read_adapter_config(path)
     file = path / WEIGHTS_NAME
@@ -214,7 +218,7 @@ def read_adapter(path: str | Path) -> AdapterWeights:
         raise QloraError(f"{path}: no {WEIGHTS_NAME}{other}")
 
     use_dora, use_rslora = bool(config.get("use_dora", False)), bool(config.get("use_rslora", False))
-    tensors = load_file(str(file))
+    tensors = read_safetensors(file, FIX_ADAPTER)
     token_rows = {k: tensors.pop(k) for k in list(tensors) if k.endswith(PEFT_SUFFIX)}  # added tokens' rows
     groups = _group(tensors, file)
     if config.get("peft_type") == "ADALORA":

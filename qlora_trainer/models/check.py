@@ -9,14 +9,13 @@ index present, and tokenizer files where the tokenizer is read from the same dir
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.io import read_json_object
 from qlora_trainer.runtime import expand_path
+from qlora_trainer.io import check_safetensors as check
 
 if TYPE_CHECKING:
     from qlora_trainer.config import ModelConfig
@@ -102,20 +101,8 @@ def _check_weights(p: Path) -> None:
 
 def check_safetensors(f: Path) -> None:
     """Raise QloraError if ``f`` is not a whole safetensors file (bad header or truncated data)."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise QloraError(f"{f}: not a safetensors file or truncated ({size} bytes); download it again")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise QloraError(f"{f}: corrupt safetensors header; download it again") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise QloraError(f"{f}: truncated ({size} of {8 + n + end} bytes); the download or copy was cut "
-                         f"short, fetch it again")
+
+    check(f, fix="the download or copy was cut short: fetch it again")
 
 
 def check_tokenizer_dir(p: Path, key: str = "model.tokenizer") -> None:
@@ -123,3 +110,16 @@ def check_tokenizer_dir(p: Path, key: str = "model.tokenizer") -> None:
     if not any((p / n).is_file() for n in TOKENIZER_FILES):
         raise QloraError(f"{key}: {p} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); set "
                          f"model.tokenizer to a tokenizer directory or hub id")
+    check_tokenizer_files(p, fix="copy the tokenizer files again (or the whole model directory)")
+
+
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_tokenizer_files(p: Path, fix: str) -> None:
+    """The JSON tokenizer files in ``p`` parse (a cut-short tokenizer.json is one line, not a
+    tokenizers traceback)."""
+
+    for name in TOKENIZER_JSON:
+        if (p / name).is_file():
+            read_json_object(p / name, fix=fix)

@@ -25,6 +25,8 @@ from qlora_trainer.models.catalog import get_arch
 from qlora_trainer.models.nf4_linear import claim_4bit_layers
 from qlora_trainer.models.quantize import quantize_model
 from qlora_trainer.models.tiny import byte_tokenizer, random_model
+from qlora_trainer.io import first_line
+from qlora_trainer.runtime import dtype_from_name
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, ModelConfig
@@ -51,7 +53,7 @@ def load_tokenizer(cfg: "ModelConfig") -> Any:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
-        raise QloraError(f"model.tokenizer: cannot load {name!r}: {_first_line(e)}") from None
+        raise QloraError(f"model.tokenizer: cannot load {name!r}: {first_line(e)}") from None
     if tok.pad_token is None:
         if cfg.resize_embeddings:
             tok.add_special_tokens({"pad_token": "<pad>"})
@@ -115,7 +117,7 @@ def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, voc
     try:
         arch = get_arch(arch_name)
     except (KeyError, ValueError) as e:
-        raise QloraError(f"model.name_or_path: {_first_line(e)}") from None
+        raise QloraError(f"model.name_or_path: {first_line(e)}") from None
     if vocab_size is not None and vocab_size != arch.vocab:
         arch = dataclasses.replace(arch, vocab=vocab_size)
     model = random_model(arch, dtype=dtype, seed=cfg.train.seed, device="cpu",
@@ -143,10 +145,5 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as e:
-        raise QloraError(f"model.name_or_path: cannot load {name!r}: {_first_line(e)}") from None
+        raise QloraError(f"model.name_or_path: cannot load {name!r}: {first_line(e)}") from None
     return model if m.quantization == "nf4" else model.to(device)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -13,7 +13,9 @@
     config.yaml               the run's config
     manifest.json             size and SHA-256 of every file above, written last (train/resume.py)
 
-Loading uses ``torch.load(weights_only=True)`` and safetensors only.
+Loading uses ``torch.load(weights_only=True)`` and safetensors only, through the checked readers of
+``qlora_trainer.io`` (a damaged file is one line naming it; ``resume=auto`` has verified the manifest
+before, train/resume.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from qlora_trainer.lora.tokens import peft_token_key
 from qlora_trainer.train import resume as checks
 from qlora_trainer.train.guards import check_finite_params
 from qlora_trainer.train.resume import write_manifest
+from qlora_trainer.io import FIX_CHECKPOINT, read_json_object, read_safetensors, read_torch
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -176,10 +179,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     names = {key: n for n in params if (key := _peft_key(n)) is not None}
     tensors: dict[str, torch.Tensor] = {}
     if (path / "adapter" / WEIGHTS_NAME).is_file():
-        tensors = {names.get(k, k): t for k, t in load_file(str(path / "adapter" / WEIGHTS_NAME)).items()
+        stored = read_safetensors(path / "adapter" / WEIGHTS_NAME, FIX_CHECKPOINT)
+        tensors = {names.get(k, k): t for k, t in stored.items()
                    if not k.endswith((".lora_A", ".lora_B", ".lora_E"))}  # AdaLoRA's: in trainable.safetensors
     if (path / "trainable.safetensors").is_file():
-        tensors.update(load_file(str(path / "trainable.safetensors")))
+        tensors.update(read_safetensors(path / "trainable.safetensors", FIX_CHECKPOINT))
     if set(tensors) != set(params):
         missing = sorted(set(params) ^ set(tensors))[:3]
         raise QloraError(f"{path}: checkpoint does not match this model/LoRA config (e.g. {missing}); "
@@ -192,10 +196,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
+    optimizer.load_state_dict(read_torch(path / "optimizer.pt", FIX_CHECKPOINT))
+    scheduler.load_state_dict(read_torch(path / "scheduler.pt", FIX_CHECKPOINT))
+    return TrainerState(**read_json_object(path / "trainer_state.json", fix=FIX_CHECKPOINT))
 
 
 def restore_rng(path: Path) -> None:
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+
+    set_rng_state(read_torch(path / "rng.pt", FIX_CHECKPOINT))

@@ -48,6 +48,7 @@ from qlora_trainer.models.loss import causal_lm_loss
 from qlora_trainer.models.quantize import is_4bit
 from qlora_trainer.train.checkpoint import restore_rng, set_rng_state
 from qlora_trainer.train.trackers import accelerator_kwargs
+from qlora_trainer.io import FIX_CHECKPOINT, read_torch
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -151,7 +152,8 @@ class Parallel:
 
     def restore_rng(self, path: Path) -> None:
         """Restore this rank's RNG from checkpoint ``path``; error if it was written by another world size."""
-        state = torch.load(path / "rng.pt", weights_only=True)
+
+        state = read_torch(path / "rng.pt", FIX_CHECKPOINT)
         ranks = state.get("ranks")
         written = len(ranks) if ranks is not None else 1
         if written != self.world:

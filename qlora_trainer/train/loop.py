@@ -21,6 +21,7 @@ from qlora_trainer.memory import estimate_for_config
 from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
 from qlora_trainer.train.checkpoint import checkpoint_dirs
 from qlora_trainer.train.resume import json_line, metrics_lines
+from qlora_trainer.train.budget import finished_adapter_error
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -97,9 +98,9 @@ class Interrupts:
 
 
 def check_output_dir(cfg: "Config", out: Path, resume: Path | None, main: bool = True) -> None:
-    if (out / "adapter" / "adapter_config.json").exists() and not cfg.output.overwrite:
-        raise QloraError(f"output_dir: {str(out)!r} already holds a finished adapter; pick another "
-                         f"output_dir or set output.overwrite=true")
+    finished = (out / "adapter" / "adapter_config.json").exists()
+    if finished and not cfg.output.overwrite and not (cfg.resume == "auto" and resume is not None):
+        raise QloraError(finished_adapter_error(out))
     if resume is None and checkpoint_dirs(out) and not cfg.output.overwrite:
         raise QloraError(f"output_dir: {str(out)!r} has checkpoints of an earlier run; set resume=auto to "
                          f"continue it or output.overwrite=true to start over")
@@ -138,11 +139,11 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def progress_bar(cfg: "Config", initial: int, enabled: bool = True) -> Any:
+def progress_bar(cfg: "Config", initial: int, enabled: bool = True, desc: str = "train") -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.train.max_steps, initial=initial, disable=not (cfg.output.progress_bar and enabled),
-                desc="train", unit="step", dynamic_ncols=True)
+                desc=desc, unit="step", dynamic_ncols=True)
 
 
 class MetricsFile:

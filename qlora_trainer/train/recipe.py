@@ -44,8 +44,10 @@ from qlora_trainer.models.load import load_base_model, load_tokenizer
 from qlora_trainer.models.loss import causal_lm_loss
 from qlora_trainer.runtime import resolve_dtype
 from qlora_trainer.train import distributed
+from qlora_trainer.train.budget import already_complete, budget_label, checkpoint_step, resolve_budget
 from qlora_trainer.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, rng_state, save_checkpoint
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
+from qlora_trainer.train.lock import output_lock
 from qlora_trainer.train.loop import (Interrupts, MetricsFile, NoMetrics, check_output_dir, log_memory_estimate,
                                       memory_gb, micro_batches, progress_bar)
 from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint
@@ -70,6 +72,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: Path | None = None
+    already_complete: bool = False  # resume=auto on a finished run whose budget was reached: nothing done
 
 
 @dataclass
@@ -184,6 +187,8 @@ class Recipe:
     def setup(self) -> None:
         self.setup_run()
         self.setup_data()
+        if self.already_complete:
+            return
         self.setup_model()
         self.setup_optimizer()
         self.setup_state()
@@ -216,6 +221,11 @@ class Recipe:
             raise DataError(f"data.path: {cfg.data.path!r} yields no training samples")
         self.fingerprint = data_fingerprint(self.train_ds)
         check_data(cfg, self.resume, self.fingerprint)  # refuses changed data before the model loads
+        # train.epochs -> train.max_steps (the schedule and the bar count steps); the label keeps the unit
+        self.budget_label = budget_label(cfg, cfg.train.epochs)
+        self.cfg = resolve_budget(cfg, self.train_ds, self.tokenizer, rank=self.par.rank, world=self.par.world)
+        # resume=auto on a finished run that already reached this budget: nothing to do
+        self.already_complete = already_complete(self.cfg, self.out, self.resume)
 
     def setup_model(self) -> None:
         """The base model, adapters, kernels and checkpointing; the engine that runs the objective."""
@@ -353,7 +363,7 @@ class Recipe:
         cfg, par, state = self.cfg, self.par, self.state
         stream = micro_batches(self.train_ds, cfg, self.tokenizer, state.epoch, state.batch, rank=par.rank,
                                world=par.world)
-        self.bar = progress_bar(cfg, state.step, enabled=par.is_main)
+        self.bar = progress_bar(cfg, state.step, enabled=par.is_main, desc=self.budget_label)
         self.window_tokens, self.window_t = 0, time.perf_counter()
         steps_this_run = 0
         if self.device.type == "cuda":
@@ -395,10 +405,16 @@ class Recipe:
 
 def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     """Run training as configured. ``stop_after`` ends this invocation after that many optimizer
-    steps with a checkpoint (a planned pre-emption; ``resume: auto`` continues it)."""
+    steps with a checkpoint (a planned pre-emption; ``resume: auto`` continues it). ``output_dir`` is
+    locked for the run (rank 0; a second run there is refused)."""
     t0 = time.perf_counter()
-    recipe = Recipe(cfg)
-    recipe.setup()
-    result = recipe.train(stop_after=stop_after)
+    with output_lock(cfg.output_dir):
+        recipe = Recipe(cfg)
+        recipe.setup()
+        if recipe.already_complete:
+            return TrainResult(output_dir=recipe.out, adapter_dir=recipe.out / "adapter",
+                               step=checkpoint_step(recipe.resume), resumed_from=recipe.resume,
+                               already_complete=True)
+        result = recipe.train(stop_after=stop_after)
     result.seconds = time.perf_counter() - t0
     return result

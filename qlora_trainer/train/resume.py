@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 REQUIRED = ("optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.yaml")
 # keys that may change between a run and its resume: how long to run, where and how often to log/save
-FREE_KEYS = ("train.max_steps", "train.save_every", "eval.every", "eval.batches", "train.device",
+FREE_KEYS = ("train.max_steps", "train.epochs", "train.save_every", "eval.every", "eval.batches", "train.device",
              "train.skip_bad_steps", "data.num_proc", "performance.kernels", "performance.nf4_matmul", "output.log_every", "output.keep_last",
              "output.progress_bar", "output.overwrite", "output_dir", "resume", "resume_allow_changes")
 

@@ -285,8 +285,9 @@ def test_rerunning_the_demo_config_never_destroys_the_finished_run(cli_error, tm
     adapter = tmp_path / "demo" / "adapter" / "adapter_model.safetensors"
     before = adapter.read_bytes()
     msg = cli_error(*args)
-    assert msg == f"output_dir: '{tmp_path / 'demo'}' already holds a finished adapter; pick another output_dir " \
-                  f"or set output.overwrite=true"
+    assert msg == f"output_dir: '{tmp_path / 'demo'}' already holds a finished adapter; set resume=auto (with a " \
+                  f"larger train.max_steps or train.epochs) to continue it, output.overwrite=true to start over, " \
+                  f"or pick another output_dir"
     assert adapter.read_bytes() == before
 
 
@@ -318,8 +319,25 @@ def test_kill_9_then_damaged_newest_checkpoint_resumes_from_the_one_before(tiny_
     newest = sorted((p for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit()),
                     key=lambda p: int(p.name[5:]))
     assert len(newest) >= 2, "killed too late or too early"
+    assert (out / ".lock").is_file()  # the killed run's lock: stale, taken over by the resume
     (newest[-1] / "adapter" / "adapter_model.safetensors").unlink()
     tiny_cfg.resume = "auto"
     res = train(tiny_cfg)
-    assert res.resumed_from == newest[-2]
+    assert res.resumed_from == newest[-2] and not (out / ".lock").exists()
     assert _losses(out) == _losses(Path(full.output_dir))
+
+
+def test_damaged_file_of_a_checkpoint_without_manifest_is_one_line(cli_error, tiny_cfg, tmp_path):
+    """A checkpoint of an earlier version (no manifest to verify) with a cut-short optimizer.pt, named
+    explicitly: one line naming the file and pointing at an earlier checkpoint."""
+    tiny_cfg.train.save_every = 1
+    train(tiny_cfg, stop_after=2)
+    ckpt = Path(tiny_cfg.output_dir) / "checkpoints" / "step-2"
+    (ckpt / "manifest.json").unlink()
+    data = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    tiny_cfg.resume = str(ckpt)
+    msg = cli_error("train", _yaml(tiny_cfg, tmp_path / "c.yaml"))
+    assert msg.startswith(f"{ckpt / 'optimizer.pt'}: cannot be loaded (") and msg.endswith(
+        "; resume from an earlier checkpoint (resume=auto skips damaged ones; or resume=PATH/step-N) or start "
+        "over with output.overwrite=true"), msg
