@@ -145,10 +145,13 @@ class DataConfig:
     path: str = "builtin:demo"
     """A file (.jsonl .json .csv .parquet .txt), a directory, a hub dataset name, or ``builtin:demo``
     (a small generated instruction set). ``$QLORA_DATA`` (default ``../shared/data``) expands in paths."""
-    format: Literal["text", "instruction", "chat", "prompt_completion", "sharegpt"] = "instruction"
+    format: Literal["text", "instruction", "chat", "prompt_completion", "sharegpt", "preference",
+                    "unpaired"] = "instruction"
     """How records become token sequences and which tokens carry loss. ``chat``: OpenAI messages
     (``messages: [{role, content}]``); ``sharegpt``: ``conversations: [{from, value}]``; both render
-    through the chat template and train on assistant turns only."""
+    through the chat template and train on assistant turns only. ``preference``: ``prompt``/``chosen``/
+    ``rejected`` pairs (no ``prompt``: the shared prefix is the prompt; strings or messages);
+    ``unpaired``: ``prompt``/``completion``/``label`` (KTO). Each side is scored on its completion only."""
     seq_len: int = 512
     """Maximum tokens per training sequence (packed block length when ``pack`` is on)."""
     split: str = "train"
@@ -229,6 +232,11 @@ class TrainConfig:
     averages gradients; ``fsdp`` also shards the NF4 base, adapters and optimizer state across the
     GPUs (FSDP2 ``fully_shard`` per decoder layer; needs ``quantization.quant_storage`` = the compute
     dtype). ``none``: one process. See docs/distributed.md."""
+    objective: Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo"] = "sft"
+    """What the step minimises: ``sft`` (token-mean next-token loss), ``dpo``/``ipo``/``orpo``/``simpo``
+    (paired preference data, ``data.format: preference``) or ``kto`` (``data.format: unpaired``).
+    DPO, IPO and KTO use the base with the adapter switched off as the reference (no second model);
+    settings in the ``preference`` section. Definitions match TRL's (docs/preference.md)."""
     compile: Literal["none", "default", "reduce-overhead"] = "none"
     """torch.compile each decoder layer (forward and backward, inside its checkpoint): ``default``
     (inductor: fused elementwise ops, less Python), ``reduce-overhead`` (also CUDA graphs: each
@@ -239,6 +247,22 @@ class TrainConfig:
 
 # experiment trackers accelerate knows (``output.report_to``)
 TRACKERS = ("tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float = 0.1
+    """Temperature of the preference loss (DPO/IPO/KTO/ORPO/SimPO's beta; SimPO's paper uses ~2)."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's preference is flipped (conservative DPO, SimPO); 0 = plain."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (the loss uses gamma / beta)."""
+    simpo_nll_weight: float = 0.0
+    """Weight of the chosen completions' NLL added to SimPO's loss (TRL's cpo_alpha; 0 = pure SimPO)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable (label true) examples' losses."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable (label false) examples' losses."""
 
 
 @dataclass
@@ -267,6 +291,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     output_dir: str = "outputs/run"
     """Where the adapter, metrics.jsonl and checkpoints go."""
     resume: str | None = None
@@ -302,6 +327,7 @@ class Config:
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
         if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):
             raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.lora.variant})")
+        self._check_objective()
         lc = self.lora
         if lc.variant == "adalora" and lc.adalora_target_r > lc.r:
             raise ConfigError(f"lora.adalora_target_r: must be <= lora.r, AdaLoRA's initial rank "
@@ -326,6 +352,19 @@ class Config:
                 if bad:
                     raise ConfigError(f"{key}: not supported with train.distributed=fsdp; use ddp or turn it off")
         return self
+
+    def _check_objective(self) -> None:
+        """train.objective against data.format (the objective decides what a batch holds)."""
+        need = {"sft": None, "kto": "unpaired"}.get(self.train.objective, "preference")
+        fmt = self.data.format
+        if need is None and fmt in ("preference", "unpaired"):
+            raise ConfigError(f"data.format: {fmt} data trains with a preference objective; set train.objective "
+                              "(dpo, ipo, orpo or simpo for preference pairs, kto for unpaired)")
+        if need is not None and fmt != need:
+            raise ConfigError(f"train.objective: {self.train.objective} needs data.format={need} "
+                              f"(got {fmt})")
+        if need is not None and self.data.pack:
+            raise ConfigError(f"data.pack: not supported with train.objective={self.train.objective}; set it false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

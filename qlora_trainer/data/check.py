@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_trainer.data.formats import IGNORE_INDEX
+from qlora_trainer.data.formats import IGNORE_INDEX, PREFERENCE_FORMATS
 from qlora_trainer.data.pipeline import prepare
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"  # around tokens that carry no loss in the rendered sample
@@ -13,6 +13,11 @@ MASK_OPEN, MASK_CLOSE = "[[", "]]"  # around tokens that carry no loss in the re
 def check_data(cfg: Any, tokenizer: Any, *, seed: int) -> dict[str, Any]:
     """Build the datasets of ``cfg`` (a full Config) and summarise them as a JSON-able dict."""
     prep = prepare(cfg.data, tokenizer, seed=seed)
+    if cfg.data.format in PREFERENCE_FORMATS:
+        from qlora_trainer.data.preference import check_report
+
+        return {"path": cfg.data.path, "format": cfg.data.format, "seq_len": cfg.data.seq_len,
+                **check_report(prep, tokenizer), "warnings": []}
     s = prep.stats
     lengths = sorted(s.lengths)
     first = prep.train[0]
@@ -52,6 +57,10 @@ def render_masked(tokenizer: Any, ids: list[int], labels: list[int]) -> str:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    if r["format"] in PREFERENCE_FORMATS:
+        import json
+
+        return json.dumps(r, indent=2)
     pct = "  ".join(f"{k}={v}" for k, v in r["length_percentiles"].items())
     lines = [
         f"data: {r['path']}  (format {r['format']}, seq_len {r['seq_len']})",

@@ -37,7 +37,11 @@ FIELDS: dict[str, dict[str, bool]] = {
     "prompt_completion": {"prompt": True, "completion": True},
     "chat": {"messages": True},
     "sharegpt": {"conversations": True},
+    # preference formats as TRL defines them (data/preference.py); no prompt column = implicit prompt
+    "preference": {"prompt": False, "chosen": True, "rejected": True},
+    "unpaired": {"prompt": True, "completion": True, "label": True},
 }
+PREFERENCE_FORMATS = ("preference", "unpaired")
 CHAT_FORMATS = ("chat", "sharegpt")  # rendered through a chat template
 
 # ShareGPT ``from`` -> chat role

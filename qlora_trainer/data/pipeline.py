@@ -53,6 +53,9 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> tuple["Da
     with labels -100 on tokens that carry no loss. Raises DataError before training on bad data."""
     prep = prepare(cfg, tokenizer, seed=seed)
     s = prep.stats
+    if cfg.format in formats.PREFERENCE_FORMATS:  # preference data: per-side counts (data/preference.py)
+        _warn_preference(s, cfg.seq_len)
+        return prep.train, prep.eval
     if s.prompt_truncated or s.answer_truncated:
         log.warning("data: %d samples longer than seq_len=%d had their prompt cut from the left, %d their answer "
                     "cut on the right", s.prompt_truncated, cfg.seq_len, s.answer_truncated)
@@ -63,6 +66,10 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> tuple["Da
 
 def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     """:func:`build_datasets` plus the statistics and the raw training records."""
+    if cfg.format in formats.PREFERENCE_FORMATS:
+        from qlora_trainer.data.preference import prepare_preference
+
+        return prepare_preference(cfg, tokenizer, seed=seed)
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no EOS token: set one (tokenizer.eos_token) or use a tokenizer that has "
                         "one, otherwise the model never learns to stop")
@@ -108,6 +115,16 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     if ev is not None:
         ev = _finish(ev.filter(lambda n: n > 0, input_columns="n_target"))
     return PreparedData(train, ev, stats, raw)
+
+
+def _warn_preference(s: Any, seq_len: int) -> None:
+    for side in s.lengths:
+        if s.prompt_truncated[side] or s.answer_truncated[side]:
+            log.warning("data: %s side: %d samples longer than seq_len=%d had their prompt cut from the left, %d "
+                        "their answer cut on the right", side, s.prompt_truncated[side], seq_len,
+                        s.answer_truncated[side])
+    if s.dropped:
+        log.warning("data: dropped %d records with no completion token left", s.dropped)
 
 
 class _Tokenize:
