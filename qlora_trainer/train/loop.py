@@ -30,6 +30,8 @@ from qlora_trainer.train.checkpoint import (TrainerState, checkpoint_dirs, load_
                                             rng_state, save_checkpoint)
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
 from qlora_trainer.train.loss import causal_lm_loss
+from qlora_trainer.train.objectives import build_objective
+from qlora_trainer.train.objectives.step import accumulate
 from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint, json_line, metrics_lines
 
 if TYPE_CHECKING:
@@ -95,7 +97,11 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     make_tokens_trainable(model, new_tokens)  # the added tokens' embedding / output rows train
     allocator = allocator_for(model, cfg)  # lora.variant adalora: rank budget reallocation, else None
-    engine = par.wrap(model, cfg, dtype, loss=causal_lm_loss)  # micro-batch -> summed loss (DDP / FSDP when launched so)
+    objective = build_objective(cfg)  # train.objective: the loss a micro-batch contributes (train/objectives)
+    if objective.name != "sft" and eval_ds is not None:
+        log.info("train.objective=%s: no held-out loss evaluation (eval_fraction / eval_path ignored)", objective.name)
+        eval_ds = None
+    engine = par.wrap(model, cfg, dtype, loss=causal_lm_loss if objective.name == "sft" else objective.loss)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     state = TrainerState(data=fingerprint)
@@ -138,24 +144,33 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     with _Interrupts(on_interrupt) as interrupts:
         while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
             micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
-            n_loss = int(par.sum([n_local])[0])  # the global token count: the loss is the global token mean
-            step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
-            for k, (_, _, batch) in enumerate(micro):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with par.no_sync(engine, last=k == len(micro) - 1):
-                    with accelerator.autocast():
-                        loss_sum, _ = engine(batch)
-                    (loss_sum * par.loss_scale(n_loss)).backward()
-                step_loss += loss_sum.detach()
-                window_tokens += int(batch["input_ids"].numel())
+            if objective.name != "sft":  # the objective runs the micro-batches (train/objectives/step.py)
+                res = accumulate(objective, engine, [b for _, _, b in micro], par, accelerator, device)
+                step_metrics, n_loss = res.metrics, int(res.scored_tokens)
+                window_tokens += res.input_tokens
+            else:
+                step_metrics = {}
+                n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
+                n_loss = int(par.sum([n_local])[0])  # the global token count: the loss is the global token mean
+                step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
+                for k, (_, _, batch) in enumerate(micro):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    with par.no_sync(engine, last=k == len(micro) - 1):
+                        with accelerator.autocast():
+                            loss_sum, _ = engine(batch)
+                        (loss_sum * par.loss_scale(n_loss)).backward()
+                    step_loss += loss_sum.detach()
+                    window_tokens += int(batch["input_ids"].numel())
             if allocator is not None:  # AdaLoRA's orthogonality penalty, once per optimizer step (same on every rank)
                 allocator.orthogonality_backward(cfg.lora.adalora_orth_reg_weight)
             par.sync_grads(params)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            loss_total, window_all = par.sum([float(step_loss), window_tokens])  # global: ranks decide alike
-            loss = loss_total / max(n_loss, 1)
+            if objective.name != "sft":
+                loss, window_all = res.loss, par.sum([window_tokens])[0]
+            else:
+                loss_total, window_all = par.sum([float(step_loss), window_tokens])  # global: ranks decide alike
+                loss = loss_total / max(n_loss, 1)
             if guard.bad(state.step + 1, loss, grad_norm):  # skipped: data moves on
                 optimizer.zero_grad(set_to_none=True)
                 state.epoch, state.batch, rng = micro[-1][0], micro[-1][1], par.gather_rng(rng_state())
@@ -180,6 +195,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
                     row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
                            "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tok_s, 1),
                            "mem_gb": round(_memory_gb(device), 3), "tokens": state.tokens}
+                    row.update({k: round(v, 6) for k, v in step_metrics.items()})  # preference rewards, margins
                     if allocator is not None:
                         row["adalora_budget"] = allocator.budget
                     metrics.write(row)

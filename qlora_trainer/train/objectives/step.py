@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.train.objectives.base import Objective, mean_metrics
 
 
@@ -20,6 +21,8 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
     input_tokens: int = 0
+    scored_tokens: float = 0.0
+    """Tokens that carried a log-prob in the loss, over the step and every rank."""
 
 
 def step_totals(objective: Objective, batches: list[dict[str, torch.Tensor]], par: Any) -> dict[str, float]:
@@ -41,7 +44,7 @@ def accumulate(objective: Objective, engine: torch.nn.Module, batches: list[dict
     totals = step_totals(objective, batches, par)
     term_sums: dict[str, torch.Tensor] = {}
     metric_sums: dict[str, torch.Tensor] = {}
-    tokens = 0
+    tokens, scored = 0, 0.0
     for i, batch in enumerate(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with par.no_sync(engine, last=i == len(batches) - 1):
@@ -54,8 +57,10 @@ def accumulate(objective: Objective, engine: torch.nn.Module, batches: list[dict
         for k, m in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + m.detach()
         tokens += int(batch["input_ids"].numel())
+        scored += float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     t_keys, m_keys = list(term_sums), list(metric_sums)
-    summed = par.sum([float(term_sums[k]) for k in t_keys] + [float(metric_sums[k]) for k in m_keys])
+    summed = par.sum([float(term_sums[k]) for k in t_keys] + [float(metric_sums[k]) for k in m_keys] + [scored])
     loss = sum(v / max(totals[k], 1.0) for k, v in zip(t_keys, summed))
-    metrics = mean_metrics(dict(zip(m_keys, summed[len(t_keys):])), totals, objective.metric_weights)
-    return StepResult(loss=loss, metrics=objective.finish_metrics(metrics), totals=totals, input_tokens=tokens)
+    metrics = mean_metrics(dict(zip(m_keys, summed[len(t_keys):-1])), totals, objective.metric_weights)
+    return StepResult(loss=loss, metrics=objective.finish_metrics(metrics), totals=totals, input_tokens=tokens,
+                      scored_tokens=summed[-1])
