@@ -32,10 +32,14 @@ def load_records(path: str, *, split: str = "train", key: str = "data.path") -> 
     unreachable hub dataset.
     """
     if path.startswith("builtin:"):
+        from qlora_trainer.data.builtin_pairs import BUILTIN_PAIRS, builtin_pairs
         from qlora_trainer.data.demo import demo_dataset
 
+        if path in BUILTIN_PAIRS:  # preference pairs (data.format: preference)
+            return builtin_pairs(path)
         if path != "builtin:demo":
-            raise DataError(f"{key}: unknown built-in dataset {path!r}; the only one is 'builtin:demo'")
+            raise DataError(f"{key}: unknown built-in dataset {path!r}; one of 'builtin:demo', "
+                            f"{', '.join(repr(b) for b in BUILTIN_PAIRS)}")
         return demo_dataset()
     p = Path(expand_path(path))
     if p.is_file():
