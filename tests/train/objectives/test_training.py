@@ -74,3 +74,20 @@ def test_dpo_margin_and_accuracy_rise(tmp_path):
     assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0  # policy == reference at step 1
     assert last["rewards/margins"] > 0.2 and last["rewards/accuracies"] >= 0.75
     assert last["loss"] < first["loss"] - 0.05
+
+
+def test_gsm8k_dpo_config_shortened_learns_the_correct_arithmetic(tmp_path):
+    """configs/dpo-gsm8k-cpu.yaml, shortened: over 12 steps the reward margin and accuracy rise."""
+    from qlora_trainer.config import load_config
+    from qlora_trainer.runtime import data_root
+
+    if not (data_root() / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip("needs $QLORA_DATA/gsm8k")
+    cfg = load_config("configs/dpo-gsm8k-cpu.yaml", [f"output_dir={tmp_path / 'run'}", "train.max_steps=12",
+                                                     "data.seq_len=128", "data.max_samples=64", "output.log_every=1"])
+    train(cfg)
+    rows = _metrics(cfg)
+    margins = [r["rewards/margins"] for r in rows]
+    accuracy = [r["rewards/accuracies"] for r in rows]
+    assert margins[0] == 0  # the adapter starts at zero: policy == reference
+    assert sum(margins[-4:]) / 4 > 0.1 and sum(accuracy[-4:]) / 4 >= 0.6
