@@ -7,13 +7,15 @@ Formats (``data.format``; columns renamed with ``data.fields``):
   Values are strings (plain) or message lists (conversational, rendered through the chat template;
   the prompt's own assistant turns are shown but not scored).
 * ``unpaired``: ``prompt``/``completion``/``label`` (bool: desirable or not) for KTO.
+* ``prompt_only``: ``prompt`` plus extra columns (GRPO: completions are sampled in training and
+  scored by reward functions that read the extra columns, e.g. ``answer``).
 
 Each side is rendered as ``[(prompt, no loss), (completion, loss)]`` and tokenized once with offsets
 (``formats.encode_segments``), so only completion tokens score; EOS is appended; a side longer than
 ``seq_len`` loses prompt tokens from the left first (``formats.truncate``), per side.
 
 Rows: preference ``{chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}``; unpaired
-``{prompt_ids, completion_ids, label}``. Batches (:func:`collate`): preference ``input_ids`` /
+``{prompt_ids, completion_ids, label}``; prompt-only ``{prompt_text, prompt_ids, <extra columns>}``. Batches (:func:`collate`): preference ``input_ids`` /
 ``labels`` / ``attention_mask`` of shape (2B, T), rows ``[chosen_1..B; rejected_1..B]``; unpaired
 (B, T) plus ``label`` (B,) and the KL rows ``kl_*`` (prompt i with the completion of row i-1, as
 TRL pairs them for KTO's baseline).
@@ -61,7 +63,7 @@ def is_preference(dataset: Any) -> bool:
             names = list(dataset[0].keys())
         except (IndexError, KeyError, TypeError, AttributeError):
             return False
-    return "chosen_input_ids" in names or "completion_ids" in names
+    return "chosen_input_ids" in names or "completion_ids" in names or "prompt_text" in names
 
 
 def implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -152,6 +154,8 @@ def _tokenize(raw: "Dataset", cfg: "DataConfig", cols: dict[str, str], enc: _Enc
               stats: PreferenceStats) -> "Dataset":
     from datasets import Dataset
 
+    if cfg.format == "prompt_only":
+        return _prompts(raw, cfg, cols, enc, tok, stats)
     rows: dict[str, list] = {c: [] for c in (PAIR_COLUMNS if cfg.format == "preference" else UNPAIRED_COLUMNS)}
     sides = ("chosen", "rejected") if cfg.format == "preference" else ("completion",)
     for s in sides:
@@ -187,10 +191,49 @@ def _tokenize(raw: "Dataset", cfg: "DataConfig", cols: dict[str, str], enc: _Enc
     return Dataset.from_dict(rows)
 
 
+def _prompts(raw: "Dataset", cfg: "DataConfig", cols: dict[str, str], enc: _Encode, tok: Any,
+             stats: PreferenceStats) -> "Dataset":
+    """Prompt-only rows: the prompt as text (rendered with the chat template when conversational,
+    ending in the assistant's generation prompt) and its tokens, the record's other columns kept."""
+    from datasets import Dataset
+
+    extra = [c for c in raw.column_names if c != cols["prompt"]]
+    rows: dict[str, list] = {"prompt_text": [], "prompt_ids": [], **{c: [] for c in extra}}
+    stats.lengths.setdefault("prompt", [])
+    stats.prompt_truncated.setdefault("prompt", 0)
+    stats.answer_truncated.setdefault("prompt", 0)
+    for rec in raw:
+        prompt = rec[cols["prompt"]]
+        if _conversational(prompt):
+            text = tok.apply_chat_template(formats.to_messages(prompt), chat_template=enc.chat_template,
+                                           add_generation_prompt=True, tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            text, ids = prompt, tok(prompt)["input_ids"]
+        if len(ids) > cfg.seq_len:  # the prompt alone does not fit: dropped, counted
+            stats.prompt_truncated["prompt"] += 1
+            stats.dropped += 1
+            continue
+        rows["prompt_text"].append(text)
+        rows["prompt_ids"].append(ids)
+        for c in extra:
+            rows[c].append(rec[c])
+        stats.lengths["prompt"].append(len(ids))
+        stats.pairs += 1
+    return Dataset.from_dict(rows)
+
+
+def prompt_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, list]:
+    """Prompt-only rows -> ``{column: list}`` (texts and extra columns; nothing to pad before rollout)."""
+    return {k: [s[k] for s in samples] for k in samples[0] if k != "prompt_ids"}
+
+
 def row_lengths(dataset: Any) -> list[int]:
     """Tokens a row puts into a batch (both sides of a pair), for length grouping."""
     if "chosen_input_ids" in dataset.column_names:
         return [len(c) + len(r) for c, r in zip(dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+    if "prompt_text" in dataset.column_names:
+        return [len(p) for p in dataset["prompt_ids"]]
     return [len(p) + len(c) for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"])]
 
 
@@ -228,7 +271,8 @@ def unpaired_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, to
 
 def collate_for(dataset: Any, pad_id: int) -> Any:
     """The collate function for a tokenized preference dataset."""
-    fn = pair_collate if "chosen_input_ids" in dataset.column_names else unpaired_collate
+    names = dataset.column_names
+    fn = pair_collate if "chosen_input_ids" in names else prompt_collate if "prompt_text" in names else unpaired_collate
     return partial(fn, pad_id=pad_id)
 
 
@@ -246,7 +290,9 @@ def check_report(prep: Any, tokenizer: Any) -> dict[str, Any]:
         report[side] = {"tokens": sum(srt), "length_percentiles": {f"p{q}": _pct(srt, q) for q in (0, 50, 90, 100)},
                         "prompt_truncated": s.prompt_truncated[side], "answer_truncated": s.answer_truncated[side]}
     first = prep.train[0]
-    if "chosen_input_ids" in first:
+    if "prompt_text" in first:
+        report["first_prompt"] = first["prompt_text"]
+    elif "chosen_input_ids" in first:
         report["first_chosen"] = render_masked(tokenizer, first["chosen_input_ids"], first["chosen_labels"])
         report["first_rejected"] = render_masked(tokenizer, first["rejected_input_ids"], first["rejected_labels"])
     else:

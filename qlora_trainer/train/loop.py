@@ -97,7 +97,7 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
     model = prepare_model(model, cfg, device=device, dtype=dtype)
     make_tokens_trainable(model, new_tokens)  # the added tokens' embedding / output rows train
     allocator = allocator_for(model, cfg)  # lora.variant adalora: rank budget reallocation, else None
-    objective = build_objective(cfg)  # train.objective: the loss a micro-batch contributes (train/objectives)
+    objective = build_objective(cfg, tokenizer)  # train.objective: the loss a micro-batch contributes (train/objectives)
     if objective.name != "sft" and eval_ds is not None:
         log.info("train.objective=%s: no held-out loss evaluation (eval_fraction / eval_path ignored)", objective.name)
         eval_ds = None
@@ -145,7 +145,8 @@ def train(cfg: "Config", *, stop_after: int | None = None) -> TrainResult:
         while state.step < cfg.train.max_steps and (stop_after is None or steps_this_run < stop_after):
             micro = [next(stream) for _ in range(cfg.train.grad_accum)]
             if objective.name != "sft":  # the objective runs the micro-batches (train/objectives/step.py)
-                res = accumulate(objective, engine, [b for _, _, b in micro], par, accelerator, device)
+                res = accumulate(objective, engine, [b for _, _, b in micro], par, accelerator, device,
+                                 model=model, step=state.step)
                 step_metrics, n_loss = res.metrics, int(res.scored_tokens)
                 window_tokens += res.input_tokens
             else:

@@ -45,6 +45,11 @@ class Objective:
         """(term sums keyed like :meth:`weights`: () fp32 differentiable; metric sums: () detached)."""
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module, batch: dict[str, Any], *, step: int, index: int) -> dict[str, Any]:
+        """A micro-batch as the data pipeline gave it -> the tensors :meth:`weights` and :meth:`loss`
+        read (GRPO samples and scores completions here); runs before the step's totals."""
+        return batch
+
     def outputs(self, out: Any) -> tuple[Sums, Sums]:
         """The engine's output -> (term sums, metric sums); the engine runs :meth:`loss` as is."""
         return out

@@ -21,7 +21,7 @@ step equals one large batch. On a single micro-batch this is TRL's GRPOTrainer l
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,8 +30,10 @@ from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.train.objectives.base import Objective, Sums
 from qlora_trainer.train.objectives.logps import token_logps
+from qlora_trainer.train.objectives.rewards import finish_reward_metrics, reward_metrics
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -59,12 +61,26 @@ class GRPO(Objective):
         "clip_ratio/region_mean": "tokens", "completion_length": "sequences"}
 
     def __init__(self, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
-                 loss_type: str = "dapo", max_completion_length: int = 256) -> None:
+                 loss_type: str = "dapo", max_completion_length: int = 256, rollout: Any = None) -> None:
         if loss_type not in LOSS_TYPES:
             raise ConfigError(f"grpo.loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
         self.beta, self.eps_low = beta, epsilon
         self.eps_high = epsilon if epsilon_high is None else epsilon_high
         self.loss_type, self.max_len = loss_type, max_completion_length
+        self.rollout = rollout  # rollout.Rollout: prompt-only batches -> sampled, scored completions
+        self.metric_weights = dict(GRPO.metric_weights)
+
+    def prepare(self, model: nn.Module, batch: dict[str, Any], *, step: int, index: int) -> dict[str, Any]:
+        """A prompt-only micro-batch becomes its rollout (already rolled-out batches pass through)."""
+        if "prompt_text" not in batch:
+            return batch
+        out = self.rollout(model, batch, step=step, index=index)
+        for k in reward_metrics(out):
+            self.metric_weights[k] = "sequences"
+        return out
+
+    def finish_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return finish_reward_metrics(metrics)
 
     def weights(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         return {"sequences": float(batch["input_ids"].shape[0]),
@@ -74,7 +90,8 @@ class GRPO(Objective):
              backend: str = "auto") -> tuple[Sums, Sums]:
         logps, mask = token_logps(model, {k: batch[k] for k in ("input_ids", "labels", "attention_mask")
                                           if k in batch}, chunk_size=chunk_size)
-        return self.terms(logps, mask, batch)
+        terms, metrics = self.terms(logps, mask, batch)
+        return terms, {**metrics, **reward_metrics(batch)}
 
     def terms(self, logps: torch.Tensor, mask: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[Sums, Sums]:
         """The loss terms and metrics from per-token log-probs ``logps`` (N, T-1) and ``mask``."""

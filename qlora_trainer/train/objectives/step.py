@@ -37,10 +37,14 @@ def step_totals(objective: Objective, batches: list[dict[str, torch.Tensor]], pa
     return dict(zip(keys, par.sum([local[k] for k in keys])))
 
 
-def accumulate(objective: Objective, engine: torch.nn.Module, batches: list[dict[str, torch.Tensor]], par: Any,
-               accelerator: Any, device: torch.device) -> StepResult:
-    """Forward + backward of ``batches`` (this rank's micro-batches of one step); gradients are left
-    in the parameters for the optimizer. ``par``: the run's ``train.distributed.Parallel``."""
+def accumulate(objective: Objective, engine: torch.nn.Module, batches: list[dict[str, Any]], par: Any,
+               accelerator: Any, device: torch.device, *, model: torch.nn.Module | None = None,
+               step: int = 0) -> StepResult:
+    """Forward + backward of ``batches`` (this rank's micro-batches of optimizer step ``step``, 0-based);
+    gradients are left in the parameters for the optimizer. ``par``: the run's
+    ``train.distributed.Parallel``; ``model``: the bare model (for :meth:`Objective.prepare`)."""
+    if model is not None:
+        batches = [objective.prepare(model, b, step=step, index=i) for i, b in enumerate(batches)]
     totals = step_totals(objective, batches, par)
     term_sums: dict[str, torch.Tensor] = {}
     metric_sums: dict[str, torch.Tensor] = {}
