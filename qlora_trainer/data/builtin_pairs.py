@@ -2,6 +2,8 @@
 
 * ``builtin:demo-pairs``: the demo questions (``demo.py``) with the right answer as ``chosen`` and
   another answer of the same kind as ``rejected``.
+* ``builtin:demo-prompts`` (``data.format: prompt_only``): the demo questions with their
+  ``answer`` column, for GRPO.
 * ``builtin:gsm8k-pairs``: GSM8K training problems (``$QLORA_DATA/gsm8k/train.jsonl``) with the
   reference solution as ``chosen`` and a corrupted copy as ``rejected``: the numbers of the first
   reasoning line that has any, and the final answer, are shifted by a nonzero amount (seeded per
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 GSM8K_PROMPT = "Question: {question}\nAnswer: "
 _NUMBER = re.compile(r"\d+")
-BUILTIN_PAIRS = ("builtin:demo-pairs", "builtin:gsm8k-pairs")
+BUILTIN_PAIRS = ("builtin:demo-pairs", "builtin:gsm8k-pairs", "builtin:demo-prompts")
 
 
 def demo_pairs(n: int = 600, seed: int = 0) -> list[dict[str, str]]:
@@ -74,5 +76,8 @@ def gsm8k_pairs(path: str = "$QLORA_DATA/gsm8k/train.jsonl", seed: int = 0) -> l
 def builtin_pairs(name: str) -> "Dataset":
     import datasets
 
-    rows = demo_pairs() if name == "builtin:demo-pairs" else gsm8k_pairs()
+    if name == "builtin:demo-prompts":
+        rows = [{"prompt": p["prompt"], "answer": p["chosen"]} for p in demo_pairs()]
+    else:
+        rows = demo_pairs() if name == "builtin:demo-pairs" else gsm8k_pairs()
     return datasets.Dataset.from_list(rows)

@@ -10,6 +10,8 @@ completion (e.g. ``answer``). ``None`` = not scored by this function. Names:
 * ``gsm8k_exact``: 1.0 when the completion's answer (after ``####``, else its last number) equals
   the ``answer`` column's, else 0.0.
 * ``gsm8k_format``: 1.0 when the completion ends its reasoning with a ``#### <number>`` line.
+* ``answer_chars``: the share of the completion's characters (first line) that occur in the
+  ``answer`` column: a shaped reward a tiny random model can climb (the CPU demo's).
 * ``module:function`` (an importable module) or ``path/to/file.py:function``.
 """
 
@@ -46,7 +48,19 @@ def gsm8k_format(prompts: list[str], completions: list[str], **_: Any) -> list[f
     return [float(bool(_FORMAT.search(c.strip()))) for c in completions]
 
 
-BUILTIN: dict[str, RewardFn] = {"gsm8k_exact": gsm8k_exact, "gsm8k_format": gsm8k_format}
+def answer_chars(prompts: list[str], completions: list[str], answer: list[str] | None = None,
+                 **_: Any) -> list[float]:
+    """Share of the completion's first-line characters that occur in its ``answer``."""
+    if answer is None:
+        raise ConfigError("grpo.rewards: answer_chars needs an 'answer' column in the data")
+    out = []
+    for c, a in zip(completions, answer):
+        line = c.split("\n", 1)[0]
+        out.append(sum(ch in a for ch in line) / len(line) if line else 0.0)
+    return out
+
+
+BUILTIN: dict[str, RewardFn] = {"gsm8k_exact": gsm8k_exact, "gsm8k_format": gsm8k_format, "answer_chars": answer_chars}
 
 
 def load_reward(spec: str) -> RewardFn:
