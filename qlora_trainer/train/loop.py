@@ -350,14 +350,12 @@ def _check_output_dir(cfg: "Config", out: Path, resume: Path | None, main: bool 
 def _log_memory_estimate(cfg: "Config", device: torch.device) -> None:
     """Log the memory estimator's prediction; warn when it exceeds the GPU (advisory only)."""
     try:
-        from qlora_trainer.memory import estimate_for_config
-    except ImportError:
-        return
-    try:
         from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
+        from qlora_trainer.memory.objectives import estimate_for_objective
 
-        # the layers prepare_model checkpoints on this device (model.checkpoint_layers)
-        est = estimate_for_config(cfg, plan_checkpoint_layers(cfg, device_budget(device)))
+        # the layers prepare_model checkpoints on this device (model.checkpoint_layers); the
+        # objective's step shape (2x sequences for preference pairs, GRPO's rollouts)
+        est = estimate_for_objective(cfg, plan_checkpoint_layers(cfg, device_budget(device)))
     except Exception as e:  # noqa: BLE001 - the estimate is advisory; training goes on without it
         log.info("memory estimate unavailable: %s", e)
         return
