@@ -237,7 +237,7 @@ def row_lengths(dataset: Any) -> list[int]:
     return [len(p) + len(c) for p, c in zip(dataset["prompt_ids"], dataset["completion_ids"])]
 
 
-def _pad(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_rows(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad: input_ids (N,T), labels (N,T) -100 on padding, attention_mask (N,T)."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -252,7 +252,7 @@ def pair_collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, 
     """B pairs -> (2B, T) rows ``[chosen; rejected]`` padded to the longest of both sides."""
     seqs = [s["chosen_input_ids"] for s in samples] + [s["rejected_input_ids"] for s in samples]
     labels = [s["chosen_labels"] for s in samples] + [s["rejected_labels"] for s in samples]
-    return _pad(seqs, labels, pad_id)
+    return pad_rows(seqs, labels, pad_id)
 
 
 def unpaired_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -260,7 +260,7 @@ def unpaired_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, to
     def rows(completions: list[list[int]]) -> dict[str, torch.Tensor]:
         seqs = [s["prompt_ids"] + c for s, c in zip(samples, completions)]
         labels = [[IGNORE_INDEX] * len(s["prompt_ids"]) + c for s, c in zip(samples, completions)]
-        return _pad(seqs, labels, pad_id)
+        return pad_rows(seqs, labels, pad_id)
 
     own = [s["completion_ids"] for s in samples]
     batch = rows(own)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.data.formats import IGNORE_INDEX
+from qlora_trainer.data.preference import pad_rows
 from qlora_trainer.train.objectives.grpo import group_advantages
 from qlora_trainer.train.objectives.logps import reference_token_logps
 from qlora_trainer.train.objectives.rewards import RewardFn, score
@@ -69,10 +70,4 @@ class Rollout:
             seqs.append(ids + c)
             labels.append([IGNORE_INDEX] * len(ids) + c)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        lab = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-        att = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, (s, y) in enumerate(zip(seqs, labels)):
-            ids[i, :len(s)], lab[i, :len(s)], att[i, :len(s)] = torch.tensor(s), torch.tensor(y), 1
-        return {"input_ids": ids, "labels": lab, "attention_mask": att}
+        return pad_rows(seqs, labels, pad)
