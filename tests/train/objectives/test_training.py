@@ -91,3 +91,21 @@ def test_gsm8k_dpo_config_shortened_learns_the_correct_arithmetic(tmp_path):
     accuracy = [r["rewards/accuracies"] for r in rows]
     assert margins[0] == 0  # the adapter starts at zero: policy == reference
     assert sum(margins[-4:]) / 4 > 0.1 and sum(accuracy[-4:]) / 4 >= 0.6
+
+
+def test_preference_adapter_loads_in_peft(tmp_path):
+    """The adapter a DPO run saves is PEFT's format: PeftModel loads every tensor, trained (B != 0)."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_trainer.models.tiny import random_model
+
+    res = train(_cfg(tmp_path, "peft", "dpo", max_steps=2))
+    saved = load_file(str(res.adapter_dir / "adapter_model.safetensors"))
+    model = peft.PeftModel.from_pretrained(random_model("tiny", seed=0), str(res.adapter_dir))
+    state = model.state_dict()
+    for key, value in saved.items():
+        theirs = state[key.replace(".weight", ".default.weight")]
+        torch.testing.assert_close(theirs.float(), value.float())
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in saved.items())
