@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qlora_trainer.data import formats
+from qlora_trainer.data import formats, preference
 from qlora_trainer.data.sources import load_records, record_line, split_records
 from qlora_trainer.errors import DataError
 
@@ -67,9 +67,7 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> tuple["Da
 def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     """:func:`build_datasets` plus the statistics and the raw training records."""
     if cfg.format in formats.PREFERENCE_FORMATS:
-        from qlora_trainer.data.preference import prepare_preference
-
-        return prepare_preference(cfg, tokenizer, seed=seed)
+        return _prepare_preference(cfg, tokenizer, seed)
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no EOS token: set one (tokenizer.eos_token) or use a tokenizer that has "
                         "one, otherwise the model never learns to stop")
@@ -114,6 +112,23 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     train = _finish(train.select(keep) if len(keep) < len(train) else train)
     if ev is not None:
         ev = _finish(ev.filter(lambda n: n > 0, input_columns="n_target"))
+    return PreparedData(train, ev, stats, raw)
+
+
+def _prepare_preference(cfg: "DataConfig", tokenizer: Any, seed: int) -> PreparedData:
+    """:func:`prepare` for the preference formats (``data/preference.py``): its ``stats`` is a
+    ``PreferenceStats``."""
+    cols = formats.column_names(cfg.format, cfg.fields)
+    raw = load_records(cfg.path, split=cfg.split)
+    preference.validate_preference(raw, cfg.format, cols, _namer(cfg.path, raw))  # file:line before shuffling
+    raw = _limit(raw, cfg.max_samples, seed)
+    raw_eval = None
+    if cfg.eval_path:
+        raw_eval = load_records(cfg.eval_path, split=cfg.split, key="data.eval_path")
+        preference.validate_preference(raw_eval, cfg.format, cols, _namer(cfg.eval_path, raw_eval))
+    else:
+        raw, raw_eval = split_records(raw, cfg.eval_fraction, seed)
+    train, ev, stats = preference.tokenize_preference(cfg, tokenizer, raw, raw_eval, cols)
     return PreparedData(train, ev, stats, raw)
 
 

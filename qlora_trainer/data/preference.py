@@ -103,7 +103,7 @@ def _side(enc: _Encode, prompt: Any, completion: Any, cfg: "DataConfig", tok: An
     return formats.truncate(ids, mask, cfg.seq_len, tok.bos_token_id)
 
 
-def _validate(ds: "Dataset", fmt: str, cols: dict[str, str], where: Any) -> None:
+def validate_preference(ds: "Dataset", fmt: str, cols: dict[str, str], where: Any) -> None:
     names = set(ds.column_names)
     for name, required in formats.FIELDS[fmt].items():
         col = cols[name]
@@ -121,25 +121,15 @@ def _validate(ds: "Dataset", fmt: str, cols: dict[str, str], where: Any) -> None
                                 f"{type(v).__name__}")
 
 
-def prepare_preference(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> Any:
-    """``pipeline.prepare`` for the preference formats: returns a ``PreparedData`` whose ``stats`` is a
-    :class:`PreferenceStats`."""
-    from qlora_trainer.data.pipeline import PreparedData, _limit, _namer
-    from qlora_trainer.data.sources import load_records, split_records
-
-    cols = formats.column_names(cfg.format, cfg.fields)
-    raw = load_records(cfg.path, split=cfg.split)
-    _validate(raw, cfg.format, cols, _namer(cfg.path, raw))
+def tokenize_preference(cfg: "DataConfig", tokenizer: Any, raw: "Dataset", raw_eval: "Dataset | None",
+                        cols: dict[str, str]) -> tuple["Dataset", "Dataset | None", PreferenceStats]:
+    """Tokenized train / eval rows of validated preference records (``pipeline.prepare`` loads,
+    checks, limits and splits them) and the training statistics."""
     chat_template = None
-    first = raw[0]
-    if any(_conversational(first.get(c)) for c in cols.values()):
+    if len(raw) and any(_conversational(raw[0].get(c)) for c in cols.values()):
         from qlora_trainer.data.templates import resolve_chat_template
 
         chat_template, _ = resolve_chat_template(tokenizer, cfg.chat_template, cfg.marker_tokens)
-    raw = _limit(raw, cfg.max_samples, seed)
-    raw_eval = load_records(cfg.eval_path, split=cfg.split, key="data.eval_path") if cfg.eval_path else None
-    if raw_eval is None:
-        raw, raw_eval = split_records(raw, cfg.eval_fraction, seed)
     enc = _Encode(tokenizer, chat_template)
     stats = PreferenceStats(records=len(raw))
     train = _tokenize(raw, cfg, cols, enc, tokenizer, stats)
@@ -147,7 +137,7 @@ def prepare_preference(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> Any:
     if len(train) == 0:
         raise DataError(f"{cfg.path}: no record has a completion token left after truncation to "
                         f"data.seq_len={cfg.seq_len}")
-    return PreparedData(train, ev, stats, raw)
+    return train, ev, stats
 
 
 def _tokenize(raw: "Dataset", cfg: "DataConfig", cols: dict[str, str], enc: _Encode, tok: Any,
@@ -274,30 +264,3 @@ def collate_for(dataset: Any, pad_id: int) -> Any:
     names = dataset.column_names
     fn = pair_collate if "chosen_input_ids" in names else prompt_collate if "prompt_text" in names else unpaired_collate
     return partial(fn, pad_id=pad_id)
-
-
-def check_report(prep: Any, tokenizer: Any) -> dict[str, Any]:
-    """``data-check``'s preference fields: pairs, lengths and truncation per side, a first sample."""
-    from qlora_trainer.data.check import _pct, render_masked
-
-    s: PreferenceStats = prep.stats
-    report: dict[str, Any] = {"records": s.records, "pairs" if "chosen" in s.lengths else "examples": s.pairs,
-                              "dropped_no_completion": s.dropped,
-                              "train_sequences": len(prep.train),
-                              "eval_sequences": len(prep.eval) if prep.eval is not None else 0}
-    for side, lengths in s.lengths.items():
-        srt = sorted(lengths)
-        report[side] = {"tokens": sum(srt), "length_percentiles": {f"p{q}": _pct(srt, q) for q in (0, 50, 90, 100)},
-                        "prompt_truncated": s.prompt_truncated[side], "answer_truncated": s.answer_truncated[side]}
-    first = prep.train[0]
-    if "prompt_text" in first:
-        report["first_prompt"] = first["prompt_text"]
-    elif "chosen_input_ids" in first:
-        report["first_chosen"] = render_masked(tokenizer, first["chosen_input_ids"], first["chosen_labels"])
-        report["first_rejected"] = render_masked(tokenizer, first["rejected_input_ids"], first["rejected_labels"])
-    else:
-        report["desirable"] = s.desirable
-        ids = first["prompt_ids"] + first["completion_ids"]
-        report["first_sample"] = render_masked(tokenizer, ids, [IGNORE_INDEX] * len(first["prompt_ids"])
-                                               + first["completion_ids"])
-    return report
