@@ -15,9 +15,11 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
+from qlora_trainer.memory.estimate import MemoryEstimate, estimate_for_config, resolve_arch
+from qlora_trainer.memory.inference import generation_memory
+
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
-    from qlora_trainer.memory.estimate import MemoryEstimate
 
 PAIRED = ("dpo", "ipo", "orpo", "simpo")
 
@@ -32,13 +34,10 @@ def step_shape(cfg: "Config") -> tuple[int, int]:
     return b, t
 
 
-def estimate_for_objective(cfg: "Config", checkpointed_layers: int | None = None) -> "MemoryEstimate | None":
+def estimate_for_objective(cfg: "Config", checkpointed_layers: int | None = None) -> MemoryEstimate | None:
     """``estimate_for_config`` with the objective's step shape; GRPO adds its rollout moment
     (``phases["generation"]``: KV cache + workspace) and, where that moment is the larger one, the
     difference as ``components["generation_extra"]``."""
-    from qlora_trainer.memory.estimate import estimate_for_config, resolve_arch
-    from qlora_trainer.memory.inference import generation_memory
-
     shaped = copy.deepcopy(cfg)
     shaped.train.batch_size, shaped.data.seq_len = step_shape(cfg)
     est = estimate_for_config(shaped, checkpointed_layers)

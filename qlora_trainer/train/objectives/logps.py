@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.data.formats import IGNORE_INDEX
+from qlora_trainer.lora.multi import disable_adapters
 from qlora_trainer.train.loss import decoder
 
 
@@ -59,8 +60,6 @@ def reference_token_logps(model: nn.Module, batch: dict[str, torch.Tensor], *, c
                           ) -> torch.Tensor:
     """:func:`token_logps` of the reference policy: the base with every adapter off (so adapter
     dropout does not apply). Returns (B, T-1) fp32 without gradient."""
-    from qlora_trainer.lora.multi import disable_adapters
-
     with disable_adapters(model):
         logps, _ = token_logps(model, batch, chunk_size=chunk_size)
     return logps

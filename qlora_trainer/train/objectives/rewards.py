@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from qlora_trainer.errors import ConfigError
+from qlora_trainer.evaluate.extractors import score_one
 
 RewardFn = Callable[..., list]
 _FORMAT = re.compile(r"####\s*-?\$?\d[\d,]*(?:\.\d+)?\s*$")
@@ -36,8 +37,6 @@ _FORMAT = re.compile(r"####\s*-?\$?\d[\d,]*(?:\.\d+)?\s*$")
 def gsm8k_exact(prompts: list[str], completions: list[str], answer: list[str] | None = None,
                 **_: Any) -> list[float]:
     """1.0 where the completion's GSM8K answer equals the reference ``answer`` column's."""
-    from qlora_trainer.evaluate.extractors import score_one
-
     if answer is None:
         raise ConfigError("grpo.rewards: gsm8k_exact needs an 'answer' column in the data")
     return [float(score_one(c, a, "gsm8k").correct) for c, a in zip(completions, answer)]

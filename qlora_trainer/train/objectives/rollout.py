@@ -19,6 +19,7 @@ from torch import nn
 
 from qlora_trainer.data.formats import IGNORE_INDEX
 from qlora_trainer.data.preference import pad_rows
+from qlora_trainer.evaluate.generation import GenerationSettings, generate_batch
 from qlora_trainer.train.objectives.grpo import group_advantages
 from qlora_trainer.train.objectives.logps import reference_token_logps
 from qlora_trainer.train.objectives.rewards import RewardFn, score
@@ -42,8 +43,6 @@ class Rollout:
     def __call__(self, model: nn.Module, batch: dict[str, list], *, step: int, index: int) -> dict[str, torch.Tensor]:
         """Prompt-only micro-batch (``prompt_text`` + extra columns, lists of B) -> (B*G)-row batch:
         ``input_ids``/``labels``/``attention_mask`` (B*G, T), ``advantages`` (B*G,), reward columns."""
-        from qlora_trainer.evaluate.generation import GenerationSettings, generate_batch
-
         prompts = [p for p in batch["prompt_text"] for _ in range(self.group)]
         columns = {k: [v for v in vals for _ in range(self.group)] for k, vals in batch.items() if k != "prompt_text"}
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, sample=True, temperature=self.temperature,
