@@ -118,10 +118,14 @@ class DataConfig:
     path: str = "builtin:demo"
     """A file (.jsonl .json .csv .parquet .txt), a directory, a hub dataset name, or ``builtin:demo``
     (a small generated instruction set). ``$QLORA_DATA`` (default ``../shared/data``) expands in paths."""
-    format: Literal["text", "instruction", "chat", "prompt_completion", "sharegpt"] = "instruction"
+    format: Literal["text", "instruction", "chat", "prompt_completion", "sharegpt", "preference",
+                    "unpaired", "prompt_only"] = "instruction"
     """How records become token sequences and which tokens carry loss. ``chat``: OpenAI messages
     (``messages: [{role, content}]``); ``sharegpt``: ``conversations: [{from, value}]``; both render
-    through the chat template and train on assistant turns only."""
+    through the chat template and train on assistant turns only. ``preference``: ``prompt``/``chosen``/
+    ``rejected`` pairs (no ``prompt``: the shared prefix is the prompt; strings or messages);
+    ``unpaired``: ``prompt``/``completion``/``label`` (KTO). Each side is scored on its completion only.
+    ``prompt_only``: ``prompt`` plus any columns the GRPO reward functions read (e.g. ``answer``)."""
     seq_len: int = 512
     """Maximum tokens per training sequence (packed block length when ``pack`` is on)."""
     split: str = "train"
@@ -191,6 +195,12 @@ class TrainConfig:
     averages gradients; ``fsdp`` also shards the NF4 base, adapters and optimizer state across the
     GPUs (FSDP2 ``fully_shard`` per decoder layer; needs ``quantization.quant_storage`` = the compute
     dtype). ``none``: one process. See docs/distributed.md."""
+    objective: Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo", "grpo"] = "sft"
+    """What the step minimises: ``sft`` (token-mean next-token loss), ``dpo``/``ipo``/``orpo``/``simpo``
+    (paired preference data, ``data.format: preference``), ``kto`` (``data.format: unpaired``) or ``grpo``
+    (``data.format: prompt_only``; completions sampled each step, scored by ``grpo.rewards``).
+    DPO, IPO and KTO use the base with the adapter switched off as the reference (no second model);
+    settings in the ``preference`` section. Definitions match TRL's (docs/preference.md)."""
 
 
 @dataclass
@@ -260,6 +270,50 @@ TRACKERS = ("tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "cle
 
 
 @dataclass
+class PreferenceConfig:
+    beta: float = 0.1
+    """Temperature of the preference loss (DPO/IPO/KTO/ORPO/SimPO's beta; SimPO's paper uses ~2)."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's preference is flipped (conservative DPO, SimPO); 0 = plain."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (the loss uses gamma / beta)."""
+    simpo_nll_weight: float = 0.0
+    """Weight of the chosen completions' NLL added to SimPO's loss (TRL's cpo_alpha; 0 = pure SimPO)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable (label true) examples' losses."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable (label false) examples' losses."""
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = 4
+    """Completions sampled per prompt (the group whose rewards are normalised)."""
+    max_completion_length: int = 64
+    """New tokens per completion at most (also dr_grpo's normaliser)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts (1 = off)."""
+    beta: float = 0.0
+    """Weight of the KL to the adapter-off reference (0: no reference forward, TRL's default)."""
+    epsilon: float = 0.2
+    """Lower clip of the probability ratio (1 - epsilon)."""
+    epsilon_high: float | None = None
+    """Upper clip (1 + epsilon_high); unset = epsilon (DAPO's clip-higher sets it larger)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """Loss normalisation as TRL names them: per-sequence token means (grpo), a token mean (bnpo, dapo:
+    over the whole step here, so both are one large batch's) or sum / (completions x max length) (dr_grpo)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantages divided by the reward std of the group, of the batch, or not at all."""
+    rewards: list[str] | None = None
+    """Reward functions (unset: none; GRPO needs one): ``gsm8k_exact``, ``gsm8k_format``, ``module:function`` or ``file.py:function``,
+    each called as ``fn(prompts=, completions=, **columns) -> list[float]``."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward function (unset: all 1)."""
+
+
+@dataclass
 class OutputConfig:
     log_every: int = 1
     """Write a metrics.jsonl line (and refresh the progress bar) every N optimizer steps."""
@@ -287,6 +341,8 @@ class Config:
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     output_dir: str = "outputs/run"
     """Where the adapter, metrics.jsonl and checkpoints go."""
     resume: str | None = None
@@ -317,6 +373,7 @@ class Config:
                               f"size the run; set one of them (train.max_steps=null to count in epochs)")
         if self.train.epochs is None and self.train.max_steps is None:
             self.train.max_steps = 100
+        self._check_objective()
         lc = self.lora
         if lc.variant == "adalora" and lc.adalora_target_r > lc.r:
             raise ConfigError(f"lora.adalora_target_r: must be <= lora.r, AdaLoRA's initial rank "
@@ -342,6 +399,26 @@ class Config:
                 if bad:
                     raise ConfigError(f"{key}: not supported with train.distributed=fsdp; use ddp or turn it off")
         return self
+
+    def _check_objective(self) -> None:
+        """train.objective against data.format (the objective decides what a batch holds)."""
+        need = {"sft": None, "kto": "unpaired", "grpo": "prompt_only"}.get(self.train.objective, "preference")
+        fmt = self.data.format
+        if need is None and fmt in ("preference", "unpaired", "prompt_only"):
+            raise ConfigError(f"data.format: {fmt} data trains with a preference objective; set train.objective "
+                              "(dpo, ipo, orpo or simpo for preference pairs, kto for unpaired)")
+        if need is not None and fmt != need:
+            raise ConfigError(f"train.objective: {self.train.objective} needs data.format={need} "
+                              f"(got {fmt})")
+        if need is not None and self.data.pack:
+            raise ConfigError(f"data.pack: not supported with train.objective={self.train.objective}; set it false")
+        g = self.grpo
+        if self.train.objective == "grpo" and not g.rewards:
+            raise ConfigError("grpo.rewards: train.objective=grpo needs at least one reward function "
+                              "(gsm8k_exact, gsm8k_format, module:function or file.py:function)")
+        if g.reward_weights is not None and len(g.reward_weights) != len(g.rewards or []):
+            raise ConfigError(f"grpo.reward_weights: {len(g.reward_weights)} weights for {len(g.rewards or [])} "
+                              "grpo.rewards; give one per function")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

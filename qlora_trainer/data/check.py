@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qlora_trainer.data.formats import IGNORE_INDEX
+from qlora_trainer.data.formats import IGNORE_INDEX, PREFERENCE_FORMATS
 from qlora_trainer.data.pipeline import prepare
+from qlora_trainer.data.preference import PreferenceStats
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"  # around tokens that carry no loss in the rendered sample
 
@@ -13,6 +14,9 @@ MASK_OPEN, MASK_CLOSE = "[[", "]]"  # around tokens that carry no loss in the re
 def check_data(cfg: Any, tokenizer: Any, *, seed: int) -> dict[str, Any]:
     """Build the datasets of ``cfg`` (a full Config) and summarise them as a JSON-able dict."""
     prep = prepare(cfg.data, tokenizer, seed=seed)
+    if cfg.data.format in PREFERENCE_FORMATS:
+        return {"path": cfg.data.path, "format": cfg.data.format, "seq_len": cfg.data.seq_len,
+                **preference_report(prep, tokenizer), "warnings": []}
     s = prep.stats
     lengths = sorted(s.lengths)
     first = prep.train[0]
@@ -52,6 +56,10 @@ def render_masked(tokenizer: Any, ids: list[int], labels: list[int]) -> str:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    if r["format"] in PREFERENCE_FORMATS:
+        import json
+
+        return json.dumps(r, indent=2)
     pct = "  ".join(f"{k}={v}" for k, v in r["length_percentiles"].items())
     lines = [
         f"data: {r['path']}  (format {r['format']}, seq_len {r['seq_len']})",
@@ -92,3 +100,28 @@ def _warnings(r: dict[str, Any]) -> list[str]:
     if r["length_percentiles"]["p100"] < r["seq_len"] // 4 and r["format"] != "text":
         w.append("samples are much shorter than seq_len; data.pack=true would cut padding")
     return w
+
+
+def preference_report(prep: Any, tokenizer: Any) -> dict[str, Any]:
+    """``data-check``'s preference fields: pairs, lengths and truncation per side, a first sample."""
+    s: PreferenceStats = prep.stats
+    report: dict[str, Any] = {"records": s.records, "pairs" if "chosen" in s.lengths else "examples": s.pairs,
+                              "dropped_no_completion": s.dropped,
+                              "train_sequences": len(prep.train),
+                              "eval_sequences": len(prep.eval) if prep.eval is not None else 0}
+    for side, lengths in s.lengths.items():
+        srt = sorted(lengths)
+        report[side] = {"tokens": sum(srt), "length_percentiles": {f"p{q}": _pct(srt, q) for q in (0, 50, 90, 100)},
+                        "prompt_truncated": s.prompt_truncated[side], "answer_truncated": s.answer_truncated[side]}
+    first = prep.train[0]
+    if "prompt_text" in first:
+        report["first_prompt"] = first["prompt_text"]
+    elif "chosen_input_ids" in first:
+        report["first_chosen"] = render_masked(tokenizer, first["chosen_input_ids"], first["chosen_labels"])
+        report["first_rejected"] = render_masked(tokenizer, first["rejected_input_ids"], first["rejected_labels"])
+    else:
+        report["desirable"] = s.desirable
+        ids = first["prompt_ids"] + first["completion_ids"]
+        report["first_sample"] = render_masked(tokenizer, ids, [IGNORE_INDEX] * len(first["prompt_ids"])
+                                               + first["completion_ids"])
+    return report

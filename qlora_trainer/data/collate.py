@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from qlora_trainer.data import preference
 from qlora_trainer.data.formats import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -150,7 +151,11 @@ def make_dataloader(dataset: Any, *, cfg: "DataConfig", tokenizer: Any, batch_si
     number of batches (the shortest shard's count, computed alike on every rank), so ranks step together.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lengths = _lengths(dataset)
+    collate = partial(pad_collate, pad_id=pad_id)
+    if preference.is_preference(dataset):  # pairs / unpaired examples: their own rows and batches
+        lengths, collate = preference.row_lengths(dataset), preference.collate_for(dataset, pad_id)
+    else:
+        lengths = _lengths(dataset)
     per_rank = [_rank_batches(lengths, shard_order(len(lengths), seed=seed, epoch=epoch, shuffle=shuffle,
                                                    rank=r, world=world), cfg, batch_size, seed, epoch, shuffle, world)
                 for r in range(world)]
@@ -159,7 +164,7 @@ def make_dataloader(dataset: Any, *, cfg: "DataConfig", tokenizer: Any, batch_si
         blocks = [block for batch in batches for block in batch]
         return DataLoader(_Packed(dataset, blocks), batch_size=batch_size, shuffle=False,
                           collate_fn=partial(pack_collate, pad_id=pad_id))
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=partial(pad_collate, pad_id=pad_id))
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
 
 
 def shard_order(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world: int = 1) -> list[int]:

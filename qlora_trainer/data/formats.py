@@ -37,7 +37,12 @@ FIELDS: dict[str, dict[str, bool]] = {
     "prompt_completion": {"prompt": True, "completion": True},
     "chat": {"messages": True},
     "sharegpt": {"conversations": True},
+    # preference formats as TRL defines them (data/preference.py); no prompt column = implicit prompt
+    "preference": {"prompt": False, "chosen": True, "rejected": True},
+    "unpaired": {"prompt": True, "completion": True, "label": True},
+    "prompt_only": {"prompt": True},  # + any columns the reward functions read
 }
+PREFERENCE_FORMATS = ("preference", "unpaired", "prompt_only")
 CHAT_FORMATS = ("chat", "sharegpt")  # rendered through a chat template
 
 # ShareGPT ``from`` -> chat role

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qlora_trainer.data import formats
+from qlora_trainer.data import formats, preference
 from qlora_trainer.data.sources import load_records, record_line, split_records
 from qlora_trainer.errors import DataError
 from qlora_trainer.data.templates import resolve_chat_template
@@ -54,6 +54,9 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> tuple["Da
     with labels -100 on tokens that carry no loss. Raises DataError before training on bad data."""
     prep = prepare(cfg, tokenizer, seed=seed)
     s = prep.stats
+    if cfg.format in formats.PREFERENCE_FORMATS:  # preference data: per-side counts (data/preference.py)
+        _warn_preference(s, cfg.seq_len)
+        return prep.train, prep.eval
     if s.prompt_truncated or s.answer_truncated:
         log.warning("data: %d samples longer than seq_len=%d had their prompt cut from the left, %d their answer "
                     "cut on the right", s.prompt_truncated, cfg.seq_len, s.answer_truncated)
@@ -64,6 +67,8 @@ def build_datasets(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> tuple["Da
 
 def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     """:func:`build_datasets` plus the statistics and the raw training records."""
+    if cfg.format in formats.PREFERENCE_FORMATS:
+        return _prepare_preference(cfg, tokenizer, seed)
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no EOS token: set one (tokenizer.eos_token) or use a tokenizer that has "
                         "one, otherwise the model never learns to stop")
@@ -108,6 +113,33 @@ def prepare(cfg: "DataConfig", tokenizer: Any, *, seed: int) -> PreparedData:
     if ev is not None:
         ev = _finish(ev.filter(lambda n: n > 0, input_columns="n_target"))
     return PreparedData(train, ev, stats, raw)
+
+
+def _prepare_preference(cfg: "DataConfig", tokenizer: Any, seed: int) -> PreparedData:
+    """:func:`prepare` for the preference formats (``data/preference.py``): its ``stats`` is a
+    ``PreferenceStats``."""
+    cols = formats.column_names(cfg.format, cfg.fields)
+    raw = load_records(cfg.path, split=cfg.split)
+    preference.validate_preference(raw, cfg.format, cols, _namer(cfg.path, raw))  # file:line before shuffling
+    raw = _limit(raw, cfg.max_samples, seed)
+    raw_eval = None
+    if cfg.eval_path:
+        raw_eval = load_records(cfg.eval_path, split=cfg.split, key="data.eval_path")
+        preference.validate_preference(raw_eval, cfg.format, cols, _namer(cfg.eval_path, raw_eval))
+    else:
+        raw, raw_eval = split_records(raw, cfg.eval_fraction, seed)
+    train, ev, stats = preference.tokenize_preference(cfg, tokenizer, raw, raw_eval, cols)
+    return PreparedData(train, ev, stats, raw)
+
+
+def _warn_preference(s: Any, seq_len: int) -> None:
+    for side in s.lengths:
+        if s.prompt_truncated[side] or s.answer_truncated[side]:
+            log.warning("data: %s side: %d samples longer than seq_len=%d had their prompt cut from the left, %d "
+                        "their answer cut on the right", side, s.prompt_truncated[side], seq_len,
+                        s.answer_truncated[side])
+    if s.dropped:
+        log.warning("data: dropped %d records with no completion token left", s.dropped)
 
 
 class _Tokenize:

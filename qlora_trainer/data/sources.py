@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from qlora_trainer.errors import DataError
 from qlora_trainer.io import read_text
 from qlora_trainer.runtime import expand_path
+from qlora_trainer.data.builtin_pairs import BUILTIN_PAIRS, builtin_pairs
 from qlora_trainer.data.demo import demo_dataset
 
 if TYPE_CHECKING:
@@ -36,8 +37,11 @@ def load_records(path: str, *, split: str = "train", key: str = "data.path") -> 
     unreachable hub dataset.
     """
     if path.startswith("builtin:"):
+        if path in BUILTIN_PAIRS:  # preference pairs (data.format: preference)
+            return builtin_pairs(path)
         if path != "builtin:demo":
-            raise DataError(f"{key}: unknown built-in dataset {path!r}; the only one is 'builtin:demo'")
+            raise DataError(f"{key}: unknown built-in dataset {path!r}; one of 'builtin:demo', "
+                            f"{', '.join(repr(b) for b in BUILTIN_PAIRS)}")
         return demo_dataset()
     p = Path(expand_path(path))
     if p.is_file():

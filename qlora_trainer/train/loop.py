@@ -17,7 +17,7 @@ import torch
 from qlora_trainer.data import make_dataloader
 from qlora_trainer.errors import DataError, QloraError
 from qlora_trainer.io import atomic_write_text, writing
-from qlora_trainer.memory import estimate_for_config
+from qlora_trainer.memory.objectives import estimate_for_objective
 from qlora_trainer.memory.checkpoint_plan import device_budget, plan_checkpoint_layers
 from qlora_trainer.train.checkpoint import checkpoint_dirs
 from qlora_trainer.train.resume import json_line, metrics_lines
@@ -114,8 +114,9 @@ def check_output_dir(cfg: "Config", out: Path, resume: Path | None, main: bool =
 def log_memory_estimate(cfg: "Config", device: torch.device) -> None:
     """Log the memory estimator's prediction; warn when it exceeds the GPU (advisory only)."""
     try:
-        # the layers prepare_model checkpoints on this device (performance.checkpoint_layers)
-        est = estimate_for_config(cfg, plan_checkpoint_layers(cfg, device_budget(device)))
+        # the layers prepare_model checkpoints on this device (performance.checkpoint_layers); the
+        # objective's step shape (2x sequences for preference pairs, GRPO's rollouts)
+        est = estimate_for_objective(cfg, plan_checkpoint_layers(cfg, device_budget(device)))
     except Exception as e:  # noqa: BLE001 - the estimate is advisory; training goes on without it
         log.info("memory estimate unavailable: %s", e)
         return

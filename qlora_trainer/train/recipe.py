@@ -48,6 +48,8 @@ from qlora_trainer.train.budget import already_complete, budget_label, checkpoin
 from qlora_trainer.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, rng_state, save_checkpoint
 from qlora_trainer.train.guards import StepGuard, check_finite_params, clean_temporaries, preflight
 from qlora_trainer.train.lock import output_lock
+from qlora_trainer.train.objectives import build_objective
+from qlora_trainer.train.objectives.step import accumulate
 from qlora_trainer.train.loop import (Interrupts, MetricsFile, NoMetrics, check_output_dir, log_memory_estimate,
                                       memory_gb, micro_batches, progress_bar)
 from qlora_trainer.train.resume import check_data, check_resume_config, data_fingerprint
@@ -181,6 +183,7 @@ class Recipe:
         self.applying: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.window_tokens, self.window_t = 0, time.perf_counter()  # input tokens since the last logged row
         self.bar: Any = None  # the progress bar while train() runs
+        self.step_metrics: dict[str, float] = {}  # the objective's metrics of the last step (rewards, margins)
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -236,8 +239,15 @@ class Recipe:
         allocator = allocator_for(model, cfg)  # lora.variant adalora: rank budget reallocation, else None
         if allocator is not None:
             self.hooks.append(AdaLoRAHook(allocator))
+        # train.objective: what a micro-batch contributes (train/objectives); SFT runs the plain step
+        self.objective = build_objective(cfg, self.tokenizer)
+        if self.objective.name != "sft" and self.eval_ds is not None:
+            log.info("train.objective=%s: no held-out loss evaluation (eval_fraction / eval_path ignored)",
+                     self.objective.name)
+            self.eval_ds = None
+        loss = self.loss or (causal_lm_loss if self.objective.name == "sft" else self.objective.loss)
         # micro-batch -> summed loss (DDP / FSDP when launched so)
-        self.engine = par.wrap(model, cfg, self.dtype, loss=self.loss or causal_lm_loss)
+        self.engine = par.wrap(model, cfg, self.dtype, loss=loss)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def setup_optimizer(self) -> None:
@@ -281,25 +291,24 @@ class Recipe:
         backward of every micro-batch, its summed loss scaled by 1 / (the step's global loss-token
         count), gradient sync, clipping to ``train.max_grad_norm``, then (unless the loss or norm is
         non-finite) optimizer and scheduler step and the data position advanced."""
-        cfg, par, device, state = self.cfg, self.par, self.device, self.state
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
-        n_loss = int(par.sum([n_local])[0])  # the global token count: the loss is the global token mean
-        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
-        for k, (_, _, batch) in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with par.no_sync(self.engine, last=k == len(micro) - 1):
-                with self.accelerator.autocast():
-                    loss_sum, _ = self.engine(batch)
-                (loss_sum * par.loss_scale(n_loss)).backward()
-            step_loss += loss_sum.detach()
-            self.window_tokens += int(batch["input_ids"].numel())
+        cfg, par, state = self.cfg, self.par, self.state
+        if self.objective.name == "sft":
+            step_loss, n_loss, self.step_metrics = self._accumulate_sft(micro)
+        else:  # the objective runs the micro-batches (train/objectives/step.py)
+            res = accumulate(self.objective, self.engine, [b for _, _, b in micro], par, self.accelerator,
+                             self.device, model=self.model, step=state.step)
+            step_loss, n_loss, self.step_metrics = None, int(res.scored_tokens), res.metrics
+            self.window_tokens += res.input_tokens
         for hook in self.hooks:
             hook.after_backward(self)
         par.sync_grads(self.params)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        loss_total, self.window_all = par.sum([float(step_loss), self.window_tokens])  # global: ranks decide alike
-        loss = loss_total / max(n_loss, 1)
+        if step_loss is None:
+            loss, self.window_all = res.loss, par.sum([self.window_tokens])[0]
+        else:
+            loss_total, self.window_all = par.sum([float(step_loss), self.window_tokens])  # global: ranks decide alike
+            loss = loss_total / max(n_loss, 1)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.guard.bad(state.step + 1, loss, grad_norm):  # skipped: data moves on
             self.optimizer.zero_grad(set_to_none=True)
@@ -320,6 +329,24 @@ class Recipe:
             self.log_step(stats)
         return stats
 
+    def _accumulate_sft(self, micro: list[tuple[int, int, dict[str, torch.Tensor]]]
+                        ) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """Forward + backward of the SFT micro-batches: each summed loss scaled by 1 / (the step's global
+        loss-token count). Returns (this rank's summed loss, the global loss-token count, no metrics)."""
+        par, device = self.par, self.device
+        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, _, b in micro)
+        n_loss = int(par.sum([n_local])[0])  # the global token count: the loss is the global token mean
+        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
+        for k, (_, _, batch) in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with par.no_sync(self.engine, last=k == len(micro) - 1):
+                with self.accelerator.autocast():
+                    loss_sum, _ = self.engine(batch)
+                (loss_sum * par.loss_scale(n_loss)).backward()
+            step_loss += loss_sum.detach()
+            self.window_tokens += int(batch["input_ids"].numel())
+        return step_loss, n_loss, {}
+
     def log_step(self, stats: StepStats) -> None:
         """Every ``output.log_every`` steps (and the last): a metrics row and the progress bar."""
         cfg, state = self.cfg, self.state
@@ -329,6 +356,7 @@ class Recipe:
             row = {"step": state.step, "epoch": state.epoch, "loss": stats.loss, "lr": stats.lr,
                    "grad_norm": round(stats.grad_norm, 6), "tokens_per_s": round(tok_s, 1),
                    "mem_gb": round(memory_gb(self.device), 3), "tokens": state.tokens}
+            row |= {k: round(v, 6) for k, v in self.step_metrics.items()}  # preference rewards, margins
             for hook in self.hooks:
                 row |= hook.log_fields(self)
             self.metrics.write(row)

@@ -130,11 +130,14 @@ def data_fingerprint(train_ds: Any) -> str:
     import numpy as np
 
     h = hashlib.sha256(str(len(train_ds)).encode())
+    names = [n for n in train_ds.column_names if n.endswith(("input_ids", "labels", "_ids"))]  # + preference rows
     for table in train_ds.with_format("arrow").iter(batch_size=8192):
-        for name in ("input_ids", "labels"):
+        for name in names:
             for chunk in table.column(name).chunks:
                 h.update(np.diff(chunk.offsets.to_numpy()).astype(np.int64).tobytes())  # row lengths
                 h.update(chunk.flatten().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        if "label" in table.column_names:  # unpaired preference: desirable or not
+            h.update(table.column("label").to_numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:16]
 
 
