@@ -8,6 +8,7 @@ editable checkout. The wheel is built from a copy of the sources (the checkout s
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,18 @@ def test_wheel_installs_kernels_only_inside_the_package(wheel_names):
     assert "kernels" not in tops  # transformers probes for the Hugging Face `kernels` package by that name
     assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"qlora_trainer"}
     assert "qlora_trainer/kernels/__init__.py" in wheel_names
+
+
+@pytest.mark.skipif(not os.environ.get("QLORA_TEST_INSTALLED"), reason="only where the wheel is installed")
+def test_the_suite_imports_the_installed_wheel_not_the_checkout():
+    """`make test-lowest` installs the built wheel (not editable) and sets QLORA_TEST_INSTALLED: the
+    package, its kernels and a Python started from the repo root all resolve to site-packages."""
+    import qlora_trainer
+    import qlora_trainer.kernels
+
+    for mod in (qlora_trainer, qlora_trainer.kernels):
+        path = Path(mod.__file__).resolve()
+        assert "site-packages" in path.parts and ROOT not in path.parents, path
+    code = "import qlora_trainer.kernels as k; print(k.__file__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "site-packages" in run.stdout, run.stderr[-2000:]
