@@ -66,10 +66,12 @@ test: $(STAMP)
 # ... and simulates a CPU without AVX512 (this one may have AVX512-BF16): see tests/conftest.py.
 # Tests import the installed wheel: cwd is kept off sys.path (pytest's console script, importlib
 # mode, PYTHONSAFEPATH for the Pythons tests start) and QLORA_TEST_INSTALLED makes
-# tests/test_packaging.py check that `qlora_trainer` comes from site-packages.
+# tests/test_packaging.py check that `qlora_trainer` comes from site-packages. An installed package
+# cannot find ../shared/data from its own location: QLORA_DATA names it.
 test-lowest: wheel-lowest
 	$(VENV_LOWEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|bitsandbytes|accelerate|datasets|peft|safetensors|triton|numpy|qlora.trainer)==' | tr '\n' ' '; echo
 	ATEN_CPU_CAPABILITY=avx2 QLORA_SIMULATE_CPU=avx2 QLORA_TEST_INSTALLED=1 PYTHONSAFEPATH=1 \
+		QLORA_DATA=$${QLORA_DATA:-$(abspath ../shared/data)} \
 		PATH=$(abspath $(VENV_LOWEST)/bin):$$PATH $(PYTEST_CMD) $(LOWEST_TESTS)
 
 clean:
