@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 _BLOCK = 1024
 _WARPS = 4
@@ -36,6 +37,14 @@ def _dropout_kernel(T, SEED, ACC_IN, OUT, n, thresh, scale, ACC: tl.constexpr, B
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _traceable(kernel):
+    """``torch.library.wrap_triton(kernel)``, so torch.compile traces the launch; a kernel of the
+    Triton interpreter (TRITON_INTERPRET=1: ``@triton.jit`` makes an ``InterpretedFunction``, not a
+    ``JITFunction``) is launched as it is: torch < 2.13's ``wrap_triton`` rejects it, and an eager
+    launch needs no wrapper (torch >= 2.13 returns it unwrapped too). Compiled kernels are unchanged."""
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
 @torch.library.triton_op("qlora_trainer::lora_dropout", mutates_args=())
 def _lora_dropout(t: torch.Tensor, seed: torch.Tensor, thresh: int, scale: float,
                   acc: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,8 +53,8 @@ def _lora_dropout(t: torch.Tensor, seed: torch.Tensor, thresh: int, scale: float
     n = t.numel()
     out = torch.empty_like(t)
     grid = (triton.cdiv(n, _BLOCK),)
-    torch.library.wrap_triton(_dropout_kernel)[grid](t, seed, out if acc is None else acc, out, n, thresh, scale,
-                                                     ACC=acc is not None, BLOCK=_BLOCK, num_warps=_WARPS)
+    _traceable(_dropout_kernel)[grid](t, seed, out if acc is None else acc, out, n, thresh, scale,
+                                      ACC=acc is not None, BLOCK=_BLOCK, num_warps=_WARPS)
     return out
 
 

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 class CpuOffloader:
     """Saved-tensor hooks that park packed tensors in pinned CPU memory (CUDA tensors only).
 
-    ``packed`` counts tensors seen and ``offloaded_bytes`` the bytes actually moved, per
+    ``packed`` counts the non-empty tensors seen and ``offloaded_bytes`` the bytes actually moved, per
     instance (for logs and tests)."""
 
     def __init__(self) -> None:
@@ -54,6 +54,8 @@ class CpuOffloader:
         return self._streams[device]
 
     def _pack(self, t: torch.Tensor):
+        if t.numel() == 0:  # torch < 2.13's checkpoint also saves an empty placeholder per call
+            return t
         self.packed += 1
         if t.device.type != "cuda":
             return t

@@ -107,7 +107,10 @@ def _assert_same_run(two: Path, one: Path) -> None:
     assert c2 == c1 and set(t2) == set(t1)
     for k in t1:
         assert t2[k].dtype == t1[k].dtype and t2[k].shape == t1[k].shape
-        torch.testing.assert_close(t2[k], t1[k], rtol=1e-4, atol=1e-5)
+        # Adam gives every element a step of about lr (3e-3) whatever its gradient's size, so an element
+        # whose gradient is near zero carries the summation-order rounding into the weights: 1.1e-5
+        # seen once with torch 2.11 under AVX2 dispatch
+        torch.testing.assert_close(t2[k], t1[k], rtol=1e-4, atol=5e-5)
 
 
 # ------------------------------------------------------------------------------------------------
