@@ -42,18 +42,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features that change bitsandbytes' CPU branches (``/proc/cpuinfo`` flags)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
-    except OSError:
-        pass
-    return []
-
-
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -84,7 +72,8 @@ def summarize(rows: list[dict]) -> dict:
 def to_markdown(doc: dict) -> str:
     s, d = doc["summary"], doc["device"]
     lines = [f"# One CPU training step: qlora_trainer vs the HF stack ({doc['spec']['model']})", "",
-             f"{d['cpu']} ({' '.join(d.get('cpu_flags', []))}), {doc['threads']} thread(s); load average before {d['load_before']}, "
+             f"{d['cpu']} ({' '.join(d.get('cpu_flags', []))}), {doc['threads']} thread(s); "
+             f"load average before {d['load_before']}, "
              f"after {d['load_after']}; {d['date']}", "",
              "versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items() if v), "",
              f"seq {doc['spec']['seq_len']}, batch {doc['spec']['batch']}, fp32, LoRA r {doc['spec']['lora_r']} "
@@ -122,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # inherited by every child (child_env copies os.environ)
     stamp = device_info("python -m benchmarks.cpu_step " + shlex.join(sys.argv[1:] if argv is None else argv))
-    stamp.update(cpu=cpu_model(), cpu_flags=cpu_flags(), load_before=load_average())
+    from qlora_trainer.doctor import cpu_features
+
+    features = cpu_features()  # what bitsandbytes' CPU branches see
+    flags = [k for k in ("avx512f", "avx512_bf16") if features.get(k)] + [features["torch_cpu_capability"]]
+    stamp.update(cpu=cpu_model(), cpu_flags=flags, cpu_features=features, load_before=load_average())
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="qlora-cpu-step-") as work:
         _, ckpt = prepare_weights(a.model, Path(work) / "ckpt", 0, timeout=a.timeout)
