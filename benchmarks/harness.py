@@ -91,6 +91,7 @@ def measure(build: Callable[[RunSpec], Built], spec: RunSpec) -> dict:
         row["load_peak_gb"] = torch.cuda.max_memory_allocated(device) / GIB
         row["weights_gb"] = torch.cuda.memory_allocated(device) / GIB
         torch.cuda.reset_peak_memory_stats(device)
+    rss = {} if cuda else _reset_peak_rss()
     t = time_steps(built, spec, device)
     med = statistics.median(t["step_seconds"]) if t["step_seconds"] else float("nan")
     row.update(
@@ -101,7 +102,36 @@ def measure(build: Callable[[RunSpec], Built], spec: RunSpec) -> dict:
     )
     if not cuda:
         row["weights_gb"] = None
+        row.update(rss)
+        row["peak_rss_gb"] = _proc_status_gb("VmHWM")
+        if row["peak_rss_gb"] is not None and rss["rss_after_load_gb"] is not None:
+            row["step_extra_rss_gb"] = row["peak_rss_gb"] - rss["rss_after_load_gb"]
     return row
+
+
+def _proc_status_gb(key: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process from ``/proc/self/status`` in GB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> dict:
+    """On the CPU: the resident set after loading, then the kernel's peak-RSS mark reset (Linux
+    ``clear_refs`` 5), so ``VmHWM`` afterwards is the training steps' peak."""
+    import gc
+
+    gc.collect()
+    rss = {"rss_after_load_gb": _proc_status_gb("VmRSS")}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return rss
 
 
 def system_main(name: str, build: Callable[[RunSpec], Built], argv: list[str] | None = None) -> int:

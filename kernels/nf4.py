@@ -91,27 +91,70 @@ class NF4Weight:
 def block_scales(w: NF4Weight) -> torch.Tensor:
     """The fp32 scale of every quantization block (ceil(n/blocksize),), double-quant aware:
     ``code2[absmax_u8[b]] * absmax2[b // blocksize2] + offset`` (a multiply, then an add: the same
-    two roundings as bitsandbytes and the Triton kernel)."""
+    two roundings as bitsandbytes and the Triton kernel). Decoded once per weight: one 256-entry
+    gather, the second-level scales broadcast per group of ``blocksize2`` (no index tensor)."""
     if w.code2 is None:
         return w.absmax.float()
-    blk2 = torch.arange(w.absmax.numel(), device=w.absmax.device) // w.blocksize2
-    return w.code2[w.absmax.long()] * w.absmax2[blk2] + w.offset
+    n_blocks, bs2 = w.absmax.numel(), w.blocksize2
+    groups = -(-n_blocks // bs2)
+    scale = torch.empty(groups * bs2, dtype=torch.float32, device=w.absmax.device)
+    torch.index_select(w.code2, 0, w.absmax.int(), out=scale[:n_blocks])
+    grouped = scale.view(groups, bs2)
+    grouped.mul_(w.absmax2[:groups, None])
+    return grouped.view(-1)[:n_blocks].add_(w.offset)
 
 
-def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """The values of both nibbles of every byte: (256,) int64 whose bytes are the fp32 pair
+    ``(code[b >> 4], code[b & 15])`` (high nibble first, the storage order), so that one 1-D gather
+    per packed byte yields two consecutive fp32 elements (``.view(torch.float32)``)."""
+    b = torch.arange(256, device=code.device)
+    return torch.stack((code[b >> 4], code[b & 15]), dim=1).view(torch.int64).reshape(256)
+
+
+# Packed bytes per pass of the reference: its int32 indices (512 KiB) and fp32 values (1 MiB) stay
+# in a core's L2 and are reused across passes, so only the output is allocated per call.
+REF_CHUNK_BYTES = 1 << 17
+
+
+def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-torch NF4 dequantization: (out, in) in ``dtype`` (default: the quant state's).
 
     ``W_flat[i] = code[nibble(i)] * scale[i // blocksize]`` in fp32, one rounding to ``dtype``.
-    Extra memory: the nibble indices (int64) and the fp32 result, one layer at a time (the CPU
-    path; CUDA uses the Triton kernel)."""
-    n = w.numel
+    Independent of the CPU's features; per pass of whole blocks (:data:`REF_CHUNK_BYTES` packed
+    bytes): the bytes widened to int32, one 1-D gather per byte from :func:`nf4_pair_table` (both
+    nibbles at once) written straight into the fp32 values, the block scales (decoded once)
+    applied in one in-place broadcast multiply, and for a 16-bit ``dtype`` one cast into the
+    result. ``out``: a contiguous (out, in) tensor to write into (its dtype wins); returned.
+    Extra memory: 1.5 MiB of reused buffers (plus one padded copy of W when the element count is
+    not a whole number of blocks)."""
+    dtype = out.dtype if out is not None else dtype or w.dtype
+    n, bs = w.numel, w.blocksize
+    n_blocks = -(-n // bs)
+    n_bytes = n_blocks * bs // 2  # whole blocks (blocksize is even), so the scale broadcasts per row
     q = w.packed[: (n + 1) // 2]
-    codes = torch.stack((q >> 4, q & 15), dim=1).reshape(-1).long()  # (2 * bytes,) nibble per element
-    scale = block_scales(w)  # (n_blocks,)
-    n_pad = scale.numel() * w.blocksize  # whole blocks, so the scale broadcasts per row
-    codes = torch.nn.functional.pad(codes[:n], (0, n_pad - n))
-    out = w.code[codes].view(-1, w.blocksize).mul_(scale[:, None]).view(-1)[:n]
-    return out.reshape(w.shape).to(dtype or w.dtype)
+    if q.numel() < n_bytes:
+        q = torch.nn.functional.pad(q, (0, n_bytes - q.numel()))
+    table, scale = nf4_pair_table(w.code), block_scales(w)
+    whole = out is not None and 2 * n_bytes == n and out.is_contiguous()
+    res = out.view(-1) if whole else torch.empty(2 * n_bytes, dtype=dtype, device=q.device)
+    step = max(1, REF_CHUNK_BYTES // (bs // 2)) * (bs // 2)  # whole blocks per pass
+    idx = torch.empty(min(step, n_bytes), dtype=torch.int32, device=q.device)
+    fp32 = dtype == torch.float32
+    pairs = None if fp32 else torch.empty(min(step, n_bytes), dtype=torch.int64, device=q.device)
+    for b0 in range(0, n_bytes, step):
+        b1 = min(b0 + step, n_bytes)
+        i = idx[: b1 - b0].copy_(q[b0:b1])
+        dst = res[2 * b0:2 * b1].view(torch.int64) if fp32 else pairs[: b1 - b0]
+        vals = torch.index_select(table, 0, i, out=dst).view(torch.float32).view(-1, bs)
+        vals.mul_(scale[2 * b0 // bs:2 * b1 // bs, None])
+        if not fp32:
+            res[2 * b0:2 * b1].copy_(vals.view(-1))
+    if whole:
+        return out
+    res = res[:n].view(w.shape)
+    return res if out is None else out.copy_(res)
 
 
 MAX_GROUP = 3  # members one grouped decode takes (q/k/v): the Triton kernel's pointer slots
@@ -157,9 +200,9 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
 
         return nf4_dequant(w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset,
                            w.blocksize, w.blocksize2, w.shape, dtype, out=out, rows=rows)
-    res = dequantize_nf4_reference(w, dtype)
-    if rows is not None:
-        res = res[rows[0]:rows[1]]
+    if rows is None:
+        return dequantize_nf4_reference(w, dtype, out=out)
+    res = dequantize_nf4_reference(w, dtype)[rows[0]:rows[1]]
     return res if out is None else out.copy_(res)
 
 

@@ -138,8 +138,8 @@ def checkpointed_layers(layers: int, every: int) -> int:
 REFERENCE = {"rmsnorm.fwd": (6, 3.5), "rmsnorm.bwd": (12, 4.0), "rope.fwd": (10, 4.0), "rope.bwd": (10, 4.0),
              "swiglu.fwd": (2, 1.7), "swiglu.bwd": (3, 2.0), "ce.chunk": (15, 6.0),
              "lora.dropout": (128, 100.0)}  # kernels/dropout.py: Philox in int64 ops (126) + apply (2)
-REF_DEQUANT_LAUNCHES = 14     # kernels/nf4.py dequantize_nf4_reference: nibbles, int64 codes, gathers
-REF_DEQUANT_BYTES = 52        # per element beyond the NF4 read and the output write (int64 codes, fp32)
+REF_DEQUANT_LAUNCHES = 13     # kernels/nf4.py dequantize_nf4_reference: pair table, scales, one pass (fp32)
+REF_DEQUANT_BYTES = 12        # per element beyond the NF4 read and the output write (int32 byte index, in-place scale)
 
 
 def _kernel(o: StepOptions, name: str, phase: str, read: float, write: float) -> Op:

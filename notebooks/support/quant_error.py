@@ -5,8 +5,12 @@ block. With double quantization (QLoRA §3) the fp32 constants are themselves qu
 blocks of 256 (after subtracting their mean), which cuts the constants' overhead from
 ``32 / 64 = 0.5`` to ``8 / 64 + 32 / (64 * 256) ≈ 0.127`` bits per parameter.
 
-NF4 and FP4 go through ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit``; Int4 and its
-double quantization use ``quantize_blockwise`` for the constants exactly as bitsandbytes does.
+NF4 and FP4 are quantized by ``bitsandbytes.functional.quantize_4bit`` and decoded by our reference
+(``kernels.nf4``: ``code[nibble] * scale``, the same layout for both kinds), never by bitsandbytes'
+CPU ``dequantize_4bit``, which mis-indexes the block scales on AVX512 CPUs when ``in_features`` is not a
+multiple of the block size (docs/bitsandbytes-cpu.md) and so would make the numbers depend on the
+CPU. Int4 and its double quantization use ``quantize_blockwise`` for the constants exactly as
+bitsandbytes does.
 """
 
 from __future__ import annotations
@@ -62,8 +66,14 @@ def _bnb_roundtrip(w: torch.Tensor, kind: str, blocksize: int, double_quant: boo
     """NF4 or FP4 through bitsandbytes; constant bits measured from the returned ``QuantState``."""
     import bitsandbytes.functional as F
 
+    import copy
+
+    from qlora_trainer.kernels.nf4 import NF4Weight, dequantize_nf4_reference
+
     packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=kind)
-    out = F.dequantize_4bit(packed, state)
+    layout = copy.copy(state)  # FP4 shares NF4's layout; ``state.code`` holds the kind's 16 levels
+    layout.quant_type = "nf4"
+    out = dequantize_nf4_reference(NF4Weight.from_bnb(packed, layout))
     bits = state.absmax.numel() * state.absmax.element_size() * 8
     if state.nested:
         bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8 + 32  # + fp32 offset
@@ -127,18 +137,24 @@ def model_linear_weights(model: torch.nn.Module, *, skip: tuple[str, ...] = ("lm
 
 @torch.no_grad()
 def quantized_copy(model: torch.nn.Module, kind: str, *, blocksize: int = 64, double_quant: bool = True,
-                   skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+                   skip: tuple[str, ...] = ("lm_head",), seed: int | None = None) -> torch.nn.Module:
     """A deep copy of ``model`` whose ``nn.Linear`` weights (except ``skip``) are replaced by their
     4-bit round trip (simulated quantization: the same numbers ``Linear4bit`` dequantizes to in its
     forward, for all three kinds alike). Used to compare the kinds by the model's loss, the paper's
-    metric, rather than by weight error alone."""
+    metric, rather than by weight error alone. ``seed``: quantize each weight with its input columns
+    in a random order (then restore it), so that other values share a block: another realization of
+    the same kind's rounding error (None: the stored order)."""
     import copy
 
     out = copy.deepcopy(model)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
     for name, m in out.named_modules():
         if isinstance(m, torch.nn.Linear) and not name.endswith(skip):
-            deq, _ = roundtrip(m.weight.data, kind, blocksize=blocksize, double_quant=double_quant)
-            m.weight.data.copy_(deq)
+            w = m.weight.data
+            perm = None if gen is None else torch.randperm(w.shape[1], generator=gen)
+            deq, _ = roundtrip(w if perm is None else w[:, perm].contiguous(), kind, blocksize=blocksize,
+                               double_quant=double_quant)
+            m.weight.data.copy_(deq if perm is None else deq[:, torch.argsort(perm)])
     return out
 
 
@@ -160,19 +176,42 @@ def window_losses(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor
 
 
 def perplexity_table(model: torch.nn.Module, windows: torch.Tensor, *, blocksize: int = 64,
-                     double_quant: bool = True) -> list[dict]:
-    """Held-out perplexity of ``model`` (16-bit) and of its NF4 / FP4 / Int4 round trips, with the paired
-    standard error of each kind's loss difference from 16-bit over the windows (same windows for all,
-    so the window-to-window spread cancels) and the paper's Table 2 perplexity for reference."""
+                     double_quant: bool = True, seeds: tuple[int | None, ...] = (None,)) -> list[dict]:
+    """Held-out perplexity of ``model`` (16-bit) and of its NF4 / FP4 / Int4 round trips, averaged over
+    the quantization realizations ``seeds`` (:func:`quantized_copy`), with the paper's Table 2
+    perplexity for reference. Per kind: ``delta_loss`` (mean loss difference from 16-bit),
+    ``delta_se`` (its standard error: over windows, paired with 16-bit, and over seeds; see
+    :func:`difference`) and ``window_deltas`` ((S, W) loss differences per seed and window, for
+    paired comparisons between kinds)."""
     import math
 
     base = window_losses(model, windows)
     rows = [{"kind": "16-bit", "loss": base.mean().item(), "perplexity": math.exp(base.mean().item()),
-             "delta_loss": 0.0, "delta_se": 0.0, "paper_perplexity": float("nan")}]
+             "delta_loss": 0.0, "delta_se": 0.0, "paper_perplexity": float("nan"),
+             "window_deltas": torch.zeros(len(seeds), base.numel())}]
     for kind in KINDS:
-        q = window_losses(quantized_copy(model, kind, blocksize=blocksize, double_quant=double_quant), windows)
-        d = q - base
-        rows.append({"kind": kind, "loss": q.mean().item(), "perplexity": math.exp(q.mean().item()),
-                     "delta_loss": d.mean().item(), "delta_se": (d.std() / math.sqrt(d.numel())).item(),
-                     "paper_perplexity": PAPER_PERPLEXITY[kind]})
+        d = torch.stack([window_losses(quantized_copy(model, kind, blocksize=blocksize, double_quant=double_quant,
+                                                      seed=s), windows) - base for s in seeds])  # (S, W)
+        loss = base.mean().item() + d.mean().item()
+        rows.append({"kind": kind, "loss": loss, "perplexity": math.exp(loss), "delta_loss": d.mean().item(),
+                     "delta_se": _two_way_se(d), "paper_perplexity": PAPER_PERPLEXITY[kind], "window_deltas": d})
     return rows
+
+
+def _two_way_se(d: torch.Tensor) -> float:
+    """Standard error of the mean of ``d`` (S seeds, W windows): window-to-window and seed-to-seed
+    spread added in quadrature (a seed's error is shared by its windows, a window's by its seeds)."""
+    import math
+
+    s, w = d.shape
+    by_window = d.mean(dim=0).var().item() / w if w > 1 else 0.0
+    by_seed = d.mean(dim=1).var().item() / s if s > 1 else 0.0
+    return math.sqrt(by_window + by_seed)
+
+
+def difference(rows: list[dict], a: str, b: str) -> tuple[float, float]:
+    """(mean, standard error) of kind ``a``'s held-out loss minus kind ``b``'s, paired over the same
+    windows and seeds (rows from :func:`perplexity_table`)."""
+    by_kind = {r["kind"]: r["window_deltas"] for r in rows}
+    d = by_kind[a] - by_kind[b]
+    return d.mean().item(), _two_way_se(d)

@@ -95,6 +95,10 @@ CATALOG: dict[str, ArchSpec] = {a.name: a for a in [
     # it on any CPU (docs/bitsandbytes-cpu.md), so the HF stack / PEFT can be compared with us exactly
     ArchSpec("tiny-64", hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2, vocab=260,
              max_position=1024),
+    # the CPU step benchmark's shape (benchmarks/cpu_step.py): big enough that the NF4 dequantization
+    # shows, every in_features a multiple of 64 (bitsandbytes' CPU dequantize is right on it)
+    ArchSpec("cpu-1024", hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=8, vocab=260,
+             max_position=1024),
     # LLaMA-1 (Touvron et al. 2023a), 2k context, full multi-head attention
     _a("llama-7b", 4096, 11008, 32, 32, 32, 32000, max_position=2048, rms_eps=1e-6),
     _a("llama-13b", 5120, 13824, 40, 40, 40, 32000, max_position=2048, rms_eps=1e-6),

@@ -118,7 +118,7 @@ def test_model_counts_equal_a_real_step(seq, dropout, mlp_chunk):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_model_counts_equal_a_real_step_with_the_torch_references(dropout):
-    """``performance.kernels: torch``: every kernel is its torch reference (the dequantization 14 aten ops,
+    """``performance.kernels: torch``: every kernel is its torch reference (the dequantization 13 aten ops,
     RMSNorm 6 + 12, RoPE 10 + 10, SwiGLU 2 + 3, the loss chunk 15, LoRA dropout's Philox 126 + 2)."""
     launches, mode = _real_step(96, dropout, 0, backend="torch")
     ops = step_ops(CATALOG["tiny"], _options(96, dropout, 0, kernels=False))

@@ -51,3 +51,33 @@ def test_error_table_and_quantized_copy(tiny_model):
     w1 = q.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(w0, w1) and (w0 - w1).abs().max() < 0.2 * w0.abs().max()
     assert torch.equal(q.lm_head.weight, tiny_model.lm_head.weight)               # lm_head stays 16-bit
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_roundtrip_is_the_flat_layout_on_any_cpu(kind):
+    """Blocks run over the flattened weight, so a (128, 352) weight (in_features not a multiple of 64,
+    where bitsandbytes' AVX512 CPU dequantize mis-indexes the scales) round-trips exactly as its flat
+    copy does, with the same error."""
+    w = torch.randn(128, 352) * 0.02
+    deq, _ = roundtrip(w, kind, double_quant=True)
+    flat, _ = roundtrip(w.flatten(), kind, double_quant=True)
+    assert torch.equal(deq, flat.view_as(w))
+    assert (deq - w).pow(2).mean() < 0.02 * w.pow(2).mean()
+
+
+def test_quantization_seeds_and_paired_differences(tiny_model):
+    from support.quant_error import difference, perplexity_table
+
+    a, b = quantized_copy(tiny_model, "nf4", seed=1), quantized_copy(tiny_model, "nf4", seed=1)
+    c = quantized_copy(tiny_model, "nf4", seed=2)
+    wa, wc = (m.model.layers[0].mlp.down_proj.weight for m in (a, c))
+    assert torch.equal(wa, b.model.layers[0].mlp.down_proj.weight) and not torch.equal(wa, wc)
+    w0 = tiny_model.model.layers[0].mlp.down_proj.weight
+    assert (wa - w0).abs().max() < 0.2 * w0.abs().max()                              # still W, columns restored
+    windows = torch.randint(0, 260, (3, 16), generator=torch.Generator().manual_seed(0))
+    rows = perplexity_table(tiny_model, windows, seeds=(None, 1))
+    by = {r["kind"]: r for r in rows}
+    assert by["nf4"]["window_deltas"].shape == (2, 3) and by["nf4"]["delta_se"] > 0
+    d, se = difference(rows, "nf4", "int4")
+    assert d == pytest.approx(by["nf4"]["delta_loss"] - by["int4"]["delta_loss"], abs=1e-6)
+    assert difference(rows, "int4", "nf4") == pytest.approx((-d, se))
