@@ -48,8 +48,11 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
     """Run model code from the hub. Off by default; turn on only for repositories you trust."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention backend passed to transformers."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = "auto"
+    """Attention backend passed to transformers. ``auto``: what the model's class supports (sdpa;
+    eager for logit soft-capping (Gemma 2); flash_attention_2 on CUDA when flash-attn is installed),
+    stated in the start-up log."""
     gradient_checkpointing: bool = True
     """Recompute each decoder layer's activations in backward (non-reentrant) instead of storing them."""
     offload_activations: bool = False

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.models.attention import attention_for, refused_attention
 from qlora_trainer.runtime import dtype_from_name
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, voc
     if vocab_size is not None and vocab_size != arch.vocab:
         arch = dataclasses.replace(arch, vocab=vocab_size)
     model = random_model(arch, dtype=dtype, seed=cfg.train.seed, device="cpu",
-                         attn_implementation=cfg.model.attn_implementation)
+                         attn_implementation=cfg.model.attn_implementation, attention_device=device)
     if cfg.model.quantization == "nf4":
         from qlora_trainer.models.quantize import quantize_model
 
@@ -161,8 +162,13 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
         from qlora_trainer.models.check import check_model_dir
 
         check_model_dir(Path(name), trust_remote_code=m.trust_remote_code)
+    hf_config = _hf_config(name, m)
+    if m.trust_remote_code and m.attn_implementation == "auto":  # remote classes: transformers' default
+        impl = None
+    else:
+        impl = attention_for(hf_config, m.attn_implementation, device=device, dtype=dtype)
     kwargs: dict[str, Any] = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
-                                  attn_implementation=m.attn_implementation, dtype=dtype)
+                                  attn_implementation=impl, dtype=dtype, config=hf_config)
     if m.quantization == "nf4":
         kwargs["quantization_config"] = bnb_config(cfg, dtype)
         kwargs["device_map"] = {"": device}
@@ -170,7 +176,27 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as e:
         raise QloraError(f"model.name_or_path: cannot load {name!r}: {_first_line(e)}") from None
+    except ValueError as e:
+        err = refused_attention(e, impl, hf_config)
+        if err is None:
+            raise
+        raise err from None
     return model if m.quantization == "nf4" else model.to(device)
+
+
+def _hf_config(name: str, m: "ModelConfig") -> Any:
+    """The transformers config of ``name`` (config.json only), checked to build a causal LM."""
+    from transformers import AutoConfig
+
+    from qlora_trainer.models.attention import causal_lm_class
+
+    try:
+        hf_config = AutoConfig.from_pretrained(name, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise QloraError(f"model.name_or_path: cannot read the config of {name!r}: {_first_line(e)}") from None
+    if not m.trust_remote_code:
+        causal_lm_class(hf_config)
+    return hf_config
 
 
 def _first_line(e: BaseException) -> str:
