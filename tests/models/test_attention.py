@@ -49,3 +49,22 @@ def test_refused_attention_is_one_line():
     with pytest.raises(QloraError, match="attn_implementation") as e:
         model_from_config(family_config("gemma2"), attn_implementation="sdpa")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_gemma2_directory_loads_with_auto(tmp_path, quantization, caplog):
+    """The user path: a Gemma 2 directory on disk, ``model.attn_implementation`` left at ``auto``."""
+    import logging
+
+    from qlora_trainer.config import Config
+    from qlora_trainer.models.load import load_base_model
+
+    model_from_config(family_config("gemma2")).save_pretrained(tmp_path)
+    cfg = Config()
+    cfg.model.name_or_path, cfg.model.quantization = str(tmp_path), quantization
+    with caplog.at_level(logging.INFO, logger="qlora_trainer.models.attention"):
+        model = load_base_model(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    assert model.config._attn_implementation == "eager"
+    assert "attention: eager" in caplog.text
+    ids = torch.randint(0, 256, (1, 6))
+    assert torch.isfinite(model(ids).logits).all()
