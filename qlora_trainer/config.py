@@ -111,6 +111,10 @@ class LoRAConfig:
     targets: str | list[str] = "all-linear"
     """``all-linear`` (every linear layer except ``lm_head``) or module-name patterns (regex or suffix
     such as ``q_proj``)."""
+    target_experts: bool = True
+    """Mixture-of-experts models (Mixtral, Qwen3-MoE, ...): also adapt the fused expert weights
+    (``experts.gate_up_proj`` / ``experts.down_proj``, a rank-r adapter per expert, saved as PEFT's
+    ``target_parameters``; no dropout and no DoRA on them, as in PEFT)."""
     variant: Literal["lora", "rslora", "dora", "adalora"] = "lora"
     """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction);
     ``adalora``: SVD-form adapters whose ranks are reallocated across layers while training, from ``r``

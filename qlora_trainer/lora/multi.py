@@ -49,6 +49,10 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         _check(model, name)
     for layer in lora_layers(model).values():
         layer.set_adapter(name if name in layer.specs else None)
+    from qlora_trainer.lora.experts import expert_lora_layers
+
+    for layer in expert_lora_layers(model).values():
+        layer.set_adapter(name)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
-                                      "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+                                      "moe_intermediate_size": 48, "decoder_sparse_step": 1}),
     "mixtral": ("MixtralConfig", _MOE),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "tie_word_embeddings": True}),
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 16}),
