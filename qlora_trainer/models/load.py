@@ -119,9 +119,14 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
     for p in model.parameters():
         p.requires_grad_(False)
     if m.quantization == "nf4":  # our NF4 compute on every device, no bitsandbytes CPU repacking
+        from qlora_trainer.models.moe import quantize_experts
         from qlora_trainer.models.nf4_linear import claim_4bit_layers
 
         claim_4bit_layers(model)
+        if cfg.quantization.quant_type == "nf4":  # fused MoE experts, which bitsandbytes leaves in 16 bits
+            q = cfg.quantization
+            quantize_experts(model, compute_dtype=dtype, double_quant=q.double_quant, blocksize=q.blocksize,
+                             quant_storage=_quant_storage(q.quant_storage))
     model.config.use_cache = False
     return model
 

@@ -146,3 +146,19 @@ def test_dora_leaves_experts_alone(family):
     model = _model(family)
     inject_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.0, variant="dora"), dtype=torch.float32, backend="torch")
     assert not expert_lora_layers(model)
+
+
+def test_moe_directory_loads_with_4bit_experts(family, tmp_path):
+    """The user path: a saved MoE model loaded with ``model.quantization: nf4`` (bitsandbytes quantizes
+    the linear layers; our loader the fused experts)."""
+    from qlora_trainer.config import Config
+    from qlora_trainer.models.load import load_base_model
+
+    _model(family).save_pretrained(tmp_path)
+    cfg = Config()
+    cfg.model.name_or_path = str(tmp_path)
+    model = load_base_model(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    experts = experts_modules(model)
+    assert experts and all(isinstance(m, NF4Experts) for m in experts.values())
+    ids = torch.randint(3, 256, (1, 6))
+    assert torch.isfinite(model(ids).logits).all()
