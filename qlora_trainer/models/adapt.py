@@ -1,4 +1,4 @@
-"""Swap a transformers Llama / Mistral / Qwen2 model's hot spots for kernel-backed modules.
+"""Swap a transformers model's hot spots for kernel-backed modules where the math matches.
 
 Module replacement only (no patching of transformers functions), keeping every parameter object
 and every parameter name, so optimizers, LoRA adapters and state dicts are unaffected:
@@ -11,8 +11,13 @@ and every parameter name, so optimizers, LoRA adapters and state dicts are unaff
 * ``*DecoderLayer`` -> :class:`FusedDecoderLayer` below (``fuse_add_norm``): the same four children;
                     the attention output's residual add runs fused with ``post_attention_layernorm``.
 
-Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` are replaced: their semantics
-are known to match the kernels (e.g. Gemma's ``(1 + w)`` RMSNorm is not). Caveat: transformers'
+Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` / ``_DECODERS`` are replaced: their
+semantics are known to match the kernels, each checked against the family's own module on forward
+and gradients (tests/models/test_adapt_families.py). Llama, Mistral, Qwen2, Qwen3 (q/k norms on each
+head before RoPE, run by :class:`RoPEAttention`), Qwen3-MoE and Mixtral (all but the experts) and
+Phi-3's RMSNorm. Not matched, so transformers' modules run (the start-up log names them): Gemma 2/3
+(``(1 + w)`` RMSNorm, GeGLU, extra norms per layer), Phi-3's fused qkv / gate_up projections and its
+decoder layer, OLMo2 (post-norm layers, q/k norms over all heads, weight applied before the cast). Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
 classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
 not use it (``model.fused_add_norm: false`` keeps transformers' decoder layers).
@@ -27,8 +32,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_FAMILIES = ("Llama", "Mistral", "Qwen2")
-_NORMS = {f"{f}RMSNorm" for f in _FAMILIES}
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral")
+_NORMS = {f"{f}RMSNorm" for f in _FAMILIES} | {"Phi3RMSNorm"}
 _MLPS = {f"{f}MLP" for f in _FAMILIES}
 _ATTENTIONS = {f"{f}Attention" for f in _FAMILIES}
 _DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES}
@@ -51,9 +56,12 @@ class RoPEAttention(nn.Module):
                  *, config, layer_idx: int, head_dim: int, num_key_value_groups: int,
                  scaling: float, attention_dropout: float = 0.0, is_causal: bool = True,
                  sliding_window: int | None = None, backend: str = "auto",
-                 group_projections: bool = False) -> None:
+                 group_projections: bool = False, q_norm: nn.Module | None = None,
+                 k_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        if q_norm is not None:  # Qwen3: RMSNorm over each head's D features of q and k, before RoPE
+            self.q_norm, self.k_norm = q_norm, k_norm
         self.config, self.layer_idx, self.head_dim = config, layer_idx, head_dim
         self.num_key_value_groups, self.scaling = num_key_value_groups, scaling
         self.attention_dropout, self.is_causal = attention_dropout, is_causal
@@ -62,14 +70,15 @@ class RoPEAttention(nn.Module):
 
     @classmethod
     def from_module(cls, attn: nn.Module, backend: str = "auto") -> "RoPEAttention":
-        """Take over a ``Llama/Mistral/Qwen2Attention``'s projections and settings."""
+        """Take over a Llama-family attention's projections, settings and (Qwen3) q/k norms."""
         attrs = {a: getattr(attn, a) for a in _ATTN_ATTRS if hasattr(attn, a)}
         window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
         new = cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, config=attrs.pop("config"),
                   layer_idx=attrs.pop("layer_idx"), head_dim=attrs.pop("head_dim"),
                   num_key_value_groups=attrs.pop("num_key_value_groups"),
                   scaling=attrs.pop("scaling"), attention_dropout=attrs.pop("attention_dropout", 0.0),
-                  is_causal=attrs.pop("is_causal", True), sliding_window=window, backend=backend)
+                  is_causal=attrs.pop("is_causal", True), sliding_window=window, backend=backend,
+                  q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
         for name, value in attrs.items():  # e.g. Qwen2's layer_type
             setattr(new, name, value)
         return new
@@ -98,6 +107,8 @@ class RoPEAttention(nn.Module):
             qkv = [p(hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj)]
         q = qkv[0].view(hidden_shape)  # (B, T, Hq, D)
         k = qkv[1].view(hidden_shape)  # (B, T, Hk, D)
+        if "q_norm" in self._modules:  # per-head RMSNorm over D (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
         v = qkv[2].view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin, backend=self.backend)
@@ -235,4 +246,20 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
         counts[kind] += 1
     logger.info("adapt_model(backend=%s): replaced %d RMSNorm, %d MLP, %d attention, %d decoder-layer modules",
                 backend, counts["norm"], counts["mlp"], counts["attention"], counts["decoder"])
+    kept = transformers_modules(model)
+    if kept:
+        logger.info("transformers' own modules kept (our kernels do not match their math): %s",
+                    ", ".join(f"{n} x{c}" for n, c in kept.items()))
     return model
+
+
+_KINDS = ("RMSNorm", "LayerNorm", "MLP", "Attention", "DecoderLayer", "SparseMoeBlock", "Experts")
+
+
+def transformers_modules(model: nn.Module) -> dict[str, int]:
+    """Class name -> count of the norm / MLP / attention / decoder-layer modules of ``model`` that
+    are still transformers' (not replaced by :func:`adapt_model`)."""
+    from collections import Counter
+
+    return dict(Counter(type(m).__name__ for m in model.modules()
+                        if type(m).__module__.startswith("transformers.") and type(m).__name__.endswith(_KINDS)))
