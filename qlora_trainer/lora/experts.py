@@ -193,12 +193,12 @@ def merge_experts(model: nn.Module, adapter_name: str | None, dtype: torch.dtype
     """Replace every :class:`LoRAExperts` (adapter ``adapter_name``, default its active one, merged)
     and every bare ``NF4Experts`` by 16-bit experts; returns how many."""
     n = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRAExperts):
-            use = adapter_name if adapter_name in module.specs else (None if adapter_name else module.active_adapter)
-            model.set_submodule(name, module.merged_module(use, dtype))
-            n += 1
-        elif isinstance(module, NF4Experts):
+    for name, module in expert_lora_layers(model).items():
+        use = adapter_name if adapter_name in module.specs else (None if adapter_name else module.active_adapter)
+        model.set_submodule(name, module.merged_module(use, dtype))
+        n += 1
+    for name, module in list(model.named_modules()):  # after the wrappers are gone: bare NF4 experts
+        if isinstance(module, NF4Experts):
             model.set_submodule(name, DenseExperts(*(nn.Parameter(module.dense(w, dtype), requires_grad=False)
                                                      for w in EXPERT_PARAMS), module.act_fn))
             n += 1

@@ -138,6 +138,7 @@ def test_peft_loads_expert_adapter_and_merge_is_exact(family, nf4, tmp_path, pef
         torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
     merged = merge_lora(model, dtype=torch.float32)  # NF4 experts + LoRA -> 16-bit experts
     assert not expert_lora_layers(merged) and not any(isinstance(m, NF4Experts) for m in merged.modules())
+    assert set(merged.state_dict()) == set(_model(family).state_dict())  # save_pretrained writes transformers' keys
     with torch.no_grad():
         torch.testing.assert_close(merged(probe).logits, expected, atol=1e-4, rtol=1e-4)
 
