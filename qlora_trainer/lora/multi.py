@@ -118,6 +118,9 @@ def prepare_hotswap(model: nn.Module, adapters: list[AdapterWeights], *, name: s
 
     if not adapters:
         raise QloraError("prepare_hotswap: give at least one adapter")
+    if any(ad.config.get("target_parameters") for ad in adapters):
+        raise QloraError("prepare_hotswap: adapters on fused MoE experts (target_parameters) cannot be hot-swapped; "
+                         "load them with load_adapter")
     kinds = {ad.use_dora for ad in adapters}
     if len(kinds) > 1:
         raise QloraError("prepare_hotswap: DoRA and plain LoRA adapters cannot share a slot; prepare one slot each")

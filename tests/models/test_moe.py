@@ -163,3 +163,17 @@ def test_moe_directory_loads_with_4bit_experts(family, tmp_path):
     assert experts and all(isinstance(m, NF4Experts) for m in experts.values())
     ids = torch.randint(3, 256, (1, 6))
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_combine_and_hotswap_refuse_expert_adapters(family, tmp_path):
+    from qlora_trainer.errors import QloraError
+    from qlora_trainer.lora import prepare_hotswap, read_adapter
+    from qlora_trainer.lora.combine import combine_adapters
+
+    out = save_adapter(_adapted(family, False), tmp_path / "a", cfg=LoRAConfig(r=2, alpha=4, dropout=0.0),
+                       base_model="tiny")
+    weights = read_adapter(out)
+    with pytest.raises(QloraError, match="fused MoE experts"):
+        combine_adapters([weights], [1.0], "linear")
+    with pytest.raises(QloraError, match="fused MoE experts"):
+        prepare_hotswap(_model(family), [weights])
