@@ -455,7 +455,8 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
         offload=cfg.model.offload_activations, loss_chunk=cfg.train.loss_chunk_size,
         lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.model.mlp_chunk_tokens,
         embeddings_on_cpu=cfg.model.embeddings_on_cpu,
-        attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours",
+        attn="eager" if cfg.model.attn_implementation == "eager" or
+        (cfg.model.attn_implementation == "auto" and arch.family == "gemma2") else "sdpa", system="ours",
         gpus=launched_world(), distributed=cfg.train.distributed,
         new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens),
         lora_experts=cfg.lora.target_experts)
