@@ -11,8 +11,10 @@ from torch import nn
 
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import ConfigError
+from qlora_trainer.lora.experts import expert_lora_layers, inject_expert_lora
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+from qlora_trainer.models.moe import experts_modules
 from qlora_trainer.targets import select_targets
 
 log = logging.getLogger(__name__)
@@ -101,9 +103,6 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
 def _inject_experts(model: nn.Module, cfg: LoRAConfig, spec: AdapterSpec, *, dtype: torch.dtype,
                     adapter_name: str) -> list[str]:
     """LoRA on the fused MoE expert weights (``lora.target_experts``; lora/experts.py), if any."""
-    from qlora_trainer.lora.experts import inject_expert_lora
-    from qlora_trainer.models.moe import experts_modules
-
     if not cfg.target_experts or not experts_modules(model):
         return []
     if spec.use_dora:
@@ -118,8 +117,6 @@ def _inject_experts(model: nn.Module, cfg: LoRAConfig, spec: AdapterSpec, *, dty
 
 def set_trainable(model: nn.Module, adapter_name: str | None) -> None:
     """Only ``adapter_name``'s A, B (and DoRA magnitude) require grad; ``None`` freezes all adapters."""
-    from qlora_trainer.lora.experts import expert_lora_layers
-
     for layer in lora_layers(model).values():
         for d in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
             for k, p in d.items():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.lora.experts import expert_lora_layers
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.weights import AdapterWeights
 
@@ -49,8 +50,6 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         _check(model, name)
     for layer in lora_layers(model).values():
         layer.set_adapter(name if name in layer.specs else None)
-    from qlora_trainer.lora.experts import expert_lora_layers
-
     for layer in expert_lora_layers(model).values():
         layer.set_adapter(name)
 

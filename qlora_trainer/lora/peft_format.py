@@ -27,6 +27,8 @@ from torch import nn
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import QloraError
 from qlora_trainer.io import read_json_object
+from qlora_trainer.lora.experts import (attach_expert_weights, expert_state_dict, split_expert_entries,
+                                       target_parameters)
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
@@ -137,8 +139,6 @@ def _expert_fields(model: nn.Module, adapter_name: str, tensors: dict[str, torch
     """Adds the fused MoE experts' adapter tensors (lora/experts.py) to ``tensors``; returns the
     config fields they need: ``target_parameters``, and ``lora_dropout`` 0 (PEFT's ``ParamWrapper``
     refuses dropout; ours ran on the linear layers only, and dropout does not change the saved model)."""
-    from qlora_trainer.lora.experts import expert_state_dict, target_parameters
-
     params = target_parameters(model, adapter_name)
     if not params:
         return {}
@@ -276,8 +276,6 @@ def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: s
     if dtype is None:
         dtype = resolve_dtype("auto", next(model.parameters()).device)
     use_dora = weights.use_dora
-    from qlora_trainer.lora.experts import attach_expert_weights, split_expert_entries
-
     experts = split_expert_entries(model, weights.layers, config)  # fused MoE experts (lora/experts.py)
     attach_expert_weights(model, experts, weights.layers, config, adapter_name=adapter_name, dtype=dtype,
                           where=str(file))

@@ -20,6 +20,7 @@ import torch
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.models.attention import attention_for, refused_attention
+from qlora_trainer.models.moe import quantize_experts
 from qlora_trainer.runtime import dtype_from_name
 
 if TYPE_CHECKING:
@@ -119,7 +120,6 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
     for p in model.parameters():
         p.requires_grad_(False)
     if m.quantization == "nf4":  # our NF4 compute on every device, no bitsandbytes CPU repacking
-        from qlora_trainer.models.moe import quantize_experts
         from qlora_trainer.models.nf4_linear import claim_4bit_layers
 
         claim_4bit_layers(model)

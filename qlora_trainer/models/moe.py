@@ -24,6 +24,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from qlora_trainer.kernels.backend import resolve_backend
+from qlora_trainer.kernels.base_weight import BaseWeight
+from qlora_trainer.kernels.experts import expert_slice, experts_quantizable
+from qlora_trainer.kernels.lora_linear import frozen_linear, lora_linear
+from qlora_trainer.kernels.nf4 import NF4Weight
+
 log = logging.getLogger(__name__)
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # in registration order (PEFT nests its wrappers in it)
@@ -72,8 +78,6 @@ class NF4Experts(nn.Module):
         """Quantize a fused experts module's two weights; None when an expert is not whole blocks."""
         import bitsandbytes as bnb
 
-        from qlora_trainer.kernels.experts import experts_quantizable
-
         weights = [getattr(experts, n) for n in EXPERT_PARAMS]
         if any(not experts_quantizable(w.shape[1], w.shape[2], blocksize) for w in weights):
             return None
@@ -89,11 +93,6 @@ class NF4Experts(nn.Module):
 
     def expert_weight(self, name: str, expert: int):
         """Expert ``expert`` of weight ``name`` as a frozen ``kernels.base_weight.BaseWeight`` (out, in)."""
-        from qlora_trainer.kernels.backend import resolve_backend
-        from qlora_trainer.kernels.base_weight import BaseWeight
-        from qlora_trainer.kernels.experts import expert_slice
-        from qlora_trainer.kernels.nf4 import NF4Weight
-
         p = getattr(self, name)
         w = NF4Weight.from_bnb(p.data, p.quant_state)
         return BaseWeight(nf4=expert_slice(w, expert, self.num_experts),
@@ -119,8 +118,6 @@ def expert_weight(experts: nn.Module, name: str, expert: int):
     module (16-bit or NF4) as a frozen ``BaseWeight`` (out, in)."""
     if isinstance(experts, NF4Experts):
         return experts.expert_weight(name, expert)
-    from qlora_trainer.kernels.base_weight import BaseWeight
-
     return BaseWeight(dense=getattr(experts, name)[expert].detach(), backend="torch")
 
 
@@ -130,8 +127,6 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     docstring). ``adapter(name, e)``: None, or (A_e (r, in), B_e (out, r), scale) of a LoRA on
     expert e's weight ``name``; the matmuls run through ``kernels.lora_linear`` (frozen W
     recomputed in the backward, never saved)."""
-    from qlora_trainer.kernels.lora_linear import frozen_linear, lora_linear
-
     num_experts = _num_experts(experts)
     out = torch.zeros_like(hidden_states)
     with torch.no_grad():
@@ -140,11 +135,10 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     for e in hit:
         top_k_pos, token_idx = torch.where(mask[e])
         x = hidden_states[token_idx]  # (n_e, H)
-        h = _matmul(x, expert_weight(experts, "gate_up_proj", e), adapter, "gate_up_proj", e,
-                    frozen_linear, lora_linear)
+        h = _matmul(x, expert_weight(experts, "gate_up_proj", e), adapter, "gate_up_proj", e)
         gate, up = h.chunk(2, dim=-1)
         h = experts.act_fn(gate) * up  # (n_e, I)
-        y = _matmul(h, expert_weight(experts, "down_proj", e), adapter, "down_proj", e, frozen_linear, lora_linear)
+        y = _matmul(h, expert_weight(experts, "down_proj", e), adapter, "down_proj", e)
         y = y * top_k_weights[token_idx, top_k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
@@ -154,7 +148,8 @@ def _num_experts(experts: nn.Module) -> int:
     return int(getattr(experts, "num_experts", None) or getattr(experts, "gate_up_proj").shape[0])
 
 
-def _matmul(x, bw, adapter, name, e, frozen_linear, lora_linear):
+def _matmul(x: torch.Tensor, bw: BaseWeight, adapter: Callable | None, name: str, e: int) -> torch.Tensor:
+    """x (n, in) @ W_e^T (n, out), plus expert e's LoRA on weight ``name`` when ``adapter`` has one."""
     lora = adapter(name, e) if adapter is not None else None
     if lora is None:
         return frozen_linear(x, bw)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_trainer.models.moe import quantize_experts
+
 
 def quantize_linear(
     linear: nn.Linear,
@@ -63,8 +65,6 @@ def quantize_model(
     Fused mixture-of-experts weights (3-D, not ``nn.Linear``) become ``models.moe.NF4Experts``.
     Embeddings, norms and ``lm_head`` stay 16-bit as in QLoRA. Returns ``model``.
     """
-    from qlora_trainer.models.moe import quantize_experts
-
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
