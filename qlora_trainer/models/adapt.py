@@ -14,10 +14,12 @@ and every parameter name, so optimizers, LoRA adapters and state dicts are unaff
 Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` / ``_DECODERS`` are replaced: their
 semantics are known to match the kernels, each checked against the family's own module on forward
 and gradients (tests/models/test_adapt_families.py). Llama, Mistral, Qwen2, Qwen3 (q/k norms on each
-head before RoPE, run by :class:`RoPEAttention`), Qwen3-MoE and Mixtral (all but the experts) and
-Phi-3's RMSNorm. Not matched, so transformers' modules run (the start-up log names them): Gemma 2/3
-(``(1 + w)`` RMSNorm, GeGLU, extra norms per layer), Phi-3's fused qkv / gate_up projections and its
-decoder layer, OLMo2 (post-norm layers, q/k norms over all heads, weight applied before the cast). Caveat: transformers'
+head before RoPE, run by :class:`RoPEAttention`), Qwen3-MoE and Mixtral (all but the experts),
+Gemma 3's attention (its own q/k norms kept inside) and Phi-3's RMSNorm. Not matched, so
+transformers' modules run (the start-up log names them): Gemma 2/3's ``(1 + w)`` RMSNorm (weighted
+in fp32 before the cast), GeGLU MLP and four-norm layers, Gemma 2's soft-capped attention, Phi-3's
+fused qkv / gate_up projections and its decoder layer, OLMo2 (post-norm layers, q/k norms over all
+heads, weight applied before the cast). Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
 classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
 not use it (``model.fused_add_norm: false`` keeps transformers' decoder layers).
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral")
 _NORMS = {f"{f}RMSNorm" for f in _FAMILIES} | {"Phi3RMSNorm"}
 _MLPS = {f"{f}MLP" for f in _FAMILIES}
-_ATTENTIONS = {f"{f}Attention" for f in _FAMILIES}
+_ATTENTIONS = {f"{f}Attention" for f in _FAMILIES} | {"Gemma3Attention"}
 _DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES}
 _DECODER_CHILDREN = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _BACKENDS = ("auto", "triton", "torch")
