@@ -15,7 +15,8 @@ Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` / ``_DECODERS
 semantics are known to match the kernels, each checked against the family's own module on forward
 and gradients (tests/models/test_adapt_families.py). Llama, Mistral, Qwen2, Qwen3 (q/k norms on each
 head before RoPE, run by :class:`RoPEAttention`), Qwen3-MoE and Mixtral (all but the experts),
-Gemma 3's attention (its own q/k norms kept inside) and Phi-3's RMSNorm. Not matched, so
+Gemma 3's attention (its own q/k norms kept inside), Phi-3's RMSNorm and attention (the fused
+``qkv_proj`` kept whole, its output split). Not matched, so
 transformers' modules run (the start-up log names them): Gemma 2/3's ``(1 + w)`` RMSNorm (weighted
 in fp32 before the cast), GeGLU MLP and four-norm layers, Gemma 2's soft-capped attention, Phi-3's
 fused qkv / gate_up projections and its decoder layer, OLMo2 (post-norm layers, q/k norms over all
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 _FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral")
 _NORMS = {f"{f}RMSNorm" for f in _FAMILIES} | {"Phi3RMSNorm"}
 _MLPS = {f"{f}MLP" for f in _FAMILIES}
-_ATTENTIONS = {f"{f}Attention" for f in _FAMILIES} | {"Gemma3Attention"}
+_ATTENTIONS = {f"{f}Attention" for f in _FAMILIES} | {"Gemma3Attention", "Phi3Attention"}
 _DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES}
 _DECODER_CHILDREN = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _BACKENDS = ("auto", "triton", "torch")
@@ -72,9 +73,19 @@ class RoPEAttention(nn.Module):
 
     @classmethod
     def from_module(cls, attn: nn.Module, backend: str = "auto") -> "RoPEAttention":
-        """Take over a Llama-family attention's projections, settings and (Qwen3) q/k norms."""
+        """Take over a Llama-family attention's projections, settings and (Qwen3) q/k norms; Phi-3's
+        fused ``qkv_proj`` is kept whole (its output split into q, k, v)."""
         attrs = {a: getattr(attn, a) for a in _ATTN_ATTRS if hasattr(attn, a)}
         window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+        if hasattr(attn, "qkv_proj"):
+            new = cls(None, None, None, attn.o_proj, config=attrs.pop("config"), layer_idx=attrs.pop("layer_idx"),
+                      head_dim=attrs.pop("head_dim"), num_key_value_groups=attrs.pop("num_key_value_groups"),
+                      scaling=attrs.pop("scaling"), attention_dropout=attrs.pop("attention_dropout", 0.0),
+                      is_causal=attrs.pop("is_causal", True), sliding_window=window, backend=backend)
+            new.qkv_proj = attn.qkv_proj
+            kv = attn.num_key_value_heads * new.head_dim
+            new.qkv_split = (attn.qkv_proj.out_features - 2 * kv, kv, kv)
+            return new
         new = cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, config=attrs.pop("config"),
                   layer_idx=attrs.pop("layer_idx"), head_dim=attrs.pop("head_dim"),
                   num_key_value_groups=attrs.pop("num_key_value_groups"),
@@ -101,7 +112,9 @@ class RoPEAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         qkv = None
-        if self.group_projections:
+        if "qkv_proj" in self._modules:  # Phi-3: one fused projection
+            qkv = self.qkv_proj(hidden_states).split(self.qkv_split, dim=-1)
+        elif self.group_projections:
             from qlora_trainer.kernels.grouped_linear import grouped_projections
 
             qkv = grouped_projections(hidden_states, self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
@@ -195,6 +208,11 @@ def _is_silu_mlp(mlp: nn.Module) -> bool:
     return parts and act in ("silu", "swish")
 
 
+def _full_rotary(attn: nn.Module) -> bool:
+    """RoPE over the whole head (our kernel's case), not a partial rotary factor (e.g. some Phi configs)."""
+    return float(getattr(attn.config, "partial_rotary_factor", None) or 1.0) == 1.0
+
+
 def _fused_decoder(module: nn.Module) -> nn.Module | None:
     """A :class:`FusedDecoderLayer` for a transformers decoder layer, also one already wrapped by
     ``checkpointing.CheckpointedLayer`` (re-wrapped); None for anything else."""
@@ -238,7 +256,7 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
             new = SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend,
                             chunk_tokens=mlp_chunk_tokens, group_projections=group_projections)
             kind = "mlp"
-        elif cls in _ATTENTIONS:
+        elif cls in _ATTENTIONS and _full_rotary(module):
             new, kind = RoPEAttention.from_module(module, backend), "attention"
             new.group_projections = group_projections
         else:
