@@ -50,8 +50,11 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
     """Run model code from the hub. Off by default; turn on only for repositories you trust."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention backend passed to transformers."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = "auto"
+    """Attention backend passed to transformers. ``auto``: what the model's class supports (sdpa;
+    eager for logit soft-capping (Gemma 2); flash_attention_2 on CUDA when flash-attn is installed),
+    stated in the start-up log."""
     resize_embeddings: bool = False
     """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
 
@@ -81,6 +84,10 @@ class LoRAConfig:
     targets: str | list[str] = "all-linear"
     """``all-linear`` (every linear layer except ``lm_head``) or module-name patterns (regex or suffix
     such as ``q_proj``)."""
+    target_experts: bool = True
+    """Mixture-of-experts models (Mixtral, Qwen3-MoE, ...): also adapt the fused expert weights
+    (``experts.gate_up_proj`` / ``experts.down_proj``, a rank-r adapter per expert, saved as PEFT's
+    ``target_parameters``; no dropout and no DoRA on them, as in PEFT)."""
     variant: Literal["lora", "rslora", "dora", "adalora"] = "lora"
     """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction);
     ``adalora``: SVD-form adapters whose ranks are reallocated across layers while training, from ``r``

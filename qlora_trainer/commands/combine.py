@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 from qlora_trainer.commands.merge import merge_and_save
-from qlora_trainer.errors import QloraError
 from qlora_trainer.lora.combine import METHODS, SIGN_METHODS, combine_adapters
 from qlora_trainer.lora.loading import load_with_adapters
 from qlora_trainer.lora.peft_format import read_adapter, weights_state_dict, write_adapter_dir

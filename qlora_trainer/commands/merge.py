@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qlora_trainer.errors import QloraError
 from qlora_trainer.io import atomic_directory
 from qlora_trainer.lora import merge_lora
 from qlora_trainer.lora.loading import load_with_adapters

@@ -122,6 +122,9 @@ def _check(adapters: list[AdapterWeights], weights: Sequence[float], method: str
     if len(weights) != len(adapters):
         raise QloraError(f"combine: {len(adapters)} adapters but {len(weights)} weights; give one --weights value each")
     for ad in adapters:
+        if ad.config.get("target_parameters"):
+            raise QloraError(f"combine: {ad.name} adapts fused MoE experts (target_parameters); combining them is "
+                             f"not supported (merge it into the base with `qlora-trainer merge` instead)")
         if ad.use_dora:
             raise QloraError(f"combine: {ad.name} is a DoRA adapter; combining DoRA magnitudes is not defined "
                              "(merge it into the base with `qlora-trainer merge` instead)")

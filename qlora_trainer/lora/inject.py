@@ -12,10 +12,12 @@ from torch import nn
 
 from qlora_trainer.config import LoRAConfig
 from qlora_trainer.errors import ConfigError
+from qlora_trainer.lora.experts import expert_lora_layers, inject_expert_lora
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.adalora import inject_adalora
 from qlora_trainer.lora.modules import is_linear, linear_layers, match_targets, replace_module  # noqa: F401 (also here)
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+from qlora_trainer.models.moe import experts_modules
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
             replace_module(model, name, module)
         # LoftQ sets A and B afterwards from the 16-bit weights (lora/loftq.py; train/setup.py)
         module.add_adapter(adapter_name, spec, dtype=dtype, init="kaiming" if cfg.init == "loftq" else cfg.init)
+    names += _inject_experts(model, cfg, spec, dtype=dtype, adapter_name=adapter_name)
     set_active_adapter(model, adapter_name)
     set_trainable(model, adapter_name)
     trainable, total = trainable_parameters(model)
@@ -53,10 +56,29 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
     return names
 
 
+def _inject_experts(model: nn.Module, cfg: LoRAConfig, spec: AdapterSpec, *, dtype: torch.dtype,
+                    adapter_name: str) -> list[str]:
+    """LoRA on the fused MoE expert weights (``lora.target_experts``; lora/experts.py), if any."""
+    if not cfg.target_experts or not experts_modules(model):
+        return []
+    if spec.use_dora:
+        log.warning("lora.variant dora: the fused MoE experts get no adapter (PEFT's target_parameters "
+                    "has no DoRA); set lora.target_experts=false to silence this")
+        return []
+    names = inject_expert_lora(model, spec, dtype=dtype, adapter_name=adapter_name)
+    log.info("LoRA %s on the experts of %d MoE layers (rank %d per expert, no dropout)",
+             adapter_name, len(names), spec.r)
+    return names
+
+
 def set_trainable(model: nn.Module, adapter_name: str | None) -> None:
     """Only ``adapter_name``'s A, B (and DoRA magnitude) require grad; ``None`` freezes all adapters."""
     for layer in lora_layers(model).values():
         for d in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            for k, p in d.items():
+                p.requires_grad_(k == adapter_name)
+    for layer in expert_lora_layers(model).values():
+        for d in (*layer.lora_A.values(), *layer.lora_B.values()):
             for k, p in d.items():
                 p.requires_grad_(k == adapter_name)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.lora.experts import expert_lora_layers
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.weights import AdapterWeights
 from qlora_trainer.lora.modules import replace_module
@@ -50,6 +51,8 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         _check(model, name)
     for layer in lora_layers(model).values():
         layer.set_adapter(name if name in layer.specs else None)
+    for layer in expert_lora_layers(model).values():
+        layer.set_adapter(name)
 
 
 @contextlib.contextmanager
@@ -113,6 +116,9 @@ def prepare_hotswap(model: nn.Module, adapters: list[AdapterWeights], *, name: s
     """
     if not adapters:
         raise QloraError("prepare_hotswap: give at least one adapter")
+    if any(ad.config.get("target_parameters") for ad in adapters):
+        raise QloraError("prepare_hotswap: adapters on fused MoE experts (target_parameters) cannot be hot-swapped; "
+                         "load them with load_adapter")
     kinds = {ad.use_dora for ad in adapters}
     if len(kinds) > 1:
         raise QloraError("prepare_hotswap: DoRA and plain LoRA adapters cannot share a slot; prepare one slot each")

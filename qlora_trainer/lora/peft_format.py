@@ -28,7 +28,9 @@ from qlora_trainer.config import LoRAConfig, save_config
 from qlora_trainer.errors import QloraError
 from qlora_trainer.io import atomic_directory, atomic_write_bytes, read_json_object
 from qlora_trainer.lora.adalora import EPS, ada_layers
-from qlora_trainer.io import FIX_ADAPTER, read_json_object, read_safetensors
+from qlora_trainer.io import FIX_ADAPTER, read_safetensors
+from qlora_trainer.lora.experts import (attach_expert_weights, expert_state_dict, split_expert_entries,
+                                       target_parameters)
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
@@ -114,6 +116,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         tensors, fields = adalora_tensors_and_config(model, adapter_name, cfg, total)
     else:
         tensors, fields = adapter_state_dict(model, adapter_name), {}
+        fields |= _expert_fields(model, adapter_name, tensors)
     if not tensors:
         raise QloraError(f"save_adapter: the model has no adapter named {adapter_name!r}")
 
@@ -133,6 +136,17 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
         **fields,
     }
     return write_adapter_dir(out_dir, adapter_config, tensors, tokenizer=tokenizer, run_config=run_config)
+
+
+def _expert_fields(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Adds the fused MoE experts' adapter tensors (lora/experts.py) to ``tensors``; returns the
+    config fields they need: ``target_parameters``, and ``lora_dropout`` 0 (PEFT's ``ParamWrapper``
+    refuses dropout; ours ran on the linear layers only, and dropout does not change the saved model)."""
+    params = target_parameters(model, adapter_name)
+    if not params:
+        return {}
+    tensors |= expert_state_dict(model, adapter_name, PREFIX)
+    return {"target_parameters": params, "lora_dropout": 0.0}
 
 
 def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
@@ -257,7 +271,12 @@ def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: s
     if dtype is None:
         dtype = resolve_dtype("auto", next(model.parameters()).device)
     use_dora = weights.use_dora
+    experts = split_expert_entries(model, weights.layers, config)  # fused MoE experts (lora/experts.py)
+    attach_expert_weights(model, experts, weights.layers, config, adapter_name=adapter_name, dtype=dtype,
+                          where=str(file))
     for name, lw in weights.layers.items():
+        if name in experts:
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from qlora_trainer.memory.quant import adam_state_bytes, nf4_weight_bytes, quant_constant_bytes
 from qlora_trainer.models.catalog import ArchSpec, CATALOG, arch_from_hf_config, linear_shapes, param_counts
+from qlora_trainer.models.catalog import expert_shapes
 from qlora_trainer.targets import select_targets
 from qlora_trainer.data.templates import new_token_bound
 from qlora_trainer.kernels.cross_entropy import auto_chunk_size
@@ -200,6 +201,7 @@ def estimate(
     gpus: int = 1,
     distributed: str = "none",
     new_tokens: int = 0,
+    lora_experts: bool = True,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
@@ -217,6 +219,10 @@ def estimate(
     un-checkpointed run.
     ``new_tokens``: tokens added to the vocabulary (``data.marker_tokens: add``): the embedding, output
     layer and logits grow by them, and their embedding (and untied output) rows train (``lora/tokens.py``).
+    Mixture-of-experts archs (``arch.experts``): the fused experts in NF4 by our path (``experts_nf4``,
+    ``experts_quant_constants``; 16-bit with ``quant`` none), the 16-bit router, with ``lora_experts``
+    (``lora.target_experts``) a rank-``lora_r`` adapter per expert weight, and the routed tokens'
+    activations (:func:`moe_layer_arch`).
 
     The peak is the static part (weights, adapters, optimizer) plus the larger of two moments that
     never coexist (``MemoryEstimate.phases``): the end of the forward (checkpoints, final hidden
@@ -242,11 +248,23 @@ def estimate(
             quant_constant_bytes(i * o, blocksize=blocksize, double_quant=double_quant) for _, i, o, _ in shapes)
     else:
         comp["base_16bit"] = 2 * counts["linear"]
+    eshapes = expert_shapes(arch)
+    if arch.is_moe:  # fused experts: our NF4 path on the (E * out, in) view of each weight, and the router
+        if quant == "nf4":
+            comp["experts_nf4"] = arch.layers * sum(nf4_weight_bytes(arch.experts * i * o) for _, i, o in eshapes)
+            comp["experts_quant_constants"] = arch.layers * sum(
+                quant_constant_bytes(arch.experts * i * o, blocksize=blocksize, double_quant=double_quant)
+                for _, i, o in eshapes)
+        else:
+            comp["experts_16bit"] = 2 * counts["experts"]
+        comp["router"] = 2 * counts["router"]
     comp["embeddings"] = 0 if embeddings_on_cpu and not arch.tied else wide * counts["embed"]
     comp["lm_head"] = wide * counts["lm_head"]
     comp["norms_biases"] = wide * counts["norms"] + 2 * counts["biases"]
 
     lora_tensors = [n for _, i, o, _ in _targeted(arch, targets) for n in (lora_r * i, o * lora_r)]
+    if lora_experts:  # lora_A (r * E, in), lora_B (out, r * E) per expert weight (lora/experts.py)
+        lora_tensors += [n for _, i, o in eshapes for n in (lora_r * arch.experts * i, o * lora_r * arch.experts)]
     n_lora = arch.layers * sum(lora_tensors)
     comp["lora_params"] = prof.adapter_bytes * n_lora
     comp["lora_grads"] = prof.adapter_bytes * n_lora
@@ -262,6 +280,7 @@ def estimate(
     # -- activations: the loss moment (end of forward) and a layer's backward never coexist --------
     b, r = act_bytes, max(wide, act_bytes)   # activation / residual-stream bytes
     mlp_tokens = batch * min(seq_len, mlp_chunk) if mlp_chunk > 0 else None
+    dense_arch, arch = arch, moe_layer_arch(arch)  # MoE: the routed tokens' widths (see moe_layer_arch)
     layer = layer_activation_bytes(arch, tokens, resid_bytes=r, mlp_tokens=mlp_tokens, act_bytes=b,
                                    dropout_bytes=prof.dropout_bytes if lora_dropout > 0 else 0,
                                    mlp_saved=prof.mlp_saved)
@@ -295,7 +314,11 @@ def estimate(
     else:                  # SDPA / flash: logsumexp + softmax_d rows (fp32)
         backward["attention_workspace"] = 2 * batch * arch.heads * seq_len * 4
     # bitsandbytes / our kernels dequantize each 4-bit weight to 16 bits for its matmul (freed right after)
-    backward["dequant_workspace"] = b * max(i * o for _, i, o, _ in shapes) if quant == "nf4" else 0
+    backward["dequant_workspace"] = b * max(i * o for _, i, o, _ in shapes + [(0, i, o, 0) for _, i, o in eshapes]) \
+        if quant == "nf4" else 0
+    arch = dense_arch
+    if arch.is_moe:  # the routed copies of each token's input (saved by the experts' LoRA matmuls) + router
+        backward["experts_routing"] = tokens * (arch.experts_per_token * arch.hidden * b + arch.experts * 4)
     per_gpu(comp, backward, arch, shapes, gpus=gpus, distributed=distributed, notes=notes,
             quant=quant, wide=wide)
     phases = {"forward": forward, "backward": backward}
@@ -318,6 +341,13 @@ def estimate(
                  f" GiB of activations instead of {sum(phases[peak].values()) / GIB:.2f}")
     return MemoryEstimate(arch.name, settings, comp, paged_bytes=paged, host_bytes=host, notes=notes,
                           phases=phases)
+
+
+def moe_layer_arch(arch: ArchSpec) -> ArchSpec:
+    """The arch whose dense-MLP activation terms equal an MoE layer's: each token runs through
+    ``experts_per_token`` experts of width ``intermediate``, so its intermediate-wide activations
+    are ``experts_per_token * intermediate`` wide (the arch itself when dense)."""
+    return replace(arch, intermediate=arch.experts_per_token * arch.intermediate) if arch.is_moe else arch
 
 
 def per_gpu(comp: dict[str, int], backward: dict[str, int], arch: ArchSpec, shapes: list, *, gpus: int,
@@ -346,11 +376,13 @@ def per_gpu(comp: dict[str, int], backward: dict[str, int], arch: ArchSpec, shap
     def shard(b: int) -> int:
         return -(-b // gpus)
 
-    for key in ("base_nf4", "base_16bit", "embeddings", "norms_biases"):
+    for key in ("base_nf4", "base_16bit", "embeddings", "norms_biases", "experts_nf4", "experts_16bit"):
         if key in comp:
             comp[key] = shard(comp[key])
     comp["lm_head"] = comp["lm_head"] + shard(comp["lm_head"])
     layer_base = sum(nf4_weight_bytes(i * o) if quant == "nf4" else 2 * i * o for _, i, o, _ in shapes)
+    layer_base += sum(nf4_weight_bytes(arch.experts * i * o) if quant == "nf4" else 2 * arch.experts * i * o
+                      for _, i, o in expert_shapes(arch))
     backward["fsdp_gather"] = 2 * layer_base
     notes.append(f"per GPU of {gpus} (fsdp): base, embeddings and norms sharded; quantization constants, "
                  f"adapters and optimizer state replicated; lm_head gathered for the step")
@@ -415,10 +447,12 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
         offload=cfg.performance.offload_activations, loss_chunk=cfg.performance.loss_chunk_size,
         lora_dropout=cfg.lora.dropout, mlp_chunk=cfg.performance.mlp_chunk_tokens,
         embeddings_on_cpu=cfg.performance.embeddings_on_cpu,
-        attn="eager" if cfg.model.attn_implementation == "eager" else "sdpa", system="ours",
+        attn="eager" if cfg.model.attn_implementation == "eager" or
+        (cfg.model.attn_implementation == "auto" and arch.family == "gemma2") else "sdpa", system="ours",
         gpus=launched_world(), distributed=cfg.train.distributed,
-        new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens))
+        new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens),
+        lora_experts=cfg.lora.target_experts)
 
 
-__all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate",
+__all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate", "moe_layer_arch",
            "estimate_for_config", "largest_fitting", "per_gpu", "resolve_arch"]

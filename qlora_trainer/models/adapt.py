@@ -1,4 +1,4 @@
-"""Swap a transformers Llama / Mistral / Qwen2 model's hot spots for kernel-backed modules.
+"""Swap a transformers model's hot spots for kernel-backed modules where the math matches.
 
 Module replacement only (no patching of transformers functions), keeping every parameter object
 and every parameter name, so optimizers, LoRA adapters and state dicts are unaffected:
@@ -11,8 +11,16 @@ and every parameter name, so optimizers, LoRA adapters and state dicts are unaff
 * ``*DecoderLayer`` -> :class:`FusedDecoderLayer` below (``fuse_add_norm``): the same four children;
                     the attention output's residual add runs fused with ``post_attention_layernorm``.
 
-Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` are replaced: their semantics
-are known to match the kernels (e.g. Gemma's ``(1 + w)`` RMSNorm is not). Caveat: transformers'
+Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` / ``_DECODERS`` are replaced: their
+semantics are known to match the kernels, each checked against the family's own module on forward
+and gradients (tests/models/test_adapt_families.py). Llama, Mistral, Qwen2, Qwen3 (q/k norms on each
+head before RoPE, run by :class:`RoPEAttention`), Qwen3-MoE and Mixtral (all but the experts),
+Gemma 3's attention (its own q/k norms kept inside), Phi-3's RMSNorm and attention (the fused
+``qkv_proj`` kept whole, its output split). Not matched, so
+transformers' modules run (the start-up log names them): Gemma 2/3's ``(1 + w)`` RMSNorm (weighted
+in fp32 before the cast), GeGLU MLP and four-norm layers, Gemma 2's soft-capped attention, Phi-3's
+fused qkv / gate_up projections and its decoder layer, OLMo2 (post-norm layers, q/k norms over all
+heads, weight applied before the cast). Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
 classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
 not use it (``performance.fused_add_norm: false`` keeps transformers' decoder layers).
@@ -33,10 +41,10 @@ from qlora_trainer.models.checkpointing import CheckpointedLayer
 
 logger = logging.getLogger(__name__)
 
-_FAMILIES = ("Llama", "Mistral", "Qwen2")
-_NORMS = {f"{f}RMSNorm" for f in _FAMILIES}
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral")
+_NORMS = {f"{f}RMSNorm" for f in _FAMILIES} | {"Phi3RMSNorm"}
 _MLPS = {f"{f}MLP" for f in _FAMILIES}
-_ATTENTIONS = {f"{f}Attention" for f in _FAMILIES}
+_ATTENTIONS = {f"{f}Attention" for f in _FAMILIES} | {"Gemma3Attention", "Phi3Attention"}
 _DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES}
 _DECODER_CHILDREN = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _BACKENDS = ("auto", "triton", "torch")
@@ -57,9 +65,12 @@ class RoPEAttention(nn.Module):
                  *, config, layer_idx: int, head_dim: int, num_key_value_groups: int,
                  scaling: float, attention_dropout: float = 0.0, is_causal: bool = True,
                  sliding_window: int | None = None, backend: str = "auto",
-                 group_projections: bool = False) -> None:
+                 group_projections: bool = False, q_norm: nn.Module | None = None,
+                 k_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        if q_norm is not None:  # Qwen3: RMSNorm over each head's D features of q and k, before RoPE
+            self.q_norm, self.k_norm = q_norm, k_norm
         self.config, self.layer_idx, self.head_dim = config, layer_idx, head_dim
         self.num_key_value_groups, self.scaling = num_key_value_groups, scaling
         self.attention_dropout, self.is_causal = attention_dropout, is_causal
@@ -68,14 +79,25 @@ class RoPEAttention(nn.Module):
 
     @classmethod
     def from_module(cls, attn: nn.Module, backend: str = "auto") -> "RoPEAttention":
-        """Take over a ``Llama/Mistral/Qwen2Attention``'s projections and settings."""
+        """Take over a Llama-family attention's projections, settings and (Qwen3) q/k norms; Phi-3's
+        fused ``qkv_proj`` is kept whole (its output split into q, k, v)."""
         attrs = {a: getattr(attn, a) for a in _ATTN_ATTRS if hasattr(attn, a)}
         window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+        if hasattr(attn, "qkv_proj"):
+            new = cls(None, None, None, attn.o_proj, config=attrs.pop("config"), layer_idx=attrs.pop("layer_idx"),
+                      head_dim=attrs.pop("head_dim"), num_key_value_groups=attrs.pop("num_key_value_groups"),
+                      scaling=attrs.pop("scaling"), attention_dropout=attrs.pop("attention_dropout", 0.0),
+                      is_causal=attrs.pop("is_causal", True), sliding_window=window, backend=backend)
+            new.qkv_proj = attn.qkv_proj
+            kv = attn.num_key_value_heads * new.head_dim
+            new.qkv_split = (attn.qkv_proj.out_features - 2 * kv, kv, kv)
+            return new
         new = cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, config=attrs.pop("config"),
                   layer_idx=attrs.pop("layer_idx"), head_dim=attrs.pop("head_dim"),
                   num_key_value_groups=attrs.pop("num_key_value_groups"),
                   scaling=attrs.pop("scaling"), attention_dropout=attrs.pop("attention_dropout", 0.0),
-                  is_causal=attrs.pop("is_causal", True), sliding_window=window, backend=backend)
+                  is_causal=attrs.pop("is_causal", True), sliding_window=window, backend=backend,
+                  q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
         for name, value in attrs.items():  # e.g. Qwen2's layer_type
             setattr(new, name, value)
         return new
@@ -94,12 +116,16 @@ class RoPEAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         qkv = None
-        if self.group_projections:
+        if "qkv_proj" in self._modules:  # Phi-3: one fused projection
+            qkv = self.qkv_proj(hidden_states).split(self.qkv_split, dim=-1)
+        elif self.group_projections:
             qkv = grouped_projections(hidden_states, self, "qkv", (self.q_proj, self.k_proj, self.v_proj))
         if qkv is None:
             qkv = [p(hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj)]
         q = qkv[0].view(hidden_shape)  # (B, T, Hq, D)
         k = qkv[1].view(hidden_shape)  # (B, T, Hk, D)
+        if "q_norm" in self._modules:  # per-head RMSNorm over D (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
         v = qkv[2].view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin, backend=self.backend)
@@ -182,6 +208,11 @@ def _is_silu_mlp(mlp: nn.Module) -> bool:
     return parts and act in ("silu", "swish")
 
 
+def _full_rotary(attn: nn.Module) -> bool:
+    """RoPE over the whole head (our kernel's case), not a partial rotary factor (e.g. some Phi configs)."""
+    return float(getattr(attn.config, "partial_rotary_factor", None) or 1.0) == 1.0
+
+
 def _fused_decoder(module: nn.Module) -> nn.Module | None:
     """A :class:`FusedDecoderLayer` for a transformers decoder layer, also one already wrapped by
     ``checkpointing.CheckpointedLayer`` (re-wrapped); None for anything else."""
@@ -220,7 +251,7 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
             new = SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend,
                             chunk_tokens=mlp_chunk_tokens, group_projections=group_projections)
             kind = "mlp"
-        elif cls in _ATTENTIONS:
+        elif cls in _ATTENTIONS and _full_rotary(module):
             new, kind = RoPEAttention.from_module(module, backend), "attention"
             new.group_projections = group_projections
         else:
@@ -230,4 +261,20 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
         counts[kind] += 1
     logger.info("adapt_model(backend=%s): replaced %d RMSNorm, %d MLP, %d attention, %d decoder-layer modules",
                 backend, counts["norm"], counts["mlp"], counts["attention"], counts["decoder"])
+    kept = transformers_modules(model)
+    if kept:
+        logger.info("transformers' own modules kept (our kernels do not match their math): %s",
+                    ", ".join(f"{n} x{c}" for n, c in kept.items()))
     return model
+
+
+_KINDS = ("RMSNorm", "LayerNorm", "MLP", "Attention", "DecoderLayer", "SparseMoeBlock", "Experts")
+
+
+def transformers_modules(model: nn.Module) -> dict[str, int]:
+    """Class name -> count of the norm / MLP / attention / decoder-layer modules of ``model`` that
+    are still transformers' (not replaced by :func:`adapt_model`)."""
+    from collections import Counter
+
+    return dict(Counter(type(m).__name__ for m in model.modules()
+                        if type(m).__module__.startswith("transformers.") and type(m).__name__.endswith(_KINDS)))

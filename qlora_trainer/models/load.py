@@ -26,7 +26,9 @@ from qlora_trainer.models.nf4_linear import claim_4bit_layers
 from qlora_trainer.models.quantize import quantize_model
 from qlora_trainer.models.tiny import byte_tokenizer, random_model
 from qlora_trainer.io import first_line
-from qlora_trainer.runtime import dtype_from_name
+from qlora_trainer.models.attention import attention_for, refused_attention
+from qlora_trainer.models.moe import quantize_experts
+from qlora_trainer.models.attention import causal_lm_class
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config, ModelConfig
@@ -106,6 +108,10 @@ def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
     if m.quantization == "nf4":  # our NF4 compute on every device, no bitsandbytes CPU repacking
 
         claim_4bit_layers(model)
+        if cfg.quantization.quant_type == "nf4":  # fused MoE experts, which bitsandbytes leaves in 16 bits
+            q = cfg.quantization
+            quantize_experts(model, compute_dtype=dtype, double_quant=q.double_quant, blocksize=q.blocksize,
+                             quant_storage=_quant_storage(q.quant_storage))
     model.config.use_cache = False
     return model
 
@@ -121,7 +127,7 @@ def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, voc
     if vocab_size is not None and vocab_size != arch.vocab:
         arch = dataclasses.replace(arch, vocab=vocab_size)
     model = random_model(arch, dtype=dtype, seed=cfg.train.seed, device="cpu",
-                         attn_implementation=cfg.model.attn_implementation)
+                         attn_implementation=cfg.model.attn_implementation, attention_device=device)
     if cfg.model.quantization == "nf4":
         q = cfg.quantization
         quantize_model(model, compute_dtype=dtype, double_quant=q.double_quant, quant_type=q.quant_type,
@@ -137,8 +143,13 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
     check_source(name, "name_or_path")
     if Path(name).exists():
         check_model_dir(Path(name), trust_remote_code=m.trust_remote_code)
+    hf_config = _hf_config(name, m)
+    if m.trust_remote_code and m.attn_implementation == "auto":  # remote classes: transformers' default
+        impl = None
+    else:
+        impl = attention_for(hf_config, m.attn_implementation, device=device, dtype=dtype)
     kwargs: dict[str, Any] = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
-                                  attn_implementation=m.attn_implementation, dtype=dtype)
+                                  attn_implementation=impl, dtype=dtype, config=hf_config)
     if m.quantization == "nf4":
         kwargs["quantization_config"] = bnb_config(cfg, dtype)
         kwargs["device_map"] = {"": device}
@@ -146,4 +157,24 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as e:
         raise QloraError(f"model.name_or_path: cannot load {name!r}: {first_line(e)}") from None
+    except ValueError as e:
+        err = refused_attention(e, impl, hf_config)
+        if err is None:
+            raise
+        raise err from None
     return model if m.quantization == "nf4" else model.to(device)
+
+
+def _hf_config(name: str, m: "ModelConfig") -> Any:
+    """The transformers config of ``name`` (config.json only), checked to build a causal LM."""
+    from transformers import AutoConfig
+
+
+    try:
+        hf_config = AutoConfig.from_pretrained(name, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise QloraError(f"model.name_or_path: cannot read the config of {name!r}: {first_line(e)}") from None
+    if not m.trust_remote_code:
+        causal_lm_class(hf_config)
+    return hf_config
+

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.models.nf4_linear import claim_4bit_layers
+from qlora_trainer.models.moe import quantize_experts
 
 
 def quantize_linear(
@@ -60,6 +61,7 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` whose name does not end in ``skip`` by NF4 ``Linear4bit``, in place.
 
+    Fused mixture-of-experts weights (3-D, not ``nn.Linear``) become ``models.moe.NF4Experts``.
     Embeddings, norms and ``lm_head`` stay 16-bit as in QLoRA. Returns ``model``.
     """
     for name, module in list(model.named_modules()):
@@ -67,6 +69,10 @@ def quantize_model(
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and not full.endswith(skip):
                 setattr(module, child_name, quantize_linear(child, compute_dtype=compute_dtype, **kwargs))
+    if kwargs.get("quant_type", "nf4") == "nf4":
+        quantize_experts(model, compute_dtype=compute_dtype, double_quant=kwargs.get("double_quant", True),
+                         blocksize=kwargs.get("blocksize", 64),
+                         quant_storage=kwargs.get("quant_storage", torch.uint8), device=kwargs.get("device"))
     return model
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from qlora_trainer.models.catalog import ArchSpec, get_arch
+from qlora_trainer.models.attention import attention_for, causal_lm_class, refused_attention
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 256..259
 
@@ -48,15 +49,36 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def random_model(arch: ArchSpec | str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 device: torch.device | str = "cpu", attn_implementation: str = "sdpa"):
+                 device: torch.device | str = "cpu", attn_implementation: str = "auto",
+                 attention_device: torch.device | str | None = None):
     """A randomly initialised ``*ForCausalLM`` of the catalog shape ``arch`` (small shapes only:
-    it is materialised in ``dtype``; full-size models come from the synthetic NF4 builder)."""
-    from transformers import AutoModelForCausalLM
-
+    it is materialised in ``dtype``; full-size models come from the synthetic NF4 builder).
+    ``attn_implementation``: as ``model.attn_implementation`` (``auto``: models/attention.py, for a
+    model run on ``attention_device``, default ``device``)."""
     arch = get_arch(arch) if isinstance(arch, str) else arch
     cfg = arch.to_hf_config()
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = (257, 258, 259) if arch.vocab == 260 else (1, 2, None)
+    return model_from_config(cfg, dtype=dtype, seed=seed, device=device, attn_implementation=attn_implementation,
+                             attention_device=attention_device)
+
+
+def model_from_config(cfg, *, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu",
+                      attn_implementation: str = "auto", attention_device: torch.device | str | None = None):
+    """A randomly initialised ``*ForCausalLM`` for the transformers config ``cfg`` (any family
+    transformers ships), seeded, in ``dtype``, with the attention :mod:`models.attention` chooses.
+    A family transformers cannot build as a causal LM, or an attention it refuses: one-line QloraError."""
+    from transformers import AutoModelForCausalLM
+
+
+    causal_lm_class(cfg)
+    impl = attention_for(cfg, attn_implementation, device=attention_device or device, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=impl)
+        except ValueError as e:
+            err = refused_attention(e, impl, cfg)
+            if err is None:
+                raise
+            raise err from None
     return model.to(device)

@@ -173,7 +173,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     """Restore trainable tensors (from the adapter, plus ``trainable.safetensors`` where present),
     optimizer and scheduler from ``path``; return its TrainerState. RNG states are restored
     separately (:func:`restore_rng`) once all set-up is done."""
-    from safetensors.torch import load_file
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {key: n for n in params if (key := _peft_key(n)) is not None}
