@@ -51,7 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-
     out = Path(args.output)
     bases = local_bases([], args.merge_into) if args.merge_into else []
     check_output(out, [*args.adapters, *bases], overwrite=args.overwrite)

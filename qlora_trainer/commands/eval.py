@@ -103,7 +103,6 @@ def check_eval_output(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
-
     for name in ("limit", "max_new_tokens", "batch_size", "loss_batches"):
         value = getattr(args, name)
         if value is not None and value < 0:

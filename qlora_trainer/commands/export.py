@@ -24,7 +24,7 @@ from qlora_trainer.export.gguf_file import KQUANTS, OUTTYPES, quantize_command
 from qlora_trainer.export.gguf_model import write_model_gguf
 from qlora_trainer.export.ollama import modelfile
 from qlora_trainer.export.vllm import write_vllm_adapter, write_vllm_model
-from qlora_trainer.io import atomic_directory
+from qlora_trainer.io import atomic_directory, check_output, mark_output
 from qlora_trainer.lora import merge_lora
 from qlora_trainer.lora.loading import load_with_adapters, run_config_for
 from qlora_trainer.lora.peft_format import CONFIG_NAME, read_adapter
@@ -38,7 +38,6 @@ TARGETS = ("gguf", "gguf-adapter", "ollama", "vllm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-
     p.add_argument("source", metavar="ADAPTER_OR_MERGED",
                    help="adapter directory (PEFT format) or merged model directory")
     p.add_argument("--to", required=True, choices=TARGETS, help="what to write")
@@ -65,17 +64,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_paths(source: Path, out: Path, overwrite: bool) -> None:
-    """The output may not be, hold, or sit inside the input; an existing output needs ``overwrite``."""
-
-    src, dst = source.resolve(), out.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise QloraError(f"--output: {out} overlaps the input {source}; write the export somewhere else")
-    if out.exists() and not overwrite:
-        raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
+    """The output may not be, hold, or sit inside the input (``io.check_output``). A directory output
+    (ollama, vllm) is replaced only if an earlier export wrote it; a ``.gguf`` file only with
+    ``--overwrite`` and only if it is a GGUF file (never another file of the user's)."""
+    if out.suffix == ".gguf" and out.is_file() and not out.is_symlink():
+        check_output(out.with_name(out.name + ".new"), [source], overwrite=overwrite)  # the overlap rules
+        if not overwrite:
+            raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise QloraError(f"--output: {out} is not a GGUF file; --overwrite replaces only an earlier "
+                                 f"export: choose another path (nothing of yours is replaced)")
+        return
+    check_output(out, [source], overwrite=overwrite)
 
 
 def is_adapter(source: Path) -> bool:
-
     if (source / CONFIG_NAME).is_file():
         return True
     if (source / "config.json").is_file():
@@ -85,7 +89,6 @@ def is_adapter(source: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-
     source, out = Path(args.source), Path(args.output)
     if not source.is_dir():
         raise QloraError(f"{source}: not a directory")
@@ -112,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
         _write_gguf(model, tokenizer, out, outtype, template, eot, spm, args.name)
         print(f"wrote {out} ({outtype}, {model.config.architectures or type(model).__name__})")
         import shutil
-
 
         found = shutil.which("llama-quantize")
         print(f"lower-bit k-quants need llama.cpp's llama-quantize ({'found: ' + found if found else 'not on PATH'}):")
@@ -145,13 +147,11 @@ def _sentencepiece_model(args: argparse.Namespace, dirs: list[Path]) -> Path | N
 
 
 def _write_gguf(model, tokenizer, out: Path, outtype: str, template, eot, spm, name) -> None:
-
     write_model_gguf(model, tokenizer, out, outtype=outtype, chat_template=template, eot=eot,
                      sentencepiece_model=spm, name=name)
 
 
 def _gguf_adapter(args: argparse.Namespace, source: Path, out: Path, outtype: str) -> int:
-
     cfg = run_config_for(source, base=args.base, overrides=args.overrides)
     weights = read_adapter(source)
     write_adapter_gguf(weights, base_hf_config(cfg.model), out, outtype=outtype, name=args.name)
@@ -169,18 +169,17 @@ def base_hf_config(model_cfg: Any) -> Any:
         return get_arch(name[len(RANDOM_PREFIX):]).to_hf_config()
     from transformers import AutoConfig
 
-
     return AutoConfig.from_pretrained(expand_path(name), revision=model_cfg.revision, trust_remote_code=False)
 
 
 def _ollama(args, out: Path, model, tokenizer, outtype: str, template, name, eot, spm) -> int:
-
     gguf_name = f"model-{outtype}.gguf"
     num_ctx = args.num_ctx or min(int(model.config.max_position_embeddings), 4096)
     text = modelfile(gguf_name, name, num_ctx=num_ctx, system=args.system)  # refuses before the GGUF is written
     with atomic_directory(out) as tmp:
         _write_gguf(model, tokenizer, tmp / gguf_name, outtype, template, eot, spm, args.name or out.name)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
+        mark_output(tmp, "export")
     print(f"wrote {out}/Modelfile and {out}/{gguf_name} ({name} template)")
     print(f"  cd {out} && ollama create {args.name or out.name} -f Modelfile")
     return 0
@@ -188,8 +187,6 @@ def _ollama(args, out: Path, model, tokenizer, outtype: str, template, name, eot
 
 def _vllm(args, source: Path, out: Path, adapter: bool, model, tokenizer, template, eot) -> int:
     import torch
-
-
 
     with atomic_directory(out) as tmp:
         write_vllm_model(model, tokenizer, tmp / "merged", chat_template=template, eot=eot,
@@ -201,6 +198,7 @@ def _vllm(args, source: Path, out: Path, adapter: bool, model, tokenizer, templa
             except QloraError as e:  # the merged model still serves; say why there is no lora/
                 print(f"no lora/: {e}")
                 adapter = False
+        mark_output(tmp, "export")
     print(f"wrote {out}/merged ({args.dtype})" + (f" and {out}/lora (PEFT LoRA, rank {rank})" if adapter else ""))
     print(f"  vllm serve {out}/merged")
     if adapter:

@@ -39,7 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     out = Path(args.output)
     check_output(out, [args.adapter, *local_bases([args.adapter], args.base)], overwrite=args.overwrite)
     loaded = load_with_adapters([args.adapter], base=args.base, overrides=args.overrides, device=args.device)
@@ -51,7 +50,6 @@ def merge_and_save(loaded, out: Path, *, dtype: str = "auto", sample: str = SAMP
     """Merge ``loaded``'s active adapter into its base, write the dense model to ``out`` (atomically)
     and print the largest |Δlogit| adapter vs merged on ``sample``."""
     import torch
-
 
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device

@@ -60,7 +60,6 @@ def gsm8k_pairs(path: str = "$QLORA_DATA/gsm8k/train.jsonl", seed: int = 0) -> l
     import json
     from pathlib import Path
 
-
     p = Path(expand_path(path))
     if not p.is_file():
         raise DataError(f"builtin:gsm8k-pairs: {p} not found (set $QLORA_DATA to the shared data directory)")

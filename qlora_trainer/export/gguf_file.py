@@ -58,7 +58,6 @@ def write_gguf(path: Path, arch_name: str, fill: Callable[[Any], None]) -> Path:
     the file is written beside ``path`` and renamed over it only when complete."""
     import gguf
 
-
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)

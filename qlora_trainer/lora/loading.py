@@ -111,7 +111,6 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
     if tok_dir is not None:
         from transformers import AutoTokenizer
 
-
         check_tokenizer_files(tok_dir, fix=FIX_ADAPTER)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

@@ -161,7 +161,6 @@ def write_adapter_dir(out_dir: str | Path, adapter_config: dict[str, Any], tenso
     (``qlora_trainer.io.mark_output``)."""
     from safetensors.torch import save_file
 
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:

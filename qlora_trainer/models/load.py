@@ -169,7 +169,6 @@ def _hf_config(name: str, m: "ModelConfig") -> Any:
     """The transformers config of ``name`` (config.json only), checked to build a causal LM."""
     from transformers import AutoConfig
 
-
     try:
         hf_config = AutoConfig.from_pretrained(name, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

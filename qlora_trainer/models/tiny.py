@@ -69,7 +69,6 @@ def model_from_config(cfg, *, dtype: torch.dtype = torch.float32, seed: int = 0,
     A family transformers cannot build as a causal LM, or an attention it refuses: one-line QloraError."""
     from transformers import AutoModelForCausalLM
 
-
     causal_lm_class(cfg)
     impl = attention_for(cfg, attn_implementation, device=attention_device or device, dtype=dtype)
     with torch.random.fork_rng(devices=[]):

@@ -201,5 +201,4 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
 
 
 def restore_rng(path: Path) -> None:
-
     set_rng_state(read_torch(path / "rng.pt", FIX_CHECKPOINT))

@@ -72,7 +72,7 @@ def test_gguf_adapter_ollama_and_vllm(adapter, tmp_path, capsys):
 
     assert main(["export", str(root / "lora"), "--to", "ollama", "-o", str(tmp_path / "ollama")]) == 0
     files = sorted(p.name for p in (tmp_path / "ollama").iterdir())
-    assert files == ["Modelfile", "model-f16.gguf"]
+    assert files == [".qlora-trainer-output", "Modelfile", "model-f16.gguf"]  # the marker: --overwrite may replace it
     text = (tmp_path / "ollama" / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf\n" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>" in text and "PARAMETER num_ctx" in text
@@ -103,7 +103,7 @@ def test_refusals_are_one_line_and_write_nothing(adapter, tmp_path, capsys):
     root, _, _ = adapter
     cases = [
         (["export", str(root / "dora"), "--to", "gguf-adapter", "-o", str(tmp_path / "d.gguf")], "DoRA"),
-        (["export", str(root / "lora"), "--to", "gguf", "-o", str(root / "lora" / "x.gguf")], "overlaps the input"),
+        (["export", str(root / "lora"), "--to", "gguf", "-o", str(root / "lora" / "x.gguf")], "lies inside the input"),
         (["export", str(root / "lora"), "--to", "gguf", "-o", str(tmp_path / "m.gguf"), "--outtype", "q4_k_m"],
          "llama-quantize"),
         (["export", str(root / "lora"), "--to", "ollama", "-o", str(tmp_path / "o"), "--chat-template",
@@ -165,3 +165,25 @@ def test_vllm_adapter_refusals(adapter, tmp_path):
         with pytest.raises(QloraError, match=message):
             write_vllm_adapter(src, tmp_path / f"out-{key}")
         assert not (tmp_path / f"out-{key}").exists()
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+    """A user's file or directory is never replaced by ``--overwrite``; an earlier export is."""
+    from qlora_trainer.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    mine = tmp_path / "notes.gguf"
+    mine.write_text("my notes, not a GGUF file")
+    assert main(["export", str(src), "--to", "gguf", "-o", str(mine), "--overwrite"]) == 2
+    assert mine.read_text() == "my notes, not a GGUF file"
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    assert main(["export", str(src), "--to", "vllm", "-o", str(folder), "--overwrite"]) == 2
+    assert (folder / "keep.txt").read_text() == "mine"
+    inside = src / "out.gguf"
+    assert main(["export", str(src), "--to", "gguf", "-o", str(inside)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: --output:") for line in err), err
