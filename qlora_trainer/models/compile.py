@@ -57,7 +57,10 @@ def compile_layers(model: nn.Module, mode: str, *, backend: str | None = None) -
 
     if mode not in MODES:
         raise ValueError(f"compile_layers: mode {mode!r} is not one of {', '.join(MODES)}")
+    from qlora_trainer.kernels.grouped_linear import warm_groups
+
     warm_base_weights(model)
+    warm_groups(model)  # cached objects read unchecked while tracing: one graph serves every layer
     kwargs = {"mode": MODES[mode]} if backend is None else {"backend": backend}
     n = 0
     for layers in _decoder_layer_lists(model):
