@@ -142,7 +142,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy: {h2.shape[0]} hidden rows but {y.shape[0]} labels")
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(
         h2.shape[0], weight.shape[0], weight.shape[1], free_device_bytes(hidden.device), weight.element_size())
-    use_triton = resolve_backend(backend, hidden.device) == "triton"
+    use_triton = resolve_backend(backend, hidden.device, "cross_entropy") == "triton"
     n_valid = (y != ignore_index).sum()
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         return LinearCrossEntropyFunction.apply(h2, weight, y, chunk, ignore_index, use_triton), n_valid

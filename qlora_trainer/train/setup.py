@@ -54,6 +54,8 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
         from qlora_trainer.kernels.base_weight import set_nf4_matmul
 
         set_nf4_matmul(model, cfg.model.nf4_matmul)
+    if device.type == "cuda":
+        check_run_kernels(model, cfg, device, dtype)
     if cfg.model.embeddings_on_cpu:
         from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 
@@ -71,6 +73,23 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
     # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
     # and adapters are created on their base layer's device
     return model.train()
+
+
+def check_run_kernels(model: nn.Module, cfg: "Config", device: torch.device, dtype: torch.dtype) -> dict:
+    """Each Triton kernel this run will use checked once against its torch reference on ``device``
+    (cached per device, kernel version and shapes class: ``kernels/selfcheck.py``); a kernel that
+    fails is switched to its reference for the run, with one warning line. Nothing to check when the
+    kernels resolve to the torch references. Returns the verdicts by kernel."""
+    from qlora_trainer.kernels.backend import clear_references, resolve_backend
+    from qlora_trainer.kernels.selfcheck import ensure_kernels, kernels_for, shapes_class
+
+    if resolve_backend(cfg.model.kernels, device) != "triton":
+        clear_references()
+        return {}
+    mc = getattr(model, "config", None)
+    sizes = [getattr(mc, k, 64) for k in ("hidden_size", "intermediate_size")]
+    return ensure_kernels(device, dtype, kernels_for(dropout=cfg.lora.dropout > 0, nf4_matmul=cfg.model.nf4_matmul),
+                          shapes=shapes_class(*sizes))
 
 
 def _bnb_works(cls: type, device: torch.device) -> bool:
