@@ -212,3 +212,51 @@ def test_large_m_gemms_compile_for_hopper_without_a_gpu():
             assert k.metadata.shared < 200 * 1024 or not aligned, (fn.__name__, bm, bn, bk, lut, k.metadata.shared)
             fits[fn.__name__, aligned] = fits.get((fn.__name__, aligned), 0) + (k.metadata.shared <= 227 * 1024)
     assert all(fits.values()) and len(fits) == 4, fits  # H100/H200: 227 KiB of shared memory a block
+
+
+@pytest.mark.slow
+def test_fp32_gemm_config_does_not_spill_on_hopper():
+    """fp32 A takes its own tile (``_FWD32`` / ``_DX32``): compiled ahead of time for sm_90, its cubin
+    uses no local-memory stack (cuobjdump's STACK; the 16-bit tables' tiles spilled 6-10 KB a thread
+    in fp32, and reserved GBs of local memory across the card)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":  # kernels were jitted as interpreter functions
+        run = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-m", "slow",
+                              "-k", "does_not_spill", "-p", "no:cacheprovider"], cwd=Path(__file__).parents[2],
+                             text=True, capture_output=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+        return
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qlora_trainer.kernels import _triton_nf4_gemm as g
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.is_file():
+        pytest.skip("triton ships no cuobjdump here")
+    sig = {"A": "*fp32", "PACKED": "*u8", "ABSMAX": "*u8", "CODE": "*fp32", "CODE2": "*fp32", "ABSMAX2": "*fp32",
+           "OFFSET": "*fp32", "BIAS": "*fp32", "C": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+           "stride_cm": "i32", "M_BUCKET": "i32"}
+    for fn, (bm, bn, bk, gm, lut, warps, stages), dx in ((g._nf4_gemm_fwd, g._FWD32[0], False),
+                                                        (g._nf4_gemm_dx, g._DX32[0], True)):
+        consts = {"QBLOCK": 64, "QBLOCK2": 256, "NESTED": True, "ALIGNED": True, "HAS_BIAS": not dx,
+                  "PRECISION": "ieee", "UPCAST_DOT": False, "EVEN_K": True, "BLOCK_M": bm, "BLOCK_N": bn,
+                  "BLOCK_K": bk, "GROUP_M": gm, "LUT": lut} | ({"EVEN_N": True} if dx else {})
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                 for a in ("A", "PACKED", "C", "N", "K", "stride_am", "stride_cm")}
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+        stacks = [int(x) for x in re.findall(r"STACK:(\d+)", usage)]
+        assert stacks and max(stacks) == 0, (fn.__name__, usage[-500:])
