@@ -90,3 +90,27 @@ def compare_step(device: str, dtype: str, *, seed: int = 0) -> dict:
     arch = model_for(dev)
     return {"status": "ok" if ok else "failed", "model": f"{arch.name} (intermediate {arch.intermediate})",
             "device": device, "checks": checks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.kernel_step DEVICE DTYPE SEED ROW_JSON``: :func:`compare_step` in its own
+    process (the suite's part 1 runs it so, boxed: a CUDA fault or a hang costs this row only)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 4:
+        print("usage: python -m benchmarks.kernel_step DEVICE DTYPE SEED ROW_JSON", file=sys.stderr)
+        return 2
+    from benchmarks.stage import assert_not_shadowed
+    from qlora_trainer.io import atomic_write_text
+
+    assert_not_shadowed()
+    row = {"kind": "kernel_step", **compare_step(argv[0], argv[1], seed=int(argv[2]))}
+    atomic_write_text(Path(argv[3]), json.dumps(row))
+    return 0 if row["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
