@@ -41,10 +41,10 @@ LONG_MODEL = {"mlp_chunk_tokens": 4096, "embeddings_on_cpu": True, "offload_acti
 ROW_CAP_S = {"speed": 90.0, "unsloth": 150.0, "big": 100.0, "long": 150.0, "compile": 90.0}
 # Unsloth needs its checkpoint written (16 GB for 8B) before its row: with less left it is skipped.
 UNSLOTH_NEED_S = 150.0
-# Part correctness, in order: (step, share of the part's box; the last takes what is left). bf16 kernel
+# Part correctness, in order: (step, share of the part's box; what a step leaves goes to the next). bf16 kernel
 # tests first (what runs), then one training step kernels on vs off, then the rest (fp32: one tile
 # config each), then the gpu-marked tests outside tests/kernels, so none meets CUDA inside a timed row.
-CORRECTNESS = [("kernels-bf16", 0.40), ("kernel_step", 0.25), ("kernels-rest", 0.20), ("gpu-tests", 1.0)]
+CORRECTNESS = [("kernels-bf16", 0.40), ("kernel_step", 0.25), ("kernels-rest", 0.20), ("gpu-tests", 0.15)]
 GPU_TESTS = ["tests/models/test_cpu_embedding.py", "tests/models/test_checkpointing.py", "tests/models/test_compile.py",
              "tests/memory/test_cli.py", "tests/memory/test_profile.py"]
 # (paths, -m, -k) per pytest step: on the GPU, then in the dry run (the interpreter is slow: one
@@ -124,8 +124,8 @@ def part_correctness(p: Part) -> None:
     the output folder and get SIGINT when their box ends (so the report holds every finished test);
     ``kernel_step`` is one training step with kernels on vs off."""
     total = p.left()
-    for i, (step, share) in enumerate(CORRECTNESS):
-        box = p.left() - 2.0 if i == len(CORRECTNESS) - 1 else min(p.left() - 2.0, share * total)
+    for i, (step, _) in enumerate(CORRECTNESS):
+        box = p.left() - 2.0 - total * sum(share for _, share in CORRECTNESS[i + 1:])
         if box < 5.0:
             p.emit({"kind": "kernel_step" if step == "kernel_step" else "kernel_tests", "selection": step,
                     "status": "skipped", "reason": "no time left in the part's box"})

@@ -4,9 +4,9 @@ Python that cannot import ``qlora_trainer`` (a fresh venv seeing this venv's pac
 ``.pth`` line, so neither the editable finder nor the repo root is on its path). Every part's output
 is checked, then the results page is generated from that JSON.
 
-The dry run gets a generous ``--budget-s`` here so that a loaded box cannot time a part out (seen at
-load 12 on 2 cores with 400 s); the default dry-run budget (110 s) is what keeps it under 2 minutes.
-On an idle 2-core box it takes about 75 s of CPU.
+The dry run gets a generous ``--budget-s`` here so that a loaded box cannot time a part out; the
+default dry-run budget (541 s) was measured on the 2-core box at load 8, where the run took 471 s
+(each row process imports torch and transformers).
 """
 
 from __future__ import annotations
