@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.spec import RunSpec
-from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
+from benchmarks.stage import INTERRUPT_GRACE_S, REPO, child_cwd, child_env, run_boxed
 
 # Part speed: (model, seq_len) shapes; systems in order of value.
 SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
@@ -130,7 +130,8 @@ def part_correctness(p: Part) -> None:
             p.emit({"kind": "kernel_step" if step == "kernel_step" else "kernel_tests", "selection": step,
                     "status": "skipped", "reason": "no time left in the part's box"})
             continue
-        p.emit(kernel_step_row(p, box) if step == "kernel_step" else pytest_row(p, step, box))
+        # a pytest gets SIGINT at the end of its box and the grace period after it to write its report
+        p.emit(kernel_step_row(p, box) if step == "kernel_step" else pytest_row(p, step, box - INTERRUPT_GRACE_S))
 
 
 def pytest_row(p: Part, step: str, box: float) -> dict:
