@@ -48,7 +48,7 @@ from benchmarks import stage
 # and a cold start plus the copies must fit 15 minutes of device time with a rerun to spare.
 # Dry-run seconds: measured on the 2-core CPU box at load 8-12 (each row process imports torch and
 # transformers, 15-30 s there), plus a quarter.
-PLAN = [("correctness", 170, 180), ("speed", 240, 110), ("calibration", 40, 30), ("70b", 105, 85), ("long", 110, 100),
+PLAN = [("correctness", 170, 200), ("speed", 240, 110), ("calibration", 40, 30), ("70b", 105, 85), ("long", 110, 100),
         ("unsloth", 150, 3), ("nf4_paths", 35, 60), ("compile", 90, 3), ("variants", 60, 60)]
 NAMES = [p[0] for p in PLAN]
 GPU_BUDGET_S = 470.0
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.wheel and not Path(a.wheel).is_file():
         print(f"error: --wheel {a.wheel}: no such file (build it: see benchmarks/README.md)", file=sys.stderr)
         return 2
+    stage.kill_groups_on_sigterm()  # a suite ended by SIGTERM takes its running part (and its rows) along
     work = Path(tempfile.mkdtemp(prefix="qlora-suite-"))
     try:
         try:

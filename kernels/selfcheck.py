@@ -211,7 +211,8 @@ def check_one(kernel: str, device: torch.device, dtype: torch.dtype, shapes: str
         with _unswitched(kernel):
             got = run("triton")
     except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or run is a verdict, not a crash
-        return KernelCheck(kernel, False, None, f"failed to run: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # compiler logs run to pages: their first line
+        return KernelCheck(kernel, False, None, f"failed to run: {type(e).__name__}: {first}")
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
         return KernelCheck(kernel, False, None, "returned tensors of other shapes than its reference")
     if not all(torch.isfinite(g.float()).all() for g in got):
@@ -219,7 +220,8 @@ def check_one(kernel: str, device: torch.device, dtype: torch.dtype, shapes: str
     worst = max(_rdiff(g, w) for g, w in zip(got, want))
     tol = TOL.get(dtype, 2e-2)
     if worst > tol:
-        return KernelCheck(kernel, False, worst, f"disagrees with its reference (relative error {worst:.2e} > {tol:.0e})")
+        return KernelCheck(kernel, False, worst,
+                           f"disagrees with its reference (relative error {worst:.2e} > {tol:.0e})")
     return KernelCheck(kernel, True, worst)
 
 
@@ -308,6 +310,6 @@ def ensure_kernels(device: torch.device, dtype: torch.dtype, kernels: tuple[str,
     for r in bad:
         use_reference(r.kernel, r.reason)
     if bad:
-        log.warning("Triton kernels switched to their torch references on %s (%s): %s", device, str(dtype).removeprefix("torch."),
-                    "; ".join(f"{r.kernel} {r.reason}" for r in bad))
+        log.warning("Triton kernels switched to their torch references on %s (%s): %s", device,
+                    str(dtype).removeprefix("torch."), "; ".join(f"{r.kernel} {r.reason}" for r in bad))
     return results

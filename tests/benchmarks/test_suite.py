@@ -5,7 +5,7 @@ Python that cannot import ``qlora_trainer`` (a fresh venv seeing this venv's pac
 is checked, then the results page is generated from that JSON.
 
 The dry run gets a generous ``--budget-s`` here so that a loaded box cannot time a part out; the
-default dry-run budget (631 s) was measured on the 2-core box at load 8-12, where the run took 470-520 s
+default dry-run budget (651 s) was measured on the 2-core box at load 8-12, where the run took 470-520 s
 (each row process imports torch and transformers).
 """
 
