@@ -73,7 +73,7 @@ def test_dry_run_writes_every_part(dry_run):
     tests = _rows(doc, "kernel_tests")  # part 1: pytest over tests/kernels (two runs), kernels on == off, other tests
     assert [t["selection"] for t in tests] == ["kernels-bf16", "kernels-rest"]
     assert all(t["status"] == "ok" and t["passed"] >= 1 and t["failed"] == t["errors"] == 0 for t in tests), tests
-    assert sum(t["passed"] for t in tests) >= 10 and "-v -rfE" in tests[0]["command"]
+    assert sum(t["passed"] for t in tests) >= 6 and "-v -rfE" in tests[0]["command"]
     other, = _rows(doc, "gpu_tests")
     assert other["status"] == "ok" and other["passed"] >= 1, other
     step, = _rows(doc, "kernel_step")
