@@ -1,6 +1,8 @@
 """One full training step of a small NF4 model with our kernels on (``performance.kernels: triton``) and off
 (``torch`` references): same weights, same adapters, same tokens; the loss, every adapter gradient and
-every adapter after the optimizer step must agree (part 1 of the suite).
+every adapter after the optimizer step must agree (part 1 of the suite). On CUDA, model preparation
+self-checks the kernels first; a kernel it switched to its reference fails this check too
+(``switched_to_reference``), since the step would no longer test it.
 
 Adapters start from N(0, 0.05) rather than B = 0 so that every gradient is non-trivial; LoRA dropout
 is 0 (the two backends draw their masks differently); the optimizer is torch AdamW on both sides.
@@ -87,6 +89,34 @@ def compare_step(device: str, dtype: str, *, seed: int = 0) -> dict:
                    and all(torch.isfinite(x).all() for x in on[1]))
         ok &= c["ok"]
         checks[name] = c
+    from qlora_trainer.kernels.backend import reference_kernels
+
+    switched = reference_kernels()  # kernels the self-check at model preparation switched to their references
     arch = model_for(dev)
-    return {"status": "ok" if ok else "failed", "model": f"{arch.name} (intermediate {arch.intermediate})",
-            "device": device, "checks": checks}
+    return {"status": "ok" if ok and not switched else "failed",
+            "model": f"{arch.name} (intermediate {arch.intermediate})", "device": device, "checks": checks,
+            "switched_to_reference": switched}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.kernel_step DEVICE DTYPE SEED ROW_JSON``: :func:`compare_step` in its own
+    process (the suite's part 1 runs it so, boxed: a CUDA fault or a hang costs this row only)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 4:
+        print("usage: python -m benchmarks.kernel_step DEVICE DTYPE SEED ROW_JSON", file=sys.stderr)
+        return 2
+    from benchmarks.stage import assert_not_shadowed
+    from qlora_trainer.io import atomic_write_text
+
+    assert_not_shadowed()
+    row = {"kind": "kernel_step", **compare_step(argv[0], argv[1], seed=int(argv[2]))}
+    atomic_write_text(Path(argv[3]), json.dumps(row))
+    return 0 if row["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,10 +1,11 @@
 """The suite's parts, each run as ``python -m benchmarks.parts PART CTX_JSON ROWS_JSONL`` in its own
-process by :mod:`benchmarks.suite`. A part appends every result row to ``ROWS_JSONL`` the moment it
-has it (one JSON object a line), so a part killed by its time box still leaves its finished rows.
+process by :mod:`benchmarks.suite`. A part appends every result row (tagged with its part) to
+``ROWS_JSONL`` the moment it has it (one JSON object a line, in the output folder), so a part killed
+by its time box, or a whole call cut short, still leaves its finished rows.
 
 ``ctx`` (written by the suite): ``dry_run``, ``device``, ``dtype``, ``deadline`` (epoch seconds when the
-part's box ends), ``work`` (scratch directory), ``peers`` (unpacked Unsloth wheels or None),
-``results`` (the suite JSON so far: part 5 reads the rows of parts 2-4), ``seed``.
+part's box ends), ``work`` (scratch directory), ``out`` (the output folder: junit reports),
+``peers`` (unpacked Unsloth wheels or None), ``results`` (the suite JSON so far), ``seed``.
 The grids below are the GPU shapes; ``DRY`` replaces them with tiny ones on the CPU, same code paths.
 """
 
@@ -20,15 +21,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.spec import RunSpec
-from benchmarks.stage import REPO, child_cwd, child_env, run_boxed
+from benchmarks.stage import INTERRUPT_GRACE_S, REPO, child_cwd, child_env, run_boxed
 
-# Part 2: (model, seq_len) shapes; systems in order of value (Unsloth last: it needs a checkpoint).
+# Part speed: (model, seq_len) shapes; systems in order of value.
 SPEED_SHAPES = [("llama-3-8b", 2048), ("llama-2-7b", 512)]
 SPEED_SYSTEMS = ("qlora_trainer", "hf", "hf-tuned")
-# After Unsloth, variants of ours (RunSpec.extra, cap GB): what performance.checkpoint_layers=auto does on a 24 GB card.
+# Part variants: ours (RunSpec.extra, cap GB): what performance.checkpoint_layers=auto does on a 24 GB card.
 SPEED_VARIANTS = [({"performance": {"checkpoint_layers": "auto"}}, 24.0)]
-# Then (GPU only) ours with a step option (issue 16c: CUDA graphs), 7B/512 first (the launch-bound shape):
-# (model, seq_len, RunSpec.extra). Not in the dry run: compiling even the tiny layer outlasts its speed box.
+# Part compile (GPU only): ours with performance.compile (CUDA graphs), 7B/512 first (the launch-bound shape):
+# (model, seq_len, RunSpec.extra). Not in the dry run: compiling even the tiny layer outlasts its box.
 COMPILE_ROWS = [("llama-2-7b", 512, {"performance": {"compile": "reduce-overhead"}}),
                 ("llama-3-8b", 2048, {"performance": {"compile": "reduce-overhead"}})]
 # Part 3: 70B rows (in-process NF4 build, layer by layer).
@@ -38,6 +39,23 @@ LONG_GOALS = [("llama-3.1-70b", 32768, 48.0), ("llama-3.1-8b", 131072, 24.0)]
 LONG_MODEL = {"mlp_chunk_tokens": 4096, "embeddings_on_cpu": True, "offload_activations": True}
 # Seconds one row process may take at most (a hung row must not eat its whole part).
 ROW_CAP_S = {"speed": 90.0, "unsloth": 150.0, "big": 100.0, "long": 150.0, "compile": 90.0}
+# Unsloth needs its checkpoint written (16 GB for 8B) before its row: with less left it is skipped.
+UNSLOTH_NEED_S = 150.0
+# Part correctness, in order: (step, share of the part's box; what a step leaves goes to the next). bf16 kernel
+# tests first (what runs), then one training step kernels on vs off, then the rest (fp32: one tile
+# config each), then the gpu-marked tests outside tests/kernels, so none meets CUDA inside a timed row.
+CORRECTNESS = [("kernels-bf16", 0.35), ("kernel_step", 0.25), ("kernels-rest", 0.25), ("gpu-tests", 0.15)]
+GPU_TESTS = ["tests/models/test_cpu_embedding.py", "tests/models/test_checkpointing.py", "tests/models/test_compile.py",
+             "tests/memory/test_cli.py", "tests/memory/test_profile.py"]
+# (paths, -m, -k) per pytest step: on the GPU, then in the dry run (the interpreter is slow: one
+# parametrisation per kernel family is the plumbing check)
+PYTEST = {"kernels-bf16": (["tests/kernels"], "gpu and not slow", "bfloat16"),
+          "kernels-rest": (["tests/kernels"], "gpu and not slow", "not bfloat16"),
+          "gpu-tests": (GPU_TESTS, "gpu and not slow", None)}
+PYTEST_DRY = {"kernels-bf16": (["tests/kernels"], "not gpu and not slow", "dequant_matches"),
+              "kernels-rest": (["tests/kernels"], "not gpu and not slow",
+                               "(loss_and_grads and float32 and triton) or (rmsnorm_forward and shape0 and float32)"),
+              "gpu-tests": (["tests/models/test_cpu_embedding.py"], "not gpu and not slow", "idempotent")}
 STEPS = {"speed": (2, 5), "big": (1, 3), "long": (0, 1)}  # (warm-up, timed)
 
 # The dry run (CPU, fp32, kernels under the interpreter): one tiny shape per part, every code path.
@@ -49,8 +67,8 @@ DRY = {"speed_shapes": [("tiny-64", 64)], "big_rows": [("qlora_trainer", "tiny-6
 class Part:
     """What one part process knows: its context, its time left, and where its rows go."""
 
-    def __init__(self, ctx: dict, rows_path: Path) -> None:
-        self.ctx, self.rows_path = ctx, rows_path
+    def __init__(self, ctx: dict, rows_path: Path, name: str = "") -> None:
+        self.ctx, self.rows_path, self.name = ctx, rows_path, name
         self.dry = bool(ctx["dry_run"])
         self.work = Path(ctx["work"])
         self.work.mkdir(parents=True, exist_ok=True)
@@ -59,6 +77,7 @@ class Part:
         return self.ctx["deadline"] - time.time()
 
     def emit(self, row: dict) -> dict:
+        row = {**row, "part": self.name}
         with open(self.rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -81,30 +100,77 @@ class Part:
         box = min(cap, self.left() - 2.0)
         if box < 5.0:
             return {**base_row(spec), "status": "skipped", "reason": "no time left in the part's box"}
-        return launch(spec, self.work, timeout=box, smoke=self.dry, quiet=False, **kw)
+        return with_estimate(launch(spec, self.work, timeout=box, smoke=self.dry, quiet=False, **kw))
+
+
+def with_estimate(row: dict) -> dict:
+    """A measured row of ours / hf with our memory estimate beside its peak (GiB; ``est_*``)."""
+    if row.get("status") != "ok" or row.get("system") not in ("qlora_trainer", "hf"):
+        return row
+    try:
+        from benchmarks.calibrate import estimate_row
+        from benchmarks.spec import GIB
+
+        est = estimate_row(row)
+    except Exception as e:  # noqa: BLE001 - an estimator failure must not lose the measured row
+        return {**row, "estimate_error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+    return row if est is None else {**row, "est_allocated_gib": est.allocated_bytes / GIB,
+                                    "est_reserved_gib": est.reserved_bytes / GIB}
 
 
 def part_correctness(p: Part) -> None:
-    """Kernel tests through pytest (the ``gpu``-marked CUDA parametrisation on a GPU; the CPU tests under
-    the interpreter in a dry run), then one training step with kernels on vs off."""
-    junit = p.work / "kernels-junit.xml"
-    marks = "not gpu and not slow" if p.dry else "gpu and not slow"
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "kernels"), "-q", "-p", "no:cacheprovider",
+    """:data:`CORRECTNESS` in order, each in its own boxed process: pytest steps (``gpu``-marked CUDA
+    parametrisations on a GPU; CPU tests under the interpreter in a dry run) write a junit report into
+    the output folder and get SIGINT when their box ends (so the report holds every finished test);
+    ``kernel_step`` is one training step with kernels on vs off."""
+    total = p.left()
+    for i, (step, _) in enumerate(CORRECTNESS):
+        box = p.left() - 2.0 - total * sum(share for _, share in CORRECTNESS[i + 1:])
+        if box < 5.0:
+            p.emit({"kind": "kernel_step" if step == "kernel_step" else "kernel_tests", "selection": step,
+                    "status": "skipped", "reason": "no time left in the part's box"})
+            continue
+        # a pytest gets SIGINT at the end of its box and the grace period after it to write its report
+        p.emit(kernel_step_row(p, box) if step == "kernel_step" else pytest_row(p, step, box - INTERRUPT_GRACE_S))
+
+
+def pytest_row(p: Part, step: str, box: float) -> dict:
+    """One pytest run (:data:`PYTEST`) inside ``box`` seconds, SIGINT at its end: counts and failures
+    from its junit report (``junit-STEP.xml`` in the output folder; its log, ``-v -rfE``, in suite.log)."""
+    paths, marks, select = (PYTEST_DRY if p.dry else PYTEST)[step]
+    junit = Path(p.ctx.get("out") or p.work) / f"junit-{step}.xml"
+    junit.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", *[str(REPO / x) for x in paths], "-v", "-rfE", "-p", "no:cacheprovider",
            "-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO), "-m", marks, f"--junitxml={junit}"]
-    if p.dry:  # the CPU interpreter is slow: one parametrisation per kernel family is the plumbing check
-        cmd += ["-k", "(forward and float32) or dequant_matches or (loss_and_grads and float32 and triton)"]
-    elif importlib.util.find_spec("xdist") is not None:  # Triton compiles each kernel once per process
-        cmd += ["-n", "6"]
+    if select:
+        cmd += ["-k", select]
+    if not p.dry and step.startswith("kernels") and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", "6"]  # Triton compiles each kernel once per process
     env = child_env(smoke=p.dry)
     env["TRITON_INTERPRET"] = "1" if p.dry else "0"
-    t0, budget = time.time(), max(5.0, p.left() - (10.0 if p.dry else 30.0))  # leave time for the step check
-    rc = run_boxed(cmd, timeout=budget, own_group=True, cwd=child_cwd(), env=env)  # xdist workers die with it
-    status = "timeout" if rc is None else "ok" if rc == 0 else "failed" if rc == 1 else f"exit {rc}"
-    p.emit({"kind": "kernel_tests", "status": status,
-            "command": " ".join(cmd[1:]), "duration_s": round(time.time() - t0, 1), **junit_summary(junit)})
-    from benchmarks.kernel_step import compare_step
+    t0 = time.time()
+    rc = run_boxed(cmd, timeout=box, own_group=True, interrupt_first=True, cwd=child_cwd(), env=env)
+    status = ("timeout" if rc is None else "ok" if rc == 0 else "failed" if rc == 1 else "no tests" if rc == 5
+              else f"exit {rc}")
+    return {"kind": "kernel_tests" if step.startswith("kernels") else "gpu_tests", "selection": step, "status": status,
+            "command": " ".join(cmd[1:]), "duration_s": round(time.time() - t0, 1), **junit_summary(junit)}
 
-    p.emit({"kind": "kernel_step", **compare_step(p.ctx["device"], p.ctx["dtype"], seed=p.ctx["seed"])})
+
+def kernel_step_row(p: Part, box: float) -> dict:
+    """``python -m benchmarks.kernel_step`` in its own process inside ``box`` seconds."""
+    out = p.work / "kernel_step.row.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.kernel_step", p.ctx["device"], p.ctx["dtype"], str(p.ctx["seed"]), str(out)]
+    env = child_env(smoke=p.dry)
+    env["TRITON_INTERPRET"] = "1" if p.dry else "0"
+    t0 = time.time()
+    rc = run_boxed(cmd, timeout=box, own_group=True, cwd=child_cwd(), env=env)
+    took = {"duration_s": round(time.time() - t0, 1)}
+    if out.is_file():
+        return {**json.loads(out.read_text()), **took}
+    return {"kind": "kernel_step", "status": "timeout" if rc is None else "error", "device": p.ctx["device"],
+            "checks": {}, "error": f"killed after its {box:.0f} s box" if rc is None else f"exit {rc} without a row",
+            **took}
 
 
 def junit_summary(path: Path) -> dict:
@@ -127,20 +193,25 @@ def junit_summary(path: Path) -> dict:
 
 
 def part_speed(p: Part) -> None:
-    """Speed and memory rows: every system on every shape, same weights and tokens (in-process NF4
-    build; Unsloth loads a checkpoint written here, its cost inside its own row's box); then, on a
-    GPU, ours with ``performance.compile: reduce-overhead`` (:data:`COMPILE_ROWS`); then the variants."""
+    """Speed and memory rows: ours, hf, hf-tuned on every shape, same weights and tokens (in-process
+    NF4 build), each with our memory estimate beside its measured peak (:func:`with_estimate`)."""
+    for model, seq in DRY["speed_shapes"] if p.dry else SPEED_SHAPES:
+        for system in SPEED_SYSTEMS:
+            p.emit(p.launch(p.spec(system, model, seq, "speed"), ROW_CAP_S["speed"]))
+
+
+def part_unsloth(p: Part) -> None:
+    """Unsloth on the speed shapes: a bf16 checkpoint written here (its cost inside this part), then
+    its row. Skipped without Unsloth, on the CPU, or with under :data:`UNSLOTH_NEED_S` left."""
     from benchmarks.run import prepare_weights, unsloth_available
     from benchmarks.systems import UNSLOTH_MISSING
 
-    shapes = DRY["speed_shapes"] if p.dry else SPEED_SHAPES
-    for model, seq in shapes:
-        for system in SPEED_SYSTEMS:
-            p.emit(p.launch(p.spec(system, model, seq, "speed"), ROW_CAP_S["speed"]))
-    for model, seq in shapes:
+    for model, seq in DRY["speed_shapes"] if p.dry else SPEED_SHAPES:
         spec = p.spec("unsloth", model, seq, "speed")
-        if not unsloth_available(p.ctx.get("peers")) or p.dry:
-            reason = UNSLOTH_MISSING if not unsloth_available(p.ctx.get("peers")) else "unsloth needs a CUDA GPU"
+        reason = (UNSLOTH_MISSING if not unsloth_available(p.ctx.get("peers")) else "unsloth needs a CUDA GPU"
+                  if p.dry else f"not enough time left ({p.left():.0f} s of the {UNSLOTH_NEED_S:.0f} s a checkpoint "
+                  "write and a row take)" if p.left() < UNSLOTH_NEED_S else None)
+        if reason:
             p.emit({**_base(spec), "status": "skipped", "reason": reason})
             continue
         t0 = time.time()
@@ -155,9 +226,21 @@ def part_speed(p: Part) -> None:
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
-    for model, seq, extra in [] if p.dry else COMPILE_ROWS:
-        p.emit(p.launch(p.spec("qlora_trainer", model, seq, "speed", extra=extra), ROW_CAP_S["compile"]))
-    for model, seq in shapes:
+
+
+def part_compile(p: Part) -> None:
+    """Ours with ``performance.compile: reduce-overhead`` (:data:`COMPILE_ROWS`); GPU only."""
+    for model, seq, extra in COMPILE_ROWS:
+        spec = p.spec("qlora_trainer", model, seq, "speed", extra=extra)
+        if p.dry:
+            p.emit({**_base(spec), "status": "skipped", "reason": "dry run: compiling outlasts the box on the CPU"})
+            continue
+        p.emit(p.launch(spec, ROW_CAP_S["compile"]))
+
+
+def part_variants(p: Part) -> None:
+    """Variants of ours on the speed shapes (:data:`SPEED_VARIANTS`, e.g. checkpoint_layers=auto under a cap)."""
+    for model, seq in DRY["speed_shapes"] if p.dry else SPEED_SHAPES:
         for extra, cap in SPEED_VARIANTS:
             spec = p.spec("qlora_trainer", model, seq, "speed", extra=extra, cap_gb=None if p.dry else cap)
             p.emit(p.launch(spec, ROW_CAP_S["speed"]))
@@ -201,7 +284,7 @@ def part_long(p: Part) -> None:
 
 def part_calibration(p: Part) -> None:
     """The CUDA context measured, then our estimate vs the measured peak (allocated and reserved) for
-    every step row of parts 2-4, then ``qlora-trainer memory --measure`` on the headline shape."""
+    every step row measured so far in this call, then ``qlora-trainer memory --measure`` on the headline shape."""
     from benchmarks.calibrate import compare_rows, cuda_context, memory_cli
 
     p.emit({"kind": "cuda_context", **cuda_context(p.ctx["device"])})
@@ -230,8 +313,9 @@ def part_nf4_paths(p: Part) -> None:
                 deadline=p.ctx["deadline"], emit=p.emit, rep_ms=40)
 
 
-PARTS = {"correctness": part_correctness, "speed": part_speed, "70b": part_big, "long": part_long,
-         "calibration": part_calibration, "nf4_paths": part_nf4_paths}
+PARTS = {"correctness": part_correctness, "speed": part_speed, "calibration": part_calibration, "70b": part_big,
+         "long": part_long, "unsloth": part_unsloth, "nf4_paths": part_nf4_paths, "compile": part_compile,
+         "variants": part_variants}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     assert_not_shadowed()
     kill_groups_on_sigterm()
-    part = Part(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
+    part = Part(json.loads(Path(argv[1]).read_text()), Path(argv[2]), argv[0])
     PARTS[argv[0]](part)
     return 0
 

@@ -116,10 +116,16 @@ def assert_not_shadowed() -> None:
 _GROUPS: set[int] = set()  # process groups this process started and has not reaped yet
 
 
-def run_boxed(cmd: list[str], *, timeout: float, own_group: bool = False, **kw) -> int | None:
+INTERRUPT_GRACE_S = 8.0  # after SIGINT: pytest finishes its report (junit, -rfE summary) in this time
+
+
+def run_boxed(cmd: list[str], *, timeout: float, own_group: bool = False, interrupt_first: bool = False,
+              **kw) -> int | None:
     """``subprocess.run`` inside a time box: the exit code, or None when the box ran out and the child
     was killed. ``own_group``: the child leads a new process group, killed as a whole (SIGTERM, then
-    SIGKILL after 5 s), so its own children (pytest-xdist workers, a part's row processes) die too."""
+    SIGKILL after 5 s), so its own children (pytest-xdist workers, a part's row processes) die too.
+    ``interrupt_first``: the group gets SIGINT first and :data:`INTERRUPT_GRACE_S` to end (pytest
+    then writes its junit report with every test finished so far)."""
     proc = subprocess.Popen(cmd, start_new_session=own_group, **kw)
     if own_group:
         _GROUPS.add(proc.pid)
@@ -130,26 +136,40 @@ def run_boxed(cmd: list[str], *, timeout: float, own_group: bool = False, **kw) 
             proc.kill()
             proc.wait()
             return None
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        end_group(proc, interrupt_first)
         return None
     finally:
         _GROUPS.discard(proc.pid)
 
 
+def end_group(proc: subprocess.Popen, interrupt_first: bool = False) -> None:
+    """End ``proc``'s process group: [SIGINT, a grace period,] SIGTERM, 5 s, SIGKILL; reaped."""
+    for sig, grace in ([(signal.SIGINT, INTERRUPT_GRACE_S)] if interrupt_first else []) + [(signal.SIGTERM, 5.0)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def kill_groups_on_sigterm() -> None:
-    """On SIGTERM (the suite ending a part's box), kill the process groups this process leads, then
-    exit: a part's pytest and its workers must not outlive the part."""
+    """On SIGTERM (the suite ending a part's box), interrupt the process groups this process leads
+    (SIGINT: a pytest writes its report), give them 3 s, kill them, then exit: a part's pytest and
+    its workers must not outlive the part."""
+    import time
+
     def handler(signum, frame):
-        for pgid in list(_GROUPS):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            for pgid in list(_GROUPS):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, sig)
+            if sig == signal.SIGINT and _GROUPS:
+                time.sleep(3.0)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

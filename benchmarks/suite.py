@@ -1,22 +1,31 @@
-"""The whole GPU check in one command: ``python -m benchmarks.suite --out DIR``.
+"""The whole GPU check, over one or several calls: ``python -m benchmarks.suite --out DIR``.
 
-Parts run in order of value, each in its own process (:mod:`benchmarks.parts`) with its own time box;
-after each part the suite rewrites ``DIR/suite.json`` and ``DIR/suite.md`` (stamped with device,
-driver, versions, date, command) and every process's output goes to ``DIR/suite.log``, so a timeout
-or a kill still leaves everything finished before it. Three files: the GPU machine returns at most 8.
+Parts run in order of value, each in its own process (:mod:`benchmarks.parts`) with its own time box.
+Every row is appended to ``DIR/suite.rows.jsonl`` the moment it ends, and after each part the suite
+rewrites ``DIR/suite.json`` and ``DIR/suite.md`` (stamped with device, driver, versions, date, command);
+every process's output goes to ``DIR/suite.log``, pytest's junit reports to ``DIR/junit-*.xml``. A
+timeout or a kill keeps everything finished before it. At most 7 files: the GPU machine returns 8.
 
-    1 correctness   kernel tests on CUDA (pytest, gpu-marked), one training step kernels on == off
-    2 speed         Llama-3-8B/2048 and Llama-2-7B/512: hf, hf-tuned, unsloth, ours
-    3 70b           Llama-3-70B: ours at 512 and 2048, hf at 512
-    4 long          Llama-3.1-70B 32k under 48 GB, Llama-3.1-8B 128k under 24 GB (pass/fail)
-    5 calibration   CUDA context measured; estimate vs measured peak for every row; memory --measure
-    6 nf4_paths     performance.nf4_matmul: dequant vs chunked vs fused per M bucket, 8B and 7B shapes
+    correctness   kernel tests on CUDA (bf16 first, then the rest), one training step kernels on == off,
+                  the gpu-marked tests outside tests/kernels
+    speed         Llama-3-8B/2048 and Llama-2-7B/512: ours, hf, hf-tuned, our estimate beside each peak
+    calibration   CUDA context measured; estimate vs measured peak for every row; memory --measure
+    70b           Llama-3-70B: ours at 512 and 2048, hf at 512
+    long          Llama-3.1-70B 32k under 48 GB, Llama-3.1-8B 128k under 24 GB (pass/fail)
+    unsloth       Unsloth on the speed shapes (writes a checkpoint first)
+    nf4_paths     performance.nf4_matmul: dequant vs chunked vs fused per M bucket, 8B and 7B shapes
+    compile       ours with performance.compile: reduce-overhead
+    variants      ours with performance.checkpoint_layers=auto under a 24 GB cap
 
-``--dry-run``: the same parts and code paths on the CPU with tiny shapes (kernels under the Triton
-interpreter), well under 2 minutes. Boxes: each part's planned seconds (``PLAN``, scaled to
-``--budget-s``), plus whatever earlier parts left unused. The project is imported from its own wheel
-(``--wheel``, else built from this checkout), never from the repo root (:mod:`benchmarks.stage`).
-Exit code: 0 when every part ran to its end and every check in it held, 1 otherwise, 2 on bad input.
+Which parts: ``--parts`` (names or numbers), else the planner (:mod:`benchmarks.planner`): the most
+valuable parts that the suite JSON files committed under ``benchmarks/results/`` have not measured, as
+many as fit the budget; so the first call measures correctness, speed and calibration (470 s), and
+later calls continue with 70B, long context, Unsloth, NF4 paths, compile. ``--dry-run``: every part,
+on the CPU with tiny shapes (kernels under the Triton interpreter). Boxes: each part's planned seconds
+(``PLAN``, scaled to ``--budget-s``), plus whatever earlier parts left unused. The project is imported
+from its own wheel (``--wheel``, else built from this checkout), never from the repo root
+(:mod:`benchmarks.stage`). Exit code: 0 when every part ran to its end and every check in it held, 1
+otherwise, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -34,27 +43,37 @@ from pathlib import Path
 
 from benchmarks import stage
 
-# (part, planned seconds on one H200, planned seconds in a dry run); sums 540 s and 110 s.
-# 540 s on the GPU: the device runs one command for at most 600 s, start-up and copies included
-PLAN = [("correctness", 85, 30), ("speed", 170, 27), ("70b", 105, 20), ("long", 110, 15), ("calibration", 35, 10),
-        ("nf4_paths", 35, 8)]
+# (part, planned seconds on one H100/H200, planned seconds in a dry run), in order of value. The first
+# call's three parts take 450 s of its default 470 s: the device runs one command for at most 600 s,
+# and a cold start plus the copies must fit 15 minutes of device time with a rerun to spare.
+# Dry-run seconds: measured on the 2-core CPU box at load 8-12 (each row process imports torch and
+# transformers, 15-30 s there), plus a quarter.
+PLAN = [("correctness", 170, 200), ("speed", 240, 110), ("calibration", 40, 30), ("70b", 105, 85), ("long", 110, 100),
+        ("unsloth", 150, 3), ("nf4_paths", 35, 60), ("compile", 90, 3), ("variants", 60, 60)]
 NAMES = [p[0] for p in PLAN]
+GPU_BUDGET_S = 470.0
 RESERVE_S = 3.0  # for the last write of the results after the final part
 STEM = "suite"
+ROWS = f"{STEM}.rows.jsonl"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for suite.json, suite.md and suite.log")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels under the interpreter")
-    ap.add_argument("--parts", nargs="+", default=NAMES, metavar="PART",
-                    help=f"subset, by name or number: {', '.join(f'{i + 1}={n}' for i, n in enumerate(NAMES))}")
+    ap.add_argument("--parts", nargs="+", default=None, metavar="PART",
+                    help="parts to run, by name or number: " + ", ".join(f"{i + 1}={n}" for i, n in enumerate(NAMES)) +
+                    " (default: the planner's choice from --results; every part in a dry run)")
+    ap.add_argument("--results", default=None, metavar="DIR",
+                    help="committed suite results the planner reads (default benchmarks/results)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help=f"whole-suite time box (default {sum(p[1] for p in PLAN)} s, dry run {sum(p[2] for p in PLAN)} s)")
+                    help=f"whole-suite time box (default {GPU_BUDGET_S:.0f} s, dry run {sum(p[2] for p in PLAN)} s)")
     ap.add_argument("--wheel", default=None, help="the project's wheel (default: build one from this checkout)")
     ap.add_argument("--peers", default=None, help="Unsloth: a folder of its wheels (device-peers) or of them unpacked")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.parts is None:
+        return a
     parts = []
     for p in a.parts:
         name = NAMES[int(p) - 1] if p.isdigit() and 1 <= int(p) <= len(NAMES) else p
@@ -65,6 +84,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.budget_s is not None and a.budget_s <= 0:
         ap.error("--budget-s: must be > 0")
     return a
+
+
+def default_budget(dry: bool) -> float:
+    return float(sum(p[2] for p in PLAN)) if dry else GPU_BUDGET_S
+
+
+def choose_parts(a: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """(parts to run, parts already measured -> the results file): ``--parts``, every part in a dry
+    run, else the planner's choice for the budget."""
+    from benchmarks.planner import RESULTS, measured_parts, next_parts
+
+    if a.parts is not None:
+        return a.parts, {}
+    if a.dry_run:
+        return list(NAMES), {}
+    measured = measured_parts(a.results or RESULTS)
+    budget = (a.budget_s or default_budget(False)) - RESERVE_S
+    return next_parts([(p[0], p[1]) for p in PLAN], measured, budget), measured
 
 
 def plan_boxes(parts: list[str], budget_s: float, dry: bool) -> dict[str, float]:
@@ -101,9 +138,11 @@ class Suite:
         self.log_path = self.out / f"{STEM}.log"
         self.log = open(self.log_path, "a", buffering=1)
         self.t0 = time.time()
-        self.budget = a.budget_s or sum(p[2 if a.dry_run else 1] for p in PLAN)
+        self.budget = a.budget_s or default_budget(a.dry_run)
         self.planned = plan_boxes(a.parts, self.budget, a.dry_run)
         self.rows: list[dict] = []
+        self.rows_path = self.out / ROWS
+        self.rows_path.write_text("")  # this call's rows, appended by the parts as each ends
         self.summary: list[dict] = [{"part": n, "planned_s": round(s, 1), "status": "pending"}
                                     for n, s in self.planned.items()]
         self.device = device_info(command)
@@ -136,8 +175,9 @@ class Suite:
             return
         ctx = {"dry_run": self.a.dry_run, "device": "cpu" if self.a.dry_run else "cuda",
                "dtype": "float32" if self.a.dry_run else "bfloat16", "deadline": time.time() + box - 3.0,
-               "work": str(work / name), "peers": peers, "results": str(self.out / f"{STEM}.json"), "seed": self.a.seed}
-        ctx_path, rows_path = work / f"{name}.ctx.json", work / f"{name}.rows.jsonl"
+               "work": str(work / name), "out": str(self.out), "peers": peers, "results": str(self.out / f"{STEM}.json"),
+               "seed": self.a.seed}
+        ctx_path, rows_path = work / f"{name}.ctx.json", self.rows_path
         ctx_path.write_text(json.dumps(ctx))
         self.say(f"part {i + 1} {name}: box {box:.0f} s (planned {self.planned[name]:.0f} s)")
         t = time.time()
@@ -147,13 +187,22 @@ class Suite:
         rc = stage.run_boxed(cmd, timeout=box, own_group=True, cwd=stage.child_cwd(), env=env, stdout=self.log,
                              stderr=subprocess.STDOUT)
         status = "timeout" if rc is None else "done" if rc == 0 else f"exit {rc}"
-        rows = [json.loads(ln) for ln in rows_path.read_text().splitlines()] if rows_path.is_file() else []
-        for r in rows:
-            r["part"] = name
+        rows = [r for r in read_rows(rows_path) if r.get("part") == name]
         self.rows += rows
         self.summary[i] = entry | {"status": status, "used_s": round(time.time() - t, 1), "rows": len(rows)}
         self.say(f"part {i + 1} {name}: {status} after {time.time() - t:.0f} s, {len(rows)} rows")
         self.write()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of ``suite.rows.jsonl`` (a line cut short by a kill is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def failed_checks(doc_rows: list[dict], summary: list[dict]) -> list[str]:
@@ -161,7 +210,7 @@ def failed_checks(doc_rows: list[dict], summary: list[dict]) -> list[str]:
     bad = [f"part {s['part']}: {s['status']}" for s in summary if s["status"] not in ("done", "skipped")]
     for r in doc_rows:
         kind = r.get("kind", "step")
-        if kind in ("kernel_tests", "kernel_step") and r["status"] != "ok":
+        if kind in ("kernel_tests", "gpu_tests", "kernel_step") and r["status"] not in ("ok", "skipped"):
             bad.append(f"{kind}: {r['status']}" + (f" ({'; '.join(r.get('failures', [])[:3])})" if r.get("failures") else ""))
         if r.get("step0_loss_ok") is False:
             bad.append(f"step-0 loss disagreement: {r['model']} {r['seq_len']} {r['system']}")
@@ -179,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.wheel and not Path(a.wheel).is_file():
         print(f"error: --wheel {a.wheel}: no such file (build it: see benchmarks/README.md)", file=sys.stderr)
         return 2
+    stage.kill_groups_on_sigterm()  # a suite ended by SIGTERM takes its running part (and its rows) along
     work = Path(tempfile.mkdtemp(prefix="qlora-suite-"))
     try:
         try:
@@ -187,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: staging the project failed: {e}", file=sys.stderr)
             return 2
         sys.path.insert(0, str(site))  # this process too reads versions and writes through qlora_trainer.io
+        a.parts, measured = choose_parts(a)
         suite = Suite(a, command)
+        if measured:
+            suite.say("already measured: " + ", ".join(f"{n} ({f})" for n, f in measured.items()))
         suite.say(f"budget {suite.budget:.0f} s; plan: " +
                   ", ".join(f"{n} {s:.0f} s" for n, s in suite.planned.items()) + f"; site {site}")
         suite.write()

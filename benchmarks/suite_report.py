@@ -25,12 +25,19 @@ def budget_markdown(doc: dict) -> list[str]:
 
 def correctness_markdown(doc: dict) -> list[str]:
     lines = []
-    for r in _rows(doc, "kernel_tests"):
-        lines += ["", f"## Kernel tests: {r['status']} ({r.get('passed', 0)} passed, {r.get('failed', 0)} failed, "
+    for r in [r for r in doc["rows"] if r.get("kind") in ("kernel_tests", "gpu_tests")]:
+        title = f"{'Kernel tests' if r['kind'] == 'kernel_tests' else 'GPU tests'} ({r.get('selection', 'all')})"
+        if "duration_s" not in r:
+            lines += ["", f"## {title}: {r['status']} ({r.get('reason', '')})"]
+            continue
+        lines += ["", f"## {title}: {r['status']} ({r.get('passed', 0)} passed, {r.get('failed', 0)} failed, "
                       f"{r.get('errors', 0)} errors, {r.get('skipped', 0)} skipped; {r['duration_s']:.0f} s)", "",
                   f"`{r['command']}`"]
         lines += [f"- FAILED {f}" for f in r.get("failures", [])]
     for r in _rows(doc, "kernel_step"):
+        if "model" not in r:
+            lines += ["", f"## One training step, kernels on vs off: {r['status']} ({r.get('error') or r.get('reason', '')})"]
+            continue
         lines += ["", f"## One training step, kernels on vs off ({r['model']}, {r['device']}): {r['status']}", "",
                   "| dtype | loss (kernels) | loss (reference) | loss rdiff | max grad rdiff | max adapter rdiff | ok |",
                   "|---|---|---|---|---|---|---|"]

@@ -39,6 +39,10 @@ from .nf4 import gemm_supported
 # dx tiles BLOCK_N <= 64, so every config keeps one scale per W row for QBLOCK >= 64.
 _FWD = [(128, 128, 64, 8, 0, 8, 3), (128, 64, 64, 8, 0, 4, 4), (64, 128, 64, 8, 0, 4, 4), (128, 128, 64, 8, 1, 8, 3)]
 _DX = [(128, 64, 128, 8, 0, 8, 3), (128, 64, 64, 8, 0, 4, 4), (256, 64, 64, 8, 0, 8, 3), (128, 64, 128, 8, 1, 8, 3)]
+# fp32 A (ieee dots, no tensor cores): the tables above spill 6-10 KB of registers a thread (sm_90,
+# cuobjdump's STACK); one 64x64 tile, 8 warps, spills nothing (STACK 0, 255 / 191 registers)
+_FWD32 = [(64, 64, 32, 8, 0, 8, 2)]
+_DX32 = [(64, 64, 32, 8, 0, 8, 2)]
 INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2, "LUT": 0}  # CPU interpreter
 M_BUCKET_CAP = 4096
 
@@ -226,6 +230,8 @@ _EVEN_KN = {**_EVEN_K, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
 _KEY = ["M_BUCKET", "N", "K", "QBLOCK", "NESTED", "ALIGNED"]
 _fwd_tuned = triton.autotune(_configs(_FWD), key=_KEY, do_bench=_quick_bench)(triton.heuristics(_EVEN_K)(_nf4_gemm_fwd))
 _dx_tuned = triton.autotune(_configs(_DX), key=_KEY, do_bench=_quick_bench)(triton.heuristics(_EVEN_KN)(_nf4_gemm_dx))
+_fwd_fp32 = triton.autotune(_configs(_FWD32), key=_KEY)(triton.heuristics(_EVEN_K)(_nf4_gemm_fwd))  # one config:
+_dx_fp32 = triton.autotune(_configs(_DX32), key=_KEY)(triton.heuristics(_EVEN_KN)(_nf4_gemm_dx))  # nothing timed
 
 
 def nf4_gemm(a: torch.Tensor, w, *, trans_w: bool, bias: torch.Tensor | None = None,
@@ -234,7 +240,7 @@ def nf4_gemm(a: torch.Tensor, w, *, trans_w: bool, bias: torch.Tensor | None = N
 
     trans_w=True: K = in, returns a @ W^T (M, out) (+ bias (out,)). trans_w=False: K = out, returns
     a @ W (M, in). Output dtype = a.dtype, fp32 accumulation. On CUDA the autotuner picks the tile
-    config; elsewhere (the interpreter) ``config`` or :data:`INTERPRET_CONFIG` runs untuned."""
+    config (16-bit A; fp32 A runs its one :data:`_FWD32` / :data:`_DX32` tile); elsewhere (the interpreter) ``config`` or :data:`INTERPRET_CONFIG` runs untuned."""
     out_f, in_f = w.shape
     m, k = a.shape
     n = out_f if trans_w else in_f
@@ -254,7 +260,10 @@ def nf4_gemm(a: torch.Tensor, w, *, trans_w: bool, bias: torch.Tensor | None = N
                 HAS_BIAS=bias is not None, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                 UPCAST_DOT=a.device.type != "cuda")
     if a.device.type == "cuda" and config is None:
-        kernel = _fwd_tuned if trans_w else _dx_tuned
+        if a.dtype == torch.float32:
+            kernel = _fwd_fp32 if trans_w else _dx_fp32
+        else:
+            kernel = _fwd_tuned if trans_w else _dx_tuned
         grid = lambda mt: (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"]),)  # noqa: E731
         kernel[grid](*args, **meta, enable_fp_fusion=False)
         return c

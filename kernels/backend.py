@@ -2,7 +2,9 @@
 
 ``backend`` is ``"auto"`` (Triton when the tensors are on CUDA and triton imports, else torch),
 ``"triton"`` or ``"torch"``. Callers pass the backend they were configured with; there is no
-global switch. Also the SM count used for grid sizing.
+global switch, except one: a kernel that failed its self-check (``selfcheck.py``) is switched to its
+reference for the rest of the run (:func:`use_reference`), whatever the backend asked for. Also the
+SM count used for grid sizing.
 """
 
 from __future__ import annotations
@@ -10,9 +12,34 @@ from __future__ import annotations
 import torch
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto|triton|torch`` to the backend that will actually run on ``device``."""
-    if backend == "torch":
+# kernel family -> why its torch reference runs instead (set by the self-check, read by every call site)
+_REFERENCE: dict[str, str] = {}
+
+
+def use_reference(kernel: str, reason: str) -> None:
+    """From now on ``kernel`` (a ``selfcheck.KERNELS`` name) resolves to ``torch``, for every backend."""
+    _REFERENCE[kernel] = reason
+
+
+def on_reference(kernel: str) -> bool:
+    """Whether ``kernel`` was switched to its torch reference."""
+    return kernel in _REFERENCE
+
+
+def reference_kernels() -> dict[str, str]:
+    """The kernels switched to their references, with the reason each was."""
+    return dict(_REFERENCE)
+
+
+def clear_references() -> None:
+    """Every kernel back on its configured backend (a new run checks afresh)."""
+    _REFERENCE.clear()
+
+
+def resolve_backend(backend: str, device: torch.device, kernel: str | None = None) -> str:
+    """Map ``auto|triton|torch`` to the backend that will actually run on ``device``; ``torch`` for
+    a ``kernel`` switched to its reference (:func:`use_reference`)."""
+    if backend == "torch" or (kernel is not None and kernel in _REFERENCE):
         return "torch"
     if backend == "triton":
         return "triton"

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backend import on_reference
 from .nf4 import NF4Weight, dequantize_nf4, gemm_supported, row_step_for
 
 # At or below this many tokens the split-K decode kernel (_triton_lora.nf4_matmul) runs; above it
@@ -122,11 +123,13 @@ class BaseWeight:
         (see the module docstring). ``decode`` True/False forces/forbids the decode kernel."""
         if self.nf4 is None or self.backend != "triton":
             return "dequant"
+        use_decode = not on_reference("nf4_decode")  # a kernel that failed its self-check never runs
         if decode is not None:
-            return "decode" if decode else "dequant"
+            return "decode" if decode and use_decode else "dequant"
         if m <= DECODE_MAX_TOKENS:
-            return "decode"
-        if self.large_m == "fused" and not gemm_supported(self.nf4.shape, self.nf4.blocksize):
+            return "decode" if use_decode else "dequant"
+        if self.large_m == "fused" and (not gemm_supported(self.nf4.shape, self.nf4.blocksize)
+                                        or on_reference("nf4_gemm")):
             return "dequant"
         return self.large_m
 

@@ -54,8 +54,18 @@ def auto_chunk_size(n: int, vocab: int, hidden: int, free_bytes: int | None = No
 
 
 def free_device_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA ``device`` (``torch.cuda.mem_get_info``); None elsewhere."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    """Memory this process may still take on a CUDA ``device``; None elsewhere: the device's free
+    memory (``torch.cuda.mem_get_info``), but under a ``torch.cuda.set_per_process_memory_fraction``
+    cap at most the cap minus what the allocator holds in tensors (the card may be far emptier than
+    the cap allows: 8B/128k under a 24 GB cap on an 80 GB card)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
+    cap = fraction(device) if fraction is not None else 1.0
+    if cap < 1.0:
+        free = min(free, max(0, int(total * cap) - torch.cuda.memory_allocated(device)))
+    return free
 
 
 def _ce_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -142,7 +152,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy: {h2.shape[0]} hidden rows but {y.shape[0]} labels")
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(
         h2.shape[0], weight.shape[0], weight.shape[1], free_device_bytes(hidden.device), weight.element_size())
-    use_triton = resolve_backend(backend, hidden.device) == "triton"
+    use_triton = resolve_backend(backend, hidden.device, "cross_entropy") == "triton"
     n_valid = (y != ignore_index).sum()
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad):
         return LinearCrossEntropyFunction.apply(h2, weight, y, chunk, ignore_index, use_triton), n_valid

@@ -100,7 +100,7 @@ class SeededDropout:
         self.seed, self.p = seed, p
         self.thresh = keep_threshold(p)
         self.scale = struct.unpack("f", struct.pack("f", 1.0 / (1.0 - p)))[0]  # the kernel's fp32 scale
-        self.backend = resolve_backend(backend, seed.device)
+        self.backend = resolve_backend(backend, seed.device, "dropout")
         self._keep: torch.Tensor | None = None
 
     def __call__(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

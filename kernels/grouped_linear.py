@@ -115,7 +115,20 @@ class GroupedLoRAFunction(torch.autograd.Function):
 
 def group_weight(owner: torch.nn.Module, name: str, members: tuple[BaseWeight, ...]) -> GroupWeight:
     """The :class:`GroupWeight` of ``members`` cached on ``owner`` under ``name`` (rebuilt when any
-    member's cached BaseWeight object changes)."""
+    member's cached BaseWeight object changes).
+
+    While torch.compile traces, a cached group is returned unchecked, as ``base_weight`` does: ``id()``
+    and ``is`` would make dynamo guard on each layer's objects by identity, so every decoder layer
+    would compile a graph of its own (and past dynamo's recompile limit run eagerly)."""
+    if torch.compiler.is_compiling():
+        hit = owner.__dict__.get(f"_qlora_group_{name}")
+        if hit is not None:
+            return hit[1]
+    return _group_weight_eager(owner, name, members)
+
+
+@torch.compiler.disable
+def _group_weight_eager(owner: torch.nn.Module, name: str, members: tuple[BaseWeight, ...]) -> GroupWeight:
     attr = f"_qlora_group_{name}"
     key = tuple(id(m) for m in members)
     hit = owner.__dict__.get(attr)
@@ -124,6 +137,27 @@ def group_weight(owner: torch.nn.Module, name: str, members: tuple[BaseWeight, .
     gw = GroupWeight.build(members)
     owner.__dict__[attr] = (key, gw, members)
     return gw
+
+
+# The groups the model's layers form (``grouped_projections`` call sites): name -> member attributes.
+GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj")))
+
+
+def warm_groups(model: torch.nn.Module) -> int:
+    """Build and cache the :class:`GroupWeight` of every :data:`GROUPS` group under ``model`` whose
+    members can group (as :func:`grouped_projections` would), so that compiled code finds it;
+    returns how many. Run after the members' base weights are cached."""
+    n = 0
+    for owner in model.modules():
+        for name, attrs in GROUPS:
+            mods = [getattr(owner, a, None) for a in attrs]
+            gets = [getattr(m, "grouping_operands", None) for m in mods]
+            ops = [g() for g in gets] if all(callable(g) for g in gets) else [None]
+            if any(op is None for op in ops) or len({(op[0].backend, op[0].shape[1]) for op in ops}) != 1:
+                continue
+            group_weight(owner, name, tuple(op[0] for op in ops))
+            n += 1
+    return n
 
 
 def grouped_lora_linear(x: torch.Tensor, group: GroupWeight, lora_As: list[torch.Tensor],

@@ -176,7 +176,7 @@ def dequantize_nf4_group(ws: Sequence[NF4Weight], out: torch.Tensor, backend: st
     if not nf4_groupable(ws):
         raise ValueError(f"dequantize_nf4_group: {len(ws)} members not groupable (1..{MAX_GROUP}, one blocksize, "
                          f"nesting and in)")
-    if resolve_backend(backend, ws[0].packed.device) == "triton":
+    if resolve_backend(backend, ws[0].packed.device, "nf4_dequant") == "triton":
         from ._triton_nf4 import nf4_dequant_group
 
         return nf4_dequant_group(ws, out)
@@ -195,7 +195,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
     concatenated weight); returned. ``rows`` (r0, r1): only W[r0:r1] (r1 - r0, in); ``r0 * in``
     must be a multiple of the blocksize (:func:`row_step_for`), so the rows are whole blocks."""
     dtype = out.dtype if out is not None else dtype or w.dtype
-    if resolve_backend(backend, w.packed.device) == "triton":
+    if resolve_backend(backend, w.packed.device, "nf4_dequant") == "triton":
         from ._triton_nf4 import nf4_dequant
 
         return nf4_dequant(w.packed, w.absmax, w.code, w.code2, w.absmax2, w.offset,

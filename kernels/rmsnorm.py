@@ -131,7 +131,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     returned s, not x, for x's other uses, so that their gradient is summed in the norm's backward)
     for x, residual (..., H), weight (H,), through the fused Triton kernel or
     :func:`add_rms_norm_reference` (``backend``: ``auto|triton|torch``)."""
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, "rmsnorm") == "triton":
         return AddRMSNormFunction.apply(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
 
@@ -139,7 +139,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """RMSNorm of x (..., H) with weight (H,) through the Triton kernel or the torch reference
     (``backend``: ``auto|triton|torch``, resolved by :func:`dispatch.resolve_backend`)."""
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, "rmsnorm") == "triton":
         return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 

@@ -68,7 +68,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by cos/sin (B|1, T, D); returns new tensors in
     the dtypes of q and k (``backend``: ``auto|triton|torch``)."""
-    if resolve_backend(backend, q.device) != "triton":
+    if resolve_backend(backend, q.device, "rope") != "triton":
         return rope_reference(q, k, cos, sin)
     if q.dtype != k.dtype:
         raise ValueError(f"apply_rope: q and k dtypes differ ({q.dtype} vs {k.dtype})")

@@ -58,7 +58,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
                          f"{up.dtype} must match")
-    if resolve_backend(backend, gate.device) == "triton":
+    if resolve_backend(backend, gate.device, "swiglu") == "triton":
         return SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)
 

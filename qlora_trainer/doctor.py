@@ -13,7 +13,8 @@ Each check returns a :class:`Check` (name, status, one-line detail, optional dat
 - Triton importable and usable (a GPU, or ``TRITON_INTERPRET=1`` on the CPU);
 - the ``kernels`` name: ``import kernels`` should not find our repo folder (inert under that name,
   but it hides Hugging Face's ``kernels`` package that transformers and bitsandbytes probe for);
-- given a config, the memory estimator's verdict for this machine's GPU.
+- given a config, the memory estimator's verdict for this machine's GPU;
+- ``--kernels``: every Triton kernel against its torch reference here (``kernels/selfcheck.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_trainer.memory import estimate_for_config
+from qlora_trainer.kernels.selfcheck import check_kernels
 
 DIST = "qlora-trainer"
 STATUSES = ("ok", "warn", "error")
@@ -289,12 +291,39 @@ def config_check(cfg: Any, triton: Check) -> Check:
     return Check("config", "ok", f"train.device={dev}, performance.kernels={cfg.performance.kernels}")
 
 
-def run_checks(cfg: Any | None = None) -> list[Check]:
-    """All checks, in report order; ``cfg`` adds what the config asks of the machine and the memory verdict."""
+def kernel_checks() -> list[Check]:
+    """``doctor --kernels``: every Triton kernel against its torch reference on this machine's GPU
+    (bf16 and fp32), or on the CPU under ``TRITON_INTERPRET=1`` (fp32), uncached; ``error`` for a
+    kernel that fails (a run would use its torch reference instead)."""
+    import torch
+
+
+    if torch.cuda.is_available():
+        device, dtypes = torch.device("cuda"), (torch.bfloat16, torch.float32)
+    elif os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+        device, dtypes = torch.device("cpu"), (torch.float32,)
+    else:
+        return [Check("kernels", "warn", "no GPU (and no TRITON_INTERPRET=1): runs use the torch references")]
+    out = []
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        for r in check_kernels(device, dtype, use_cache=False).values():
+            detail = (f"matches its reference on {device.type} (relative error {r.rdiff:.1e})" if r.ok else
+                      f"{r.reason}; runs use its torch reference")
+            out.append(Check(f"kernel {r.kernel} {name}", "ok" if r.ok else "error", detail,
+                             {"kernel": r.kernel, "dtype": name, "ok": r.ok, "rdiff": r.rdiff}))
+    return out
+
+
+def run_checks(cfg: Any | None = None, kernels: bool = False) -> list[Check]:
+    """All checks, in report order; ``cfg`` adds what the config asks of the machine and the memory
+    verdict; ``kernels`` every Triton kernel against its reference (:func:`kernel_checks`)."""
     triton = triton_check()
     checks = dependency_checks() + [cuda_check(), bitsandbytes_check(), triton, kernels_name_check()]
     if cfg is not None:
         checks += [config_check(cfg, triton), memory_check(cfg)]
+    if kernels:
+        checks += kernel_checks()
     return checks
 
 

@@ -91,3 +91,22 @@ def test_config_asking_for_cuda_on_a_cpu_machine_fails(capsys):
     assert main(["doctor", str(ROOT / "configs" / "demo.yaml"), "train.device=cuda"]) == 1
     out = capsys.readouterr().out
     assert "[FAIL] config: train.device=cuda but no CUDA device is visible" in out
+
+
+def test_doctor_kernels_checks_every_kernel_on_demand(capsys, monkeypatch, tmp_path):
+    """``doctor --kernels`` on the CPU (interpreter): one line per kernel, a wrong kernel an error
+    (exit 1) that names it; nothing cached (on demand means run now)."""
+    from qlora_trainer.kernels import _triton_swiglu
+    from qlora_trainer.kernels.selfcheck import CACHE_ENV, KERNELS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache.json"))
+    monkeypatch.setattr(_triton_swiglu, "swiglu_fwd", lambda g, u: g * 0)
+    checks = doctor.kernel_checks()
+    assert [c.data["kernel"] for c in checks] == list(KERNELS)
+    bad = [c for c in checks if c.status == "error"]
+    assert [c.name for c in bad] == ["kernel swiglu float32"] and "runs use its torch reference" in bad[0].detail
+    assert not (tmp_path / "cache.json").exists()
+    monkeypatch.setattr(doctor, "kernel_checks", lambda: bad)
+    assert main(["doctor", "--kernels"]) == 1
+    assert "kernel swiglu float32: disagrees with its reference" in capsys.readouterr().out

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", metavar="CONFIG", help="run config (YAML): adds the memory verdict")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.seq_len=2048")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--kernels", action="store_true",
+                   help="also check every Triton kernel against its torch reference on this GPU (seconds)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
-    checks = run_checks(cfg)
+    checks = run_checks(cfg, kernels=args.kernels)
     rep = report(checks)
     if args.json:
         print(json.dumps(rep))

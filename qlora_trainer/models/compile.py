@@ -27,6 +27,7 @@ from torch import nn
 from qlora_trainer.kernels.backend import resolve_backend
 from qlora_trainer.kernels.base_weight import base_weight
 from qlora_trainer.models.checkpointing import CheckpointedLayer, _decoder_layer_lists
+from qlora_trainer.kernels.grouped_linear import warm_groups
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def compile_layers(model: nn.Module, mode: str, *, backend: str | None = None) -
     tests use ``aot_eager``). Returns the number of layers compiled."""
     if mode not in MODES:
         raise ValueError(f"compile_layers: mode {mode!r} is not one of {', '.join(MODES)}")
+
     warm_base_weights(model)
+    warm_groups(model)  # cached objects read unchecked while tracing: one graph serves every layer
     kwargs = {"mode": MODES[mode]} if backend is None else {"backend": backend}
     n = 0
     for layers in _decoder_layer_lists(model):

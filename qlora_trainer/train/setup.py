@@ -17,6 +17,8 @@ from qlora_trainer.models.checkpointing import apply_checkpointing
 from qlora_trainer.models.compile import compile_layers
 from qlora_trainer.models.cpu_embedding import apply_cpu_embeddings
 from qlora_trainer.runtime import resolve_dtype
+from qlora_trainer.kernels.backend import clear_references, resolve_backend
+from qlora_trainer.kernels.selfcheck import ensure_kernels, kernels_for, shapes_class
 
 if TYPE_CHECKING:
     from qlora_trainer.config import Config
@@ -56,6 +58,11 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
     if cfg.performance.nf4_matmul != "dequant":  # the large-M NF4 matmul path (kernels/base_weight.py)
 
         set_nf4_matmul(model, cfg.performance.nf4_matmul)
+    if device.type == "cuda":
+        check_run_kernels(model, cfg, device, dtype)
+    if cfg.performance.embeddings_on_cpu:
+
+        set_nf4_matmul(model, cfg.performance.nf4_matmul)
     if cfg.performance.embeddings_on_cpu:
         apply_cpu_embeddings(model)
     if cfg.performance.gradient_checkpointing:
@@ -66,6 +73,21 @@ def prepare_model(model: nn.Module, cfg: "Config", *, device: torch.device, dtyp
     # no model.to(device): the base is already there (moving 4-bit models is unsupported in places)
     # and adapters are created on their base layer's device
     return model.train()
+
+
+def check_run_kernels(model: nn.Module, cfg: "Config", device: torch.device, dtype: torch.dtype) -> dict:
+    """Each Triton kernel this run will use checked once against its torch reference on ``device``
+    (cached per device, kernel version and shapes class: ``kernels/selfcheck.py``); a kernel that
+    fails is switched to its reference for the run, with one warning line. Nothing to check when the
+    kernels resolve to the torch references. Returns the verdicts by kernel."""
+
+    if resolve_backend(cfg.performance.kernels, device) != "triton":
+        clear_references()
+        return {}
+    mc = getattr(model, "config", None)
+    sizes = [getattr(mc, k, 64) for k in ("hidden_size", "intermediate_size")]
+    return ensure_kernels(device, dtype, kernels_for(dropout=cfg.lora.dropout > 0, nf4_matmul=cfg.performance.nf4_matmul),
+                          shapes=shapes_class(*sizes))
 
 
 def _bnb_works(cls: type, device: torch.device) -> bool:

@@ -167,3 +167,21 @@ def test_chunk_picked_from_free_memory_on_cuda(monkeypatch):
     fake, _ = ce.linear_cross_entropy(h, w, y, backend="torch")
     assert seen == [ce.auto_chunk_size(600, 50, 16), 300]
     torch.testing.assert_close(fake, cpu)
+
+
+def test_free_memory_respects_the_process_cap(monkeypatch):
+    """Under ``set_per_process_memory_fraction`` the chunk is sized from the cap's headroom (cap minus
+    allocated), not from the card's free memory (a mocked 80 GiB card, 60 GiB free, 20 GiB allocated)."""
+    from qlora_trainer.kernels import cross_entropy as ce
+
+    gib = 1 << 30
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 20 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 1.0)
+    assert ce.free_device_bytes(cuda) == 60 * gib
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 0.3)  # a 24 GiB cap
+    assert ce.free_device_bytes(cuda) == 4 * gib
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 30 * gib)  # over the cap already
+    assert ce.free_device_bytes(cuda) == 0
+    assert ce.free_device_bytes(torch.device("cpu")) is None

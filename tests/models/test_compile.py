@@ -95,8 +95,8 @@ def test_compile_config_is_validated(cli_error, tmp_path):
     with pytest.raises(ConfigError, match="^performance.compile: reduce-overhead supports lora/rslora"):
         cfg.validate()
     path = tmp_path / "c.yaml"
-    path.write_text("train: {compile: max-autotune}\n")
-    msg = cli_error("estimate", path)
+    path.write_text("performance: {compile: max-autotune}\n")
+    msg = cli_error("train", path)
     assert "performance.compile" in msg and "reduce-overhead" in msg
 
 
@@ -129,3 +129,35 @@ def test_reduce_overhead_on_cuda_equals_eager_and_redraws_dropout():
         compiled = _steps(*_model("triton", "cuda", compile_mode="reduce-overhead"), "triton", n=3)
     _assert_steps_equal(compiled, eager, rtol=3e-2, atol=3e-3)
     assert not torch.equal(compiled[1][0], compiled[2][0])
+
+
+def test_one_graph_serves_every_layer():
+    """12 compiled decoder layers (past dynamo's recompile limit of 8) trace two graphs in all: layer 0
+    (its input, the embeddings' output, needs no grad) and one for the other eleven. Dynamo must not
+    guard on the identity of each layer's cached frozen-weight or projection-group object (it did:
+    one graph per layer, and from layer 9 on eager); grouped projections on (dropout 0)."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from qlora_trainer.config import Config
+    from qlora_trainer.models.catalog import CATALOG
+    from qlora_trainer.models.compile import compile_layers
+    from qlora_trainer.models.synthetic import synthetic_nf4_model
+    from qlora_trainer.train import causal_lm_loss, prepare_model
+
+    arch = dataclasses.replace(CATALOG["tiny"], layers=12)
+    cfg = Config()
+    cfg.lora.r, cfg.lora.dropout, cfg.data.seq_len, cfg.performance.kernels = 8, 0.0, 16, "torch"
+    cpu = torch.device("cpu")
+    model = prepare_model(synthetic_nf4_model(arch, device=cpu, compute_dtype=torch.float32), cfg, device=cpu,
+                          dtype=torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_layers(model, "default", backend="aot_eager") == 12
+    ids = torch.randint(0, arch.vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    loss, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, backend="torch")
+    (loss / n).backward()
+    assert not counters["unimplemented"], dict(counters["unimplemented"])  # e.g. the recompile limit
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2
