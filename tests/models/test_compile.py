@@ -95,8 +95,8 @@ def test_compile_config_is_validated(cli_error, tmp_path):
     with pytest.raises(ConfigError, match="^performance.compile: reduce-overhead supports lora/rslora"):
         cfg.validate()
     path = tmp_path / "c.yaml"
-    path.write_text("train: {compile: max-autotune}\n")
-    msg = cli_error("estimate", path)
+    path.write_text("performance: {compile: max-autotune}\n")
+    msg = cli_error("train", path)
     assert "performance.compile" in msg and "reduce-overhead" in msg
 
 
