@@ -143,7 +143,8 @@ class BaseWeight:
         count("dx")
         return self._matmul(dy, None, decode, trans_w=False)
 
-    def _matmul(self, a: torch.Tensor, bias: torch.Tensor | None, decode: bool | None, *, trans_w: bool) -> torch.Tensor:
+    def _matmul(self, a: torch.Tensor, bias: torch.Tensor | None, decode: bool | None, *,
+                trans_w: bool) -> torch.Tensor:
         """trans_w: a @ W^T (+ bias); else a @ W; through :meth:`path`'s kernel for a's M rows."""
         path = self.path(a.shape[0], decode)
         if path == "decode":

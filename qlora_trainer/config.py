@@ -393,8 +393,9 @@ class Config:
             raise ConfigError("performance.offload_activations: needs performance.gradient_checkpointing=true")
         if self.performance.compile != "none" and (self.lora.variant not in ("lora", "rslora") or
                                                    self.train.distributed != "none"):
-            raise ConfigError(f"performance.compile: {self.performance.compile} supports lora/rslora adapters in one "
-                              f"process (lora.variant={self.lora.variant}, train.distributed={self.train.distributed}); "
+            raise ConfigError(f"performance.compile: {self.performance.compile} supports lora/rslora adapters in "
+                              f"one process (lora.variant={self.lora.variant}, "
+                              f"train.distributed={self.train.distributed}); "
                               "set performance.compile=none")
         if self.train.distributed == "fsdp":
             if self.model.quantization == "nf4" and self.quantization.quant_storage == "uint8":

@@ -35,7 +35,7 @@ RUNGS = (
     Rung("recompute skips down_proj (`recompute_skips_base`)", dict(skip_down_recompute=True), "on"),
     Rung("grouped q/k/v and gate/up (`performance.group_projections`)", dict(fused_qkv=True, fused_gate_up=True), "on"),
     Rung("fused residual add + RMSNorm (`performance.fused_add_norm`)", dict(fused_add_norm=True), "on"),
-    Rung(f"`model.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, "on"),
+    Rung(f"`performance.{AUTO_CKPT}` (plan for the GPU's memory)", {AUTO_CKPT: True}, "on"),
     Rung("decoder layers as CUDA graphs (`performance.compile: reduce-overhead`)", dict(compile="reduce-overhead"), "off"),
     # the code groups only on the dequant path, so the fused GEMM gives grouping up
     Rung("NF4 decoded inside the GEMM at every M (`performance.nf4_matmul: fused`; ungrouped)",

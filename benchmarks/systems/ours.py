@@ -1,7 +1,8 @@
 """qlora_trainer with the same hyperparameters as the HF stack: the NF4 (double quant) base from the
 same checkpoint (``models.load.load_base_model``) or the identical tensors built in-process (70B),
 then the trainer's own ``prepare_model`` (LoRA r=16, alpha=32 on all linear layers, kernels,
-gradient checkpointing; ``spec.extra`` may set ``model`` / ``train`` / ``performance`` keys, e.g. ``performance.compile``),
+gradient checkpointing; ``spec.extra`` may set ``model`` / ``train`` / ``performance`` keys,
+e.g. ``performance.compile``),
 ``build_optimizer`` (paged AdamW 8-bit) and ``causal_lm_loss`` (chunked
 linear + cross-entropy, never full fp32 logits).
 """
@@ -30,7 +31,7 @@ def make_config(spec: RunSpec):
     cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr = spec.batch, 1, spec.lr
     cfg.train.weight_decay, cfg.train.seed, cfg.train.device = 0.0, spec.seed, spec.device
     cfg.train.optimizer = "paged_adamw_8bit" if spec.paged else "adamw"
-    for section in ("model", "train", "performance"):  # e.g. long context: mlp_chunk_tokens, offload; performance.compile
+    for section in ("model", "train", "performance"):  # e.g. long context: mlp_chunk_tokens, offload
         for key, value in spec.extra.get(section, {}).items():
             if not hasattr(getattr(cfg, section), key):
                 raise ValueError(f"spec.extra.{section}.{key}: no such {section} setting")

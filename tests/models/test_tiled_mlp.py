@@ -150,7 +150,7 @@ def test_estimator_mlp_chunk_shrinks_layer_recompute():
 
 
 def test_negative_mlp_chunk_is_a_one_line_config_error():
-    with pytest.raises(ConfigError, match=r"model\.mlp_chunk_tokens: must be >= 0") as e:
+    with pytest.raises(ConfigError, match=r"performance\.mlp_chunk_tokens: must be >= 0") as e:
         load_config(None, ["performance.mlp_chunk_tokens=-1"])
     assert "\n" not in str(e.value)
 

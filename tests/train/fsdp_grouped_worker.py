@@ -46,12 +46,14 @@ def grouped_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], shard: 
     "groups": [(grad enabled, grouped?, members whose weight had lost its quant_state)] per
     ``grouped_projections`` call}: the forward's calls, then the recompute's."""
     import qlora_trainer.kernels.grouped_linear as gl
+    import qlora_trainer.kernels.swiglu as sw
+    import qlora_trainer.models.adapt as ad
     from qlora_trainer.train.distributed import LossModule, shard_fsdp
 
     engine = LossModule(model, backend="torch")
     if shard:
         engine = shard_fsdp(engine, model, torch.float32, torch.device("cpu"))
-    calls, orig = [], gl.grouped_projections
+    calls, orig = [], ad.grouped_projections  # spied where it is called (attention, MLP)
 
     def spy(x, owner, name, modules):
         lost = sum(getattr(m.base_layer.weight, "quant_state", None) is None for m in modules)
@@ -59,12 +61,12 @@ def grouped_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], shard: 
         calls.append((torch.is_grad_enabled(), out is not None, lost))
         return out
 
-    gl.grouped_projections = spy
+    gl.grouped_projections = ad.grouped_projections = sw.grouped_projections = spy
     try:
         loss, n = engine(batch)
         (loss / n).backward()
     finally:
-        gl.grouped_projections = orig
+        gl.grouped_projections = ad.grouped_projections = sw.grouped_projections = orig
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
     return {"loss": loss.detach(), "grads": grads, "groups": calls}
 

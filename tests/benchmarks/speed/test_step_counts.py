@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 
 def tiny_model(seq: int = 96, kernels: str = "triton", dropout: float = 0.0, **model_keys):
     """The tiny NF4 + LoRA (r=8, fp32) model prepared as the trainer does, and a batch of ``seq``
-    tokens; ``model_keys`` are ``cfg.model`` overrides. Same weights and batch on every call."""
+    tokens; ``model_keys`` are ``cfg.performance`` / ``cfg.model`` overrides. Same weights and batch on every call."""
     from qlora_trainer.config import Config
     from qlora_trainer.models.catalog import CATALOG
     from qlora_trainer.models.synthetic import synthetic_nf4_model
@@ -30,7 +30,7 @@ def tiny_model(seq: int = 96, kernels: str = "triton", dropout: float = 0.0, **m
     cfg.lora.r, cfg.lora.dropout, cfg.lora.dtype = 8, dropout, "float32"
     cfg.data.seq_len, cfg.performance.kernels = seq, kernels
     for k, v in model_keys.items():
-        setattr(cfg.model, k, v)
+        setattr(cfg.performance if hasattr(cfg.performance, k) else cfg.model, k, v)
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model = prepare_model(synthetic_nf4_model(arch, device=cpu, compute_dtype=torch.float32), cfg,
