@@ -46,9 +46,14 @@ def grouped_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], shard: 
     "groups": [(grad enabled, grouped?, members whose weight had lost its quant_state)] per
     ``grouped_projections`` call}: the forward's calls, then the recompute's."""
     import qlora_trainer.kernels.grouped_linear as gl
-    import qlora_trainer.kernels.swiglu as sw
+    import importlib
+
     import qlora_trainer.models.adapt as ad
+
+    # the module, not the package attribute of the same name (``qlora_trainer.kernels.swiglu`` is the function)
     from qlora_trainer.train.distributed import LossModule, shard_fsdp
+
+    sw = importlib.import_module("qlora_trainer.kernels.swiglu")
 
     engine = LossModule(model, backend="torch")
     if shard:
