@@ -39,7 +39,7 @@ def _metrics(cfg) -> list[dict]:
     return [json.loads(ln) for ln in lines if '"loss"' in ln]
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo"])
 def test_accumulation_equals_one_large_batch(tmp_path, objective):
     """4 pairs x 1 micro-batch vs 1 pair x 4 micro-batches (different padding per micro-batch): same
     step losses and reward metrics. ORPO mixes a token mean with a pair mean: both stay exact."""
@@ -54,7 +54,7 @@ def test_accumulation_equals_one_large_batch(tmp_path, objective):
     assert m_big[-1]["rewards/margins"] != 0
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "kto", "orpo", "simpo"])
 def test_stop_and_resume_is_exact(tmp_path, objective):
     full = train(_cfg(tmp_path, "full", objective, max_steps=4))
     part = _cfg(tmp_path, "part", objective, max_steps=4)
@@ -109,3 +109,20 @@ def test_preference_adapter_loads_in_peft(tmp_path):
         theirs = state[key.replace(".weight", ".default.weight")]
         torch.testing.assert_close(theirs.float(), value.float())
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in saved.items())
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo"])
+def test_eval_runs_on_the_adapter(tmp_path, objective, capsys):
+    """``qlora-trainer eval`` scores a preference-trained adapter like any other (a QA task file)."""
+    from qlora_trainer.cli import main
+
+    res = train(_cfg(tmp_path, "run", objective, max_steps=1))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"prompt": f"Add {i} and 1.", "answer": str(i + 1)}) + "\n"
+                          for i in range(3)))
+    out = tmp_path / "eval"
+    assert main(["eval", str(res.adapter_dir), "--task", f"{qa}@last_number", "--limit", "3",
+                 "--max-new-tokens", "4", "--no-progress", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (label,) = summary["adapters"]
+    assert summary["results"][label]["qa"]["n"] == 3
