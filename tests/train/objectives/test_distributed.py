@@ -1,4 +1,4 @@
-"""DPO under 2-process DDP (gloo, CPU): 2 ranks x 2 micro-batches of 2 pairs per step equal one
+"""DPO and ORPO (a token mean and a pair mean in one loss) under 2-process DDP (gloo, CPU): 2 ranks x 2 micro-batches of 2 pairs per step equal one
 process x 4 micro-batches of 2 pairs over the same pairs: step losses and reward metrics (the pair
 counts and metric sums are reduced over ranks before dividing)."""
 
@@ -33,12 +33,14 @@ def _rows(out) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_ddp_two_processes_match_one_process(tmp_path, objective):
     from qlora_trainer.config import load_config
     from qlora_trainer.train import train
 
     path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump({**RUN, "output_dir": str(tmp_path / "ddp")}))
+    run = {**RUN, "train": {**RUN["train"], "objective": objective}}
+    path.write_text(yaml.safe_dump({**run, "output_dir": str(tmp_path / "ddp")}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(_free_port()), "-m", "qlora_trainer.cli", "train", str(path), "--quiet"]
