@@ -72,6 +72,27 @@ class QuantizationConfig:
 
 
 @dataclass
+class AdaLoRAConfig:
+    """AdaLoRA's rank allocation (``lora.variant: adalora``): YAML ``lora: {adalora: {target_r: 4}}``."""
+
+    target_r: int = 4
+    """AdaLoRA: average rank per layer at the end (the total budget is this times the layers; ``lora.r``
+    is the initial rank)."""
+    tinit: int = 0
+    """AdaLoRA: steps of warm-up before any pruning."""
+    tfinal: int = 0
+    """AdaLoRA: last steps with the final ranks fixed (the budget falls cubically in between)."""
+    delta_t: int = 1
+    """AdaLoRA: prune every this many steps during the budget phase."""
+    beta1: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity |p * grad| (smoothing)."""
+    beta2: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity's uncertainty."""
+    orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality penalty mean ||P P^T - I||_F on A and B^T."""
+
+
+@dataclass
 class LoRAConfig:
     r: int = 16
     """Adapter rank. 16 on every linear layer matches r=64 on attention alone in the QLoRA paper's
@@ -91,26 +112,12 @@ class LoRAConfig:
     variant: Literal["lora", "rslora", "dora", "adalora"] = "lora"
     """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction);
     ``adalora``: SVD-form adapters whose ranks are reallocated across layers while training, from ``r``
-    per layer down to ``adalora_target_r`` on average (keys ``adalora_*``; docs/adapters.md)."""
+    per layer down to ``adalora.target_r`` on average (keys ``lora.adalora.*``; docs/adapters.md)."""
     init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
     """Initialisation of A (B is zero so the adapter starts as the identity on the base model).
     ``loftq`` (Li et al. 2023): A and B from the SVD of the quantization error, so NF4 base + s B A
     starts closer to the 16-bit W than NF4 alone (needs ``model.quantization: nf4``; see docs/adapters.md)."""
-    adalora_target_r: int = 4
-    """AdaLoRA: average rank per layer at the end (the total budget is this times the layers; ``r`` is
-    the initial rank)."""
-    adalora_tinit: int = 0
-    """AdaLoRA: steps of warm-up before any pruning."""
-    adalora_tfinal: int = 0
-    """AdaLoRA: last steps with the final ranks fixed (the budget falls cubically in between)."""
-    adalora_delta_t: int = 1
-    """AdaLoRA: prune every this many steps during the budget phase."""
-    adalora_beta1: float = 0.85
-    """AdaLoRA: EMA factor of the sensitivity |p * grad| (smoothing)."""
-    adalora_beta2: float = 0.85
-    """AdaLoRA: EMA factor of the sensitivity's uncertainty."""
-    adalora_orth_reg_weight: float = 0.5
-    """AdaLoRA: weight of the orthogonality penalty mean ||P P^T - I||_F on A and B^T."""
+    adalora: AdaLoRAConfig = field(default_factory=AdaLoRAConfig)
     loftq_iters: int = 1
     """LoftQ alternations (quantize W - s B A, then B A from the SVD of W - that). 1 keeps the base
     exactly NF4(W), so the adapter fits any NF4 load of the model; more re-quantize the base too."""
@@ -382,12 +389,13 @@ class Config:
             self.train.max_steps = 100
         self._check_objective()
         lc = self.lora
-        if lc.variant == "adalora" and lc.adalora_target_r > lc.r:
-            raise ConfigError(f"lora.adalora_target_r: must be <= lora.r, AdaLoRA's initial rank "
-                              f"(got {lc.adalora_target_r} > {lc.r})")
+        ada = lc.adalora
+        if lc.variant == "adalora" and ada.target_r > lc.r:
+            raise ConfigError(f"lora.adalora.target_r: must be <= lora.r, AdaLoRA's initial rank "
+                              f"(got {ada.target_r} > {lc.r})")
         if lc.variant == "adalora" and self.train.max_steps is not None and \
-                lc.adalora_tinit >= self.train.max_steps - lc.adalora_tfinal:
-            raise ConfigError(f"lora.adalora_tinit: {lc.adalora_tinit} + adalora_tfinal {lc.adalora_tfinal} leave no "
+                ada.tinit >= self.train.max_steps - ada.tfinal:
+            raise ConfigError(f"lora.adalora.tinit: {ada.tinit} + lora.adalora.tfinal {ada.tfinal} leave no "
                               f"budget phase in train.max_steps {self.train.max_steps}; lower them")
         if self.performance.offload_activations and not self.performance.gradient_checkpointing:
             raise ConfigError("performance.offload_activations: needs performance.gradient_checkpointing=true")
@@ -472,17 +480,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     """Build a Config from a nested dict (YAML shape), checking every key and type."""
     cfg = Config()
+    _set_all(cfg, cfg, "", raw, where)
+    return cfg
+
+
+def _set_all(cfg: Config, obj: Any, prefix: str, raw: dict[str, Any], where: str) -> None:
+    """Set every key of ``raw`` on ``obj`` (the section of ``cfg`` at ``prefix``), nested sections in turn."""
     for key, value in raw.items():
-        if _is_section(Config, key):
+        name = f"{prefix}{key}"
+        if _is_section(type(obj), key):
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {key}: must be a mapping of keys, got {value!r}")
-            for sub, v in value.items():
-                _set(cfg, f"{key}.{sub}", v, where)
+                raise ConfigError(f"{where}: {name}: must be a mapping of keys, got {value!r}")
+            _set_all(cfg, getattr(obj, key), f"{name}.", value, where)
         else:
-            _set(cfg, key, value, where)
-    return cfg
+            _set(cfg, name, value, where)
 
 
 def apply_override(cfg: Config, item: str) -> None:
@@ -513,19 +526,17 @@ def field_docs() -> dict[str, str]:
     docs: dict[str, str] = {}
     tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))
     classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    sections = {cls.__name__: prefix for prefix, cls in _sections(Config)}
     for cname, node in classes.items():
-        prefix = next((s for s, t in sections.items() if t == cname or t == f"{cname}"), None)
-        if cname == "Config":
-            prefix = ""
-        elif prefix is None:
+        prefix = sections.get(cname)
+        if prefix is None:
             continue
         body = node.body
         for i, stmt in enumerate(body[:-1]):
             nxt = body[i + 1]
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
                     isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                key = f"{prefix}.{stmt.target.id}" if prefix else stmt.target.id
+                key = prefix + stmt.target.id
                 rule = describe(key)  # the enforced range, from config_rules.RULES
                 docs[key] = " ".join(str(nxt.value.value).split() + ([rule] if rule else []))
     return docs
@@ -544,14 +555,24 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def valid_keys() -> list[str]:
+def _sections(cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    """(key prefix, class) of ``cls`` and every section nested in it, depth first (``Config`` is "")."""
+    out = [(prefix, cls)]
+    for f in dataclasses.fields(cls):
+        if _is_section(cls, f.name):
+            out += _sections(_hints(cls)[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def valid_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every settable key (``section.key``, ``section.sub.key`` for a nested section), in field order."""
+    cls = cls or Config
     keys = []
-    for f in dataclasses.fields(Config):
-        t = _hints(Config)[f.name]
-        if dataclasses.is_dataclass(t):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(t)]
+    for f in dataclasses.fields(cls):
+        if _is_section(cls, f.name):
+            keys += valid_keys(_hints(cls)[f.name], f"{prefix}{f.name}.")
         else:
-            keys.append(f.name)
+            keys.append(prefix + f.name)
     return keys
 
 
@@ -570,7 +591,9 @@ MOVED = {f"model.{k}": f"performance.{k}" for k in (
     "gradient_checkpointing", "offload_activations", "mlp_chunk_tokens", "embeddings_on_cpu", "kernels",
     "group_projections", "checkpoint_layers", "fused_add_norm", "nf4_matmul")} | {
     "train.compile": "performance.compile", "train.loss_chunk_size": "performance.loss_chunk_size"} | {
-    f"train.eval_{k}": f"eval.{k}" for k in ("every", "batches", "tasks", "limit", "max_new_tokens")}
+    f"train.eval_{k}": f"eval.{k}" for k in ("every", "batches", "tasks", "limit", "max_new_tokens")} | {
+    f"lora.adalora_{k}": f"lora.adalora.{k}" for k in (
+        "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight")}
 
 
 def _set(cfg: Config, key: str, value: Any, where: str) -> None:

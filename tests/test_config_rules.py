@@ -3,7 +3,6 @@ its documentation, and each bad value ends as one ``error:`` line naming the key
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from pathlib import Path
 
@@ -48,15 +47,15 @@ def test_bad_value_is_one_line_error_naming_key_and_range(cli_error, tmp_path, o
 
 def _numeric_keys() -> list[str]:
     keys = []
-    for f in dataclasses.fields(config_mod.Config):
-        hints = typing.get_type_hints(config_mod.Config)
-        t = hints[f.name]
-        subs = [(f"{f.name}.{g.name}", typing.get_type_hints(t)[g.name]) for g in dataclasses.fields(t)] \
-            if dataclasses.is_dataclass(t) else [(f.name, t)]
-        for key, tp in subs:
-            args = typing.get_args(tp) or (tp,)
-            if any(a in (int, float) for a in args):
-                keys.append(key)
+    for key in config_mod.valid_keys():  # nested sections too (lora.adalora.*)
+        *path, name = key.split(".")
+        cls = config_mod.Config
+        for part in path:
+            cls = typing.get_type_hints(cls)[part]
+        tp = typing.get_type_hints(cls)[name]
+        args = typing.get_args(tp) or (tp,)
+        if any(a in (int, float) for a in args):
+            keys.append(key)
     return keys
 
 
