@@ -12,8 +12,10 @@ A config file is YAML with the sections below (each optional) plus the top-level
 
 Every field's comment is its documentation (``qlora-trainer train --help-config`` prints them).
 Unknown keys and bad values raise :class:`ConfigError` with a one-line message that names the key
-(and the file) and, for a misspelling, the nearest valid name. Each field's allowed values are in one
-table, :data:`qlora_trainer.config_rules.RULES`, checked at load time and shown by ``--help-config``.
+(and the file) and, for a misspelling, the nearest valid name. Each section validates itself
+(:meth:`Section.validate`): its fields against the allowed values it lists next to them (``RULES``,
+rules from :mod:`qlora_trainer.config_rules`, also shown by ``--help-config``) and the rules between its
+own fields; :meth:`Config.validate` adds the rules across sections.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.config_rules import describe, problem
+from qlora_trainer.config_rules import (AT_LEAST_0, AT_LEAST_1, FRACTION, NONEMPTY, POSITIVE, OneOf, Pattern, Range,
+                                         WordOrRange, coerce, describe, problem)
 from qlora_trainer.io import atomic_write_text
 from qlora_trainer.io import read_text
 
@@ -35,8 +38,32 @@ from qlora_trainer.io import read_text
 # sections
 
 
+class Section:
+    """A config section: dataclass fields, the allowed values of each (``RULES``: field -> rule) and
+    :meth:`check`, the rules between its own fields."""
+
+    RULES: ClassVar[dict[str, Any]] = {}
+
+    def validate(self, prefix: str = "") -> Any:
+        """Check every field against its rule (nested sections in turn), then :meth:`check`; raise a
+        one-line ConfigError naming the key (``prefix``: this section's place, e.g. ``"lora."``)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                value.validate(f"{prefix}{f.name}.")
+                continue
+            msg = problem(self.RULES.get(f.name), value)  # floats finite and lists non-empty, ruled or not
+            if msg:
+                raise ConfigError(f"{prefix}{f.name}: {msg} (got {value!r})")
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules between this section's own fields (none by default)."""
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name_or_path: str = "random:tiny"
     """HF hub id, a local model directory, or ``random:<arch>`` to build a randomly initialised model
     in-process from the architecture catalog (``random:tiny`` is the demo's model; no download)."""
@@ -58,9 +85,14 @@ class ModelConfig:
     resize_embeddings: bool = False
     """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "name_or_path": NONEMPTY,
+        "tokenizer": NONEMPTY,
+    }
+
 
 @dataclass
-class QuantizationConfig:
+class QuantizationConfig(Section):
     double_quant: bool = True
     """Quantize the per-block absmax constants again (8-bit, blocks of 256): ~0.5 -> ~0.127 bit/param."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -70,9 +102,13 @@ class QuantizationConfig:
     blocksize: int = 64
     """Weights per absmax block of the first quantization level."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "blocksize": OneOf((64, 128, 256, 512, 1024, 2048, 4096)),
+    }
+
 
 @dataclass
-class AdaLoRAConfig:
+class AdaLoRAConfig(Section):
     """AdaLoRA's rank allocation (``lora.variant: adalora``): YAML ``lora: {adalora: {target_r: 4}}``."""
 
     target_r: int = 4
@@ -91,9 +127,19 @@ class AdaLoRAConfig:
     orth_reg_weight: float = 0.5
     """AdaLoRA: weight of the orthogonality penalty mean ||P P^T - I||_F on A and B^T."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "target_r": AT_LEAST_1,
+        "tinit": AT_LEAST_0,
+        "tfinal": AT_LEAST_0,
+        "delta_t": AT_LEAST_1,
+        "beta1": Range(0, 1, lo_open=True, hi_open=True),
+        "beta2": Range(0, 1, lo_open=True, hi_open=True),
+        "orth_reg_weight": AT_LEAST_0,
+    }
+
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(Section):
     r: int = 16
     """Adapter rank. 16 on every linear layer matches r=64 on attention alone in the QLoRA paper's
     ablations at a quarter of the adapter memory."""
@@ -126,9 +172,24 @@ class LoRAConfig:
     loraplus_ratio: float = 1.0
     """LoRA+: B's learning rate is this times A's (16 is the paper's suggestion; 1 disables)."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "r": AT_LEAST_1,
+        "alpha": POSITIVE,
+        "dropout": FRACTION,
+        "loraplus_ratio": POSITIVE,
+        "loftq_iters": AT_LEAST_1,
+    }
+
+    def check(self) -> None:
+        if self.init == "loftq" and self.variant in ("dora", "adalora"):
+            raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.variant})")
+        if self.variant == "adalora" and self.adalora.target_r > self.r:
+            raise ConfigError(f"lora.adalora.target_r: must be <= lora.r, AdaLoRA's initial rank "
+                              f"(got {self.adalora.target_r} > {self.r})")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     path: str = "builtin:demo"
     """A file (.jsonl .json .csv .parquet .txt), a directory, a hub dataset name, or ``builtin:demo``
     (a small generated instruction set). ``$QLORA_DATA`` (default ``../shared/data``) expands in paths."""
@@ -170,9 +231,17 @@ class DataConfig:
     num_proc: int | None = None
     """Processes for ``datasets.map`` tokenization."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "path": NONEMPTY,
+        "seq_len": Range(8),
+        "eval_fraction": FRACTION,
+        "max_samples": AT_LEAST_1,
+        "num_proc": AT_LEAST_1,
+    }
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     max_steps: int | None = None
     """Optimizer steps to run (unset: 100, unless ``train.epochs`` sizes the run; set only one of the two)."""
     epochs: float | None = None
@@ -216,9 +285,24 @@ class TrainConfig:
     DPO, IPO and KTO use the base with the adapter switched off as the reference (no second model);
     settings in the ``preference`` section. Definitions match TRL's (docs/preference.md)."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "max_steps": AT_LEAST_1,
+        "epochs": POSITIVE,
+        "lr": POSITIVE,
+        "batch_size": AT_LEAST_1,
+        "grad_accum": AT_LEAST_1,
+        "weight_decay": AT_LEAST_0,
+        "warmup_steps": AT_LEAST_0,
+        "max_grad_norm": AT_LEAST_0,
+        "seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
+        "save_every": AT_LEAST_0,
+        "skip_bad_steps": AT_LEAST_0,
+        "device": Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N (N a GPU index)"),
+    }
+
 
 @dataclass
-class PerformanceConfig:
+class PerformanceConfig(Section):
     """Speed and memory knobs: none changes what is computed (within rounding), only how."""
 
     gradient_checkpointing: bool = True
@@ -259,9 +343,19 @@ class PerformanceConfig:
     loss_chunk_size: int = 0
     """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "checkpoint_layers": WordOrRange(("auto", "all"), AT_LEAST_0),
+        "mlp_chunk_tokens": AT_LEAST_0,
+        "loss_chunk_size": AT_LEAST_0,
+    }
+
+    def check(self) -> None:
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ConfigError("performance.offload_activations: needs performance.gradient_checkpointing=true")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Evaluation during training: the eval split's loss and generation tasks."""
 
     every: int = 0
@@ -278,13 +372,20 @@ class EvalConfig:
     max_new_tokens: int = 0
     """New-token limit of in-training generation (0: the task's default, 256 for GSM8K)."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "every": AT_LEAST_0,
+        "batches": AT_LEAST_0,
+        "limit": AT_LEAST_0,
+        "max_new_tokens": AT_LEAST_0,
+    }
+
 
 # experiment trackers accelerate knows (``output.report_to``)
 TRACKERS = ("tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 
 
 @dataclass
-class PreferenceConfig:
+class PreferenceConfig(Section):
     beta: float = 0.1
     """Temperature of the preference loss (DPO/IPO/KTO/ORPO/SimPO's beta; SimPO's paper uses ~2)."""
     label_smoothing: float = 0.0
@@ -298,9 +399,18 @@ class PreferenceConfig:
     undesirable_weight: float = 1.0
     """KTO: weight of the undesirable (label false) examples' losses."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "beta": POSITIVE,
+        "label_smoothing": Range(0, 0.5, hi_open=True),
+        "simpo_gamma": AT_LEAST_0,
+        "simpo_nll_weight": AT_LEAST_0,
+        "desirable_weight": AT_LEAST_0,
+        "undesirable_weight": AT_LEAST_0,
+    }
+
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(Section):
     num_generations: int = 4
     """Completions sampled per prompt (the group whose rewards are normalised)."""
     max_completion_length: int = 64
@@ -326,9 +436,24 @@ class GRPOConfig:
     reward_weights: list[float] | None = None
     """Weight of each reward function (unset: all 1)."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "num_generations": Range(2),
+        "max_completion_length": AT_LEAST_1,
+        "temperature": POSITIVE,
+        "top_p": Range(0, 1, lo_open=True),
+        "beta": AT_LEAST_0,
+        "epsilon": Range(0, 1, lo_open=True, hi_open=True),
+        "epsilon_high": POSITIVE,
+    }
+
+    def check(self) -> None:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards or []):
+            raise ConfigError(f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards or [])} "
+                              "grpo.rewards; give one per function")
+
 
 @dataclass
-class OutputConfig:
+class OutputConfig(Section):
     log_every: int = 1
     """Write a metrics.jsonl line (and refresh the progress bar) every N optimizer steps."""
     keep_last: int = 2
@@ -344,9 +469,21 @@ class OutputConfig:
     run_name: str | None = None
     """Run (project) name the trackers show; default: the ``output_dir`` folder name."""
 
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "log_every": AT_LEAST_1,
+        "keep_last": AT_LEAST_1,
+    }
+
+    def check(self) -> None:
+        for name in self.report_to or []:
+            if name not in TRACKERS:
+                near = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
+
 
 @dataclass
-class Config:
+class Config(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -365,23 +502,19 @@ class Config:
     """Resume even though the config or the training data differ from the checkpoint's (the run then
     continues at a data position that may not mean what it did); by default such a resume is refused."""
 
-    def validate(self) -> "Config":
-        """Check value ranges and cross-field rules; raise ConfigError naming the key."""
-        for key in valid_keys():  # every field against its rule (config_rules.RULES)
-            msg = problem(key, _get(self, key))
-            if msg:
-                raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
-        for name in self.output.report_to or []:
-            if name not in TRACKERS:
-                near = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "output_dir": NONEMPTY,
+        "resume": NONEMPTY,
+    }
+
+    def validate(self, prefix: str = "") -> "Config":
+        """Validate every section (its fields' rules and its own checks), then the rules across sections;
+        raise a one-line ConfigError naming the key."""
+        super().validate(prefix)
         if self.data.marker_tokens == "add" and not self.model.resize_embeddings:
             raise ConfigError("data.marker_tokens: 'add' grows the vocabulary; also set model.resize_embeddings=true")
         if self.lora.init == "loftq" and self.model.quantization != "nf4":
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
-        if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):
-            raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.lora.variant})")
         if self.train.epochs is not None and self.train.max_steps is not None:
             raise ConfigError(f"train.epochs: {self.train.epochs:g} and train.max_steps {self.train.max_steps} both "
                               f"size the run; set one of them (train.max_steps=null to count in epochs)")
@@ -390,15 +523,10 @@ class Config:
         self._check_objective()
         lc = self.lora
         ada = lc.adalora
-        if lc.variant == "adalora" and ada.target_r > lc.r:
-            raise ConfigError(f"lora.adalora.target_r: must be <= lora.r, AdaLoRA's initial rank "
-                              f"(got {ada.target_r} > {lc.r})")
         if lc.variant == "adalora" and self.train.max_steps is not None and \
                 ada.tinit >= self.train.max_steps - ada.tfinal:
             raise ConfigError(f"lora.adalora.tinit: {ada.tinit} + lora.adalora.tfinal {ada.tfinal} leave no "
                               f"budget phase in train.max_steps {self.train.max_steps}; lower them")
-        if self.performance.offload_activations and not self.performance.gradient_checkpointing:
-            raise ConfigError("performance.offload_activations: needs performance.gradient_checkpointing=true")
         if self.performance.compile != "none" and (self.lora.variant not in ("lora", "rslora") or
                                                    self.train.distributed != "none"):
             raise ConfigError(f"performance.compile: {self.performance.compile} supports lora/rslora adapters in "
@@ -432,9 +560,6 @@ class Config:
         if self.train.objective == "grpo" and not g.rewards:
             raise ConfigError("grpo.rewards: train.objective=grpo needs at least one reward function "
                               "(gsm8k_exact, gsm8k_format, module:function or file.py:function)")
-        if g.reward_weights is not None and len(g.reward_weights) != len(g.rewards or []):
-            raise ConfigError(f"grpo.reward_weights: {len(g.reward_weights)} weights for {len(g.rewards or [])} "
-                              "grpo.rewards; give one per function")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -526,20 +651,20 @@ def field_docs() -> dict[str, str]:
     docs: dict[str, str] = {}
     tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))
     classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
-    sections = {cls.__name__: prefix for prefix, cls in _sections(Config)}
+    sections = {cls.__name__: (prefix, cls) for prefix, cls in _sections(Config)}
     for cname, node in classes.items():
-        prefix = sections.get(cname)
-        if prefix is None:
+        if cname not in sections:
             continue
+        prefix, cls = sections[cname]
         body = node.body
         for i, stmt in enumerate(body[:-1]):
             nxt = body[i + 1]
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
                     isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 key = prefix + stmt.target.id
-                rule = describe(key)  # the enforced range, from config_rules.RULES
+                rule = describe(cls.RULES.get(stmt.target.id))  # the enforced range
                 docs[key] = " ".join(str(nxt.value.value).split() + ([rule] if rule else []))
-    return docs
+    return {k: docs[k] for k in valid_keys() if k in docs}  # in field order, nested sections in place
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,11 +701,9 @@ def valid_keys(cls: type | None = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _get(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
+def rules() -> dict[str, Any]:
+    """``section.key`` -> the rule its value obeys (from each section's ``RULES``), for every ruled key."""
+    return {prefix + name: rule for prefix, cls in _sections(Config) for name, rule in cls.RULES.items()}
 
 
 # built but not measured on a GPU yet: settable, left out of --help-config until the GPU suite has measured them
@@ -608,79 +731,10 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
     name = parts[-1]
     if name not in {f.name for f in dataclasses.fields(obj)} or _is_section(type(obj), name):
         raise ConfigError(_unknown(key, where))
-    setattr(obj, name, _coerce(key, value, _hints(type(obj))[name], where))
+    setattr(obj, name, coerce(key, value, _hints(type(obj))[name], where))
 
 
 def _unknown(key: str, where: str) -> str:
     near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid_keys())}"
     return f"{where}: unknown key {key!r}{hint}"
-
-
-def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert int->float and str numbers where safe."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = f"{where}: {key}: expected {_type_name(tp)}, got {value!r}"
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>" or origin is getattr(
-            __import__("types"), "UnionType", None):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(key, value, a, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(bad)
-    if origin is Literal:
-        if value in args:
-            return value
-        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
-    if origin in (list,):
-        if not isinstance(value, list):
-            raise ConfigError(bad)
-        return [_coerce(key, v, args[0], where) for v in value] if args else value
-    if origin in (dict,):
-        if not isinstance(value, dict):
-            raise ConfigError(bad)
-        return {str(k): _coerce(key, v, args[1], where) for k, v in value.items()} if args else value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(bad)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(bad)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(bad)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(bad)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(map(str, typing.get_args(tp)))
-    if origin is not None:
-        return " | ".join(_type_name(a) for a in typing.get_args(tp)) if origin is typing.Union else str(tp)
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
