@@ -242,6 +242,12 @@ def test_adalora_settings_are_a_nested_section(tmp_path):
     save_config(cfg.validate(), tmp_path / "config.yaml")  # what a run saves reloads as it was
     assert load_config(tmp_path / "config.yaml", ours=True) == cfg
     assert "lora.adalora.orth_reg_weight" in field_docs()
+    from qlora_trainer.train.resume import config_changes
+    from qlora_trainer.train.trackers import flat_config
+
+    cfg.lora.adalora.tinit = 1  # a nested key is one key of resume's change list and of the trackers' config
+    assert config_changes(cfg, tmp_path) == ["lora.adalora.tinit: 3 -> 1"]
+    assert flat_config(cfg)["lora.adalora.target_r"] == 2
     with pytest.raises(ConfigError, match=r"^command line: lora.adalora_target_r is now lora.adalora.target_r; "
                                           r"rename it there$"):
         apply_override(cfg, "lora.adalora_target_r=2")
