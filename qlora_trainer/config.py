@@ -12,8 +12,10 @@ A config file is YAML with the sections below (each optional) plus the top-level
 
 Every field's comment is its documentation (``qlora-trainer train --help-config`` prints them).
 Unknown keys and bad values raise :class:`ConfigError` with a one-line message that names the key
-(and the file) and, for a misspelling, the nearest valid name. Each field's allowed values are in one
-table, :data:`qlora_trainer.config_rules.RULES`, checked at load time and shown by ``--help-config``.
+(and the file) and, for a misspelling, the nearest valid name. Each section validates itself
+(:meth:`Section.validate`): its fields against the allowed values it lists next to them (``RULES``,
+rules from :mod:`qlora_trainer.config_rules`, also shown by ``--help-config``) and the rules between its
+own fields; :meth:`Config.validate` adds the rules across sections.
 """
 
 from __future__ import annotations
@@ -24,322 +26,27 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.config_rules import describe, problem
+from qlora_trainer.config_rules import NONEMPTY, coerce, describe
+from qlora_trainer.config_sections import (TRACKERS, AdaLoRAConfig, DataConfig, EvalConfig, GRPOConfig, LoRAConfig,
+                                           ModelConfig, OutputConfig, PerformanceConfig, PreferenceConfig,
+                                           QuantizationConfig, Section, TrainConfig)
 from qlora_trainer.io import atomic_write_text
 from qlora_trainer.io import read_text
 
+__all__ = ["TRACKERS", "AdaLoRAConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "GRPOConfig", "LoRAConfig",
+           "ModelConfig", "OutputConfig", "PerformanceConfig", "PreferenceConfig", "QuantizationConfig", "Section",
+           "TrainConfig", "apply_override", "config_from_dict", "field_docs", "load_config", "rules", "save_config",
+           "valid_keys", "MOVED", "UNADVERTISED"]
+
 # --------------------------------------------------------------------------------------------------
-# sections
+# the whole config (its sections: config_sections.py)
 
 
 @dataclass
-class ModelConfig:
-    name_or_path: str = "random:tiny"
-    """HF hub id, a local model directory, or ``random:<arch>`` to build a randomly initialised model
-    in-process from the architecture catalog (``random:tiny`` is the demo's model; no download)."""
-    quantization: Literal["nf4", "none"] = "nf4"
-    """``nf4``: 4-bit NormalFloat base through bitsandbytes (QLoRA). ``none``: 16-bit base (plain LoRA)."""
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Matmul/activation dtype. ``auto`` = bfloat16 on CUDA, float32 on CPU (see runtime.py)."""
-    tokenizer: str | None = None
-    """Tokenizer path or hub id; defaults to ``name_or_path`` (``random:*`` models use the built-in byte tokenizer)."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of the model."""
-    trust_remote_code: bool = False
-    """Run model code from the hub. Off by default; turn on only for repositories you trust."""
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
-                                 "flex_attention"] = "auto"
-    """Attention backend passed to transformers. ``auto``: what the model's class supports (sdpa;
-    eager for logit soft-capping (Gemma 2); flash_attention_2 on CUDA when flash-attn is installed),
-    stated in the start-up log."""
-    resize_embeddings: bool = False
-    """Add a new pad token and resize the embeddings when the tokenizer has none (default: reuse EOS/UNK)."""
-
-
-@dataclass
-class QuantizationConfig:
-    double_quant: bool = True
-    """Quantize the per-block absmax constants again (8-bit, blocks of 256): ~0.5 -> ~0.127 bit/param."""
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type of bitsandbytes; NF4 is information-theoretically optimal for normal weights."""
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    """Storage dtype of the packed 4-bit weights (bfloat16 lets FSDP shard them with the 16-bit parts)."""
-    blocksize: int = 64
-    """Weights per absmax block of the first quantization level."""
-
-
-@dataclass
-class LoRAConfig:
-    r: int = 16
-    """Adapter rank. 16 on every linear layer matches r=64 on attention alone in the QLoRA paper's
-    ablations at a quarter of the adapter memory."""
-    alpha: float = 32.0
-    """Scale numerator: the update is (alpha / r) * B A (alpha / sqrt(r) with rsLoRA). alpha = 2r keeps
-    the effective learning rate stable when r changes."""
-    dropout: float = 0.05
-    """Dropout on the adapter input. 0.05 is the QLoRA paper's value for 7B-13B models."""
-    targets: str | list[str] = "all-linear"
-    """``all-linear`` (every linear layer except ``lm_head``) or module-name patterns (regex or suffix
-    such as ``q_proj``)."""
-    target_experts: bool = True
-    """Mixture-of-experts models (Mixtral, Qwen3-MoE, ...): also adapt the fused expert weights
-    (``experts.gate_up_proj`` / ``experts.down_proj``, a rank-r adapter per expert, saved as PEFT's
-    ``target_parameters``; no dropout and no DoRA on them, as in PEFT)."""
-    variant: Literal["lora", "rslora", "dora", "adalora"] = "lora"
-    """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction);
-    ``adalora``: SVD-form adapters whose ranks are reallocated across layers while training, from ``r``
-    per layer down to ``adalora_target_r`` on average (keys ``adalora_*``; docs/adapters.md)."""
-    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
-    """Initialisation of A (B is zero so the adapter starts as the identity on the base model).
-    ``loftq`` (Li et al. 2023): A and B from the SVD of the quantization error, so NF4 base + s B A
-    starts closer to the 16-bit W than NF4 alone (needs ``model.quantization: nf4``; see docs/adapters.md)."""
-    adalora_target_r: int = 4
-    """AdaLoRA: average rank per layer at the end (the total budget is this times the layers; ``r`` is
-    the initial rank)."""
-    adalora_tinit: int = 0
-    """AdaLoRA: steps of warm-up before any pruning."""
-    adalora_tfinal: int = 0
-    """AdaLoRA: last steps with the final ranks fixed (the budget falls cubically in between)."""
-    adalora_delta_t: int = 1
-    """AdaLoRA: prune every this many steps during the budget phase."""
-    adalora_beta1: float = 0.85
-    """AdaLoRA: EMA factor of the sensitivity |p * grad| (smoothing)."""
-    adalora_beta2: float = 0.85
-    """AdaLoRA: EMA factor of the sensitivity's uncertainty."""
-    adalora_orth_reg_weight: float = 0.5
-    """AdaLoRA: weight of the orthogonality penalty mean ||P P^T - I||_F on A and B^T."""
-    loftq_iters: int = 1
-    """LoftQ alternations (quantize W - s B A, then B A from the SVD of W - that). 1 keeps the base
-    exactly NF4(W), so the adapter fits any NF4 load of the model; more re-quantize the base too."""
-    dtype: Literal["bfloat16", "float32", "auto"] = "auto"
-    """Adapter parameter dtype. ``auto`` = bfloat16 on CUDA, float32 on CPU."""
-    loraplus_ratio: float = 1.0
-    """LoRA+: B's learning rate is this times A's (16 is the paper's suggestion; 1 disables)."""
-
-
-@dataclass
-class DataConfig:
-    path: str = "builtin:demo"
-    """A file (.jsonl .json .csv .parquet .txt), a directory, a hub dataset name, or ``builtin:demo``
-    (a small generated instruction set). ``$QLORA_DATA`` (default ``../shared/data``) expands in paths."""
-    format: Literal["text", "instruction", "chat", "prompt_completion", "sharegpt", "preference",
-                    "unpaired", "prompt_only"] = "instruction"
-    """How records become token sequences and which tokens carry loss. ``chat``: OpenAI messages
-    (``messages: [{role, content}]``); ``sharegpt``: ``conversations: [{from, value}]``; both render
-    through the chat template and train on assistant turns only. ``preference``: ``prompt``/``chosen``/
-    ``rejected`` pairs (no ``prompt``: the shared prefix is the prompt; strings or messages);
-    ``unpaired``: ``prompt``/``completion``/``label`` (KTO). Each side is scored on its completion only.
-    ``prompt_only``: ``prompt`` plus any columns the GRPO reward functions read (e.g. ``answer``)."""
-    seq_len: int = 512
-    """Maximum tokens per training sequence (packed block length when ``pack`` is on)."""
-    split: str = "train"
-    """Split to read from a dataset directory or hub dataset."""
-    eval_path: str | None = None
-    """Separate evaluation data; when unset, ``eval_fraction`` of the training data is held out."""
-    eval_fraction: float = 0.0
-    """Share of the training records held out for evaluation (carved with ``train.seed``)."""
-    fields: dict[str, str] = field(default_factory=dict)
-    """Field mapping from the format's names to the dataset's, e.g. ``{instruction: question, output: answer}``."""
-    template: str = "alpaca"
-    """Prompt template for ``instruction`` data (``alpaca`` or a format string with ``{instruction}`` ``{input}``)."""
-    chat_template: str | None = None
-    """Chat template: ``chatml``, ``llama-2``, ``llama-3``, ``mistral`` or a Jinja string; unset = the
-    tokenizer's own."""
-    marker_tokens: Literal["require", "add", "split"] = "require"
-    """When a chat-template marker (e.g. ``<|im_start|>``) is not one token of the tokenizer: ``require``
-    refuses, ``add`` adds it as a special token (embeddings grow, the new rows train and are saved with
-    the adapter; needs ``model.resize_embeddings``), ``split`` keeps the pieces."""
-    train_on_prompt: bool = False
-    """Put loss on the prompt tokens too (default: completion only)."""
-    pack: bool = False
-    """Pack several short samples into one ``seq_len`` block without cross-attention."""
-    group_by_length: bool = False
-    """Batch samples of similar length together to cut padding."""
-    max_samples: int | None = None
-    """Use at most this many records (after shuffling with the seed)."""
-    num_proc: int | None = None
-    """Processes for ``datasets.map`` tokenization."""
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int | None = None
-    """Optimizer steps to run (unset: 100, unless ``train.epochs`` sizes the run; set only one of the two)."""
-    epochs: float | None = None
-    """Passes over the training data instead of ``train.max_steps`` (HF's ``num_train_epochs``; fractions
-    allowed): the step budget is ceil(epochs x micro-batches per epoch / grad_accum); the LR schedule and
-    the progress bar run over it. Set ``train.max_steps`` or this, not both."""
-    lr: float = 2e-4
-    """Peak learning rate (QLoRA paper: 2e-4 for 7B/13B, 1e-4 for 33B/65B)."""
-    batch_size: int = 1
-    """Sequences per micro-batch."""
-    grad_accum: int = 16
-    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
-    """bitsandbytes paged AdamW (8- or 32-bit state) or torch AdamW. Paging falls back to plain on the CPU."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on the adapter weights."""
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """Learning-rate schedule after warm-up (transformers' schedulers)."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    max_grad_norm: float = 0.3
-    """Gradient clipping norm (QLoRA paper: 0.3)."""
-    seed: int = 42
-    """Seed for adapter init, data order, dropout."""
-    save_every: int = 0
-    """Checkpoint every N optimizer steps (0: only at the end)."""
-    device: str = "auto"
-    """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda[:N]``."""
-    skip_bad_steps: int = 0
-    """Steps with a non-finite loss or gradient norm to skip (their batches are consumed, nothing is
-    applied) before the run stops with an error; 0 = stop at the first one."""
-    distributed: Literal["none", "ddp", "fsdp"] = "none"
-    """Data parallel under ``accelerate launch --num_processes N``: ``ddp`` replicates the model and
-    averages gradients; ``fsdp`` also shards the NF4 base, adapters and optimizer state across the
-    GPUs (FSDP2 ``fully_shard`` per decoder layer; needs ``quantization.quant_storage`` = the compute
-    dtype). ``none``: one process. See docs/distributed.md."""
-    objective: Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo", "grpo"] = "sft"
-    """What the step minimises: ``sft`` (token-mean next-token loss), ``dpo``/``ipo``/``orpo``/``simpo``
-    (paired preference data, ``data.format: preference``), ``kto`` (``data.format: unpaired``) or ``grpo``
-    (``data.format: prompt_only``; completions sampled each step, scored by ``grpo.rewards``).
-    DPO, IPO and KTO use the base with the adapter switched off as the reference (no second model);
-    settings in the ``preference`` section. Definitions match TRL's (docs/preference.md)."""
-
-
-@dataclass
-class PerformanceConfig:
-    """Speed and memory knobs: none changes what is computed (within rounding), only how."""
-
-    gradient_checkpointing: bool = True
-    """Recompute each decoder layer's activations in backward (non-reentrant) instead of storing them."""
-    offload_activations: bool = False
-    """With gradient checkpointing: keep the checkpointed hidden states in pinned CPU memory (CUDA only)."""
-    mlp_chunk_tokens: int = 0
-    """Sequence-tiled MLP: run each SwiGLU MLP over chunks of this many tokens, each checkpointed, so only
-    one chunk's (B, chunk, intermediate) activations are alive at once (long contexts). 0 = off."""
-    embeddings_on_cpu: bool = False
-    """Keep the frozen input embedding table in (pinned) CPU memory and copy each step's looked-up
-    (B, T, hidden) rows to the GPU (Llama-3-70B: frees 1.96 GiB). Tied embeddings stay on the device."""
-    kernels: Literal["auto", "triton", "torch"] = "auto"
-    """Fused Triton kernels (``triton``), the pure-torch reference (``torch``), or ``auto`` = Triton on CUDA."""
-    group_projections: bool = True
-    """Run q/k/v and gate/up as one grouped matmul each (one GEMM over the stacked weights, one adapter-A
-    GEMM, one dx GEMM) where the adapters allow it (plain LoRA/rsLoRA, no active dropout). Same modules,
-    same parameter names and adapter files; see docs/speed.md."""
-    checkpoint_layers: Literal["auto", "all"] | int = "auto"
-    """With gradient checkpointing: how many decoder layers to checkpoint (the first N; the others keep
-    their activations and are not recomputed). ``all``; an integer N >= 0; or ``auto`` = as few as the
-    memory estimate says fit in the CUDA device's memory (all on the CPU; see docs/speed.md)."""
-    fused_add_norm: bool = True
-    """Run each decoder layer's attention residual add and the RMSNorm after it as one kernel (our
-    decoder layer, same children and parameter names). ``false`` keeps transformers' decoder layers
-    (e.g. for its ``output_hidden_states`` capture); see docs/speed.md."""
-    nf4_matmul: Literal["dequant", "chunked", "fused"] = "dequant"
-    """NF4 base matmuls over more than 64 tokens (Triton kernels only): ``dequant`` = the whole W to a
-    transient 16-bit copy, then cuBLAS; ``chunked`` = W in L2-sized row chunks, each chunk's GEMM at
-    once; ``fused`` = one autotuned Triton GEMM that reads the packed 4-bit W (no 16-bit copy).
-    Same results within rounding; which is fastest is measured by the GPU suite (docs/speed.md)."""
-    compile: Literal["none", "default", "reduce-overhead"] = "none"
-    """torch.compile each decoder layer (forward and backward, inside its checkpoint): ``default``
-    (inductor: fused elementwise ops, less Python), ``reduce-overhead`` (also CUDA graphs: each
-    layer's launches replayed at once; for short sequences, where the step is launch-bound; fixed
-    shapes, e.g. ``data.pack: true``, avoid recompiles). ``none``: eager. Unmeasured on a GPU
-    so far (docs/speed.md); lora/rslora adapters, one process."""
-    loss_chunk_size: int = 0
-    """Tokens per chunk of the fused linear + cross-entropy (0: automatic, never full fp32 logits)."""
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation during training: the eval split's loss and generation tasks."""
-
-    every: int = 0
-    """Evaluation loss every N optimizer steps (0: never)."""
-    batches: int = 0
-    """Evaluation batches per evaluation (0: the whole eval set)."""
-    tasks: list[str] | None = None
-    """Generation tasks (unset: none) scored by exact match every ``eval.every`` steps and at the last step, logged to
-    metrics.jsonl (``eval_<task>_exact_match``) with predictions under ``output_dir/eval/step-N/``: a
-    task name (``gsm8k``, ``gsm8k-train``) or a data file with prompt/answer fields, ``FILE@extractor``
-    (see docs/eval.md)."""
-    limit: int = 50
-    """Examples per eval task (the first N; 0: all)."""
-    max_new_tokens: int = 0
-    """New-token limit of in-training generation (0: the task's default, 256 for GSM8K)."""
-
-
-# experiment trackers accelerate knows (``output.report_to``)
-TRACKERS = ("tensorboard", "wandb", "trackio", "aim", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
-
-
-@dataclass
-class PreferenceConfig:
-    beta: float = 0.1
-    """Temperature of the preference loss (DPO/IPO/KTO/ORPO/SimPO's beta; SimPO's paper uses ~2)."""
-    label_smoothing: float = 0.0
-    """Probability that a pair's preference is flipped (conservative DPO, SimPO); 0 = plain."""
-    simpo_gamma: float = 0.5
-    """SimPO's target reward margin gamma (the loss uses gamma / beta)."""
-    simpo_nll_weight: float = 0.0
-    """Weight of the chosen completions' NLL added to SimPO's loss (TRL's cpo_alpha; 0 = pure SimPO)."""
-    desirable_weight: float = 1.0
-    """KTO: weight of the desirable (label true) examples' losses."""
-    undesirable_weight: float = 1.0
-    """KTO: weight of the undesirable (label false) examples' losses."""
-
-
-@dataclass
-class GRPOConfig:
-    num_generations: int = 4
-    """Completions sampled per prompt (the group whose rewards are normalised)."""
-    max_completion_length: int = 64
-    """New tokens per completion at most (also dr_grpo's normaliser)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
-    top_p: float = 1.0
-    """Nucleus sampling of the rollouts (1 = off)."""
-    beta: float = 0.0
-    """Weight of the KL to the adapter-off reference (0: no reference forward, TRL's default)."""
-    epsilon: float = 0.2
-    """Lower clip of the probability ratio (1 - epsilon)."""
-    epsilon_high: float | None = None
-    """Upper clip (1 + epsilon_high); unset = epsilon (DAPO's clip-higher sets it larger)."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """Loss normalisation as TRL names them: per-sequence token means (grpo), a token mean (bnpo, dapo:
-    over the whole step here, so both are one large batch's) or sum / (completions x max length) (dr_grpo)."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """Advantages divided by the reward std of the group, of the batch, or not at all."""
-    rewards: list[str] | None = None
-    """Reward functions (unset: none; GRPO needs one): ``gsm8k_exact``, ``gsm8k_format``, ``module:function`` or ``file.py:function``,
-    each called as ``fn(prompts=, completions=, **columns) -> list[float]``."""
-    reward_weights: list[float] | None = None
-    """Weight of each reward function (unset: all 1)."""
-
-
-@dataclass
-class OutputConfig:
-    log_every: int = 1
-    """Write a metrics.jsonl line (and refresh the progress bar) every N optimizer steps."""
-    keep_last: int = 2
-    """Checkpoints to keep under ``output_dir/checkpoints`` (older ones are deleted)."""
-    progress_bar: bool = True
-    """Show a tqdm progress bar with loss, lr, tokens/s and memory."""
-    overwrite: bool = False
-    """Allow training into an ``output_dir`` that already holds a finished adapter."""
-    report_to: list[str] | None = None
-    """Experiment trackers through accelerate, e.g. ``[tensorboard, wandb]`` (unset: none; also trackio, aim, comet_ml,
-    mlflow, clearml, dvclive, swanlab). They get the config, every metrics line and the memory estimate;
-    a missing package or no network is a one-line warning. Local logs go to ``output_dir/tracking``."""
-    run_name: str | None = None
-    """Run (project) name the trackers show; default: the ``output_dir`` folder name."""
-
-
-@dataclass
-class Config:
+class Config(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -358,23 +65,19 @@ class Config:
     """Resume even though the config or the training data differ from the checkpoint's (the run then
     continues at a data position that may not mean what it did); by default such a resume is refused."""
 
-    def validate(self) -> "Config":
-        """Check value ranges and cross-field rules; raise ConfigError naming the key."""
-        for key in valid_keys():  # every field against its rule (config_rules.RULES)
-            msg = problem(key, _get(self, key))
-            if msg:
-                raise ConfigError(f"{key}: {msg} (got {_get(self, key)!r})")
-        for name in self.output.report_to or []:
-            if name not in TRACKERS:
-                near = difflib.get_close_matches(name, TRACKERS, n=1, cutoff=0.5)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise ConfigError(f"output.report_to: {name!r} is not a tracker (one of {', '.join(TRACKERS)}){hint}")
+    RULES: ClassVar[dict[str, Any]] = {  # allowed values, field -> rule (config_rules)
+        "output_dir": NONEMPTY,
+        "resume": NONEMPTY,
+    }
+
+    def validate(self, prefix: str = "") -> "Config":
+        """Validate every section (its fields' rules and its own checks), then the rules across sections;
+        raise a one-line ConfigError naming the key."""
+        super().validate(prefix)
         if self.data.marker_tokens == "add" and not self.model.resize_embeddings:
             raise ConfigError("data.marker_tokens: 'add' grows the vocabulary; also set model.resize_embeddings=true")
         if self.lora.init == "loftq" and self.model.quantization != "nf4":
             raise ConfigError("lora.init: loftq corrects the 4-bit quantization error; it needs model.quantization=nf4")
-        if self.lora.init == "loftq" and self.lora.variant in ("dora", "adalora"):
-            raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.lora.variant})")
         if self.train.epochs is not None and self.train.max_steps is not None:
             raise ConfigError(f"train.epochs: {self.train.epochs:g} and train.max_steps {self.train.max_steps} both "
                               f"size the run; set one of them (train.max_steps=null to count in epochs)")
@@ -382,15 +85,11 @@ class Config:
             self.train.max_steps = 100
         self._check_objective()
         lc = self.lora
-        if lc.variant == "adalora" and lc.adalora_target_r > lc.r:
-            raise ConfigError(f"lora.adalora_target_r: must be <= lora.r, AdaLoRA's initial rank "
-                              f"(got {lc.adalora_target_r} > {lc.r})")
+        ada = lc.adalora
         if lc.variant == "adalora" and self.train.max_steps is not None and \
-                lc.adalora_tinit >= self.train.max_steps - lc.adalora_tfinal:
-            raise ConfigError(f"lora.adalora_tinit: {lc.adalora_tinit} + adalora_tfinal {lc.adalora_tfinal} leave no "
+                ada.tinit >= self.train.max_steps - ada.tfinal:
+            raise ConfigError(f"lora.adalora.tinit: {ada.tinit} + lora.adalora.tfinal {ada.tfinal} leave no "
                               f"budget phase in train.max_steps {self.train.max_steps}; lower them")
-        if self.performance.offload_activations and not self.performance.gradient_checkpointing:
-            raise ConfigError("performance.offload_activations: needs performance.gradient_checkpointing=true")
         if self.performance.compile != "none" and (self.lora.variant not in ("lora", "rslora") or
                                                    self.train.distributed != "none"):
             raise ConfigError(f"performance.compile: {self.performance.compile} supports lora/rslora adapters in "
@@ -424,9 +123,6 @@ class Config:
         if self.train.objective == "grpo" and not g.rewards:
             raise ConfigError("grpo.rewards: train.objective=grpo needs at least one reward function "
                               "(gsm8k_exact, gsm8k_format, module:function or file.py:function)")
-        if g.reward_weights is not None and len(g.reward_weights) != len(g.rewards or []):
-            raise ConfigError(f"grpo.reward_weights: {len(g.reward_weights)} weights for {len(g.rewards or [])} "
-                              "grpo.rewards; give one per function")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -472,17 +168,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     """Build a Config from a nested dict (YAML shape), checking every key and type."""
     cfg = Config()
+    _set_all(cfg, cfg, "", raw, where)
+    return cfg
+
+
+def _set_all(cfg: Config, obj: Any, prefix: str, raw: dict[str, Any], where: str) -> None:
+    """Set every key of ``raw`` on ``obj`` (the section of ``cfg`` at ``prefix``), nested sections in turn."""
     for key, value in raw.items():
-        if _is_section(Config, key):
+        name = f"{prefix}{key}"
+        if _is_section(type(obj), key):
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {key}: must be a mapping of keys, got {value!r}")
-            for sub, v in value.items():
-                _set(cfg, f"{key}.{sub}", v, where)
+                raise ConfigError(f"{where}: {name}: must be a mapping of keys, got {value!r}")
+            _set_all(cfg, getattr(obj, key), f"{name}.", value, where)
         else:
-            _set(cfg, key, value, where)
-    return cfg
+            _set(cfg, name, value, where)
 
 
 def apply_override(cfg: Config, item: str) -> None:
@@ -507,28 +208,27 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def field_docs() -> dict[str, str]:
-    """``section.key`` -> documentation string, read from the field docstrings in this file."""
+    """``section.key`` -> documentation string, read from the field docstrings (here and in config_sections.py)."""
     import ast
     import inspect
+    import sys
     docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["x"])))
-    classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    sections = {cls.__name__: (prefix, cls) for prefix, cls in _sections(Config)}
+    classes = {c.name: c for mod in {cls.__module__ for _, cls in sections.values()}
+               for c in ast.parse(inspect.getsource(sys.modules[mod])).body if isinstance(c, ast.ClassDef)}
     for cname, node in classes.items():
-        prefix = next((s for s, t in sections.items() if t == cname or t == f"{cname}"), None)
-        if cname == "Config":
-            prefix = ""
-        elif prefix is None:
+        if cname not in sections:
             continue
+        prefix, cls = sections[cname]
         body = node.body
         for i, stmt in enumerate(body[:-1]):
             nxt = body[i + 1]
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
                     isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                key = f"{prefix}.{stmt.target.id}" if prefix else stmt.target.id
-                rule = describe(key)  # the enforced range, from config_rules.RULES
+                key = prefix + stmt.target.id
+                rule = describe(cls.RULES.get(stmt.target.id))  # the enforced range
                 docs[key] = " ".join(str(nxt.value.value).split() + ([rule] if rule else []))
-    return docs
+    return {k: docs[k] for k in valid_keys() if k in docs}  # in field order, nested sections in place
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,22 +244,30 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def valid_keys() -> list[str]:
+def _sections(cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    """(key prefix, class) of ``cls`` and every section nested in it, depth first (``Config`` is "")."""
+    out = [(prefix, cls)]
+    for f in dataclasses.fields(cls):
+        if _is_section(cls, f.name):
+            out += _sections(_hints(cls)[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def valid_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every settable key (``section.key``, ``section.sub.key`` for a nested section), in field order."""
+    cls = cls or Config
     keys = []
-    for f in dataclasses.fields(Config):
-        t = _hints(Config)[f.name]
-        if dataclasses.is_dataclass(t):
-            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(t)]
+    for f in dataclasses.fields(cls):
+        if _is_section(cls, f.name):
+            keys += valid_keys(_hints(cls)[f.name], f"{prefix}{f.name}.")
         else:
-            keys.append(f.name)
+            keys.append(prefix + f.name)
     return keys
 
 
-def _get(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
+def rules() -> dict[str, Any]:
+    """``section.key`` -> the rule its value obeys (from each section's ``RULES``), for every ruled key."""
+    return {prefix + name: rule for prefix, cls in _sections(Config) for name, rule in cls.RULES.items()}
 
 
 # built but not measured on a GPU yet: settable, left out of --help-config until the GPU suite has measured them
@@ -570,7 +278,9 @@ MOVED = {f"model.{k}": f"performance.{k}" for k in (
     "gradient_checkpointing", "offload_activations", "mlp_chunk_tokens", "embeddings_on_cpu", "kernels",
     "group_projections", "checkpoint_layers", "fused_add_norm", "nf4_matmul")} | {
     "train.compile": "performance.compile", "train.loss_chunk_size": "performance.loss_chunk_size"} | {
-    f"train.eval_{k}": f"eval.{k}" for k in ("every", "batches", "tasks", "limit", "max_new_tokens")}
+    f"train.eval_{k}": f"eval.{k}" for k in ("every", "batches", "tasks", "limit", "max_new_tokens")} | {
+    f"lora.adalora_{k}": f"lora.adalora.{k}" for k in (
+        "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight")}
 
 
 def _set(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -585,79 +295,10 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
     name = parts[-1]
     if name not in {f.name for f in dataclasses.fields(obj)} or _is_section(type(obj), name):
         raise ConfigError(_unknown(key, where))
-    setattr(obj, name, _coerce(key, value, _hints(type(obj))[name], where))
+    setattr(obj, name, coerce(key, value, _hints(type(obj))[name], where))
 
 
 def _unknown(key: str, where: str) -> str:
     near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid_keys())}"
     return f"{where}: unknown key {key!r}{hint}"
-
-
-def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert int->float and str numbers where safe."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = f"{where}: {key}: expected {_type_name(tp)}, got {value!r}"
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>" or origin is getattr(
-            __import__("types"), "UnionType", None):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(key, value, a, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(bad)
-    if origin is Literal:
-        if value in args:
-            return value
-        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
-    if origin in (list,):
-        if not isinstance(value, list):
-            raise ConfigError(bad)
-        return [_coerce(key, v, args[0], where) for v in value] if args else value
-    if origin in (dict,):
-        if not isinstance(value, dict):
-            raise ConfigError(bad)
-        return {str(k): _coerce(key, v, args[1], where) for k, v in value.items()} if args else value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(bad)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(bad)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(bad)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(bad)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(map(str, typing.get_args(tp)))
-    if origin is not None:
-        return " | ".join(_type_name(a) for a in typing.get_args(tp)) if origin is typing.Union else str(tp)
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))

@@ -1,18 +1,25 @@
-"""The allowed values of every config field, in one table (:data:`RULES`).
+"""The kinds of rule a config field's value obeys (:class:`Range`, :class:`OneOf`, ...) and the check of a
+YAML value against a field's type annotation (:func:`coerce`).
 
-``Config.validate`` checks each field against its rule at load time (before anything heavy is
-imported) and ``--help-config`` appends each rule's description to the field's documentation, so the
-range a user reads is the range that is enforced. Besides its rule, every float must be finite
+Each config section lists its fields' rules next to them (``RULES``, field name -> rule, in
+``qlora_trainer/config.py``); ``Config.validate`` checks each field against its rule at load time
+(before anything heavy is imported) and ``--help-config`` appends each rule's description to the field's
+documentation, so the range a user reads is the range that is enforced. Besides its rule, every float must be finite
 (``nan``/``inf`` pass YAML and Python comparisons in surprising ways). A field whose annotation is
 ``X | None`` accepts ``None`` as well (its documentation says what ``None`` means).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from qlora_trainer.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -93,81 +100,88 @@ AT_LEAST_0 = Range(0)
 POSITIVE = Range(0, lo_open=True)
 FRACTION = Range(0, 1, hi_open=True)
 
-RULES: dict[str, Any] = {
-    "performance.checkpoint_layers": WordOrRange(("auto", "all"), AT_LEAST_0),
-    "model.name_or_path": NONEMPTY,
-    "model.tokenizer": NONEMPTY,
-    "performance.mlp_chunk_tokens": AT_LEAST_0,
-    "quantization.blocksize": OneOf((64, 128, 256, 512, 1024, 2048, 4096)),
-    "lora.r": AT_LEAST_1,
-    "lora.alpha": POSITIVE,
-    "lora.dropout": FRACTION,
-    "lora.loraplus_ratio": POSITIVE,
-    "lora.loftq_iters": AT_LEAST_1,
-    "lora.adalora_target_r": AT_LEAST_1,
-    "lora.adalora_tinit": AT_LEAST_0,
-    "lora.adalora_tfinal": AT_LEAST_0,
-    "lora.adalora_delta_t": AT_LEAST_1,
-    "lora.adalora_beta1": Range(0, 1, lo_open=True, hi_open=True),
-    "lora.adalora_beta2": Range(0, 1, lo_open=True, hi_open=True),
-    "lora.adalora_orth_reg_weight": AT_LEAST_0,
-    "data.path": NONEMPTY,
-    "data.seq_len": Range(8),
-    "data.eval_fraction": FRACTION,
-    "data.max_samples": AT_LEAST_1,
-    "data.num_proc": AT_LEAST_1,
-    "train.max_steps": AT_LEAST_1,
-    "train.epochs": POSITIVE,
-    "train.lr": POSITIVE,
-    "train.batch_size": AT_LEAST_1,
-    "train.grad_accum": AT_LEAST_1,
-    "train.weight_decay": AT_LEAST_0,
-    "train.warmup_steps": AT_LEAST_0,
-    "train.max_grad_norm": AT_LEAST_0,
-    "train.seed": Range(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
-    "train.save_every": AT_LEAST_0,
-    "eval.every": AT_LEAST_0,
-    "eval.batches": AT_LEAST_0,
-    "eval.limit": AT_LEAST_0,
-    "eval.max_new_tokens": AT_LEAST_0,
-    "performance.loss_chunk_size": AT_LEAST_0,
-    "train.skip_bad_steps": AT_LEAST_0,
-    "train.device": Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N (N a GPU index)"),
-    "preference.beta": POSITIVE,
-    "preference.label_smoothing": Range(0, 0.5, hi_open=True),
-    "preference.simpo_gamma": AT_LEAST_0,
-    "preference.simpo_nll_weight": AT_LEAST_0,
-    "preference.desirable_weight": AT_LEAST_0,
-    "preference.undesirable_weight": AT_LEAST_0,
-    "grpo.num_generations": Range(2),
-    "grpo.max_completion_length": AT_LEAST_1,
-    "grpo.temperature": POSITIVE,
-    "grpo.top_p": Range(0, 1, lo_open=True),
-    "grpo.beta": AT_LEAST_0,
-    "grpo.epsilon": Range(0, 1, lo_open=True, hi_open=True),
-    "grpo.epsilon_high": POSITIVE,
-    "output.log_every": AT_LEAST_1,
-    "output.keep_last": AT_LEAST_1,
-    "output_dir": NONEMPTY,
-    "resume": NONEMPTY,
-}
-
-
-def describe(key: str) -> str | None:
-    """``Allowed: ...`` text for ``key`` (None when it has no rule)."""
-    rule = RULES.get(key)
+def describe(rule: Any) -> str | None:
+    """``Allowed: ...`` text of ``rule`` (None when there is no rule)."""
     return None if rule is None else f"Allowed: {rule.describe()}."
 
 
-def problem(key: str, value: Any) -> str | None:
-    """Why ``value`` is not allowed for ``key`` (None: it is)."""
+def problem(rule: Any, value: Any) -> str | None:
+    """Why ``value`` is not allowed by ``rule`` (None: it is; ``rule`` None: only the checks every value gets)."""
     if value is None:
         return None  # the type check already decided whether None is allowed
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
     if isinstance(value, list) and not value:
         return "must not be empty"
-    rule = RULES.get(key)
     if rule is None or rule.ok(value):
         return None
     return f"must be {rule.describe()}"
+
+
+def coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert int->float and str numbers where safe."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = f"{where}: {key}: expected {type_name(tp)}, got {value!r}"
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>" or origin is getattr(
+            types, "UnionType", None):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(key, value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(bad)
+    if origin is Literal:
+        if value in args:
+            return value
+        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.4)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+    if origin in (list,):
+        if not isinstance(value, list):
+            raise ConfigError(bad)
+        return [coerce(key, v, args[0], where) for v in value] if args else value
+    if origin in (dict,):
+        if not isinstance(value, dict):
+            raise ConfigError(bad)
+        return {str(k): coerce(key, v, args[1], where) for k, v in value.items()} if args else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(bad)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(bad)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(bad)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(bad)
+    return value
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    if origin is not None:
+        return " | ".join(type_name(a) for a in typing.get_args(tp)) if origin is typing.Union else str(tp)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))

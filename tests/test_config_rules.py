@@ -1,9 +1,8 @@
-"""Every config field is checked against its rule (config_rules.RULES) at load time, its range is in
+"""Every config field is checked against its rule (its section's RULES) at load time, its range is in
 its documentation, and each bad value ends as one ``error:`` line naming the key (exit 2, no traceback)."""
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from qlora_trainer import config as config_mod
-from qlora_trainer.config_rules import RULES
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -48,23 +46,24 @@ def test_bad_value_is_one_line_error_naming_key_and_range(cli_error, tmp_path, o
 
 def _numeric_keys() -> list[str]:
     keys = []
-    for f in dataclasses.fields(config_mod.Config):
-        hints = typing.get_type_hints(config_mod.Config)
-        t = hints[f.name]
-        subs = [(f"{f.name}.{g.name}", typing.get_type_hints(t)[g.name]) for g in dataclasses.fields(t)] \
-            if dataclasses.is_dataclass(t) else [(f.name, t)]
-        for key, tp in subs:
-            args = typing.get_args(tp) or (tp,)
-            if any(a in (int, float) for a in args):
-                keys.append(key)
+    for key in config_mod.valid_keys():  # nested sections too (lora.adalora.*)
+        *path, name = key.split(".")
+        cls = config_mod.Config
+        for part in path:
+            cls = typing.get_type_hints(cls)[part]
+        tp = typing.get_type_hints(cls)[name]
+        args = typing.get_args(tp) or (tp,)
+        if any(a in (int, float) for a in args):
+            keys.append(key)
     return keys
 
 
 def test_every_numeric_field_has_a_rule_stated_in_its_docs():
     docs = config_mod.field_docs()
-    missing = [k for k in _numeric_keys() if k not in RULES]
-    assert not missing, f"add a rule to config_rules.RULES for {missing}"
-    for key in RULES:
+    rules = config_mod.rules()
+    missing = [k for k in _numeric_keys() if k not in rules]
+    assert not missing, f"add a rule to the section's RULES for {missing}"
+    for key in rules:
         assert key in docs and "Allowed: " in docs[key], key
     assert docs["train.seed"].endswith("Allowed: in [0, 4294967295].")
 

@@ -8,7 +8,7 @@ A module imports only from its own floor or below::
     analysis  memory, evaluate
     library   data, models, lora, export
     kernels   kernels (installed as qlora_trainer.kernels)
-    config    config
+    config    config, config_sections
     ground    errors, io, runtime, targets
 
 Within one floor imports are allowed as long as they form no cycle. A function-local import is for
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 FLOORS = {
     "errors": 0, "io": 0, "runtime": 0, "targets": 0,
-    "config_rules": 0, "config": 1,
+    "config_rules": 0, "config": 1, "config_sections": 1,
     "kernels": 2,
     "data": 3, "models": 3, "lora": 3, "export": 3,
     "memory": 4, "evaluate": 4,
@@ -51,6 +51,7 @@ TORCH_FREE = [
     "qlora_trainer.targets",
     "qlora_trainer.config_rules",
     "qlora_trainer.config",
+    "qlora_trainer.config_sections",
     "qlora_trainer.models.catalog",
     "qlora_trainer.cli",
 ]

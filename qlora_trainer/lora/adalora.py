@@ -136,7 +136,7 @@ def inject_adalora(model: nn.Module, cfg: "LoRAConfig", *, dtype: torch.dtype, b
         for d in (module.lora_A, module.lora_B, module.lora_E):
             d[adapter_name].requires_grad_(True)
     log.info("AdaLoRA %s on %d layers: initial rank %d, target average rank %d", adapter_name, len(names),
-             cfg.r, cfg.adalora_target_r)
+             cfg.r, cfg.adalora.target_r)
     return names
 
 
@@ -278,6 +278,6 @@ def allocator_for(model: nn.Module, cfg: "Config") -> RankAllocator | None:
     if cfg.lora.variant != "adalora":
         return None
     lc = cfg.lora
-    return RankAllocator(model, target_r=lc.adalora_target_r, total_step=cfg.train.max_steps, tinit=lc.adalora_tinit,
-                         tfinal=lc.adalora_tfinal, delta_t=lc.adalora_delta_t, beta1=lc.adalora_beta1,
-                         beta2=lc.adalora_beta2)
+    return RankAllocator(model, target_r=lc.adalora.target_r, total_step=cfg.train.max_steps, tinit=lc.adalora.tinit,
+                         tfinal=lc.adalora.tfinal, delta_t=lc.adalora.delta_t, beta1=lc.adalora.beta1,
+                         beta2=lc.adalora.beta2)

@@ -330,10 +330,11 @@ def adalora_tensors_and_config(model: nn.Module, name: str, cfg: "LoRAConfig", t
         for key, t in (("lora_A", a), ("lora_B", b), ("lora_E", e)):
             tensors[f"{PREFIX}{n}.{key}"] = t.cpu().contiguous()
     r0 = cfg.r
-    fields = {"peft_type": "ADALORA", "init_r": r0, "target_r": cfg.adalora_target_r, "tinit": cfg.adalora_tinit,
-              "tfinal": cfg.adalora_tfinal, "deltaT": cfg.adalora_delta_t, "beta1": cfg.adalora_beta1,
-              "beta2": cfg.adalora_beta2, "orth_reg_weight": cfg.adalora_orth_reg_weight,
-              "total_step": total_step or cfg.adalora_tinit + cfg.adalora_tfinal + 1, "rank_pattern": pattern or None, "r": 8}
+    fields = {"peft_type": "ADALORA", "init_r": r0, "target_r": cfg.adalora.target_r, "tinit": cfg.adalora.tinit,
+              "tfinal": cfg.adalora.tfinal, "deltaT": cfg.adalora.delta_t, "beta1": cfg.adalora.beta1,
+              "beta2": cfg.adalora.beta2, "orth_reg_weight": cfg.adalora.orth_reg_weight,
+              "total_step": total_step or cfg.adalora.tinit + cfg.adalora.tfinal + 1, "rank_pattern": pattern or None,
+              "r": 8}
     return tensors, fields
 
 

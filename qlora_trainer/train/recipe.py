@@ -122,7 +122,7 @@ class AdaLoRAHook(Hook):
         self.allocator.resume(recipe.state.step)
 
     def after_backward(self, recipe: "Recipe") -> None:  # same on every rank
-        self.allocator.orthogonality_backward(recipe.cfg.lora.adalora_orth_reg_weight)
+        self.allocator.orthogonality_backward(recipe.cfg.lora.adalora.orth_reg_weight)
 
     def after_optimizer_step(self, recipe: "Recipe") -> None:
         step = recipe.state.step

@@ -104,7 +104,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "fields" and prefix == "":  # sections; data.fields is one value
+        if isinstance(v, dict) and key != "data.fields":  # sections, nested ones too; data.fields is one value
             out.update(_flat(v, f"{key}."))
         else:
             out[key] = v

@@ -54,11 +54,15 @@ def accelerator_kwargs(cfg: "Config") -> dict[str, Any]:
 def flat_config(cfg: "Config") -> dict[str, Any]:
     """``section.key`` -> value with lists and dicts as strings (TensorBoard hparams take scalars only)."""
     out: dict[str, Any] = {}
-    for key, value in cfg.to_dict().items():
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, v in items:
-            name = f"{key}.{sub}" if sub else key
-            out[name] = v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for key, v in d.items():
+            if isinstance(v, dict) and prefix + key != "data.fields":  # sections, nested ones too
+                walk(v, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    walk(cfg.to_dict(), "")
     return out
 
 

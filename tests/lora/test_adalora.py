@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from qlora_trainer.config import Config, LoRAConfig
+from qlora_trainer.config import AdaLoRAConfig, Config, LoRAConfig
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.lora import inject_lora, load_adapter, save_adapter
 from qlora_trainer.lora.adalora import RankAllocator, ada_layers, orthogonal_loss
@@ -56,7 +56,8 @@ def _train():
     torch.manual_seed(0)
     theirs = peft.get_peft_model(random_model("tiny", seed=0), pcfg).train()
     ours = random_model("tiny", seed=0)
-    inject_lora(ours, LoRAConfig(r=6, alpha=8, dropout=0.0, variant="adalora", adalora_target_r=2), dtype=torch.float32)
+    inject_lora(ours, LoRAConfig(r=6, alpha=8, dropout=0.0, variant="adalora", adalora=AdaLoRAConfig(target_r=2)),
+                dtype=torch.float32)
     layers = ada_layers(ours)
     with torch.no_grad():
         for n, layer in layers.items():
@@ -109,7 +110,8 @@ def test_adalora_round_trips_with_peft(trained, tmp_path):
             keep = torch.tensor(layer.rank_mask["default"]).view(-1, 1)
             e.copy_(torch.where(keep, torch.randn(e.shape, generator=g), 0.0))
             theirs.base_model.model.get_submodule(n).lora_E["default"].copy_(e)
-    cfg = LoRAConfig(r=6, alpha=8, variant="adalora", adalora_target_r=2, adalora_tinit=TINIT, adalora_tfinal=TFINAL)
+    cfg = LoRAConfig(r=6, alpha=8, variant="adalora",
+                     adalora=AdaLoRAConfig(target_r=2, tinit=TINIT, tfinal=TFINAL))
     out = save_adapter(ours, tmp_path / "ours", cfg=cfg, base_model="random:tiny")
     expected = _logits(ours, ids)
     assert (expected - _logits(random_model("tiny", seed=0), ids)).abs().max() > 1e-3  # it does something
@@ -144,7 +146,7 @@ def test_adalora_run_resumes_after_the_final_allocation(tmp_path):
     from qlora_trainer.train import train
 
     cfg = _adalora_run_cfg(tmp_path)
-    cfg.train.save_every, cfg.train.max_steps, cfg.lora.adalora_tfinal = 1, 6, 2
+    cfg.train.save_every, cfg.train.max_steps, cfg.lora.adalora.tfinal = 1, 6, 2
     train(cfg, stop_after=5)  # the ranks are fixed at step index T - tfinal = 4
     cfg.resume = "auto"
     result = train(cfg)
@@ -156,8 +158,8 @@ def test_adalora_run_resumes_after_the_final_allocation(tmp_path):
 def _adalora_run_cfg(tmp_path) -> Config:
     cfg = Config()
     cfg.model.name_or_path, cfg.train.device, cfg.output_dir = "random:tiny", "cpu", str(tmp_path / "run")
-    cfg.lora = LoRAConfig(r=4, alpha=8, dropout=0.0, variant="adalora", adalora_target_r=2, adalora_tinit=1,
-                          adalora_tfinal=1)
+    cfg.lora = LoRAConfig(r=4, alpha=8, dropout=0.0, variant="adalora",
+                          adalora=AdaLoRAConfig(target_r=2, tinit=1, tfinal=1))
     cfg.train.max_steps, cfg.train.batch_size, cfg.data.seq_len, cfg.data.max_samples = 5, 2, 32, 20
     cfg.output.progress_bar, cfg.train.grad_accum = False, 1
     return cfg.validate()
@@ -169,7 +171,8 @@ def test_adalora_layer_merges_and_deletes():
     from qlora_trainer.lora import delete_adapter, merge_lora
 
     model = random_model("tiny", seed=0).eval()
-    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="adalora", adalora_target_r=2), dtype=torch.float32)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, variant="adalora", adalora=AdaLoRAConfig(target_r=2)),
+                dtype=torch.float32)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in ada_layers(model).values():
@@ -178,7 +181,8 @@ def test_adalora_layer_merges_and_deletes():
     adapted = _logits(model, ids)
     assert (adapted - _logits(random_model("tiny", seed=0), ids)).abs().max() > 1e-3
     other = random_model("tiny", seed=0)
-    inject_lora(other, LoRAConfig(r=4, alpha=8, variant="adalora", adalora_target_r=2), dtype=torch.float32)
+    inject_lora(other, LoRAConfig(r=4, alpha=8, variant="adalora", adalora=AdaLoRAConfig(target_r=2)),
+                dtype=torch.float32)
     delete_adapter(other, "default")
     assert not ada_layers(other) and not any("lora_E" in n for n, _ in other.named_parameters())
     merge_lora(model)
@@ -193,7 +197,7 @@ def test_adalora_layers_in_grouped_projections():
     def build(adapted: bool):
         model = random_model("tiny", seed=0)
         torch.manual_seed(0)  # A and B start from the global generator
-        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, variant="adalora", adalora_target_r=2),
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, variant="adalora", adalora=AdaLoRAConfig(target_r=2)),
                     dtype=torch.float32)
         g = torch.Generator().manual_seed(2)
         with torch.no_grad():
@@ -217,13 +221,39 @@ def test_adalora_layers_in_grouped_projections():
 
 def test_adalora_config_is_validated():
     cfg = Config()
-    cfg.lora.variant, cfg.lora.r, cfg.lora.adalora_target_r = "adalora", 4, 8
-    with pytest.raises(ConfigError, match="lora.adalora_target_r: must be <= lora.r"):
+    cfg.lora.variant, cfg.lora.r, cfg.lora.adalora.target_r = "adalora", 4, 8
+    with pytest.raises(ConfigError, match="lora.adalora.target_r: must be <= lora.r"):
         cfg.validate()
-    cfg.lora.adalora_target_r, cfg.lora.adalora_tinit, cfg.train.max_steps = 2, 5, 6
-    cfg.lora.adalora_tfinal = 1
+    cfg.lora.adalora.target_r, cfg.lora.adalora.tinit, cfg.train.max_steps = 2, 5, 6
+    cfg.lora.adalora.tfinal = 1
     with pytest.raises(ConfigError, match="leave no budget phase"):
         cfg.validate()
-    cfg.lora.adalora_tinit, cfg.lora.adalora_beta1 = 0, 1.0
-    with pytest.raises(ConfigError, match=r"lora.adalora_beta1: must be in \(0, 1\)"):
+    cfg.lora.adalora.tinit, cfg.lora.adalora.beta1 = 0, 1.0
+    with pytest.raises(ConfigError, match=r"lora.adalora.beta1: must be in \(0, 1\)"):
         cfg.validate()
+
+
+def test_adalora_settings_are_a_nested_section(tmp_path):
+    from qlora_trainer.config import apply_override, config_from_dict, field_docs, load_config, save_config
+
+    cfg = config_from_dict({"lora": {"variant": "adalora", "r": 8, "adalora": {"target_r": 2, "tinit": 3}}})
+    apply_override(cfg, "lora.adalora.beta1=0.5")
+    assert (cfg.lora.adalora.target_r, cfg.lora.adalora.tinit, cfg.lora.adalora.beta1) == (2, 3, 0.5)
+    save_config(cfg.validate(), tmp_path / "config.yaml")  # what a run saves reloads as it was
+    assert load_config(tmp_path / "config.yaml", ours=True) == cfg
+    assert "lora.adalora.orth_reg_weight" in field_docs()
+    from qlora_trainer.train.resume import config_changes
+    from qlora_trainer.train.trackers import flat_config
+
+    cfg.lora.adalora.tinit = 1  # a nested key is one key of resume's change list and of the trackers' config
+    assert config_changes(cfg, tmp_path) == ["lora.adalora.tinit: 3 -> 1"]
+    assert flat_config(cfg)["lora.adalora.target_r"] == 2
+    with pytest.raises(ConfigError, match=r"^command line: lora.adalora_target_r is now lora.adalora.target_r; "
+                                          r"rename it there$"):
+        apply_override(cfg, "lora.adalora_target_r=2")
+    with pytest.raises(ConfigError, match=r"^config: lora.adalora_tinit is now lora.adalora.tinit"):
+        config_from_dict({"lora": {"adalora_tinit": 1}})
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.adalora.target'; did you mean 'lora.adalora.target_r'"):
+        apply_override(cfg, "lora.adalora.target=2")
+    with pytest.raises(ConfigError, match=r"lora.adalora: must be a mapping of keys"):
+        config_from_dict({"lora": {"adalora": 4}})
