@@ -70,8 +70,8 @@ def ours(model_dir: Path) -> dict:
     from qlora_trainer.train.objectives import DPO
     from qlora_trainer.train.setup import prepare_model
 
-    cfg = config_from_dict({"model": {"name_or_path": str(model_dir), "quantization": "nf4",
-                                      "gradient_checkpointing": True},
+    cfg = config_from_dict({"model": {"name_or_path": str(model_dir), "quantization": "nf4"},
+                            "performance": {"gradient_checkpointing": True},
                             "lora": {"r": R, "alpha": 2 * R, "dropout": 0.0},
                             "train": {"device": "cpu"}}).validate()
     model = load_base_model(cfg, device=torch.device("cpu"), dtype=torch.float32)

@@ -90,7 +90,7 @@ def test_dry_run_writes_every_part(dry_run):
     assert "est_allocated_gib" not in speed["hf-tuned"]
     assert speed["qlora_trainer"]["speedup_vs_hf_tuned"] > 0
     variant, = _rows(doc, "step", "variants")
-    assert variant["extra"] == {"model": {"checkpoint_layers": "auto"}} and variant["status"] == "ok"
+    assert variant["extra"] == {"performance": {"checkpoint_layers": "auto"}} and variant["status"] == "ok"
     assert variant["speedup_vs_hf"] > 0 and variant["step0_loss_ok"] is True
     unsloth, = _rows(doc, "step", "unsloth")
     assert unsloth["status"] == "skipped" and unsloth["reason"]
