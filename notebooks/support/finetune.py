@@ -79,7 +79,7 @@ class FinetuneResult:
 def gsm8k_text(split: str, *, max_records: int) -> str:
     """The first ``max_records`` GSM8K records of ``split`` (``train|test``) as one text."""
     from qlora_trainer.errors import DataError
-    from qlora_trainer.runtime import data_root
+    from support.paths import data_root
 
     path = data_root() / "gsm8k" / f"{split}.jsonl"
     if not path.is_file():

@@ -64,7 +64,7 @@ def finetune_on_task(lm, cfg, prompts: list[str], answers: list[str], eval_promp
 
 def gsm8k_examples(n: int) -> tuple[list[str], list[str]]:
     """The first ``n`` GSM8K test questions as ``Question: ...\\nAnswer:`` and their reference answers."""
-    from qlora_trainer.runtime import data_root
+    from support.paths import data_root
 
     prompts, refs = [], []
     with (data_root() / "gsm8k" / "test.jsonl").open(encoding="utf-8") as f:

@@ -2,13 +2,21 @@
 
 ``$QLORA_CACHE`` (default ``<repo>/.cache``, gitignored) holds the pretrained small model so that the
 first notebook that needs it trains it and later ones load it. Figures go to ``$QLORA_FIGURES``
-(default ``<cache>/figures``).
+(default ``<cache>/figures``). The real data sets come from ``$QLORA_DATA`` (default: the ``shared/data``
+beside this checkout, wherever the notebook runs from).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def data_root() -> Path:
+    """``$QLORA_DATA`` or ``<repo>/../shared/data`` (the notebooks run from ``notebooks/``, so the
+    library's default, ``../shared/data`` from the working directory, would miss it)."""
+    env = os.environ.get("QLORA_DATA")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def cache_dir() -> Path:

@@ -66,7 +66,7 @@ class SmallLM:
 def shakespeare_text() -> str:
     """``$QLORA_DATA/tinyshakespeare/input.txt`` (a DataError naming the path if it is missing)."""
     from qlora_trainer.errors import DataError
-    from qlora_trainer.runtime import data_root
+    from support.paths import data_root
 
     path = data_root() / "tinyshakespeare" / "input.txt"
     if not path.is_file():
