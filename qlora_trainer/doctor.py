@@ -226,6 +226,16 @@ def triton_check() -> Check:
                                          "interpret": interpret})
 
 
+def _is_our_kernels_init(path: Path) -> bool:
+    """Is ``path`` our ``kernels/__init__.py``: the installed ``qlora_trainer.kernels`` one itself
+    (editable install) or a file with its bytes (a checkout beside an installed wheel)?"""
+    spec = importlib.util.find_spec("qlora_trainer.kernels")
+    ours = Path(spec.origin) if spec and spec.origin else None
+    if ours is None or not path.is_file():
+        return False
+    return path.resolve() == ours.resolve() or path.read_bytes() == ours.read_bytes()
+
+
 def kernels_name_check() -> Check:
     """``import kernels`` must find nothing, or Hugging Face's ``kernels`` package - never our folder."""
     try:
@@ -235,10 +245,10 @@ def kernels_name_check() -> Check:
     if spec is None:
         return Check("kernels-name", "ok", "no top-level 'kernels' module", {"origin": None})
     origin = spec.origin or (list(spec.submodule_search_locations or [None])[0])
-    ours = Path(__file__).resolve().parent.parent / "kernels"
     data = {"origin": str(origin)}
-    if origin and Path(origin).resolve().is_relative_to(ours.resolve()):
+    if origin and _is_our_kernels_init(Path(origin)):
         # inert under the bare name (kernels/__init__.py), but it hides Hugging Face's package
+        ours = Path(origin).parent
         return Check("kernels-name", "warn", f"'import kernels' finds this repo's folder {ours} (inert under "
                      "that name, but it hides Hugging Face's kernels package from transformers and bitsandbytes; "
                      "run from another directory or drop it from PYTHONPATH)", data)
