@@ -12,8 +12,12 @@ from qlora_trainer.targets import select_targets
 
 
 def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or a bitsandbytes 4-bit linear layer (not our wrapper)."""
-    return isinstance(module, nn.Linear) or is_4bit(module)
+    """``nn.Linear`` or a bitsandbytes 4-bit linear layer (not our wrapper). An ``nn.Linear`` subclass
+    with a forward of its own is not a linear layer: e.g. PhiMoE's router returns (logits, weights,
+    experts), which no LoRA update can be added to."""
+    if is_4bit(module):
+        return True
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:

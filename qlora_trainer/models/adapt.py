@@ -41,7 +41,7 @@ from qlora_trainer.models.checkpointing import CheckpointedLayer
 
 logger = logging.getLogger(__name__)
 
-_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral")
+_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Qwen3Moe", "Mixtral", "Qwen2Moe")
 _NORMS = {f"{f}RMSNorm" for f in _FAMILIES} | {"Phi3RMSNorm"}
 _MLPS = {f"{f}MLP" for f in _FAMILIES}
 _ATTENTIONS = {f"{f}Attention" for f in _FAMILIES} | {"Gemma3Attention", "Phi3Attention"}

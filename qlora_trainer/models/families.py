@@ -25,8 +25,20 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 16}),
     "phi3": ("Phi3Config", {"pad_token_id": 0}),
     "olmo2": ("Olmo2Config", {}),
+    "olmo3": ("Olmo3Config", {}),
+    "gemma": ("GemmaConfig", {"head_dim": 16, "tie_word_embeddings": True}),
+    "granite": ("GraniteConfig", {}),
+    "starcoder2": ("Starcoder2Config", {}),
+    "cohere": ("CohereConfig", {}),
+    "glm4": ("Glm4Config", {"head_dim": 16}),
+    "smollm3": ("SmolLM3Config", {}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                      "shared_expert_intermediate_size": 96, "decoder_sparse_step": 1}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+    "phimoe": ("PhimoeConfig", _MOE),
+    "granitemoe": ("GraniteMoeConfig", _MOE),
 }
-MOE = ("qwen3_moe", "mixtral")
+MOE = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "phimoe", "granitemoe")
 
 
 def family_config(family: str) -> Any:

@@ -59,6 +59,14 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def other_experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> a module holding 3-D expert weights we cannot run (e.g. GPT-OSS's transposed
+    ``gate_up_proj`` (E, H, 2I) with biases): they stay 16-bit and get no LoRA."""
+    return {name: m for name, m in model.named_modules()
+            if not is_fused_experts(m) and isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+            and getattr(m, "gate_up_proj").dim() == 3}
+
+
 class NF4Experts(nn.Module):
     """Frozen fused experts in NF4: ``gate_up_proj`` / ``down_proj`` are bitsandbytes ``Params4bit``
     of the 2-D views (E * 2I, H) / (E * H, I) (quant state: ``shape`` = the 2-D view). Same forward
@@ -163,6 +171,11 @@ def quantize_experts(model: nn.Module, *, compute_dtype: torch.dtype, double_qua
     """Replace every 16-bit fused experts module of ``model`` by :class:`NF4Experts`, in place, one at
     a time (each module's 16-bit weights are freed before the next is quantized); returns how many.
     An experts module whose expert size is not whole blocks stays 16-bit (logged)."""
+    other = other_experts_modules(model)
+    if other:
+        log.warning("%d experts modules (%s) are in a layout we do not run (e.g. transposed, with biases): "
+                    "kept in 16 bits and not adapted by LoRA", len(other),
+                    ", ".join(sorted({type(m).__name__ for m in other.values()})))
     n = 0
     for name, module in experts_modules(model).items():
         if isinstance(module, NF4Experts):
