@@ -3,7 +3,8 @@
 Writes are atomic (written aside, renamed into place): nothing a user made is overwritten or left
 half-written. Reads are checked (``read_*``): a missing, cut-short or malformed file is one line naming
 the file, what is wrong and what to do. A command's output never overlaps its inputs and replaces
-only what our commands wrote (``check_output``, ``mark_output``)."""
+only what our commands wrote (``check_output``, ``mark_output`` for directories; ``check_output_file``
+for single files, with the command's own test of what it wrote)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,27 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary file name beside ``path`` (for writers that open their own file: GGUF, CUDA
+    snapshots); on success it replaces ``path`` in one rename.
+
+    On an exception the temporary file is removed and ``path`` is untouched: an existing file keeps
+    its old content, a new one never appears half-written. A full disk or an unwritable place is one
+    line naming ``path`` (:func:`write_failure`)."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         full = write_failure(e, path)  # decided before the clean-up frees the space
@@ -255,35 +268,26 @@ def first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Outputs of commands (merge, combine, eval, export): never over an input, never over what is not ours.
+# Outputs of commands (merge, combine, eval, export, generate, memory, memory-table): never over an input,
+# never over what is not ours.
 
 OUTPUT_MARKER = ".qlora-trainer-output"
 
 
 def check_output(out: Path, inputs: "list[Path | str]", *, overwrite: bool, option: str = "--output",
                  files: "tuple[str, ...] | None" = None) -> None:
-    """Refuse (one line) an output ``out`` that is, contains or lies inside one of ``inputs``, or that
-    would replace what our own commands did not write.
+    """Refuse (one line) an output directory ``out`` that is, contains or lies inside one of ``inputs``,
+    or that would replace what our own commands did not write.
 
     ``files=None`` (merge, combine, export): the command replaces ``out`` as a whole, so an existing
     ``out`` needs ``overwrite`` and must be a directory holding :data:`OUTPUT_MARKER` (an empty one is
     fine too), never a user's file or a foreign directory. ``files`` (eval): the command writes these
-    names into a directory; an existing one is fine unless it holds one of them without our marker."""
+    names into a directory; an existing one is fine unless it holds one of them without our marker.
+    Single-file outputs: :func:`check_output_file`."""
 
     out = Path(out)
-    target = out.resolve()
-    for given in inputs:
-        src = Path(given).resolve()
-        how = ("is" if target == src else "lies inside" if src in target.parents else
-               "contains" if target in src.parents else None)
-        if how is not None:
-            raise QloraError(f"{option}: {out} {how} the input {given}; writing there would destroy what is being "
-                             f"read: choose an output outside the inputs")
-    if not (out.exists() or out.is_symlink()):
+    if not _present(out, inputs, option, directory=True):
         return
-    if out.is_symlink() or not out.is_dir():
-        raise QloraError(f"{option}: {out} is {'a link' if out.is_symlink() else 'a file'}, not an output of "
-                         f"qlora-trainer; choose another path (nothing of yours is replaced)")
     ours = (out / OUTPUT_MARKER).is_file()
     if files is not None:
         clash = [n for n in files if (out / n).exists()]
@@ -292,10 +296,78 @@ def check_output(out: Path, inputs: "list[Path | str]", *, overwrite: bool, opti
                              f"choose another {option} or move that file away")
         return
     if not overwrite:
-        raise QloraError(f"{option}: {out} already exists; pass --overwrite to replace it")
+        raise _exists(out, option)
     if not ours and any(out.iterdir()):
         raise QloraError(f"{option}: {out} was not written by qlora-trainer (no {OUTPUT_MARKER}); --overwrite "
                          f"replaces only our own outputs: choose another {option} or remove it yourself")
+
+
+def check_output_file(out: Path, inputs: "list[Path | str]", *, overwrite: bool, ours: Callable[[Path], bool],
+                      what: str, option: str = "--output") -> None:
+    """Refuse (one line) a single-file output ``out`` that is or lies inside one of ``inputs``, or that
+    would replace a file our command did not write.
+
+    A new ``out`` is fine. An existing one is replaced only with ``overwrite`` and only when
+    ``ours(out)`` says our command wrote it (GGUF's magic bytes, our JSONL's fields, our chart's
+    creator tag; an empty file counts as ours, a file that cannot be read does not). ``what`` names
+    such a file in the error ("a GGUF file"). Links and directories are never replaced. Write it with
+    :func:`atomic_write_bytes` or :func:`atomic_file`."""
+    out = Path(out)
+    if not _present(out, inputs, option, directory=False):
+        return
+    if not overwrite:
+        raise _exists(out, option)
+    try:
+        mine = out.stat().st_size == 0 or bool(ours(out))
+    except (OSError, ValueError):
+        mine = False
+    if not mine:
+        raise QloraError(f"{option}: {out} is not {what}; --overwrite replaces only an earlier output of "
+                         f"qlora-trainer: choose another path (nothing of yours is replaced)")
+
+
+def starts_with(magic: bytes, *tags: bytes) -> Callable[[Path], bool]:
+    """An ``ours`` check for :func:`check_output_file`: the file starts with ``magic`` and holds every
+    one of ``tags`` (e.g. a creator string we wrote into its metadata)."""
+
+    def check(path: Path) -> bool:
+        with open(path, "rb") as f:
+            if f.read(len(magic)) != magic:
+                return False
+            data = f.read() if tags else b""
+        return all(t in data for t in tags)
+
+    return check
+
+
+def check_apart(out: Path, inputs: "list[Path | str]", option: str = "--output") -> None:
+    """Refuse (one line) an output that is, contains or lies inside one of ``inputs``."""
+    target = Path(out).resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        how = ("is" if target == src else "lies inside" if src in target.parents else
+               "contains" if target in src.parents else None)
+        if how is not None:
+            raise QloraError(f"{option}: {out} {how} the input {given}; writing there would destroy what is being "
+                             f"read: choose an output outside the inputs")
+
+
+def _present(out: Path, inputs: "list[Path | str]", option: str, *, directory: bool) -> bool:
+    """Whether an output of the expected kind (a directory, else a regular file) is already at ``out``;
+    refuse (one line) one that overlaps ``inputs`` or is a link or of the other kind."""
+    check_apart(out, inputs, option)
+    if not (out.exists() or out.is_symlink()):
+        return False
+    if out.is_symlink() or not (out.is_dir() if directory else out.is_file()):
+        what = ("a link" if out.is_symlink() else "a file" if out.is_file() else "a directory" if out.is_dir()
+                else "a special file")
+        raise QloraError(f"{option}: {out} is {what}, not an output of qlora-trainer; choose another path "
+                         f"(nothing of yours is replaced)")
+    return True
+
+
+def _exists(out: Path, option: str) -> QloraError:
+    return QloraError(f"{option}: {out} already exists; pass --overwrite to replace it, or choose another path")
 
 
 def mark_output(directory: Path, command: str) -> None:

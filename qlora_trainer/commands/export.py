@@ -20,11 +20,11 @@ from typing import Any
 from qlora_trainer.errors import QloraError
 from qlora_trainer.export.chat import end_of_turn, resolve_template
 from qlora_trainer.export.gguf_adapter import write_adapter_gguf
-from qlora_trainer.export.gguf_file import KQUANTS, OUTTYPES, quantize_command
+from qlora_trainer.export.gguf_file import KQUANTS, OUTTYPES, is_gguf, quantize_command
 from qlora_trainer.export.gguf_model import write_model_gguf
 from qlora_trainer.export.ollama import modelfile
 from qlora_trainer.export.vllm import write_vllm_adapter, write_vllm_model
-from qlora_trainer.io import atomic_directory, check_output, mark_output
+from qlora_trainer.io import atomic_directory, check_output, check_output_file, mark_output
 from qlora_trainer.lora import merge_lora
 from qlora_trainer.lora.loading import load_with_adapters, run_config_for
 from qlora_trainer.lora.peft_format import CONFIG_NAME, read_adapter
@@ -35,6 +35,7 @@ from qlora_trainer.runtime import expand_path
 HELP = "export an adapter or merged model to GGUF (llama.cpp), a GGUF LoRA adapter, Ollama or vLLM"
 
 TARGETS = ("gguf", "gguf-adapter", "ollama", "vllm")
+FILE_TARGETS = ("gguf", "gguf-adapter")  # one .gguf file; the others write a directory
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,20 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a run-config key of the adapter, e.g. model.revision=main")
 
 
-def check_paths(source: Path, out: Path, overwrite: bool) -> None:
-    """The output may not be, hold, or sit inside the input (``io.check_output``). A directory output
-    (ollama, vllm) is replaced only if an earlier export wrote it; a ``.gguf`` file only with
-    ``--overwrite`` and only if it is a GGUF file (never another file of the user's)."""
-    if out.suffix == ".gguf" and out.is_file() and not out.is_symlink():
-        check_output(out.with_name(out.name + ".new"), [source], overwrite=overwrite)  # the overlap rules
-        if not overwrite:
-            raise QloraError(f"--output: {out} already exists; pass --overwrite to replace it")
-        with open(out, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise QloraError(f"--output: {out} is not a GGUF file; --overwrite replaces only an earlier "
-                                 f"export: choose another path (nothing of yours is replaced)")
-        return
-    check_output(out, [source], overwrite=overwrite)
+def check_paths(source: Path, out: Path, overwrite: bool, to: str) -> None:
+    """The output may not be, hold, or sit inside the input. A directory output (ollama, vllm) is
+    replaced only if an earlier export wrote it (``io.check_output``); a ``.gguf`` file only with
+    ``--overwrite`` and only if it is a GGUF file, never another file of the user's
+    (``io.check_output_file``)."""
+    if to in FILE_TARGETS:
+        check_output_file(out, [source], overwrite=overwrite, ours=is_gguf, what="a GGUF file")
+    else:
+        check_output(out, [source], overwrite=overwrite)
 
 
 def is_adapter(source: Path) -> bool:
@@ -92,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.output)
     if not source.is_dir():
         raise QloraError(f"{source}: not a directory")
-    check_paths(source, out, args.overwrite)
+    check_paths(source, out, args.overwrite, args.to)
     adapter = is_adapter(source)
     outtype = args.outtype or ("f32" if args.to == "gguf-adapter" else "f16")
     if outtype in KQUANTS:
         raise QloraError(f"--outtype {outtype}: k-quants need llama.cpp's quantizer; export --outtype f16, then run "
                          f"llama-quantize FILE-f16.gguf FILE-{outtype}.gguf {outtype.upper()}")
-    if args.to in ("gguf", "gguf-adapter") and out.suffix != ".gguf":
+    if args.to in FILE_TARGETS and out.suffix != ".gguf":
         raise QloraError(f"--output: {out} should be a .gguf file for --to {args.to}")
     if args.to == "gguf-adapter":
         if not adapter:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.evaluate.generation import GenerationSettings, format_prompt, generate_batch
-from qlora_trainer.io import atomic_write_text
+from qlora_trainer.io import atomic_write_text, check_output_file
 from qlora_trainer.lora import disable_adapters
 from qlora_trainer.lora.loading import load_with_adapters
 
@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the run config's)")
     p.add_argument("--output", default=None, metavar="FILE.jsonl",
                    help="also write {prompt, adapter, completion} records here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (only one that generate wrote)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key, e.g. model.quantization=none")
 
@@ -73,12 +75,39 @@ def settings_from_args(args: argparse.Namespace):
                               top_p=args.top_p, seed=args.seed, batch_size=1)
 
 
+RECORD_KEYS = ("prompt", "adapter", "completion")
+
+
+def is_records(path: Path) -> bool:
+    """Whether ``path`` is a records file of ours (``--overwrite`` may replace it): its first line is a
+    JSON object with exactly the fields generate writes."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 24)
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and sorted(record) == sorted(RECORD_KEYS)
+
+
+def check_records_output(args: argparse.Namespace) -> None:
+    """Refuse, before loading, an ``--output`` over an input (prompts file, adapters, a local base) or
+    over an existing file that is not an earlier output of generate (without ``--overwrite``: any)."""
+    if args.output is None:
+        return
+    inputs = [*args.adapter, *([args.prompts_file] if args.prompts_file else [])]
+    inputs += [args.base] if args.base and Path(args.base).exists() else []
+    check_output_file(Path(args.output), inputs, overwrite=args.overwrite, ours=is_records,
+                      what="a records file of generate (JSON lines of prompt, adapter, completion)")
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.adapter and not args.base:
         raise QloraError("generate: pass --adapter DIR (repeatable) and/or --base MODEL")
     if args.max_new_tokens < 1:
         raise QloraError(f"--max-new-tokens: must be >= 1 (got {args.max_new_tokens})")
     prompts = read_prompts(args)
+    check_records_output(args)
     loaded = load_with_adapters(args.adapter, base=args.base, overrides=args.overrides, device=args.device,
                                 hotswap=args.hotswap)
     model, tok = loaded.model, loaded.tokenizer

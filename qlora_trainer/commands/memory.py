@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from qlora_trainer.memory.report import estimate_markdown
 from qlora_trainer.errors import ConfigError
+from qlora_trainer.io import check_output_file
 from qlora_trainer.memory.estimate import estimate, largest_fitting, resolve_arch
-from qlora_trainer.memory.profile import CudaReader
+from qlora_trainer.memory.profile import CudaReader, is_snapshot
 from qlora_trainer.train.measure import measure_training
 
 HELP = "estimate peak GPU memory of a QLoRA run before loading anything (exit 0 fits, 1 does not)"
@@ -44,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--measure", action="store_true", help="also run real steps on the GPU with a synthetic NF4 model")
     p.add_argument("--snapshot", metavar="PATH", help="with --measure: dump a CUDA memory-history snapshot here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --snapshot (only a snapshot file)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--measure runs on one GPU; drop --gpus/--distributed")
     if args.measure and args.system != "ours":
         raise ConfigError("--measure runs our stack only; drop --system hf (HF figures: memory/references.py)")
+    if args.snapshot:
+        if not args.measure:
+            raise ConfigError("--snapshot: records the --measure steps; add --measure (needs a CUDA GPU)")
+        check_output_file(Path(args.snapshot), [], overwrite=args.overwrite, ours=is_snapshot,
+                          what="a CUDA memory snapshot", option="--snapshot")
     arch, reason = resolve_arch(args.model)
     if arch is None:
         raise ConfigError(f"MODEL: {reason}")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from qlora_trainer.errors import ConfigError
 from qlora_trainer.memory.estimate import GIB
-from qlora_trainer.memory.paper import paper_chart, paper_markdown, paper_table
+from qlora_trainer.io import check_output_file
+from qlora_trainer.memory.paper import CHART_MAGIC, is_chart, paper_chart, paper_markdown, paper_table
 from qlora_trainer.memory.profile import CudaReader
 from qlora_trainer.memory.references import PAPER_SETTINGS
 from qlora_trainer.train.measure import measure_training
@@ -15,12 +16,13 @@ from qlora_trainer.train.measure import measure_training
 HELP = "reproduce the QLoRA paper's memory table (LLaMA 7B-65B) with our estimates, as markdown/JSON/chart"
 
 
-CHART_TYPES = (".png", ".svg", ".pdf")
+CHART_TYPES = tuple(CHART_MAGIC)  # .png, .svg, .pdf
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as one JSON object")
     p.add_argument("--chart", metavar="PATH", help="write a stacked-bar chart (png/svg/pdf) to PATH")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --chart (only one memory-table drew)")
     p.add_argument("--measure", action="store_true",
                    help="also measure our stack on this GPU (synthetic NF4 models; sizes that fit only)")
 
@@ -31,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if args.chart and Path(args.chart).suffix.lower() not in CHART_TYPES:
         raise ConfigError(f"--chart: {args.chart!r} has no supported extension; end it in "
                           f"{', '.join(CHART_TYPES)} (e.g. --chart memory.png)")
+    if args.chart:
+        check_output_file(Path(args.chart), [], overwrite=args.overwrite, ours=is_chart,
+                          what="a chart of memory-table", option="--chart")
     rows = paper_table()
     if args.measure:
         _measure(rows)

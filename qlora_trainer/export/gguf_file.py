@@ -8,16 +8,13 @@ biases, RoPE factors) stay f32 in every type, as llama.cpp's own converter write
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from qlora_trainer.io import writing
+from qlora_trainer.io import atomic_file, starts_with
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 KQUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_k_s", "q4_k_m", "q5_0", "q5_k_s", "q5_k_m", "q6_k")
@@ -59,22 +56,17 @@ def write_gguf(path: Path, arch_name: str, fill: Callable[[Any], None]) -> Path:
     import gguf
 
     path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            writer = gguf.GGUFWriter(tmp, arch_name)
-            fill(writer)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch_name)
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path
+
+
+is_gguf = starts_with(b"GGUF")  # what export's --overwrite may replace: a GGUF file
 
 
 def quantize_command(gguf_path: Path, outtype: str, kind: str) -> str:

@@ -6,11 +6,13 @@ Units in every row are labelled: paper figures in MB/GB (1e6/1e9 B), allocated p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qlora_trainer.errors import QloraError
 from qlora_trainer.memory.estimate import GB, GIB, estimate
 from qlora_trainer.memory.references import PAPER_ROWS, PAPER_SETTINGS
 from qlora_trainer.models.catalog import get_arch, param_counts
-from qlora_trainer.io import atomic_write_bytes
+from qlora_trainer.io import atomic_write_bytes, starts_with
 
 # Chart groups: estimate components -> the paper's four bars.
 GROUPS = {
@@ -75,6 +77,16 @@ def paper_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CHART_CREATOR = "qlora-trainer memory-table"  # in each chart's metadata: what --overwrite may replace
+CHART_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".svg": b"<?xml", ".pdf": b"%PDF-"}
+
+
+def is_chart(path: Path) -> bool:
+    """Whether ``path`` is a chart :func:`paper_chart` wrote: its format's magic bytes, our creator tag."""
+    magic = CHART_MAGIC.get(Path(path).suffix.lower())
+    return magic is not None and starts_with(magic, CHART_CREATOR.encode())(path)
+
+
 def paper_chart(rows: list[dict], path: str) -> None:
     """Stacked bars (GiB) per model: HF-profile and ours estimates side by side, the measured HF
     allocated peak as a marker. Written atomically."""
@@ -107,6 +119,8 @@ def paper_chart(rows: list[dict], path: str) -> None:
     ax.bar(0, 0, 0, color="white", edgecolor="black", hatch="//", label="ours (hatched); plain = HF")
     ax.legend(fontsize=8)
     buf = io.BytesIO()
-    fig.savefig(buf, format=path.rsplit(".", 1)[-1] if "." in path else "png", dpi=120, bbox_inches="tight")
+    fmt = path.rsplit(".", 1)[-1].lower() if "." in path else "png"
+    fig.savefig(buf, format=fmt, dpi=120, bbox_inches="tight",
+                metadata={"Software" if fmt == "png" else "Creator": CHART_CREATOR})
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol
 
 from qlora_trainer.errors import QloraError
+from qlora_trainer.io import atomic_file, starts_with
 from qlora_trainer.memory.estimate import GIB
 
 _STATIC = ("base_nf4", "base_16bit", "quant_constants", "embeddings", "lm_head", "norms_biases")
@@ -114,6 +116,10 @@ class Profiler:
         return "\n".join(lines)
 
 
+# What ``memory --snapshot --overwrite`` may replace: a pickled snapshot (torch's ``_dump_snapshot``).
+is_snapshot = starts_with(b"\x80", b"device_traces")
+
+
 @contextmanager
 def memory_history(path: str | None, max_entries: int = 100_000) -> Iterator[None]:
     """Record ``torch.cuda.memory._record_memory_history`` inside the block and dump a snapshot to
@@ -121,16 +127,12 @@ def memory_history(path: str | None, max_entries: int = 100_000) -> Iterator[Non
     if path is None:
         yield
         return
-    import os
-    from pathlib import Path
-
     import torch
 
     torch.cuda.memory._record_memory_history(max_entries=max_entries)
     try:
         yield
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")  # written aside, then renamed into place
-        torch.cuda.memory._dump_snapshot(str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(Path(path)) as tmp:  # written aside, then renamed into place
+            torch.cuda.memory._dump_snapshot(str(tmp))
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)

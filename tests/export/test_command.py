@@ -187,3 +187,30 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
     assert main(["export", str(src), "--to", "gguf", "-o", str(inside)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: --output:") for line in err), err
+
+
+def test_gguf_file_is_replaced_only_with_overwrite_and_never_half_written(adapter, tmp_path, cli_error,
+                                                                          monkeypatch):
+    """An existing ``.gguf`` needs ``--overwrite`` (one line, untouched otherwise); a write that fails
+    half-way leaves the earlier file as it was and no temporary beside it."""
+    import errno
+
+    import gguf
+
+    root, _, _ = adapter
+    out = tmp_path / "a.gguf"
+    out.write_bytes(b"GGUF earlier export")
+    argv = ["export", root / "lora", "--to", "gguf-adapter", "-o", out]
+    assert cli_error(*argv) == f"--output: {out} already exists; pass --overwrite to replace it, or choose another path"
+    assert out.read_bytes() == b"GGUF earlier export"
+
+    def dies(writer):
+        writer.fout[0].write(b"\0" * 100)  # half a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "write_tensors_to_file", dies)
+        assert cli_error(*argv, "--overwrite").startswith(f"no space left on device writing {out};")
+    assert out.read_bytes() == b"GGUF earlier export" and [p.name for p in tmp_path.iterdir()] == ["a.gguf"]
+    assert main([str(a) for a in argv] + ["--overwrite"]) == 0
+    assert out.stat().st_size > 1000 and gguf.GGUFReader(out).tensors

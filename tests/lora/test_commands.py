@@ -118,3 +118,37 @@ def test_read_prompts_from_files(tmp_path):
     assert read_prompts(argparse.Namespace(prompt=["zero"], prompts_file=str(txt))) == ["zero", "first", "second"]
     with pytest.raises(QloraError, match=r"p\.jsonl:2: expected a JSON object with a 'prompt' field"):
         read_prompts(argparse.Namespace(prompt=[], prompts_file=str(jsonl)))
+
+
+def test_generate_output_replaces_only_its_own_records_and_never_half_writes(adapters, tmp_path, cli_error,
+                                                                              monkeypatch):
+    """``--output`` over an existing file needs ``--overwrite`` and replaces only an earlier records
+    file (never a user's file, never the prompts being read); a failing write keeps the old file."""
+    import errno
+
+    import qlora_trainer.io
+
+    out, prompts = tmp_path / "gen.jsonl", tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    argv = ["generate", "--adapter", adapters["alpha"]["dir"], "--prompts-file", prompts, "--template", "raw",
+            "--max-new-tokens", "2", "--output"]
+    assert cli_error(*argv, prompts, "--overwrite").startswith(f"--output: {prompts} is the input {prompts};")
+    out.write_text("my own notes\n")
+    assert cli_error(*argv, out) == f"--output: {out} already exists; pass --overwrite to replace it, or choose " \
+                                    f"another path"
+    assert cli_error(*argv, out, "--overwrite").startswith(f"--output: {out} is not a records file of generate")
+    assert out.read_text() == "my own notes\n" and json.loads(prompts.read_text()) == {"prompt": PROMPT}
+
+    earlier = json.dumps({"prompt": "old", "adapter": "base", "completion": "old"}) + "\n"
+    out.write_text(earlier)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:  # the records are written, then the disk fills before they are synced
+        m.setattr(qlora_trainer.io.os, "fsync", disk_full)
+        assert cli_error(*argv, out, "--overwrite").startswith(f"no space left on device writing {out};")
+    assert out.read_text() == earlier and sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl", "prompts.jsonl"]
+    assert main([str(a) for a in argv] + [str(out), "--overwrite"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == [{"prompt": PROMPT, "adapter": "alpha", "completion": records[0]["completion"]}]

@@ -87,3 +87,47 @@ def test_measure_on_gpu(capsys):
 def test_measure_refuses_hf_system(capsys):
     assert main(["memory", "tiny", "--budget", "24", "--measure", "--system", "hf"]) == 2
     assert "our stack only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", [".png", ".svg", ".pdf"])
+def test_chart_replaces_only_an_earlier_chart_and_never_half_writes(tmp_path, cli_error, monkeypatch, kind):
+    """``--chart`` over an existing file needs ``--overwrite`` and replaces only a chart memory-table
+    drew (its creator tag), never a user's picture; a failing write keeps the old chart."""
+    import errno
+
+    import qlora_trainer.io
+
+    mine, chart = tmp_path / f"photo{kind}", tmp_path / f"t{kind}"
+    mine.write_bytes(b"\x89PNG\r\n\x1a\n holiday")
+    assert cli_error("memory-table", "--chart", mine) == f"--chart: {mine} already exists; pass --overwrite to " \
+                                                         f"replace it, or choose another path"
+    assert cli_error("memory-table", "--chart", mine, "--overwrite").startswith(
+        f"--chart: {mine} is not a chart of memory-table; --overwrite replaces only")
+    assert mine.read_bytes() == b"\x89PNG\r\n\x1a\n holiday"
+    assert main(["memory-table", "--chart", str(chart)]) == 0
+    first = chart.read_bytes()
+    assert b"qlora-trainer memory-table" in first
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(qlora_trainer.io.os, "fsync", disk_full)
+        assert cli_error("memory-table", "--chart", chart, "--overwrite").startswith(
+            f"no space left on device writing {chart};")
+    assert chart.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, chart.name])
+    assert main(["memory-table", "--chart", str(chart), "--overwrite"]) == 0
+
+
+def test_snapshot_is_checked_before_measuring(tmp_path, cli_error):
+    """``memory --snapshot`` never replaces a user's file (checked before the GPU is looked for) and
+    needs ``--measure``."""
+    mine = tmp_path / "notes.pickle"
+    mine.write_text("mine")
+    base = ["memory", "tiny", "--budget", "24", "--measure", "--snapshot", mine]
+    assert cli_error(*base) == f"--snapshot: {mine} already exists; pass --overwrite to replace it, or choose " \
+                               f"another path"
+    assert cli_error(*base, "--overwrite").startswith(f"--snapshot: {mine} is not a CUDA memory snapshot;")
+    assert cli_error("memory", "tiny", "--budget", "24", "--snapshot", tmp_path / "s.pickle").startswith(
+        "--snapshot: records the --measure steps; add --measure")
+    assert mine.read_text() == "mine"

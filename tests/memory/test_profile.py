@@ -74,3 +74,34 @@ def test_measure_tiny_on_gpu_close_to_estimate(tmp_path):
     assert set(prof.peaks) == {"load", "adapters", "forward", "backward", "step", "eval"}
     assert snap.stat().st_size > 0
     assert prof.peaks["backward"].allocated >= prof.peaks["load"].allocated > 0
+
+
+def test_snapshot_is_written_aside_and_recognised(tmp_path, monkeypatch):
+    """``memory_history`` dumps the snapshot to a temporary beside PATH and renames it: a dump that
+    fails half-way leaves the earlier snapshot; ``is_snapshot`` recognises what torch dumps."""
+    import pickle
+
+    from qlora_trainer.memory.profile import is_snapshot, memory_history
+
+    def dump(path):  # torch.cuda.memory._dump_snapshot: a pickled dict of these keys
+        with open(path, "wb") as f:
+            pickle.dump({"segments": [], "device_traces": [[]]}, f)
+
+    def dies(path):
+        with open(path, "wb") as f:
+            f.write(b"\x80\x04half")
+        raise RuntimeError("dump died")
+
+    snap = tmp_path / "snap.pickle"
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dump)
+    with memory_history(str(snap)):
+        pass
+    first = snap.read_bytes()
+    assert is_snapshot(snap) and pickle.loads(first)["device_traces"] == [[]]
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dies)
+    with pytest.raises(RuntimeError, match="dump died"), memory_history(str(snap)):
+        pass
+    assert snap.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["snap.pickle"]
+    (tmp_path / "notes.txt").write_text("device_traces")
+    assert not is_snapshot(tmp_path / "notes.txt")
