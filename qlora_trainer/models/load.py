@@ -2,7 +2,9 @@
 
 - a hub id or local directory: ``AutoModelForCausalLM.from_pretrained`` with a ``BitsAndBytesConfig``
   (NF4, double quant, compute dtype from :mod:`qlora_trainer.runtime`), or 16-bit with
-  ``model.quantization: none``;
+  ``model.quantization: none``; a mixture-of-experts model with fused experts in NF4 is instead
+  quantized while it loads (``models/moe_load.py``: meta skeleton, safetensors streamed tensor by
+  tensor, experts filled expert by expert), so its 16-bit experts never reach the device;
 - ``random:<arch>``: a random model of a catalog shape built in-process (``models/tiny.py``) and
   quantized by module replacement (``models/quantize.py``).
 

@@ -106,6 +106,22 @@ def test_streamed_load_equals_the_old_path(family, tmp_path):
         assert (new(IDS).logits - ref(IDS).logits).abs().max() > 0  # really quantized
 
 
+@pytest.mark.parametrize("cls, extra", [
+    ("Qwen2MoeConfig", {"moe_intermediate_size": 48, "shared_expert_intermediate_size": 96, "decoder_sparse_step": 1}),
+    ("OlmoeConfig", {}),
+], ids=["qwen2_moe", "olmoe"])
+def test_other_moe_families_stream_too(cls, extra, tmp_path):
+    import transformers
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, num_experts=4, num_experts_per_tok=2)
+    config = getattr(transformers, cls)(**shape, **extra)
+    model_from_config(config, seed=0).save_pretrained(tmp_path / "m")
+    new = _load(tmp_path / "m")
+    assert len(experts_modules(new)) == 2 and all(isinstance(m, NF4Experts) for m in experts_modules(new).values())
+    _assert_same_model(new, _load(tmp_path / "m", streamed=False))
+
+
 @pytest.mark.parametrize("family", MOE)
 def test_fused_and_sharded_checkpoints_load_the_same(family, tmp_path):
     from safetensors.torch import save_file
