@@ -139,7 +139,8 @@ def test_fused_and_sharded_checkpoints_load_the_same(family, tmp_path):
     _assert_same_model(_load(tmp_path / "sharded"), want)
 
 
-@pytest.mark.parametrize("quant", [{"double_quant": False}, {"quant_storage": "bfloat16"}], ids=["no-dq", "bf16-storage"])
+@pytest.mark.parametrize("quant", [{"double_quant": False}, {"quant_storage": "bfloat16"}],
+                         ids=["no-dq", "bf16-storage"])
 def test_streamed_load_follows_the_quantization_settings(quant, tmp_path):
     _save("qwen3_moe", tmp_path / "m")
     _assert_same_model(_load(tmp_path / "m", **quant), _load(tmp_path / "m", streamed=False, **quant))
@@ -187,8 +188,8 @@ def test_streamed_model_trains_with_expert_lora(family, tmp_path):
         loss = model(IDS, labels=IDS).loss
         loss.backward()
         grads = [p.grad for layer in expert_lora_layers(model).values() for d in layer.lora_B.values()
-                 for p in d.values()]
-        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)  # lora_B: A has no gradient while B = 0
+                 for p in d.values()]  # lora_B: lora_A has no gradient while B = 0
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
