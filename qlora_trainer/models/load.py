@@ -181,13 +181,19 @@ def _streamed_moe(cfg: "Config", name: str, hf_config: Any, *, impl: str | None,
     q = cfg.quantization
     if cfg.model.trust_remote_code or q.quant_type != "nf4" or not has_experts(hf_config):
         return None
+    if getattr(hf_config, "quantization_config", None) is not None:  # already quantized: transformers reads it
+        return None
     skeleton = model_skeleton(hf_config, dtype=dtype, attn_implementation=impl)
     if not streams_experts(skeleton, q.blocksize):
         return None
-    model = load_moe_nf4(_snapshot(name, cfg.model), skeleton, dtype=dtype, device=device,
-                         double_quant=q.double_quant, blocksize=q.blocksize,
-                         quant_storage=_quant_storage(q.quant_storage))
-    _attach_generation_config(model, name, cfg.model)
+    directory = _snapshot(name, cfg.model)
+    model = load_moe_nf4(directory, skeleton, dtype=dtype, device=device, double_quant=q.double_quant,
+                         blocksize=q.blocksize, quant_storage=_quant_storage(q.quant_storage))
+    model.config._name_or_path = name
+    if (directory / "generation_config.json").is_file():  # as from_pretrained does
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
 
 
@@ -201,17 +207,6 @@ def _snapshot(name: str, m: "ModelConfig") -> Path:
         return Path(snapshot_download(name, revision=m.revision, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as e:  # noqa: BLE001 - hub errors have many types; all mean "cannot get it"
         raise QloraError(f"model.name_or_path: cannot download {name!r}: {first_line(e)}") from None
-
-
-def _attach_generation_config(model: Any, name: str, m: "ModelConfig") -> None:
-    """``generation_config.json`` of ``name`` on ``model`` when there is one (``from_pretrained`` does)."""
-    from transformers import GenerationConfig
-
-    model.config._name_or_path = name
-    try:
-        model.generation_config = GenerationConfig.from_pretrained(name, revision=m.revision)
-    except (OSError, ValueError):
-        pass
 
 
 def _hf_config(name: str, m: "ModelConfig") -> Any:

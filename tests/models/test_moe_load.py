@@ -196,6 +196,24 @@ def test_streamed_model_trains_with_expert_lora(family, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
+def test_generation_config_and_name_as_from_pretrained(tmp_path):
+    _save("mixtral", tmp_path / "m")
+    new, old = _load(tmp_path / "m"), _load(tmp_path / "m", streamed=False)
+    assert new.generation_config.to_dict() == old.generation_config.to_dict()
+    assert new.config._name_or_path == old.config._name_or_path == str(tmp_path / "m")
+
+
+def test_prequantized_checkpoint_keeps_the_transformers_path(tmp_path):
+    from qlora_trainer.models.load import _streamed_moe
+
+    cfg = config_from_dict({"model": {"name_or_path": str(tmp_path)}})
+    hf = family_config("mixtral")
+    with pytest.raises(QloraError, match="no \\*.safetensors"):  # 16-bit config: the streamed path
+        _streamed_moe(cfg, str(tmp_path), hf, impl="eager", device=CPU, dtype=torch.float32)
+    hf.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    assert _streamed_moe(cfg, str(tmp_path), hf, impl="eager", device=CPU, dtype=torch.float32) is None
+
+
 def test_dense_families_keep_the_transformers_path():
     assert has_experts(family_config("mixtral")) and has_experts(family_config("qwen3_moe"))
     assert not has_experts(family_config("llama")) and not has_experts(family_config("qwen3"))
