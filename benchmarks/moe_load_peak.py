@@ -84,10 +84,15 @@ def measure(model_dir: Path, *, device: torch.device, dtype: torch.dtype) -> lis
     measure_fn = cpu_peak if device.type == "cpu" else cuda_peak
     experts = experts_bytes(model_dir, dtype)
     rows = []
-    for path in PATHS:
-        r = measure_fn(lambda: load(model_dir, device=device, dtype=dtype, streamed=path == "streamed"))
-        rows.append({"model": model_dir.name, "path": path, "device": str(device), "dtype": str(dtype), **r,
-                     "transient": r["peak"] - r["kept"], "experts_dense": experts})
+    for path in PATHS:  # streamed first: the old path may not fit the device at all
+        row = {"model": model_dir.name, "path": path, "device": str(device), "dtype": str(dtype),
+               "experts_dense": experts}
+        try:
+            r = measure_fn(lambda: load(model_dir, device=device, dtype=dtype, streamed=path == "streamed"))
+            row |= {**r, "transient": r["peak"] - r["kept"], "status": "ok"}
+        except torch.OutOfMemoryError as e:
+            row |= {"peak": None, "kept": None, "transient": None, "status": f"out of memory: {str(e)[:120]}"}
+        rows.append(row)
         gc.collect()
     return rows
 
@@ -107,6 +112,9 @@ def tiny_checkpoints(root: Path, dtype: torch.dtype = torch.float32) -> list[Pat
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | path | peak | kept | transient | experts (dtype) |", "|---|---|---|---|---|---|"]
     for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['path']} | {r['status']} | | | {r['experts_dense']:,} |")
+            continue
         lines.append(f"| {r['model']} | {r['path']} | {r['peak']:,} | {r['kept']:,} | {r['transient']:,} "
                      f"| {r['experts_dense']:,} |")
     return "\n".join(lines)

@@ -106,9 +106,6 @@ class Checkpoint:
             raise QloraError(f"{f}: has no tensor {key!r} (listed in {SAFETENSORS_INDEX}); download the model again")
         return f, header[key], header["__data_start__"]
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._entry(key)[1]["shape"])
-
     def tensor(self, key: str) -> torch.Tensor:
         """The whole tensor ``key``."""
         return self._read(key, None)

@@ -16,6 +16,7 @@ def test_streamed_load_peaks_at_one_expert_above_the_nf4_model(bench, tmp_path):
     assert {m for m, _ in by} == {"mixtral", "qwen3_moe"}
     for model in ("mixtral", "qwen3_moe"):
         new, old = by[(model, "streamed")], by[(model, "old")]
+        assert new["status"] == old["status"] == "ok"
         extra = FAMILIES[model][1]
         one_expert = new["experts_dense"] // (2 * extra.get("num_local_experts", extra.get("num_experts", 0)))
         assert 0 < new["kept"] <= new["peak"] <= new["kept"] + one_expert
