@@ -156,8 +156,9 @@ def test_blocksize_applies_to_every_4bit_weight(tmp_path):
     assert len(states) == 12 and {s.blocksize for s in states} == {128}
 
 
-def test_bf16_load_equals_the_old_path(tmp_path):
-    _save("mixtral", tmp_path / "m")
+@pytest.mark.parametrize("family", MOE)
+def test_bf16_load_equals_the_old_path(family, tmp_path):
+    _save(family, tmp_path / "m")
     new = _load(tmp_path / "m", dtype=torch.bfloat16)
     assert new.model.embed_tokens.weight.dtype == torch.bfloat16
     _assert_same_model(new, _load(tmp_path / "m", dtype=torch.bfloat16, streamed=False))
@@ -219,7 +220,7 @@ def test_dense_families_keep_the_transformers_path():
     assert not has_experts(family_config("llama")) and not has_experts(family_config("qwen3"))
 
 
-def _rewrite(path, drop: str | None = None, reshape: str | None = None) -> None:
+def _rewrite(path, drop: str | None = None, reshape: str | None = None, add: str | None = None) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(path / "model.safetensors"))
@@ -227,7 +228,18 @@ def _rewrite(path, drop: str | None = None, reshape: str | None = None) -> None:
         del tensors[drop]
     if reshape:
         tensors[reshape] = tensors[reshape][:-1].contiguous()
+    if add:
+        tensors[add] = torch.zeros(3)
     save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_unused_checkpoint_tensor_is_logged_and_skipped(tmp_path, caplog):
+    _save("mixtral", tmp_path / "m")
+    _rewrite(tmp_path / "m", add="model.layers.0.self_attn.rotary_emb.inv_freq")
+    with caplog.at_level("WARNING", logger="qlora_trainer.models.moe_load"):
+        model = _load(tmp_path / "m")
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq is not used" in caplog.text
+    _assert_same_model(model, _load(tmp_path / "m", streamed=False))
 
 
 @pytest.mark.parametrize("key", ["model.layers.1.mlp.experts.3.up_proj.weight", "model.norm.weight",
@@ -249,6 +261,26 @@ def test_wrong_shape_is_a_one_line_error(key, tmp_path):
     with pytest.raises(QloraError, match="expects") as e:
         _load(tmp_path / "m")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reader_copies_out_one_tensor_or_one_expert(dtype, tmp_path):
+    """Each read owns exactly its bytes (no view of a file-sized buffer or map) and equals safetensors'."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora_trainer.models.moe_checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.experts.gate_up_proj": torch.randn(4, 6, 8, generator=g).to(dtype),
+               "b.weight": torch.randn(5, 3, generator=g).to(dtype), "c": torch.arange(7)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ref = load_file(str(tmp_path / "model.safetensors"))
+    with Checkpoint(checkpoint_files(tmp_path)) as ckpt:
+        reads = [(ckpt.tensor(k), ref[k]) for k in tensors]
+        reads += [(ckpt.row("a.experts.gate_up_proj", e), ref["a.experts.gate_up_proj"][e]) for e in range(4)]
+    for got, want in reads:
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert got.untyped_storage().nbytes() == want.numel() * want.element_size()
 
 
 def test_pickle_only_checkpoint_is_refused_with_the_fix(tmp_path):
