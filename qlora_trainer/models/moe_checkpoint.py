@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -90,11 +90,15 @@ class Checkpoint:
     def __init__(self, files: dict[str, Path]) -> None:
         self.files = files
         self._headers: dict[Path, dict[str, Any]] = {}
+        self._open: dict[Path, BinaryIO] = {}
 
     def __enter__(self) -> "Checkpoint":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for fh in self._open.values():
+            fh.close()
+        self._open.clear()
         self._headers.clear()
 
     def _entry(self, key: str) -> tuple[Path, dict[str, Any], int]:
@@ -124,10 +128,12 @@ class Checkpoint:
             row = (end - begin) // shape[0]
             begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        with open(f, "rb") as fh:
-            fh.seek(start + begin)
-            if fh.readinto(memoryview(buf.numpy())) != end - begin:
-                raise QloraError(f"{f}: truncated at {key}; download the model again")
+        if f not in self._open:
+            self._open[f] = open(f, "rb")  # noqa: SIM115 - closed by __exit__
+        fh = self._open[f]
+        fh.seek(start + begin)
+        if fh.readinto(memoryview(buf.numpy())) != end - begin:
+            raise QloraError(f"{f}: truncated at {key}; download the model again")
         return buf.view(dtype).reshape(shape)
 
 
