@@ -261,6 +261,8 @@ def estimate(
     comp["embeddings"] = 0 if embeddings_on_cpu and not arch.tied else wide * counts["embed"]
     comp["lm_head"] = wide * counts["lm_head"]
     comp["norms_biases"] = wide * counts["norms"] + 2 * counts["biases"]
+    if arch.is_moe and quant == "nf4" and gpus == 1:
+        notes.append(moe_load_note(arch, comp, blocksize=blocksize))
 
     lora_tensors = [n for _, i, o, _ in _targeted(arch, targets) for n in (lora_r * i, o * lora_r)]
     if lora_experts:  # lora_A (r * E, in), lora_B (out, r * E) per expert weight (lora/experts.py)
@@ -348,6 +350,19 @@ def moe_layer_arch(arch: ArchSpec) -> ArchSpec:
     ``experts_per_token`` experts of width ``intermediate``, so its intermediate-wide activations
     are ``experts_per_token * intermediate`` wide (the arch itself when dense)."""
     return replace(arch, intermediate=arch.experts_per_token * arch.intermediate) if arch.is_moe else arch
+
+
+def moe_load_note(arch: ArchSpec, comp: dict[str, int], *, blocksize: int = 64) -> str:
+    """The load peak of an MoE arch in NF4 (``models/moe_load.py``, quantized while loading): the
+    weights in ``comp`` so far, plus one expert's 16-bit ``gate_up_proj`` (2I, H) and the fp32 scales
+    of one whole ``gate_up_proj`` (E * 2I * H / blocksize floats), kept until its last expert is in."""
+    weights = sum(comp.values())
+    gate_up = 2 * arch.intermediate * arch.hidden  # one expert's elements
+    transient = 2 * gate_up + 4 * arch.experts * gate_up // blocksize
+    dense = 2 * param_counts(arch)["experts"]
+    return (f"loading peaks near {(weights + transient) / GIB:.2f} GiB: the NF4 weights plus "
+            f"{transient / GIB:.2f} GiB while the experts are quantized one at a time (their 16-bit "
+            f"{dense / GIB:.1f} GiB never reach the device)")
 
 
 def per_gpu(comp: dict[str, int], backward: dict[str, int], arch: ArchSpec, shapes: list, *, gpus: int,
@@ -454,5 +469,5 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
         lora_experts=cfg.lora.target_experts)
 
 
-__all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate", "moe_layer_arch",
+__all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate", "moe_layer_arch", "moe_load_note",
            "estimate_for_config", "largest_fitting", "per_gpu", "resolve_arch"]

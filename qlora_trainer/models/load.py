@@ -2,7 +2,9 @@
 
 - a hub id or local directory: ``AutoModelForCausalLM.from_pretrained`` with a ``BitsAndBytesConfig``
   (NF4, double quant, compute dtype from :mod:`qlora_trainer.runtime`), or 16-bit with
-  ``model.quantization: none``;
+  ``model.quantization: none``; a mixture-of-experts model with fused experts in NF4 is instead
+  quantized while it loads (``models/moe_load.py``: meta skeleton, safetensors streamed tensor by
+  tensor, experts filled expert by expert), so its 16-bit experts never reach the device;
 - ``random:<arch>``: a random model of a catalog shape built in-process (``models/tiny.py``) and
   quantized by module replacement (``models/quantize.py``).
 
@@ -28,6 +30,7 @@ from qlora_trainer.models.tiny import byte_tokenizer, random_model
 from qlora_trainer.io import first_line
 from qlora_trainer.models.attention import attention_for, refused_attention
 from qlora_trainer.models.moe import quantize_experts
+from qlora_trainer.models.moe_load import has_experts, load_moe_nf4, model_skeleton, streams_experts
 from qlora_trainer.models.attention import causal_lm_class
 
 if TYPE_CHECKING:
@@ -86,17 +89,19 @@ def bnb_config(cfg: "Config", dtype: torch.dtype) -> Any:
 
 
 def load_base_model(cfg: "Config", *, device: torch.device, dtype: torch.dtype,
-                    vocab_size: int | None = None) -> Any:
+                    vocab_size: int | None = None, stream_experts: bool = True) -> Any:
     """The frozen base ``*ForCausalLM`` on ``device``: NF4 (``model.quantization: nf4``) or ``dtype``.
 
     ``vocab_size`` (e.g. ``len(tokenizer)``) sets a ``random:`` model's vocabulary, or resizes a loaded
     model's embeddings when ``model.resize_embeddings`` is on and the tokenizer grew.
+    ``stream_experts=False`` loads a mixture-of-experts checkpoint the old way (16-bit experts on the
+    device, quantized afterwards): for comparisons only.
     """
     m = cfg.model
     if is_random(m.name_or_path):
         model = _random_base(cfg, device=device, dtype=dtype, vocab_size=vocab_size)
     else:
-        model = _pretrained_base(cfg, device=device, dtype=dtype)
+        model = _pretrained_base(cfg, device=device, dtype=dtype, stream_experts=stream_experts)
         emb = model.get_input_embeddings().weight.shape[0]
         if vocab_size is not None and vocab_size > emb:
             if not m.resize_embeddings:
@@ -135,7 +140,7 @@ def _random_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, voc
     return model.to(device)
 
 
-def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype) -> Any:
+def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype, stream_experts: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
@@ -150,6 +155,10 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
         impl = attention_for(hf_config, m.attn_implementation, device=device, dtype=dtype)
     kwargs: dict[str, Any] = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
                                   attn_implementation=impl, dtype=dtype, config=hf_config)
+    if m.quantization == "nf4" and stream_experts:
+        streamed = _streamed_moe(cfg, name, hf_config, impl=impl, device=device, dtype=dtype)
+        if streamed is not None:
+            return streamed
     if m.quantization == "nf4":
         kwargs["quantization_config"] = bnb_config(cfg, dtype)
         kwargs["device_map"] = {"": device}
@@ -163,6 +172,41 @@ def _pretrained_base(cfg: "Config", *, device: torch.device, dtype: torch.dtype)
             raise
         raise err from None
     return model if m.quantization == "nf4" else model.to(device)
+
+
+def _streamed_moe(cfg: "Config", name: str, hf_config: Any, *, impl: str | None, device: torch.device,
+                  dtype: torch.dtype) -> Any:
+    """A mixture-of-experts model with fused experts loaded by ``models/moe_load.py`` (quantized while
+    loading, never 16-bit on the device); None for any other model (transformers + bitsandbytes)."""
+    q = cfg.quantization
+    if cfg.model.trust_remote_code or q.quant_type != "nf4" or not has_experts(hf_config):
+        return None
+    if getattr(hf_config, "quantization_config", None) is not None:  # already quantized: transformers reads it
+        return None
+    skeleton = model_skeleton(hf_config, dtype=dtype, attn_implementation=impl)
+    if not streams_experts(skeleton, q.blocksize):
+        return None
+    directory = _snapshot(name, cfg.model)
+    model = load_moe_nf4(directory, skeleton, dtype=dtype, device=device, double_quant=q.double_quant,
+                         blocksize=q.blocksize, quant_storage=_quant_storage(q.quant_storage))
+    model.config._name_or_path = name
+    if (directory / "generation_config.json").is_file():  # as from_pretrained does
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def _snapshot(name: str, m: "ModelConfig") -> Path:
+    """The local directory of ``name``: itself, or the hub snapshot of its config and safetensors files."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=m.revision, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # noqa: BLE001 - hub errors have many types; all mean "cannot get it"
+        raise QloraError(f"model.name_or_path: cannot download {name!r}: {first_line(e)}") from None
 
 
 def _hf_config(name: str, m: "ModelConfig") -> Any:
