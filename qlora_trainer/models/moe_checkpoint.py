@@ -16,7 +16,8 @@ Key layouts of the experts of transformers-5 fused modules (``<block>.experts.ga
   ``<block>.experts.<e>.{w1,w3,w2}.weight`` (Mixtral: gate = w1, up = w3, down = w2);
 * fused: the model's own parameter names.
 
-Mixtral's checkpoints name its sparse block ``block_sparse_moe`` where the model says ``mlp``
+Mixtral's and PhiMoE's checkpoints name the sparse block ``block_sparse_moe`` where the model says
+``mlp``, PhiMoE's router ``gate``, Granite-MoE's fused experts ``input_linear`` / ``output_linear``
 (:data:`MODULE_RENAMES`). This small table is ours, checked on both transformers releases we
 support, rather than transformers' internal conversion mapping.
 """
@@ -34,7 +35,14 @@ from qlora_trainer.errors import QloraError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
-MODULE_RENAMES = ((".block_sparse_moe.", ".mlp."),)  # checkpoint name -> transformers-5 module name
+# checkpoint name -> transformers-5 name, tried one by one and all together (PhiMoE needs two)
+MODULE_RENAMES = (
+    (".block_sparse_moe.", ".mlp."),  # Mixtral, PhiMoE
+    (".mlp.gate.weight", ".mlp.router.weight"),  # PhiMoE's router
+    (".input_linear.weight", ".experts.gate_up_proj"),  # Granite-MoE's fused experts (E, 2I, H)
+    (".output_linear.weight", ".experts.down_proj"),  # (E, H, I)
+    (".router.layer.weight", ".router.weight"),  # Granite-MoE's router
+)
 _EXPERT_KEY = re.compile(r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<weight>\w+)\.weight$")
 EXPERT_ROLES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
@@ -142,10 +150,12 @@ def model_key(key: str, names: set[str]) -> str | None:
     or None when the model has no such tensor."""
     if key in names:
         return key
+    chained = key
     for old, new in MODULE_RENAMES:
-        renamed = key.replace(old, new)
-        if renamed in names:
-            return renamed
+        chained = chained.replace(old, new)
+        for renamed in (key.replace(old, new), chained):
+            if renamed in names:
+                return renamed
     return None
 
 
