@@ -268,6 +268,9 @@ CATALOG: dict[str, ArchSpec] = {a.name: a for a in [
        shared_intermediate=5632, rope_theta=1000000.0, rms_eps=1e-6, max_position=8192),
     # OLMoE (q/k norms over all heads)
     _a("olmoe-1b-7b", 2048, 1024, 16, 16, 16, 50304, family="olmoe", experts=64, experts_per_token=8),
+    # Granite 3.1 MoE (40 experts of 512, tied 49k vocabulary)
+    _a("granite-3.1-3b-a800m", 1536, 512, 32, 24, 8, 49155, family="granitemoe", experts=40, experts_per_token=8,
+       tied=True, max_position=131072, rope_theta=10000000.0),
     # Phi-3.5-MoE (LayerNorms with biases, attention and lm_head biases)
     _a("phi-3.5-moe", 4096, 6400, 32, 32, 8, 32064, family="phimoe", experts=16, experts_per_token=2, bias=True,
        lm_head_bias=True, max_position=131072),

@@ -19,7 +19,7 @@ from qlora_trainer.models.families import FAMILIES, MOE, family_config
 VERDICTS = {"gemma-7b": (True, True), "granite-3.3-8b": (True, True), "olmo-3-7b": (True, True),
             "smollm3-3b": (True, True), "glm-4-9b": (True, True), "command-r-35b": (False, True),
             "starcoder2-15b": (True, True), "qwen1.5-moe-a2.7b": (True, True), "olmoe-1b-7b": (True, True),
-            "phi-3.5-moe": (False, True)}
+            "phi-3.5-moe": (False, True), "granite-3.1-3b-a800m": (True, True)}
 
 
 @pytest.mark.parametrize("name, verdict", sorted(VERDICTS.items()))

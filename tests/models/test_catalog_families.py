@@ -16,10 +16,12 @@ from qlora_trainer.models.family_layout import FAMILY_LAYOUTS
 PUBLISHED = {"phi-3-mini": 3_821_079_552, "mixtral-8x7b": 46_702_792_704, "gemma-2-9b": 9_241_705_984,
              "gemma-3-1b": 999_885_952, "gemma-7b": 8_537_680_896, "granite-3.3-8b": 8_170_864_640,
              "olmo-3-7b": 7_298_011_136, "smollm3-3b": 3_075_098_624, "glm-4-9b": 9_400_279_040,
-             "qwen1.5-moe-a2.7b": 14_315_784_192, "olmoe-1b-7b": 6_919_161_856}
+             "qwen1.5-moe-a2.7b": 14_315_784_192, "olmoe-1b-7b": 6_919_161_856,
+             "granite-3.1-3b-a800m": 3_298_793_472}
 NEW = ["qwen3-0.6b", "qwen3-8b", "gemma-2-2b", "gemma-3-1b", "phi-3-mini", "phi-4", "olmo-2-7b", "mixtral-8x7b",
        "qwen3-30b-a3b", "qwen3-235b-a22b", "gemma-7b", "granite-3.3-8b", "olmo-3-7b", "smollm3-3b", "glm-4-9b",
-       "command-r-35b", "starcoder2-15b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b", "phi-3.5-moe"]
+       "command-r-35b", "starcoder2-15b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b", "phi-3.5-moe",
+       "granite-3.1-3b-a800m"]
 
 
 def _meta_param_count(cfg) -> int:
