@@ -109,3 +109,20 @@ def test_moe_config_with_dense_layers_is_refused():
     cfg = get_arch("qwen1.5-moe-a2.7b").to_hf_config().to_dict() | {"mlp_only_layers": [0]}
     with pytest.raises(ConfigError, match="mlp_only_layers"):
         arch_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("family, switches", [
+    ("llama", dict(bias=True, mlp_bias=True)), ("granite", dict(bias=True)), ("cohere", dict(qk_norm=True)),
+    ("cohere", dict(bias=True, tied=False)), ("starcoder2", dict(bias=False)), ("glm4", dict(bias=False)),
+    ("qwen2_moe", dict(bias=False)), ("phimoe", dict(bias=True, lm_head_bias=True, tied=True)),
+    ("olmoe", dict(bias=True)), ("smollm3", dict(mlp_bias=True, tied=False))])
+def test_optional_biases_and_norms_are_counted_exactly(family, switches):
+    """The configs' optional parts (attention / MLP / lm_head biases, Cohere's q/k norms, tying) on
+    small shapes: the transformers model has exactly the counted parameters, and the config reads back."""
+    import dataclasses
+
+    moe = dict(experts=4, experts_per_token=2) if family in MOE else {}
+    shared = dict(shared_intermediate=96) if family == "qwen2_moe" else {}
+    arch = dataclasses.replace(get_arch("tiny"), family=family, vocab=160_000, **moe, **shared, **switches)
+    assert _meta_param_count(arch.to_hf_config()) == param_counts(arch)["total"]
+    assert param_counts(arch_from_hf_config(arch.to_hf_config().to_dict())) == param_counts(arch)
