@@ -62,7 +62,7 @@ class ArchSpec:
         return self.experts > 0
 
     @property
-    def layout(self) -> "FamilyLayout":
+    def layout(self) -> FamilyLayout:
         return FAMILY_LAYOUTS[self.family]
 
     @property
