@@ -125,8 +125,10 @@ class MemoryEstimate:
 
 def _targeted(arch: ArchSpec, targets: str | list[str]) -> list[tuple[str, int, int, bool]]:
     """One decoder layer's targeted linear shapes, matched by ``lora.inject``'s rules on HF Llama
-    names (``model.layers.0.self_attn.q_proj``); the estimate applies the choice to every layer."""
-    shapes = {f"model.layers.0.{'mlp' if n.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'self_attn'}.{n}": s
+    names (``model.layers.0.self_attn.q_proj``, ``model.layers.0.mlp.shared_expert.up_proj``); the
+    estimate applies the choice to every layer."""
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+    shapes = {f"model.layers.0.{'self_attn' if n in attention else 'mlp'}.{n}": s
               for s in linear_shapes(arch) for n in [s[0]]}
     return [shapes[n] for n in select_targets(shapes, targets)]
 
@@ -347,9 +349,12 @@ def estimate(
 
 def moe_layer_arch(arch: ArchSpec) -> ArchSpec:
     """The arch whose dense-MLP activation terms equal an MoE layer's: each token runs through
-    ``experts_per_token`` experts of width ``intermediate``, so its intermediate-wide activations
-    are ``experts_per_token * intermediate`` wide (the arch itself when dense)."""
-    return replace(arch, intermediate=arch.experts_per_token * arch.intermediate) if arch.is_moe else arch
+    ``experts_per_token`` experts of width ``intermediate`` (and Qwen2-MoE's shared expert of width
+    ``shared_intermediate``), so its intermediate-wide activations are
+    ``experts_per_token * intermediate + shared_intermediate`` wide (the arch itself when dense)."""
+    if not arch.is_moe:
+        return arch
+    return replace(arch, intermediate=arch.experts_per_token * arch.intermediate + arch.shared_intermediate)
 
 
 def moe_load_note(arch: ArchSpec, comp: dict[str, int], *, blocksize: int = 64) -> str:

@@ -5,11 +5,12 @@ Per sequence of ``P`` prompt + ``N`` new tokens, at the end of decoding (the pea
 
 * KV cache: ``2 (K, V) * layers * kv_heads * head_dim * (P + N) * act_bytes``;
 * the prefill transient of one layer (freed layer by layer): the residual stream and attention
-  output ``2 * P * hidden``, the MLP's gate / up / product ``3 * P * intermediate``, all ``act_bytes``;
+  output ``2 * P * hidden``, the MLP's gate / up / product ``3 * P * intermediate``, all ``act_bytes``
+  (an MoE layer: the routed experts' and any shared expert's width, :func:`moe_layer_arch`);
 * the last position's logits and their fp32 copy for sampling: ``vocab * (act_bytes + 4)``.
 
 The weights themselves come from the training estimator (:func:`~qlora_trainer.memory.estimate.estimate`:
-NF4 codes, quantization constants, embeddings, lm_head, norms, adapters); a caller that already
+NF4 codes, quantization constants, MoE experts and routers, embeddings, lm_head, norms, adapters); a caller that already
 holds the model in memory passes ``include_weights=False`` and a budget of what is still free.
 """
 
@@ -18,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora_trainer.models.catalog import ArchSpec
-from qlora_trainer.memory.estimate import estimate
+from qlora_trainer.memory.estimate import estimate, moe_layer_arch
 
-WEIGHT_COMPONENTS = ("base_nf4", "base_16bit", "quant_constants", "embeddings", "lm_head", "norms_biases",
-                     "lora_params")
+WEIGHT_COMPONENTS = ("base_nf4", "base_16bit", "quant_constants", "experts_nf4", "experts_16bit",
+                     "experts_quant_constants", "router", "embeddings", "lm_head", "norms_biases", "lora_params")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def generation_memory(arch: ArchSpec, *, batch: int, prompt_len: int, new_tokens
                        act_bytes=act_bytes)
         weights = sum(est.components.get(k, 0) for k in WEIGHT_COMPONENTS)
     kv = kv_cache_bytes(arch, batch * (prompt_len + new_tokens), act_bytes=act_bytes)
-    prefill = batch * prompt_len * (2 * arch.hidden + 3 * arch.intermediate) * act_bytes
+    prefill = batch * prompt_len * (2 * arch.hidden + 3 * moe_layer_arch(arch).intermediate) * act_bytes
     logits = batch * arch.vocab * (act_bytes + 4)
     return GenerationMemory(weights, kv, prefill + logits)
 

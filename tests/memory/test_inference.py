@@ -17,3 +17,16 @@ def test_generation_batch_fits_the_budget():
     b = largest_generation_batch(arch, budget, **kw)
     assert generation_memory(arch, batch=b, **kw).total <= budget < generation_memory(arch, batch=b + 1, **kw).total
     assert largest_generation_batch(arch, 10**9, **kw) == 0  # the weights alone do not fit 1 GB
+
+
+def test_generation_weights_include_the_experts():
+    """An MoE model's generation weights are its NF4 experts and 16-bit routers too, not only the attention."""
+    from qlora_trainer.memory.estimate import estimate
+    from qlora_trainer.memory.inference import generation_memory
+    from qlora_trainer.models.catalog import get_arch, param_counts
+
+    arch = get_arch("mixtral-8x7b")
+    m = generation_memory(arch, batch=1, prompt_len=200, new_tokens=256)
+    est = estimate(arch, seq_len=200)
+    assert m.weights > param_counts(arch)["experts"] / 2                     # 4-bit experts: 0.5 B/param
+    assert m.weights >= est.components["experts_nf4"] + est.components["router"] + est.components["base_nf4"]

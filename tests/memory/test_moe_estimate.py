@@ -9,7 +9,8 @@ from qlora_trainer.memory.estimate import GB, estimate
 from qlora_trainer.models.catalog import get_arch, param_counts
 
 
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "qwen3-235b-a22b"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "qwen3-235b-a22b", "qwen1.5-moe-a2.7b",
+                                  "olmoe-1b-7b", "phi-3.5-moe"])
 def test_experts_are_counted_in_4_bits(name):
     arch = get_arch(name)
     nf4, dense = estimate(arch, seq_len=2048), estimate(arch, seq_len=2048, quant="none")
