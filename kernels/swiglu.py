@@ -75,7 +75,8 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
         shape = gate.shape
-        gate, up = _rows(gate), _rows(up)
+        # column views (grouped gate/up) are copied: the launches the step model counts (benchmarks/speed)
+        gate, up = _rows(gate.contiguous()), _rows(up.contiguous())
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
         return _launchers(activation)[0](gate, up).view(shape)

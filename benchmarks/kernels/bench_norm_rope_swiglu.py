@@ -101,16 +101,19 @@ def _ptx_report() -> int:
 
     from qlora_trainer.kernels import _triton_rmsnorm as rms, _triton_rope as rope, _triton_swiglu as sw
 
-    kernels = [("rmsnorm_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": False}, 8),
-               ("rmsnorm_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": False}, 8),
-               ("add_rms_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": True}, 8),
-               ("add_rms_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": True}, 8),
+    llama = {"OFFSET": 0.0, "W_FP32": False}  # the RMSNorm weighting (kernels/rmsnorm.py)
+    kernels = [("rmsnorm_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": False, **llama}, 8),
+               ("rmsnorm_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": False,
+                                                         **llama}, 8),
+               ("add_rms_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": True, **llama}, 8),
+               ("add_rms_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": True,
+                                                         **llama}, 8),
                ("rope", rope._rope_kernel, {"BACKWARD": False, "BLOCK_HQ": 32, "BLOCK_HK": 8,
                                             "BLOCK_D": 64}, 4),
-               ("swiglu_fwd", sw._swiglu_fwd_kernel, {"BLOCK": 1024}, 4),
-               ("swiglu_bwd", sw._swiglu_bwd_kernel, {"BLOCK": 1024}, 4)]
+               ("swiglu_fwd", sw._gated_fwd_kernel, {"BLOCK": 1024, "GELU": False}, 4),
+               ("swiglu_bwd", sw._gated_bwd_kernel, {"BLOCK": 1024, "GELU": False}, 4)]
     for name, fn, consts, warps in kernels:
-        ints = {"H", "N", "T", "HQ", "HK", "n", "half", "rows_per_prog"}
+        ints = {"H", "N", "T", "HQ", "HK", "n", "cols", "half", "rows_per_prog"}
         sig = {a: "constexpr" if a in consts else "fp32" if a == "eps" else
                "i32" if a in ints or a.startswith("stride") else
                "*fp32" if a in ("RSTD", "DW_PART") else "*bf16" for a in fn.arg_names}
