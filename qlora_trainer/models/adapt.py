@@ -11,8 +11,9 @@ and every parameter name, so optimizers, LoRA adapters and state dicts are unaff
                     (Gemma's ``gelu_pytorch_tanh``), or Phi-3's fused ``gate_up_proj`` kept whole
 * ``*Attention`` -> :class:`RoPEAttention` below: the same q/k/v/o modules and the model's own
                     attention implementation (sdpa / eager / flash), with RoPE through our kernel.
-* ``*DecoderLayer`` -> :class:`FusedDecoderLayer` below (``fuse_add_norm``): the same four children;
-                    the attention output's residual add runs fused with ``post_attention_layernorm``.
+* ``*DecoderLayer`` -> :class:`FusedDecoderLayer` below (``fuse_add_norm``): the same four children
+                    (six in Gemma 2/3); the attention output's residual add runs fused with the norm
+                    after it (``post_attention_layernorm``; Gemma: ``pre_feedforward_layernorm``).
 
 Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` / ``_DECODERS`` are replaced: their
 semantics are known to match the kernels, each checked against the family's own module on forward
@@ -23,8 +24,7 @@ Qwen3-MoE and Mixtral (all but the experts), Gemma 2/3's norms and GeGLU MLPs, G
 kept whole, their outputs split), OLMo2's norms, SwiGLU MLP and attention (its q/k norms over all
 heads, before the split into heads). Not matched, so transformers' modules run (the start-up log
 names them, each with the reason: :data:`_KEPT_WHY`): Gemma 2's soft-capped attention, the decoder
-layers of Gemma 2/3 (four norms; their add-then-norm is not fused), Phi-3 (residual dropout on
-each branch before its add) and OLMo2 (post-norm: each norm precedes its residual add, so there is no
+layers of Phi-3 (residual dropout on each branch before its add) and OLMo2 (post-norm: each norm precedes its residual add, so there is no
 add-then-norm to fuse), Gemma's embedding scaling, partial-rotary attention. Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
 classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
@@ -56,8 +56,10 @@ _MLPS = {f"{f}MLP" for f in _FAMILIES} | {"Olmo2MLP", "Gemma2MLP", "Gemma3MLP", 
 # the config's activation name -> our gated kernel's (kernels.swiglu.ACTIVATIONS)
 _GATED_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _ATTENTIONS = {f"{f}Attention" for f in _FAMILIES} | {"Gemma3Attention", "Phi3Attention", "Olmo2Attention"}
-_DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES}
+_DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES} | {"Gemma2DecoderLayer", "Gemma3DecoderLayer"}
 _DECODER_CHILDREN = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+# Gemma 2/3: a norm after each block as well (the "sandwich" layout)
+_SANDWICH_CHILDREN = _DECODER_CHILDREN + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 _BACKENDS = ("auto", "triton", "torch")
 # plain attributes the attention interfaces read off the module (``self`` is passed to them)
 _ATTN_ATTRS = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling",
@@ -162,7 +164,7 @@ class RoPEAttention(nn.Module):
 
 
 class FusedDecoderLayer(nn.Module):
-    """A Llama/Mistral/Qwen2 decoder layer whose attention residual add is fused with the norm after it:
+    """A Llama/Mistral/Qwen2/Qwen3/Gemma decoder layer whose attention residual add is fused with the norm after it:
 
         (h, x) = input_layernorm(x, return_residual=True);  a = self_attn(h)
         (h2, s) = post_attention_layernorm(a, x)    # s = x + a, h2 = norm(s): one kernel
@@ -177,22 +179,35 @@ class FusedDecoderLayer(nn.Module):
     grouping are unchanged. The MLP's residual add stays unfused: fusing it with the *next*
     layer's input norm would need the model loop (which calls each layer with the summed hidden
     state and applies the final norm itself) to pass the un-added MLP output on. Build with
-    :meth:`from_module`."""
+    :meth:`from_module`.
+
+    Gemma 2/3's layer (``pre_feedforward_layernorm`` and ``post_feedforward_layernorm`` given) norms
+    each block's output before its residual add, and the add is followed by the MLP's input norm:
+
+        (h, x) = input_layernorm(x, return_residual=True);  a = post_attention_layernorm(self_attn(h))
+        (h2, s) = pre_feedforward_layernorm(a, x)    # s = x + a, h2 = norm(s): one kernel
+        return s + post_feedforward_layernorm(mlp(h2))
+    """
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
-                 post_attention_layernorm: nn.Module) -> None:
+                 post_attention_layernorm: nn.Module, pre_feedforward_layernorm: nn.Module | None = None,
+                 post_feedforward_layernorm: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn, self.mlp = self_attn, mlp  # registration order = transformers' (state-dict keys)
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+        if pre_feedforward_layernorm is not None:  # Gemma 2/3
+            self.pre_feedforward_layernorm = pre_feedforward_layernorm
+            self.post_feedforward_layernorm = post_feedforward_layernorm
 
     @classmethod
     def from_module(cls, layer: nn.Module) -> "FusedDecoderLayer | None":
-        """Take over a ``Llama/Mistral/Qwen2DecoderLayer``'s children and plain attributes (e.g.
-        ``hidden_size``); None when it has other children or transformers' own gradient
+        """Take over a ``Llama/Mistral/Qwen2/Gemma2/Gemma3DecoderLayer``'s children and plain attributes
+        (e.g. ``hidden_size``); None when it has other children or transformers' own gradient
         checkpointing is on for it (which only its own class honours)."""
-        if tuple(layer._modules) != _DECODER_CHILDREN or getattr(layer, "gradient_checkpointing", False):
+        children = tuple(layer._modules)
+        if children not in (_DECODER_CHILDREN, _SANDWICH_CHILDREN) or getattr(layer, "gradient_checkpointing", False):
             return None
-        new = cls(*(layer._modules[n] for n in _DECODER_CHILDREN))
+        new = cls(*(layer._modules[n] for n in children))
         for name, value in vars(layer).items():
             if not name.startswith("_") and name not in ("training", "gradient_checkpointing"):
                 setattr(new, name, value)
@@ -203,6 +218,8 @@ class FusedDecoderLayer(nn.Module):
         """hidden_states (B, T, H) -> (B, T, H). Every other argument (``position_embeddings``,
         ``use_cache``, the KV cache as ``cache`` (transformers >= 5.24) or ``past_key_values``
         (5.17-5.23), ...) goes to ``self_attn`` under the name it came with, as transformers' layer does."""
+        if "pre_feedforward_layernorm" in self._modules:
+            return self._sandwich(hidden_states, attention_mask, position_ids, **kwargs)
         fused = isinstance(self.input_layernorm, RMSNorm) and isinstance(self.post_attention_layernorm, RMSNorm)
         if fused:  # h = norm(x); residual = x, as the input norm's second output
             h, residual = self.input_layernorm(hidden_states, return_residual=True)
@@ -215,6 +232,24 @@ class FusedDecoderLayer(nn.Module):
             residual = residual + h
             h = self.post_attention_layernorm(residual)
         return residual + self.mlp(h)
+
+    def _sandwich(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """Gemma 2/3's layer, (B, T, H) -> (B, T, H): the attention block's residual add fused with
+        ``pre_feedforward_layernorm`` (see the class docstring)."""
+        fused = isinstance(self.input_layernorm, RMSNorm) and isinstance(self.pre_feedforward_layernorm, RMSNorm)
+        if fused:
+            h, residual = self.input_layernorm(hidden_states, return_residual=True)
+        else:
+            h, residual = self.input_layernorm(hidden_states), hidden_states
+        h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        h = self.post_attention_layernorm(h)
+        if fused:
+            h, residual = self.pre_feedforward_layernorm(h, residual)  # norm(x + a), x + a
+        else:
+            residual = residual + h
+            h = self.pre_feedforward_layernorm(residual)
+        return residual + self.post_feedforward_layernorm(self.mlp(h))
 
 
 def _gated_mlp(mlp: nn.Module, backend: str, chunk_tokens: int, group_projections: bool) -> SwiGLUMLP | None:
@@ -294,11 +329,9 @@ def adapt_model(model: nn.Module, backend: str = "auto", *, mlp_chunk_tokens: in
 
 _KINDS = ("RMSNorm", "LayerNorm", "MLP", "Attention", "DecoderLayer", "SparseMoeBlock", "Experts",
           "ScaledWordEmbedding")
-_FOUR_NORMS = "four-norm layer: its add-then-norm is not fused"
 # transformers class -> why our kernels leave it (the start-up log's reasons)
 _KEPT_WHY = {
     "Gemma2Attention": "soft-capped attention logits",
-    "Gemma2DecoderLayer": _FOUR_NORMS, "Gemma3DecoderLayer": _FOUR_NORMS,
     "Phi3DecoderLayer": "residual dropout on each branch before its add",
     "Olmo2DecoderLayer": "post-norm layer: each norm precedes its residual add, no add-then-norm to fuse",
 }

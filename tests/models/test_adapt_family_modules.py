@@ -19,7 +19,7 @@ from qlora_trainer.config import LoRAConfig
 from qlora_trainer.kernels.rmsnorm import RMSNorm
 from qlora_trainer.kernels.swiglu import SwiGLUMLP
 from qlora_trainer.lora import inject_lora
-from qlora_trainer.models.adapt import RoPEAttention, adapt_model
+from qlora_trainer.models.adapt import FusedDecoderLayer, RoPEAttention, adapt_model
 from qlora_trainer.models.families import family_config
 from qlora_trainer.models.tiny import model_from_config
 
@@ -61,6 +61,7 @@ def test_family_with_lora_equals_its_own_modules(family, backend):
     kinds = [type(m) for m in ours.modules()]
     assert kinds.count(SwiGLUMLP) == 2 and RMSNorm in kinds
     assert (RoPEAttention in kinds) == (family != "gemma2")  # Gemma 2's soft-capped attention stays
+    assert kinds.count(FusedDecoderLayer) == (2 if family.startswith("gemma") else 0)  # the add-norm fused
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     (want, want_g), (got, got_g) = _loss_and_grads(ref, ids), _loss_and_grads(ours, ids)
     tol_loss, tol_grad = TOL[backend]
