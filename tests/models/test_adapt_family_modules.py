@@ -109,3 +109,18 @@ def test_adapted_family_generates_the_same_tokens(family):
     ids = torch.randint(3, 256, (1, 20), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("family,kept", [
+    ("gemma2", "Gemma2TextScaledWordEmbedding x1 (embedding scaling (one multiply), left to transformers), "
+               "Gemma2Attention x2 (soft-capped attention logits)"),
+    ("gemma3", "Gemma3TextScaledWordEmbedding x1 (embedding scaling (one multiply), left to transformers)"),
+    ("phi3", "Phi3DecoderLayer x2 (residual dropout on each branch before its add)"),
+    ("olmo2", "Olmo2DecoderLayer x2 (post-norm layer: each norm precedes its residual add, no add-then-norm to fuse)"),
+])
+def test_startup_log_names_what_stays_transformers_and_why(family, kept, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="qlora_trainer.models.adapt"):
+        adapt_model(model_from_config(family_config(family)), "torch")
+    assert f"transformers' own modules kept: {kept}\n" in caplog.text + "\n"
