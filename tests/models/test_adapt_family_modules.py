@@ -5,7 +5,8 @@ every LoRA A and B (fp32; random non-zero weights, Gemma's norm offsets included
 
 Tolerances: torch backend 1e-6 on the loss, 1e-5 on gradients (summation order only); Triton 1e-5 /
 1e-4 relative (the kernels accumulate in another order). Each MLP replacement is also checked alone
-(its input, weight and LoRA gradients) and greedy decoding through the KV cache is unchanged.
+(its input, weight and LoRA gradients), each norm is bit-identical to the family's in bf16 (where a
+wrong weighting would show: in fp32 all agree), and greedy decoding through the KV cache is unchanged.
 """
 
 from __future__ import annotations
@@ -94,6 +95,24 @@ def test_each_mlp_with_lora_equals_its_own(family, backend):
     tol = TOL[backend][1]
     for want, got in zip(*outs):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_norms_round_as_the_family_does_in_bf16(family):
+    """In fp32 every weighting agrees; in bf16 each family's norm (Gemma: (1 + w) in fp32, then one
+    cast; OLMo2: w in fp32, then one cast; Phi-3: cast, then w) gives bit-identical outputs from our
+    torch path, which the wrong weighting would not."""
+    ref = model_from_config(family_config(family)).to(torch.bfloat16)
+    ours = adapt_model(copy.deepcopy(ref), "torch")
+    pairs = [(m, ours.get_submodule(n)) for n, m in ref.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    assert pairs and all(isinstance(mine, RMSNorm) for _, mine in pairs)
+    g = torch.Generator().manual_seed(3)
+    for hf, mine in pairs:
+        with torch.no_grad():
+            hf.weight.copy_(torch.randn(hf.weight.shape, generator=g))
+            mine.weight.copy_(hf.weight)
+        x = (torch.randn(3, 5, hf.weight.shape[0], generator=g) * 3).to(torch.bfloat16)
+        assert torch.equal(mine(x), hf(x))
 
 
 @pytest.mark.parametrize("family", ["gemma2", "olmo2"])
