@@ -23,9 +23,10 @@ Qwen3-MoE and Mixtral (all but the experts), Gemma 2/3's norms and GeGLU MLPs, G
 (its q/k norms inside), Phi-3's norms, attention and MLP (the fused ``qkv_proj`` / ``gate_up_proj``
 kept whole, their outputs split), OLMo2's norms, SwiGLU MLP and attention (its q/k norms over all
 heads, before the split into heads). Not matched, so transformers' modules run (the start-up log
-names them, each with the reason: :data:`_KEPT_WHY`): Gemma 2's soft-capped attention, the decoder
-layers of Phi-3 (residual dropout on each branch before its add) and OLMo2 (post-norm: each norm precedes its residual add, so there is no
-add-then-norm to fuse), Gemma's embedding scaling, partial-rotary attention. Caveat: transformers'
+names them, each with the reason: :func:`kept_reason`): Gemma 2's soft-capped attention, the
+decoder layers of Phi-3 (residual dropout on each branch before its add) and OLMo2 (post-norm: each
+norm precedes its residual add, so there is no add-then-norm to fuse), Gemma's embedding scaling,
+partial-rotary attention, MoE routing. Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
 classes and records nothing from :class:`RoPEAttention` / :class:`FusedDecoderLayer`; training does
 not use it (``performance.fused_add_norm: false`` keeps transformers' decoder layers).
@@ -343,6 +344,10 @@ def kept_reason(cls_name: str, model: nn.Module | None = None) -> str:
         return _KEPT_WHY[cls_name]
     if cls_name.endswith("ScaledWordEmbedding"):
         return "embedding scaling (one multiply), left to transformers"
+    if cls_name.endswith("SparseMoeBlock"):
+        return "routing, left to transformers"
+    if cls_name.endswith("Experts"):
+        return "16-bit experts (model.quantization: nf4 makes them ours)"
     if cls_name.endswith("Attention") and model is not None and not _full_rotary(model):
         return "partial rotary embedding"
     return "our kernels do not match its math"
