@@ -12,7 +12,7 @@ and every parameter name, so optimizers, LoRA adapters and state dicts are unaff
 * ``*Attention`` -> :class:`RoPEAttention` below: the same q/k/v/o modules and the model's own
                     attention implementation (sdpa / eager / flash), with RoPE through our kernel.
 * ``*DecoderLayer`` -> :class:`FusedDecoderLayer` below (``fuse_add_norm``): the same four children
-                    (six in Gemma 2/3); the attention output's residual add runs fused with the norm
+                    (six in Gemma 2/3; Phi-3's zero-p residual dropouts dropped); the attention output's residual add runs fused with the norm
                     after it (``post_attention_layernorm``; Gemma: ``pre_feedforward_layernorm``).
 
 Only the classes named in ``_NORMS`` / ``_MLPS`` / ``_ATTENTIONS`` / ``_DECODERS`` are replaced: their
@@ -24,7 +24,8 @@ Qwen3-MoE and Mixtral (all but the experts), Gemma 2/3's norms and GeGLU MLPs, G
 kept whole, their outputs split), OLMo2's norms, SwiGLU MLP and attention (its q/k norms over all
 heads, before the split into heads). Not matched, so transformers' modules run (the start-up log
 names them, each with the reason: :func:`kept_reason`): Gemma 2's soft-capped attention, the
-decoder layers of Phi-3 (residual dropout on each branch before its add) and OLMo2 (post-norm: each
+decoder layers of Phi-3 with ``resid_pdrop`` > 0 (dropout on each block's output before its residual
+add; 0 in its hub configs, where the layer is fused as Llama's) and OLMo2 (post-norm: each
 norm precedes its residual add, so there is no add-then-norm to fuse), Gemma's embedding scaling,
 partial-rotary attention, MoE routing. Caveat: transformers'
 ``output_attentions`` / ``output_hidden_states`` capture looks for its own attention and decoder-layer
@@ -57,10 +58,13 @@ _MLPS = {f"{f}MLP" for f in _FAMILIES} | {"Olmo2MLP", "Gemma2MLP", "Gemma3MLP", 
 # the config's activation name -> our gated kernel's (kernels.swiglu.ACTIVATIONS)
 _GATED_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _ATTENTIONS = {f"{f}Attention" for f in _FAMILIES} | {"Gemma3Attention", "Phi3Attention", "Olmo2Attention"}
-_DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES} | {"Gemma2DecoderLayer", "Gemma3DecoderLayer"}
+_DECODERS = {f"{f}DecoderLayer" for f in _FAMILIES} | {"Gemma2DecoderLayer", "Gemma3DecoderLayer",
+                                                        "Phi3DecoderLayer"}
 _DECODER_CHILDREN = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 # Gemma 2/3: a norm after each block as well (the "sandwich" layout)
 _SANDWICH_CHILDREN = _DECODER_CHILDREN + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+# Phi-3: dropout on each block's output before its residual add (Llama's layer when both p are 0)
+_RESID_DROPOUTS = ("resid_attn_dropout", "resid_mlp_dropout")
 _BACKENDS = ("auto", "triton", "torch")
 # plain attributes the attention interfaces read off the module (``self`` is passed to them)
 _ATTN_ATTRS = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling",
@@ -165,7 +169,7 @@ class RoPEAttention(nn.Module):
 
 
 class FusedDecoderLayer(nn.Module):
-    """A Llama/Mistral/Qwen2/Qwen3/Gemma decoder layer whose attention residual add is fused with the norm after it:
+    """A Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma decoder layer whose attention residual add is fused with the norm after it:
 
         (h, x) = input_layernorm(x, return_residual=True);  a = self_attn(h)
         (h2, s) = post_attention_layernorm(a, x)    # s = x + a, h2 = norm(s): one kernel
@@ -202,10 +206,15 @@ class FusedDecoderLayer(nn.Module):
 
     @classmethod
     def from_module(cls, layer: nn.Module) -> "FusedDecoderLayer | None":
-        """Take over a ``Llama/Mistral/Qwen2/Gemma2/Gemma3DecoderLayer``'s children and plain attributes
-        (e.g. ``hidden_size``); None when it has other children or transformers' own gradient
-        checkpointing is on for it (which only its own class honours)."""
+        """Take over a ``Llama/Mistral/Qwen2/Gemma2/Gemma3/Phi3DecoderLayer``'s children and plain
+        attributes (e.g. ``hidden_size``); None when it has other children or transformers' own
+        gradient checkpointing is on for it (which only its own class honours). Phi-3's residual
+        dropouts are dropped when both have p = 0 (the identity: its hub configs' ``resid_pdrop``);
+        otherwise None."""
         children = tuple(layer._modules)
+        if children == _DECODER_CHILDREN + _RESID_DROPOUTS and all(
+                float(getattr(layer._modules[d], "p", 1.0)) == 0.0 for d in _RESID_DROPOUTS):
+            children = _DECODER_CHILDREN
         if children not in (_DECODER_CHILDREN, _SANDWICH_CHILDREN) or getattr(layer, "gradient_checkpointing", False):
             return None
         new = cls(*(layer._modules[n] for n in children))
@@ -333,7 +342,7 @@ _KINDS = ("RMSNorm", "LayerNorm", "MLP", "Attention", "DecoderLayer", "SparseMoe
 # transformers class -> why our kernels leave it (the start-up log's reasons)
 _KEPT_WHY = {
     "Gemma2Attention": "soft-capped attention logits",
-    "Phi3DecoderLayer": "residual dropout on each branch before its add",
+    "Phi3DecoderLayer": "resid_pdrop > 0: dropout on each block's output before its residual add",
     "Olmo2DecoderLayer": "post-norm layer: each norm precedes its residual add, no add-then-norm to fuse",
 }
 

@@ -17,7 +17,7 @@ from qlora_trainer.models.tiny import model_from_config
 
 # family -> (norms, MLPs, attentions, decoder layers) our modules replace in the tiny 2-layer model
 OURS = {"llama": (5, 2, 2, 2), "mistral": (5, 2, 2, 2), "qwen2": (5, 2, 2, 2), "qwen3": (9, 2, 2, 2),
-        "qwen3_moe": (9, 0, 2, 2), "mixtral": (5, 0, 2, 2), "phi3": (5, 2, 2, 0),
+        "qwen3_moe": (9, 0, 2, 2), "mixtral": (5, 0, 2, 2), "phi3": (5, 2, 2, 2),
         "gemma2": (9, 2, 0, 2), "gemma3": (13, 2, 2, 2), "olmo2": (9, 2, 2, 0)}
 
 
