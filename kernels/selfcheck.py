@@ -36,12 +36,13 @@ from qlora_trainer.kernels.dropout import dropout_apply
 from qlora_trainer.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_group, dequantize_nf4_reference
 from qlora_trainer.kernels.rmsnorm import add_rms_norm, rms_norm
 from qlora_trainer.kernels.rope import apply_rope
-from qlora_trainer.kernels.swiglu import swiglu
+from qlora_trainer.kernels.swiglu import gated_fused, swiglu
 
 log = logging.getLogger(__name__)
 
 # kernel family -> what runs it (the names every ``resolve_backend`` call site passes)
-KERNELS = ("nf4_dequant", "nf4_decode", "nf4_gemm", "rmsnorm", "swiglu", "rope", "cross_entropy", "dropout")
+KERNELS = ("nf4_dequant", "nf4_decode", "nf4_gemm", "rmsnorm", "swiglu", "geglu", "rope", "cross_entropy",
+           "dropout")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # relative norm error per tensor
 CACHE_ENV = "QLORA_KERNEL_CACHE"  # a file path overriding the default cache location
 
@@ -123,14 +124,18 @@ def _case(kernel: str, device: torch.device, dtype: torch.dtype, shapes: str) ->
             xs = [t.detach().clone().requires_grad_(True) for t in (x, res, w)]
             y1 = rms_norm(xs[0], xs[2], 1e-5, backend=b)
             y2, summed = add_rms_norm(xs[0], xs[1], xs[2], 1e-5, backend=b)
-            return _with_grads([y1, y2, summed], xs, 1)
-    elif kernel == "swiglu":
+            y3 = rms_norm(xs[0], xs[2], 1e-5, backend=b, offset=1.0, weight_fp32=True)  # Gemma's weighting
+            return _with_grads([y1, y2, summed, y3], xs, 1)
+    elif kernel in ("swiglu", "geglu"):
 
         gate, up = r(s["m"], s["n"], dtype=dtype), r(s["m"], s["n"], dtype=dtype)
+        act = "silu" if kernel == "swiglu" else "gelu_tanh"
 
         def run(b: str) -> list[torch.Tensor]:
             xs = [t.detach().clone().requires_grad_(True) for t in (gate, up)]
-            return _with_grads([swiglu(*xs, backend=b)], xs, 1)
+            fused = torch.cat([gate, up], dim=-1).requires_grad_(True)  # one gate/up projection (Phi-3)
+            outs = [swiglu(*xs, backend=b, activation=act), gated_fused(fused, backend=b, activation=act)]
+            return _with_grads(outs, [*xs, fused], 1)
     elif kernel == "rope":
 
         q, k = r(1, s["m"], 4, s["d"], dtype=dtype), r(1, s["m"], 2, s["d"], dtype=dtype)

@@ -1,5 +1,6 @@
 """GPU microbenchmark: our Triton RMSNorm (plain and fused with the residual add) / RoPE / SwiGLU vs the torch references (eager and, with
-``--compile``, torch.compile), forward and forward+backward, at Llama-7B/8B layer shapes.
+``--compile``, torch.compile), forward and forward+backward, at Llama-7B/8B layer shapes; also Gemma's
+RMSNorm weighting, GeGLU and SwiGLU on a fused gate_up projection (Phi-3) at the same shapes.
 
 All three ops are memory-bound, so each row also reports achieved bandwidth against the fewest
 bytes the op must move (every input read once, every output written once) — compare with the
@@ -35,7 +36,7 @@ def _cases(tokens: int, hidden: int, inter: int, heads: int, kv_heads: int, head
     """(name, make_inputs, triton_fn, torch_fn, fwd_bytes, fwd_bwd_bytes) per op; bf16 = 2 bytes."""
     from qlora_trainer.kernels.rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
     from qlora_trainer.kernels.rope import apply_rope, rope_reference
-    from qlora_trainer.kernels.swiglu import swiglu, swiglu_reference
+    from qlora_trainer.kernels.swiglu import gated_fused, swiglu, swiglu_reference
 
     bf = torch.bfloat16
     eps = 1e-5
@@ -72,6 +73,13 @@ def _cases(tokens: int, hidden: int, inter: int, heads: int, kv_heads: int, head
          rope_reference, 2 * qk_b + cs_b, 2 * qk_b + cs_b + 2 * qk_b + cs_b),
         ("swiglu", swiglu_inputs, lambda g, u: swiglu(g, u, "triton"), swiglu_reference,
          3 * gi_b, 3 * gi_b + 5 * gi_b),
+        # other families: Gemma's (1 + w) norm weighted in fp32, GeGLU, Phi-3's fused gate_up
+        ("rmsnorm_gemma", norm_inputs, lambda x, w: rms_norm(x, w, eps, "triton", offset=1.0, weight_fp32=True),
+         lambda x, w: rms_norm_reference(x, w, eps, offset=1.0, weight_fp32=True), 2 * x_b, 2 * x_b + 3 * x_b),
+        ("geglu", swiglu_inputs, lambda g, u: swiglu(g, u, "triton", "gelu_tanh"),
+         lambda g, u: swiglu_reference(g, u, "gelu_tanh"), 3 * gi_b, 3 * gi_b + 5 * gi_b),
+        ("swiglu_gate_up", lambda: (torch.cat(swiglu_inputs(), -1).detach().requires_grad_(),),
+         lambda gu: gated_fused(gu, "triton"), lambda gu: gated_fused(gu, "torch"), 3 * gi_b, 3 * gi_b + 5 * gi_b),
     ]
 
 
@@ -101,16 +109,19 @@ def _ptx_report() -> int:
 
     from qlora_trainer.kernels import _triton_rmsnorm as rms, _triton_rope as rope, _triton_swiglu as sw
 
-    kernels = [("rmsnorm_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": False}, 8),
-               ("rmsnorm_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": False}, 8),
-               ("add_rms_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": True}, 8),
-               ("add_rms_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": True}, 8),
+    llama = {"OFFSET": 0.0, "W_FP32": False}  # the RMSNorm weighting (kernels/rmsnorm.py)
+    kernels = [("rmsnorm_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": False, **llama}, 8),
+               ("rmsnorm_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": False,
+                                                         **llama}, 8),
+               ("add_rms_fwd", rms._rmsnorm_fwd_kernel, {"BLOCK": 4096, "ADD": True, **llama}, 8),
+               ("add_rms_bwd", rms._rmsnorm_bwd_kernel, {"BLOCK": 4096, "COMPUTE_DW": True, "ADD_DS": True,
+                                                         **llama}, 8),
                ("rope", rope._rope_kernel, {"BACKWARD": False, "BLOCK_HQ": 32, "BLOCK_HK": 8,
                                             "BLOCK_D": 64}, 4),
-               ("swiglu_fwd", sw._swiglu_fwd_kernel, {"BLOCK": 1024}, 4),
-               ("swiglu_bwd", sw._swiglu_bwd_kernel, {"BLOCK": 1024}, 4)]
+               ("swiglu_fwd", sw._gated_fwd_kernel, {"BLOCK": 1024, "GELU": False}, 4),
+               ("swiglu_bwd", sw._gated_bwd_kernel, {"BLOCK": 1024, "GELU": False}, 4)]
     for name, fn, consts, warps in kernels:
-        ints = {"H", "N", "T", "HQ", "HK", "n", "half", "rows_per_prog"}
+        ints = {"H", "N", "T", "HQ", "HK", "n", "cols", "half", "rows_per_prog"}
         sig = {a: "constexpr" if a in consts else "fp32" if a == "eps" else
                "i32" if a in ints or a.startswith("stride") else
                "*fp32" if a in ("RSTD", "DW_PART") else "*bf16" for a in fn.arg_names}

@@ -212,3 +212,76 @@ def test_module_with_residual_is_the_fused_add():
     torch.testing.assert_close(y, norm(x + r), rtol=1e-6, atol=1e-6)
     y_auto, _ = RMSNorm.from_module(norm, backend="auto")(x.requires_grad_(), r)  # CPU: the reference
     assert type(y_auto.grad_fn).__name__ != "AddRMSNormFunctionBackward"
+
+
+# -- fp32-weight weighting (Gemma's 1 + w, OLMo2's w) -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [1.0, 0.0])
+@pytest.mark.parametrize("m,h", [(7, 96), (129, 97)])
+def test_fp32_weight_rmsnorm_matches_reference(m, h, offset, dtype, device):
+    """y = (x_f32 * rstd * (offset + w_f32)).to(x.dtype): plain and fused-add forms against float64
+    (y, s, dx, dresidual, dw; the offset is a constant, so dw is the gradient of w itself), and in
+    fp32 against the torch path."""
+    x, r, w = _add_inputs(m, h, dtype, device)
+    w.data.sub_(1.0)  # Gemma's stored weights sit around 0 (the effective weight is 1 + w)
+    dy, ds_out = torch.randn(m, h, device=device, dtype=dtype), torch.randn(m, h, device=device, dtype=dtype)
+    mode = {"offset": offset, "weight_fp32": True}
+    y = rms_norm(x, w, 1e-6, backend="triton", **mode)
+    assert type(y.grad_fn).__name__ == "RMSNormFunctionBackward" and y.dtype == dtype
+    got = (y,) + torch.autograd.grad(y, (x, w), dy)
+    got_add = _add_norm_grads(lambda *a: add_rms_norm(*a, backend="triton", **mode), x, r, w, dy, ds_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, r, w)]
+    y64 = rms_norm_reference(leaves64[0], leaves64[2], 1e-6, **mode)
+    want = (y64,) + torch.autograd.grad(y64, (leaves64[0], leaves64[2]), dy.double())
+    want_add = _add_norm_grads(lambda *a: add_rms_norm_reference(*a, **mode), *leaves64, dy.double(), ds_out.double())
+    for name, g, ref in zip(("y", "dx", "dw", "add y", "add s", "add dx", "add dr", "add dw"),
+                            got + got_add, want + want_add):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        assert rel_err(g, ref) < TOL[dtype], name
+    if dtype == torch.float32:
+        yr = rms_norm(x, w, 1e-6, backend="torch", **mode)
+        for name, g, rg in zip(("y", "dx", "dw"), got, (yr,) + torch.autograd.grad(yr, (x, w), dy)):
+            torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-4 if name == "dw" else 1e-5, msg=name)
+
+
+def test_fp32_weight_bf16_rounds_once_after_the_weight():
+    """bf16 x with bf16 weight: the product is formed in fp32 and rounded once (Gemma, OLMo2), which
+    is not Llama's rounding of the normalised x before the weight."""
+    x, w = _inputs((4, 256), torch.bfloat16)
+    with torch.no_grad():
+        w.copy_(torch.linspace(-0.9, 0.9, 256))
+    gemma = rms_norm(x, w, 1e-6, backend="triton", offset=1.0, weight_fp32=True)
+    torch.testing.assert_close(gemma, rms_norm_reference(x, w, 1e-6, offset=1.0, weight_fp32=True), rtol=0, atol=0.0625)
+    n = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6))
+    once = (n * (1 + w.float())).to(torch.bfloat16)
+    twice = (n.to(torch.bfloat16) * (1 + w)).to(torch.bfloat16)
+    assert torch.equal(rms_norm_reference(x, w, 1e-6, offset=1.0, weight_fp32=True), once)
+    assert not torch.equal(once, twice)  # the two weightings differ in bf16 ...
+    assert (gemma.float() - once.float()).abs().max() <= (gemma.float() - twice.float()).abs().max()  # ... ours is Gemma's
+
+
+@pytest.mark.parametrize("cls_path,offset", [("gemma2.modeling_gemma2.Gemma2RMSNorm", 1.0),
+                                             ("gemma3.modeling_gemma3.Gemma3RMSNorm", 1.0),
+                                             ("olmo2.modeling_olmo2.Olmo2RMSNorm", 0.0)])
+def test_module_takes_over_gemma_and_olmo2_norms(cls_path, offset):
+    import importlib
+
+    mod, cls = cls_path.rsplit(".", 1)
+    hf = getattr(importlib.import_module(f"transformers.models.{mod}"), cls)(40, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.normal_()
+    ours = RMSNorm.from_module(hf, backend="triton", offset=offset, weight_fp32=True)
+    assert ours.weight is hf.weight and ours.variance_epsilon == 1e-5 and list(ours.state_dict()) == ["weight"]
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    y, yr = ours(x), hf(x)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    g, gr = (torch.autograd.grad(t.square().sum(), (x, hf.weight)) for t in (y, yr))
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_offset_needs_the_fp32_weighting():
+    with pytest.raises(ValueError, match="weight_fp32"):
+        rms_norm(torch.randn(2, 8), torch.zeros(8), 1e-6, backend="torch", offset=1.0)
