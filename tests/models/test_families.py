@@ -14,6 +14,7 @@ import torch
 from qlora_trainer.config import Config
 from qlora_trainer.lora import load_adapter, save_adapter
 from qlora_trainer.lora.merge import merge_lora
+from qlora_trainer.lora.router import router_lora_layers
 from qlora_trainer.models.families import FAMILIES, MOE, VOCAB, family_config
 from qlora_trainer.models.quantize import quantize_model
 from qlora_trainer.models.tiny import model_from_config
@@ -51,7 +52,23 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_saves_loads_merges(family, nf4, tmp_path):
+    _train_save_load_merge(family, nf4, tmp_path, _config())
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("family", MOE)
+def test_moe_family_with_router_lora(family, nf4, tmp_path):
+    """``lora.target_router``: the routers train too, and PEFT loads them with the rest."""
     cfg = _config()
+    cfg.lora.target_router = True
+    model = _train_save_load_merge(family, nf4, tmp_path, cfg)
+    assert len(router_lora_layers(model)) == family_config(family).num_hidden_layers
+    assert all(layer.lora_B["default"].abs().sum() > 0 for layer in router_lora_layers(model).values())  # trained
+
+
+def _train_save_load_merge(family: str, nf4: bool, tmp_path, cfg: Config) -> torch.nn.Module:
+    """Train 4 steps, save, load by PEFT and ours with equal logits, merge, generate; returns the
+    trained model."""
     model = prepare_model(_base(family, nf4), cfg, device=torch.device("cpu"), dtype=torch.float32)
     opt = build_optimizer(model, cfg)
     ids = _batch(0)
@@ -82,3 +99,4 @@ def test_family_trains_saves_loads_merges(family, nf4, tmp_path):
     gen = merged.generate(probe[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False,
                           pad_token_id=0)
     assert gen.shape == (1, 7)
+    return model
