@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.lora.layer import AdapterSpec
+from qlora_trainer.lora.modules import add_wrapped_adapters, wrapped
 from qlora_trainer.models.moe import EXPERT_PARAMS, NF4Experts, experts_forward, experts_modules
 from qlora_trainer.errors import QloraError
 
@@ -153,16 +154,8 @@ def inject_expert_lora(model: nn.Module, spec: AdapterSpec, *, dtype: torch.dtyp
                        adapter_name: str = "default") -> list[str]:
     """Adapter ``adapter_name`` (rank/alpha of ``spec``; no dropout, no DoRA) on every fused experts
     module's two weights; returns the adapted module names."""
-    plain = AdapterSpec(r=spec.r, alpha=spec.alpha, use_rslora=spec.use_rslora)
-    names = []
-    for name in experts_modules(model):
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoRAExperts):
-            layer = LoRAExperts(layer)
-            model.set_submodule(name, layer)
-        layer.add_adapter(adapter_name, plain, dtype=dtype)
-        names.append(name)
-    return names
+    return add_wrapped_adapters(model, list(experts_modules(model)), LoRAExperts, adapter_name, spec.plain,
+                                dtype=dtype)
 
 
 def peft_prefixes(name: str, layer: LoRAExperts, adapter_name: str) -> dict[str, str]:
@@ -242,10 +235,7 @@ def attach_expert_weights(model: nn.Module, entries: dict[str, tuple[str, str]],
     ``a`` (r * E, in), ``b`` (out, r * E)) on the model as ``adapter_name``."""
 
     for key, (name, weight) in entries.items():
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoRAExperts):
-            layer = LoRAExperts(layer)
-            model.set_submodule(name, layer)
+        layer = wrapped(model, name, LoRAExperts)
         lw, e = layers[key], layer.num_experts
         out_f, in_f = layer.weight_shape(weight)
         r = lw.a.shape[0] // e

@@ -28,6 +28,7 @@ from torch import nn
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.lora.layer import AdapterSpec
+from qlora_trainer.lora.modules import add_wrapped_adapters, wrapped
 from qlora_trainer.models.moe import experts_modules
 
 ROUTER_ATTRS = ("gate", "router")  # the router's attribute on the MoE block, beside ``experts``
@@ -132,15 +133,8 @@ def inject_router_lora(model: nn.Module, spec: AdapterSpec, *, dtype: torch.dtyp
                        adapter_name: str = "default") -> list[str]:
     """Adapter ``adapter_name`` (rank/alpha of ``spec``; no dropout, no DoRA) on every MoE router;
     returns the adapted router names."""
-    plain = AdapterSpec(r=spec.r, alpha=spec.alpha, use_rslora=spec.use_rslora)
-    names = []
-    for name, module in router_modules(model).items():
-        if not isinstance(module, LoRARouter):
-            module = LoRARouter(module)
-            model.set_submodule(name, module)
-        module.add_adapter(adapter_name, plain, dtype=dtype)
-        names.append(name)
-    return names
+    return add_wrapped_adapters(model, list(router_modules(model)), LoRARouter, adapter_name, spec.plain,
+                                dtype=dtype)
 
 
 def router_target(name: str) -> str:
@@ -177,10 +171,7 @@ def attach_router_weights(model: nn.Module, names: list[str], layers: dict, conf
     """Put the router entries ``names`` (:func:`split_router_entries`) of an adapter's ``layers``
     (``LayerWeights``: ``a`` (r, H), ``b`` (E, r)) on the model as ``adapter_name``."""
     for name in names:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoRARouter):
-            module = LoRARouter(module)
-            model.set_submodule(name, module)
+        module = wrapped(model, name, LoRARouter)
         lw = layers[name]
         e, h = module.weight.shape
         r = lw.a.shape[0]
