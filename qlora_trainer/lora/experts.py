@@ -174,6 +174,18 @@ def expert_state_dict(model: nn.Module, adapter_name: str, prefix: str) -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+def is_expert_key(model: nn.Module, key: str, prefix: str) -> bool:
+    """Whether PEFT key ``key`` (``prefix<experts>[.base_layer...].lora_A.weight``) is a tensor of a
+    :class:`LoRAExperts` of ``model`` (its parameters are named otherwise: ``<experts>.lora_A.<weight>.<adapter>``)."""
+    name = key.removeprefix(prefix).rpartition(".lora_")[0]
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    try:
+        return isinstance(model.get_submodule(name), LoRAExperts)
+    except AttributeError:
+        return False
+
+
 def target_parameters(model: nn.Module, adapter_name: str) -> list[str]:
     """PEFT's ``target_parameters`` for the expert adapters (sorted, as PEFT writes them)."""
     found = set()
