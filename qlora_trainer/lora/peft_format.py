@@ -146,6 +146,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
 # on 2-D router weights, through target_parameters (0.18 reads 3-D weights as (E, in, out); 0.19 fails
 # on transformers' weight converters)
 PEFT_FOR_MOE = "0.20.0"
+_SAID_MOE: set[tuple[str, ...]] = set()
 
 
 def _expert_fields(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -157,8 +158,10 @@ def _expert_fields(model: nn.Module, adapter_name: str, tensors: dict[str, torch
     if not params:
         return {}
     tensors |= expert_state_dict(model, adapter_name, PREFIX) | router_state_dict(model, adapter_name, PREFIX)
-    log.info("adapter %s adapts mixture-of-experts weights (%s): PEFT loads it from release %s on",
-             adapter_name, ", ".join(params), PEFT_FOR_MOE)
+    if tuple(params) not in _SAID_MOE:  # once per run, not at every checkpoint
+        _SAID_MOE.add(tuple(params))
+        log.info("adapter %s adapts mixture-of-experts weights (%s): PEFT loads it from release %s on",
+                 adapter_name, ", ".join(params), PEFT_FOR_MOE)
     return {"target_parameters": params, "lora_dropout": 0.0}
 
 

@@ -18,6 +18,7 @@ from qlora_trainer.errors import ConfigError
 from qlora_trainer.lora import disable_adapters, inject_lora, load_adapter, save_adapter
 from qlora_trainer.lora.experts import expert_lora_layers
 from qlora_trainer.lora.merge import merge_lora
+from qlora_trainer.lora import peft_format
 from qlora_trainer.lora.peft_format import PEFT_FOR_MOE
 from qlora_trainer.lora.router import LoRARouter, router_lora_layers, router_modules
 from qlora_trainer.models.families import MOE, family_config
@@ -146,15 +147,17 @@ def test_peft_loads_router_adapter_and_merge_is_exact(family, nf4, tmp_path):
     torch.testing.assert_close(_logits(merged, probe), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_router_alone(family, tmp_path, caplog):
+def test_router_alone(family, tmp_path, caplog, monkeypatch):
     """``target_experts: false``: only the routers (and linear layers) adapted; PEFT still loads it,
     and saving says from which PEFT release on."""
     cfg = LoRAConfig(r=2, alpha=4, dropout=0.0, target_router=True, target_experts=False)
     model = _adapted(family, False, cfg)
     assert not expert_lora_layers(model) and router_lora_layers(model)
+    monkeypatch.setattr(peft_format, "_SAID_MOE", set())  # said once per process
     with caplog.at_level(logging.INFO, logger="qlora_trainer.lora.peft_format"):
         out = save_adapter(model, tmp_path / "a", cfg=cfg, base_model="tiny")
-    assert f"PEFT loads it from release {PEFT_FOR_MOE} on" in caplog.text
+        save_adapter(model, tmp_path / "b", cfg=cfg, base_model="tiny")
+    assert caplog.text.count(f"PEFT loads it from release {PEFT_FOR_MOE} on") == 1
     assert json.loads((out / "adapter_config.json").read_text())["target_parameters"] == ["mlp.gate.weight"]
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(_model(family), str(out)).eval()
