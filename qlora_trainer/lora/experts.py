@@ -82,6 +82,14 @@ class LoRAExperts(nn.Module):
     def set_adapter(self, adapter_name: str | None) -> None:
         self.active_adapter = adapter_name if adapter_name in self.specs else None
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        for d in (*self.lora_A.values(), *self.lora_B.values()):
+            if adapter_name in d:
+                del d[adapter_name]
+        self.specs.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
     def adapted(self, adapter_name: str) -> list[str]:
         """The expert weights adapter ``adapter_name`` adapts, in registration order."""
         return [n for n in EXPERT_PARAMS if adapter_name in self.lora_A[n]]

@@ -105,7 +105,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for layer in lora_layers(model).values():
         if name in layer.specs:
             layer.delete_adapter(name)
-    for layer in router_lora_layers(model).values():
+    for layer in _moe_layers(model).values():
         layer.delete_adapter(name)
 
 

@@ -96,7 +96,8 @@ class LoRARouter(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         for d in (self.lora_A, self.lora_B):
-            d.pop(adapter_name, None)
+            if adapter_name in d:
+                del d[adapter_name]
         self.specs.pop(adapter_name, None)
         if self.active_adapter == adapter_name:
             self.active_adapter = None

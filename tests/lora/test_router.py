@@ -15,7 +15,7 @@ import torch
 
 from qlora_trainer.config import Config, LoRAConfig
 from qlora_trainer.errors import ConfigError
-from qlora_trainer.lora import disable_adapters, inject_lora, load_adapter, save_adapter
+from qlora_trainer.lora import delete_adapter, disable_adapters, inject_lora, load_adapter, save_adapter
 from qlora_trainer.lora.experts import expert_lora_layers
 from qlora_trainer.lora.merge import merge_lora
 from qlora_trainer.lora import peft_format
@@ -162,3 +162,5 @@ def test_router_alone(family, tmp_path, caplog, monkeypatch):
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(_model(family), str(out)).eval()
     torch.testing.assert_close(_logits(theirs, _probe()), _logits(model, _probe()), atol=1e-4, rtol=1e-4)
+    delete_adapter(model, "default")  # from the routers too
+    assert not any("lora_" in n for n, _ in model.named_parameters())

@@ -142,6 +142,15 @@ def test_peft_loads_expert_adapter_and_merge_is_exact(family, nf4, tmp_path):
         torch.testing.assert_close(merged(probe).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_delete_adapter_removes_the_experts_adapter(family):
+    from qlora_trainer.lora import delete_adapter
+
+    model = _adapted(family, nf4=True)
+    delete_adapter(model, "default")
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert all(layer.active_adapter is None for layer in expert_lora_layers(model).values())
+
+
 def test_dora_leaves_experts_alone(family):
     model = _model(family)
     inject_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.0, variant="dora"), dtype=torch.float32, backend="torch")
