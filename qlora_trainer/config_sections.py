@@ -130,6 +130,10 @@ class LoRAConfig(Section):
     """Mixture-of-experts models (Mixtral, Qwen3-MoE, ...): also adapt the fused expert weights
     (``experts.gate_up_proj`` / ``experts.down_proj``, a rank-r adapter per expert, saved as PEFT's
     ``target_parameters``; no dropout and no DoRA on them, as in PEFT)."""
+    target_router: bool = False
+    """Mixture-of-experts models: also adapt the router (``mlp.gate.weight`` (E, H), the expert logits;
+    kept 16-bit), a rank-r adapter saved as PEFT's ``target_parameters``; no dropout, and not with
+    ``lora.variant`` dora or adalora. Loading such an adapter (or one on the experts) needs PEFT >= 0.20."""
     variant: Literal["lora", "rslora", "dora", "adalora"] = "lora"
     """``lora``: alpha/r; ``rslora``: alpha/sqrt(r); ``dora``: weight-decomposed LoRA (magnitude + direction);
     ``adalora``: SVD-form adapters whose ranks are reallocated across layers while training, from ``r``
@@ -158,6 +162,9 @@ class LoRAConfig(Section):
     def check(self) -> None:
         if self.init == "loftq" and self.variant in ("dora", "adalora"):
             raise ConfigError(f"lora.init: loftq is for lora/rslora adapters (lora.variant is {self.variant})")
+        if self.target_router and self.variant in ("dora", "adalora"):
+            raise ConfigError(f"lora.target_router: the router's adapter is plain LoRA (PEFT's target_parameters); "
+                              f"use lora.variant lora or rslora (got {self.variant}), or lora.target_router: false")
         if self.variant == "adalora" and self.adalora.target_r > self.r:
             raise ConfigError(f"lora.adalora.target_r: must be <= lora.r, AdaLoRA's initial rank "
                               f"(got {self.adalora.target_r} > {self.r})")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from qlora_trainer.lora.layer import AdapterSpec
+from qlora_trainer.lora.modules import add_wrapped_adapters, wrapped
 from qlora_trainer.models.moe import EXPERT_PARAMS, NF4Experts, experts_forward, experts_modules
 from qlora_trainer.errors import QloraError
 
@@ -80,6 +81,14 @@ class LoRAExperts(nn.Module):
 
     def set_adapter(self, adapter_name: str | None) -> None:
         self.active_adapter = adapter_name if adapter_name in self.specs else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for d in (*self.lora_A.values(), *self.lora_B.values()):
+            if adapter_name in d:
+                del d[adapter_name]
+        self.specs.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
 
     def adapted(self, adapter_name: str) -> list[str]:
         """The expert weights adapter ``adapter_name`` adapts, in registration order."""
@@ -153,16 +162,8 @@ def inject_expert_lora(model: nn.Module, spec: AdapterSpec, *, dtype: torch.dtyp
                        adapter_name: str = "default") -> list[str]:
     """Adapter ``adapter_name`` (rank/alpha of ``spec``; no dropout, no DoRA) on every fused experts
     module's two weights; returns the adapted module names."""
-    plain = AdapterSpec(r=spec.r, alpha=spec.alpha, use_rslora=spec.use_rslora)
-    names = []
-    for name in experts_modules(model):
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoRAExperts):
-            layer = LoRAExperts(layer)
-            model.set_submodule(name, layer)
-        layer.add_adapter(adapter_name, plain, dtype=dtype)
-        names.append(name)
-    return names
+    return add_wrapped_adapters(model, list(experts_modules(model)), LoRAExperts, adapter_name, spec.plain,
+                                dtype=dtype)
 
 
 def peft_prefixes(name: str, layer: LoRAExperts, adapter_name: str) -> dict[str, str]:
@@ -179,6 +180,18 @@ def expert_state_dict(model: nn.Module, adapter_name: str, prefix: str) -> dict[
             out[f"{prefix}{key}.lora_A.weight"] = layer.lora_A[w][adapter_name]
             out[f"{prefix}{key}.lora_B.weight"] = layer.lora_B[w][adapter_name]
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def is_expert_key(model: nn.Module, key: str, prefix: str) -> bool:
+    """Whether PEFT key ``key`` (``prefix<experts>[.base_layer...].lora_A.weight``) is a tensor of a
+    :class:`LoRAExperts` of ``model`` (its parameters are named otherwise: ``<experts>.lora_A.<weight>.<adapter>``)."""
+    name = key.removeprefix(prefix).rpartition(".lora_")[0]
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    try:
+        return isinstance(model.get_submodule(name), LoRAExperts)
+    except AttributeError:
+        return False
 
 
 def target_parameters(model: nn.Module, adapter_name: str) -> list[str]:
@@ -242,10 +255,7 @@ def attach_expert_weights(model: nn.Module, entries: dict[str, tuple[str, str]],
     ``a`` (r * E, in), ``b`` (out, r * E)) on the model as ``adapter_name``."""
 
     for key, (name, weight) in entries.items():
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoRAExperts):
-            layer = LoRAExperts(layer)
-            model.set_submodule(name, layer)
+        layer = wrapped(model, name, LoRAExperts)
         lw, e = layers[key], layer.num_experts
         out_f, in_f = layer.weight_shape(weight)
         r = lw.a.shape[0] // e

@@ -17,6 +17,7 @@ from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.adalora import inject_adalora
 from qlora_trainer.lora.modules import is_linear, linear_layers, match_targets, replace_module  # noqa: F401 (also here)
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+from qlora_trainer.lora.router import inject_router_lora, router_lora_layers
 from qlora_trainer.models.moe import experts_modules
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, *, dtype: torch.dtype, backen
         # LoftQ sets A and B afterwards from the 16-bit weights (lora/loftq.py; train/setup.py)
         module.add_adapter(adapter_name, spec, dtype=dtype, init="kaiming" if cfg.init == "loftq" else cfg.init)
     names += _inject_experts(model, cfg, spec, dtype=dtype, adapter_name=adapter_name)
+    names += _inject_router(model, cfg, spec, dtype=dtype, adapter_name=adapter_name)
     set_active_adapter(model, adapter_name)
     set_trainable(model, adapter_name)
     trainable, total = trainable_parameters(model)
@@ -71,6 +73,21 @@ def _inject_experts(model: nn.Module, cfg: LoRAConfig, spec: AdapterSpec, *, dty
     return names
 
 
+def _inject_router(model: nn.Module, cfg: LoRAConfig, spec: AdapterSpec, *, dtype: torch.dtype,
+                   adapter_name: str) -> list[str]:
+    """LoRA on the MoE routers (``lora.target_router``; lora/router.py), if any. The config refuses
+    it with DoRA (``LoRAConfig.check``)."""
+    if not cfg.target_router:
+        return []
+    names = inject_router_lora(model, spec, dtype=dtype, adapter_name=adapter_name)
+    if names:
+        log.info("LoRA %s on the routers of %d MoE layers (16-bit, rank %d, no dropout)", adapter_name, len(names),
+                 spec.r)
+    else:
+        log.warning("lora.target_router: the model has no mixture-of-experts router; nothing adapted there")
+    return names
+
+
 def set_trainable(model: nn.Module, adapter_name: str | None) -> None:
     """Only ``adapter_name``'s A, B (and DoRA magnitude) require grad; ``None`` freezes all adapters."""
     for layer in lora_layers(model).values():
@@ -79,6 +96,10 @@ def set_trainable(model: nn.Module, adapter_name: str | None) -> None:
                 p.requires_grad_(k == adapter_name)
     for layer in expert_lora_layers(model).values():
         for d in (*layer.lora_A.values(), *layer.lora_B.values()):
+            for k, p in d.items():
+                p.requires_grad_(k == adapter_name)
+    for layer in router_lora_layers(model).values():
+        for d in (layer.lora_A, layer.lora_B):
             for k, p in d.items():
                 p.requires_grad_(k == adapter_name)
 

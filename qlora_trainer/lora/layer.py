@@ -57,6 +57,12 @@ class AdapterSpec:
         return cls(r=r, alpha=alpha, dropout=dropout, use_rslora=variant == "rslora", use_dora=variant == "dora")
 
     @property
+    def plain(self) -> "AdapterSpec":
+        """The same rank, alpha and rsLoRA without dropout or DoRA (what PEFT's ``ParamWrapper``, the
+        adapter on MoE experts and routers, allows)."""
+        return AdapterSpec(r=self.r, alpha=self.alpha, use_rslora=self.use_rslora)
+
+    @property
     def scale(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (keeps the update's scale rank-independent)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -10,6 +10,7 @@ from torch import nn
 
 from qlora_trainer.lora.modules import replace_module
 from qlora_trainer.lora.experts import merge_experts
+from qlora_trainer.lora.router import merge_routers
 from qlora_trainer.lora.layer import LoRALinear, dequantized_weight, frozen_linear
 from qlora_trainer.models.quantize import is_4bit
 from qlora_trainer.lora.tokens import merge_token_rows
@@ -37,6 +38,7 @@ def merge_lora(model: nn.Module, *, adapter_name: str | None = None, dtype: torc
             replace_module(model, name, layer.dense_linear(use, dtype=dtype))
 
     merge_experts(model, adapter_name, dtype)  # fused MoE experts (lora/experts.py) into 16-bit experts
+    merge_routers(model, adapter_name, dtype)  # MoE routers (lora/router.py): W + s B A under transformers' key
 
     merge_token_rows(model)  # rows of added tokens (data.marker_tokens=add) into the embedding / output tables
     for name, module in list(model.named_modules()):

@@ -4,9 +4,10 @@ the layer class."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from qlora_trainer.lora.layer import LoRALinear
+from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.models.quantize import is_4bit
 from qlora_trainer.targets import select_targets
 
@@ -54,3 +55,21 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def wrapped(model: nn.Module, name: str, wrapper: type[nn.Module]) -> nn.Module:
+    """Module ``name`` wrapped by ``wrapper`` (``wrapper(module)`` put in its place unless it already is one)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, wrapper):
+        module = wrapper(module)
+        model.set_submodule(name, module)
+    return module
+
+
+def add_wrapped_adapters(model: nn.Module, names: list[str], wrapper: type[nn.Module], adapter_name: str,
+                         spec: AdapterSpec, *, dtype: torch.dtype) -> list[str]:
+    """Adapter ``adapter_name`` (``spec``) on each module of ``names``, wrapped by ``wrapper`` first
+    where it is not yet; returns ``names``."""
+    for name in names:
+        wrapped(model, name, wrapper).add_adapter(adapter_name, spec, dtype=dtype)
+    return names

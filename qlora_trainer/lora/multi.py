@@ -15,6 +15,7 @@ from torch import nn
 
 from qlora_trainer.errors import QloraError
 from qlora_trainer.lora.experts import expert_lora_layers
+from qlora_trainer.lora.router import router_lora_layers
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.weights import AdapterWeights
 from qlora_trainer.lora.modules import replace_module
@@ -51,16 +52,21 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         _check(model, name)
     for layer in lora_layers(model).values():
         layer.set_adapter(name if name in layer.specs else None)
-    for layer in expert_lora_layers(model).values():
+    for layer in _moe_layers(model).values():
         layer.set_adapter(name)
+
+
+def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The adapted MoE experts (lora/experts.py) and routers (lora/router.py): name -> layer."""
+    return {**expert_lora_layers(model), **router_lora_layers(model)}
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes the base output; the previous adapter comes back after."""
-    layers = lora_layers(model)
+    layers = {**lora_layers(model), **_moe_layers(model)}
     previous = {n: layer.active_adapter for n, layer in layers.items()}
-    merged = {n for n, layer in layers.items() if layer.merged_layer is not None}
+    merged = {n for n, layer in layers.items() if getattr(layer, "merged_layer", None) is not None}
     for layer in layers.values():
         layer.set_adapter(None)
     try:
@@ -99,6 +105,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for layer in lora_layers(model).values():
         if name in layer.specs:
             layer.delete_adapter(name)
+    for layer in _moe_layers(model).values():
+        layer.delete_adapter(name)
 
 
 # -- hot-swapping: one adapter slot, its tensors overwritten in place ------------------------------

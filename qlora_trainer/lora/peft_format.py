@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -33,12 +34,15 @@ from qlora_trainer.lora.experts import (attach_expert_weights, expert_state_dict
                                        target_parameters)
 from qlora_trainer.lora.layer import AdapterSpec, LoRALinear
 from qlora_trainer.lora.multi import lora_layers, set_active_adapter
+from qlora_trainer.lora.router import attach_router_weights, router_state_dict, router_targets, split_router_entries
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
 from qlora_trainer.lora.inject import replace_module, set_trainable
 from qlora_trainer.lora.modules import linear_layers
 from qlora_trainer.lora.tokens import PEFT_SUFFIX, load_token_rows, peft_token_entries
 from qlora_trainer.runtime import resolve_dtype
 from qlora_trainer.io import mark_output
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -138,14 +142,26 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, cfg: LoRAConfig, base
     return write_adapter_dir(out_dir, adapter_config, tensors, tokenizer=tokenizer, run_config=run_config)
 
 
+# the first PEFT release that loads LoRA on transformers 5's fused experts ((E, out, in) weights) and
+# on 2-D router weights, through target_parameters (0.18 reads 3-D weights as (E, in, out); 0.19 fails
+# on transformers' weight converters)
+PEFT_FOR_MOE = "0.20.0"
+_SAID_MOE: set[tuple[str, ...]] = set()
+
+
 def _expert_fields(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Adds the fused MoE experts' adapter tensors (lora/experts.py) to ``tensors``; returns the
-    config fields they need: ``target_parameters``, and ``lora_dropout`` 0 (PEFT's ``ParamWrapper``
-    refuses dropout; ours ran on the linear layers only, and dropout does not change the saved model)."""
-    params = target_parameters(model, adapter_name)
+    """Adds the fused MoE experts' and routers' adapter tensors (lora/experts.py, lora/router.py) to
+    ``tensors``; returns the config fields they need: ``target_parameters``, and ``lora_dropout`` 0
+    (PEFT's ``ParamWrapper`` refuses dropout; ours ran on the linear layers only, and dropout does not
+    change the saved model)."""
+    params = sorted(target_parameters(model, adapter_name) + router_targets(model, adapter_name))
     if not params:
         return {}
-    tensors |= expert_state_dict(model, adapter_name, PREFIX)
+    tensors |= expert_state_dict(model, adapter_name, PREFIX) | router_state_dict(model, adapter_name, PREFIX)
+    if tuple(params) not in _SAID_MOE:  # once per run, not at every checkpoint
+        _SAID_MOE.add(tuple(params))
+        log.info("adapter %s adapts mixture-of-experts weights (%s): PEFT loads it from release %s on",
+                 adapter_name, ", ".join(params), PEFT_FOR_MOE)
     return {"target_parameters": params, "lora_dropout": 0.0}
 
 
@@ -273,8 +289,11 @@ def attach_adapter(model: nn.Module, weights: AdapterWeights, *, adapter_name: s
     experts = split_expert_entries(model, weights.layers, config)  # fused MoE experts (lora/experts.py)
     attach_expert_weights(model, experts, weights.layers, config, adapter_name=adapter_name, dtype=dtype,
                           where=str(file))
+    routers = split_router_entries(model, weights.layers, config)  # MoE routers (lora/router.py)
+    attach_router_weights(model, routers, weights.layers, config, adapter_name=adapter_name, dtype=dtype,
+                          where=str(file))
     for name, lw in weights.layers.items():
-        if name in experts:
+        if name in experts or name in routers:
             continue
         try:
             module = model.get_submodule(name)

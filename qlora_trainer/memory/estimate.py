@@ -204,6 +204,7 @@ def estimate(
     distributed: str = "none",
     new_tokens: int = 0,
     lora_experts: bool = True,
+    lora_router: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``arch`` (bs ``batch`` x ``seq_len`` tokens).
 
@@ -223,8 +224,9 @@ def estimate(
     layer and logits grow by them, and their embedding (and untied output) rows train (``lora/tokens.py``).
     Mixture-of-experts archs (``arch.experts``): the fused experts in NF4 by our path (``experts_nf4``,
     ``experts_quant_constants``; 16-bit with ``quant`` none), the 16-bit router, with ``lora_experts``
-    (``lora.target_experts``) a rank-``lora_r`` adapter per expert weight, and the routed tokens'
-    activations (:func:`moe_layer_arch`).
+    (``lora.target_experts``) a rank-``lora_r`` adapter per expert weight, with ``lora_router``
+    (``lora.target_router``) one on the router (E, hidden), and the routed tokens' activations
+    (:func:`moe_layer_arch`).
 
     The peak is the static part (weights, adapters, optimizer) plus the larger of two moments that
     never coexist (``MemoryEstimate.phases``): the end of the forward (checkpoints, final hidden
@@ -269,6 +271,8 @@ def estimate(
     lora_tensors = [n for _, i, o, _ in _targeted(arch, targets) for n in (lora_r * i, o * lora_r)]
     if lora_experts:  # lora_A (r * E, in), lora_B (out, r * E) per expert weight (lora/experts.py)
         lora_tensors += [n for _, i, o in eshapes for n in (lora_r * arch.experts * i, o * lora_r * arch.experts)]
+    if lora_router and arch.is_moe:  # lora_A (r, hidden), lora_B (E, r) (lora/router.py)
+        lora_tensors += [lora_r * arch.hidden, arch.experts * lora_r]
     n_lora = arch.layers * sum(lora_tensors)
     comp["lora_params"] = prof.adapter_bytes * n_lora
     comp["lora_grads"] = prof.adapter_bytes * n_lora
@@ -471,7 +475,7 @@ def estimate_for_config(cfg, checkpointed_layers: int | None = None) -> MemoryEs
         (cfg.model.attn_implementation == "auto" and arch.family == "gemma2") else "sdpa", system="ours",
         gpus=launched_world(), distributed=cfg.train.distributed,
         new_tokens=new_token_bound(cfg.data.format, cfg.data.chat_template, cfg.data.marker_tokens),
-        lora_experts=cfg.lora.target_experts)
+        lora_experts=cfg.lora.target_experts, lora_router=cfg.lora.target_router)
 
 
 __all__ = ["GB", "GIB", "MemoryEstimate", "PROFILES", "SystemProfile", "estimate", "moe_layer_arch", "moe_load_note",

@@ -36,6 +36,7 @@ from qlora_trainer.errors import QloraError
 from qlora_trainer.config import save_config
 from qlora_trainer.io import atomic_directory
 from qlora_trainer.lora import save_adapter
+from qlora_trainer.lora.experts import is_expert_key
 from qlora_trainer.lora.peft_format import PREFIX, WEIGHTS_NAME
 from qlora_trainer.lora.tokens import peft_token_key
 from qlora_trainer.train import resume as checks
@@ -179,8 +180,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any
     tensors: dict[str, torch.Tensor] = {}
     if (path / "adapter" / WEIGHTS_NAME).is_file():
         stored = read_safetensors(path / "adapter" / WEIGHTS_NAME, FIX_CHECKPOINT)
-        tensors = {names.get(k, k): t for k, t in stored.items()
-                   if not k.endswith((".lora_A", ".lora_B", ".lora_E"))}  # AdaLoRA's: in trainable.safetensors
+        tensors = {names.get(k, k): t for k, t in stored.items()  # in trainable.safetensors: AdaLoRA's, the experts'
+                   if not k.endswith((".lora_A", ".lora_B", ".lora_E")) and not is_expert_key(model, k, PREFIX)}
     if (path / "trainable.safetensors").is_file():
         tensors.update(read_safetensors(path / "trainable.safetensors", FIX_CHECKPOINT))
     if set(tensors) != set(params):

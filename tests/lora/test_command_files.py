@@ -34,7 +34,10 @@ def _damaged(adapter, tmp_path, name: str, keep: float):
     bad = tmp_path / "bad"
     shutil.copytree(adapter, bad)
     data = (bad / name).read_bytes()
-    (bad / name).write_bytes(data[: int(len(data) * keep)])
+    cut = int(len(data) * keep)
+    if 0 < cut < len(data) and data[cut - 1:cut] == b"\n":  # mid-line, as a cut-short file is unless by chance
+        cut -= 1
+    (bad / name).write_bytes(data[:cut])
     return bad, len(data)
 
 

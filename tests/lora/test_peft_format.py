@@ -127,3 +127,21 @@ def test_partial_targets_saved_as_regex_peft_loads(tmp_path):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lowest_tested_peft_loads_moe_adapters():
+    """The lowest PEFT we test (pyproject's ``test`` extra, ci/constraints-lowest.txt, equal) loads
+    adapters on MoE experts and routers (``PEFT_FOR_MOE``), so their parity tests run in both legs."""
+    import re
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    from qlora_trainer.lora.peft_format import PEFT_FOR_MOE
+
+    root = Path(__file__).resolve().parents[2]
+    lower = re.search(r'"peft>=([0-9.]+)', (root / "pyproject.toml").read_text())
+    pinned = re.search(r"^peft==([0-9.]+)", (root / "ci" / "constraints-lowest.txt").read_text(), re.M)
+    assert lower and pinned
+    assert Version(pinned[1]) == Version(lower[1]) >= Version(PEFT_FOR_MOE)
+    assert Version(peft.__version__) >= Version(PEFT_FOR_MOE)

@@ -22,6 +22,9 @@ def test_experts_are_counted_in_4_bits(name):
     no_expert_lora = estimate(arch, seq_len=2048, lora_experts=False)
     extra = arch.layers * 16 * arch.experts * (2 * arch.hidden + 3 * arch.intermediate)
     assert nf4.components["lora_params"] - no_expert_lora.components["lora_params"] == 2 * extra  # bf16
+    router = estimate(arch, seq_len=2048, lora_router=True)  # lora_A (16, hidden), lora_B (E, 16) per layer
+    assert router.components["lora_params"] - nf4.components["lora_params"] == \
+        2 * arch.layers * 16 * (arch.hidden + arch.experts)
 
 
 @pytest.mark.parametrize("name, fits24, fits48", [("qwen3-30b-a3b", True, True), ("mixtral-8x7b", False, True),

@@ -14,6 +14,7 @@ import torch
 from qlora_trainer.config import Config
 from qlora_trainer.lora import load_adapter, save_adapter
 from qlora_trainer.lora.merge import merge_lora
+from qlora_trainer.lora.router import router_lora_layers
 from qlora_trainer.models.families import FAMILIES, MOE, VOCAB, family_config
 from qlora_trainer.models.quantize import quantize_model
 from qlora_trainer.models.tiny import model_from_config
@@ -50,8 +51,24 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_trains_saves_loads_merges(family, nf4, tmp_path, peft_reads_experts):
+def test_family_trains_saves_loads_merges(family, nf4, tmp_path):
+    _train_save_load_merge(family, nf4, tmp_path, _config())
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("family", MOE)
+def test_moe_family_with_router_lora(family, nf4, tmp_path):
+    """``lora.target_router``: the routers train too, and PEFT loads them with the rest."""
     cfg = _config()
+    cfg.lora.target_router = True
+    model = _train_save_load_merge(family, nf4, tmp_path, cfg)
+    assert len(router_lora_layers(model)) == family_config(family).num_hidden_layers
+    assert all(layer.lora_B["default"].abs().sum() > 0 for layer in router_lora_layers(model).values())  # trained
+
+
+def _train_save_load_merge(family: str, nf4: bool, tmp_path, cfg: Config) -> torch.nn.Module:
+    """Train 4 steps, save, load by PEFT and ours with equal logits, merge, generate; returns the
+    trained model."""
     model = prepare_model(_base(family, nf4), cfg, device=torch.device("cpu"), dtype=torch.float32)
     opt = build_optimizer(model, cfg)
     ids = _batch(0)
@@ -69,17 +86,17 @@ def test_family_trains_saves_loads_merges(family, nf4, tmp_path, peft_reads_expe
     ours = _base(family, nf4=False)
     load_adapter(ours, out, dtype=torch.float32, backend="torch")
     expected = _logits(ours, probe)
-    if family not in MOE or peft_reads_experts:  # PEFT 0.18 stores 3-D experts' LoRA the other way round
-        theirs = peft.PeftModel.from_pretrained(_base(family, nf4=False), str(out)).eval()
-        with torch.no_grad():
-            got = theirs(probe).logits
-            with theirs.disable_adapter():
-                base = theirs(probe).logits
-        assert (expected - base).abs().max() > 1e-4  # the adapter changes the output
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    theirs = peft.PeftModel.from_pretrained(_base(family, nf4=False), str(out)).eval()
+    with torch.no_grad():
+        got = theirs(probe).logits
+        with theirs.disable_adapter():
+            base = theirs(probe).logits
+    assert (expected - base).abs().max() > 1e-4  # the adapter changes the output
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
     merged = merge_lora(ours, dtype=torch.float32)
     torch.testing.assert_close(_logits(merged, probe), expected, atol=1e-4, rtol=1e-4)
     gen = merged.generate(probe[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False,
                           pad_token_id=0)
     assert gen.shape == (1, 7)
+    return model

@@ -112,7 +112,7 @@ def test_experts_get_lora_gradients(family, nf4):
 
 
 @pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
-def test_peft_loads_expert_adapter_and_merge_is_exact(family, nf4, tmp_path, peft_reads_experts):
+def test_peft_loads_expert_adapter_and_merge_is_exact(family, nf4, tmp_path):
     model = _adapted(family, nf4)
     out = save_adapter(model, tmp_path / "a", cfg=LoRAConfig(r=2, alpha=4, dropout=0.05), base_model="tiny")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -127,20 +127,28 @@ def test_peft_loads_expert_adapter_and_merge_is_exact(family, nf4, tmp_path, pef
         dense = ours(probe).logits
     if not nf4:
         torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
-    if peft_reads_experts:
-        peft = pytest.importorskip("peft")
-        theirs = peft.PeftModel.from_pretrained(_model(family), str(out)).eval()
-        with torch.no_grad():
-            got = theirs(probe).logits
-            with theirs.disable_adapter():
-                base = theirs(probe).logits
-        assert (got - base).abs().max() > 1e-3
-        torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(_model(family), str(out)).eval()
+    with torch.no_grad():
+        got = theirs(probe).logits
+        with theirs.disable_adapter():
+            base = theirs(probe).logits
+    assert (got - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
     merged = merge_lora(model, dtype=torch.float32)  # NF4 experts + LoRA -> 16-bit experts
     assert not expert_lora_layers(merged) and not any(isinstance(m, NF4Experts) for m in merged.modules())
     assert set(merged.state_dict()) == set(_model(family).state_dict())  # save_pretrained writes transformers' keys
     with torch.no_grad():
         torch.testing.assert_close(merged(probe).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_delete_adapter_removes_the_experts_adapter(family):
+    from qlora_trainer.lora import delete_adapter
+
+    model = _adapted(family, nf4=True)
+    delete_adapter(model, "default")
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert all(layer.active_adapter is None for layer in expert_lora_layers(model).values())
 
 
 def test_dora_leaves_experts_alone(family):

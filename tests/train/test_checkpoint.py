@@ -61,14 +61,40 @@ def test_trainable_tensors_stored_once_and_restored_exactly(tiny_cfg, layout):
             assert list(f.keys()) == [extra]
     else:
         save_file(trainable, str(path / "trainable.safetensors"))
+    _check_restores(path, model, opt, sched, trainable)
+
+
+def _check_restores(path, model, opt, sched, trainable: dict) -> None:
+    """Moves every trainable tensor away, loads checkpoint ``path``: each equals ``trainable`` again."""
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(1.0)
     assert load_checkpoint(path, model, opt, sched).step == 1
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, trainable[n]), n
+
+
+@pytest.mark.parametrize("router", [False, True], ids=["experts", "experts+router"])
+def test_moe_adapters_restore_exactly(tiny_cfg, router):
+    """A mixture-of-experts model's adapters (per-expert LoRA, optionally the router's) come back exactly:
+    the experts' tensors from trainable.safetensors, the rest from the adapter."""
+    from qlora_trainer.models.families import family_config
+    from qlora_trainer.models.quantize import quantize_model
+    from qlora_trainer.models.tiny import model_from_config
+    from qlora_trainer.train.setup import build_optimizer, build_scheduler, prepare_model
+
+    tiny_cfg.lora.dropout, tiny_cfg.lora.target_router = 0.0, router
+    base = model_from_config(family_config("qwen3_moe"), seed=0)
+    quantize_model(base, compute_dtype=torch.float32)
+    model = prepare_model(base, tiny_cfg, device=torch.device("cpu"), dtype=torch.float32)
+    opt = build_optimizer(model, tiny_cfg)
+    sched = build_scheduler(opt, tiny_cfg)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".experts.lora_A." in n for n in trainable)
+    assert any(".gate.lora_A." in n for n in trainable) is router
+    _check_restores(save_checkpoint(model, opt, sched, TrainerState(step=1), tiny_cfg), model, opt, sched, trainable)
 
 
 def test_retention_keeps_newest_by_step_number(tmp_path):
