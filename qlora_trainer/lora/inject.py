@@ -84,7 +84,8 @@ def _inject_router(model: nn.Module, cfg: LoRAConfig, spec: AdapterSpec, *, dtyp
         log.info("LoRA %s on the routers of %d MoE layers (16-bit, rank %d, no dropout)", adapter_name, len(names),
                  spec.r)
     else:
-        log.warning("lora.target_router: the model has no mixture-of-experts router; nothing adapted there")
+        log.warning("lora.target_router: the model has no mixture-of-experts router we adapt (Mixtral, Qwen2/3-MoE "
+                    "and OLMoE have one); nothing adapted there")
     return names
 
 

@@ -31,7 +31,10 @@ from qlora_trainer.lora.layer import AdapterSpec
 from qlora_trainer.lora.modules import add_wrapped_adapters, wrapped
 from qlora_trainer.models.moe import experts_modules
 
-ROUTER_ATTRS = ("gate", "router")  # the router's attribute on the MoE block, beside ``experts``
+# the router's attribute on the MoE block, beside ``experts``: a ``*TopKRouter`` with one (E, H) weight
+# (Mixtral, Qwen2/3-MoE, OLMoE). PhiMoE's and Granite-MoE's ``router`` (sparse mixer, biased/other
+# layouts) are not adapted: PEFT's round trip and the gradient through them are not checked.
+ROUTER_ATTRS = ("gate",)
 
 
 def router_weight(module: nn.Module) -> nn.Parameter | None:

@@ -56,7 +56,7 @@ def test_family_trains_saves_loads_merges(family, nf4, tmp_path):
 
 
 @pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
-@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"])  # a `gate` router
 def test_moe_family_with_router_lora(family, nf4, tmp_path):
     """``lora.target_router``: the routers train too, and PEFT loads them with the rest."""
     cfg = _config()
