@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 # Torch is installed first, pinned, before anything that depends on it (else pip resolves it on its
 # own). Newest leg: the newest torch inside pyproject.toml's range; lowest leg: ci/constraints-lowest.txt.
-TORCH ?= 2.14.1
+TORCH ?= 2.15.0
 
 # The lowest supported versions (ci/constraints-lowest.txt) get a venv of their own, and the project
 # goes in as a user gets it: the built wheel, installed NOT editable. CI runs both legs.
