@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Torch is installed first, pinned, before anything that depends on it (else pip resolves it on its
-# own). Newest leg: the newest torch inside pyproject.toml's range; lowest leg: ci/constraints-lowest.txt.
-TORCH ?= 2.14.1
+# own). Newest leg: the newest torch inside pyproject.toml's range, pinned in ci/torch-newest.txt
+# (`make test TORCH=2.13.0` picks another); lowest leg: ci/constraints-lowest.txt.
+TORCH ?=
+TORCH_REQ = $(if $(TORCH),"torch==$(TORCH)",-r ci/torch-newest.txt)
 
 # The lowest supported versions (ci/constraints-lowest.txt) get a venv of their own, and the project
 # goes in as a user gets it: the built wheel, installed NOT editable. CI runs both legs.
@@ -24,12 +26,12 @@ PYTEST_CMD = TRITON_INTERPRET=1 pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 # synchronising threads (measured on the 2-core box: demo 104 s with the default, 18 s with 1).
 export OMP_NUM_THREADS ?= 1
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py ci/torch-newest.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so that nothing else picks it (torch 2.13.0's CPU build is on disk here;
 	# newer releases come with their CUDA libraries, ~2 min, and run on the CPU too)
-	$(BIN)/python -m pip install -q "torch==$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH_REQ)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -7,10 +7,26 @@ Layering per op (Liger-Kernel style): Triton kernel -> launcher -> ``torch.autog
 
 This folder sits at the repository's top level but is only ever ``qlora_trainer.kernels``: imported
 as a bare ``kernels`` (from the repo root, ``sys.path`` holds ``.``) it would impersonate the
-Hugging Face ``kernels`` package that transformers and bitsandbytes probe for, so it refuses.
+Hugging Face ``kernels`` package that transformers and bitsandbytes probe for. So it hands the name
+to that package where one is installed elsewhere on ``sys.path`` (transformers >= 5.25 requires it
+and imports it), and otherwise refuses.
 """
 
-if __name__ == "kernels":  # imported under the bare name: inert, and every use says why
+if __name__ == "kernels":  # imported under the bare name
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or ".") != _root])
+    _hf = _spec is not None and _spec.loader is not None and _spec.origin is not None
+
+if __name__ == "kernels" and _hf:  # Hugging Face's package takes the name (not a namespace folder)
+    _sys.modules["kernels"] = _module = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)  # `import kernels` returns what sys.modules holds: theirs
+elif __name__ == "kernels":  # none installed: inert, and every use says why
     __file__ = None  # transformers' probe reads "no version, no file" as "not installed"
     __path__: list[str] = []  # no submodules either
 

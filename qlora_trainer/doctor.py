@@ -12,7 +12,8 @@ Each check returns a :class:`Check` (name, status, one-line detail, optional dat
   our NF4 compute bypasses both (docs/bitsandbytes-cpu.md), HF-stack baselines do not;
 - Triton importable and usable (a GPU, or ``TRITON_INTERPRET=1`` on the CPU);
 - the ``kernels`` name: ``import kernels`` should not find our repo folder (inert under that name,
-  but it hides Hugging Face's ``kernels`` package that transformers and bitsandbytes probe for);
+  but it hides Hugging Face's ``kernels`` package that transformers and bitsandbytes probe for),
+  unless Hugging Face's is installed too: then our folder hands the name to it;
 - given a config, the memory estimator's verdict for this machine's GPU;
 - ``--kernels``: every Triton kernel against its torch reference here (``kernels/selfcheck.py``).
 """
@@ -246,16 +247,19 @@ def kernels_name_check() -> Check:
         return Check("kernels-name", "ok", "no top-level 'kernels' module", {"origin": None})
     origin = spec.origin or (list(spec.submodule_search_locations or [None])[0])
     data = {"origin": str(origin)}
-    if origin and _is_our_kernels_init(Path(origin)):
-        # inert under the bare name (kernels/__init__.py), but it hides Hugging Face's package
-        ours = Path(origin).parent
-        return Check("kernels-name", "warn", f"'import kernels' finds this repo's folder {ours} (inert under "
-                     "that name, but it hides Hugging Face's kernels package from transformers and bitsandbytes; "
-                     "run from another directory or drop it from PYTHONPATH)", data)
     try:
         hf = md.version("kernels")
     except md.PackageNotFoundError:
         hf = None
+    if origin and _is_our_kernels_init(Path(origin)):
+        ours = Path(origin).parent
+        if hf:  # our folder hands the bare name to theirs (kernels/__init__.py)
+            return Check("kernels-name", "ok", f"'import kernels' finds this repo's folder {ours}, which hands "
+                         f"the name to Hugging Face kernels {hf}", data | {"hf_kernels": hf})
+        # inert under the bare name (kernels/__init__.py), but it hides Hugging Face's package
+        return Check("kernels-name", "warn", f"'import kernels' finds this repo's folder {ours} (inert under "
+                     "that name, but it hides Hugging Face's kernels package from transformers and bitsandbytes; "
+                     "run from another directory or drop it from PYTHONPATH)", data)
     if hf:
         return Check("kernels-name", "ok", f"Hugging Face kernels {hf} at {origin}", data | {"hf_kernels": hf})
     return Check("kernels-name", "warn", f"'import kernels' finds an unknown module at {origin}", data)
