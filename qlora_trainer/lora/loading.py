@@ -7,6 +7,7 @@ model path, quantization, seed of a ``random:`` model, ...) when present, else P
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from qlora_trainer.runtime import resolve_device, resolve_dtype
 from qlora_trainer.io import FIX_ADAPTER, first_line
 from qlora_trainer.models.check import check_tokenizer_files
 from qlora_trainer.runtime import expand_path
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -127,8 +130,11 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
 
         rebuild_loftq_base(model, read_adapter(dirs[0]), weight_source(cfg, len(tokenizer)), cfg.lora.loftq_iters)
     swaps: dict[str, tuple[str, Any]] = {}
+    weights = [read_adapter(d) for d in dirs] if hotswap else []
+    if any(w.config.get("target_parameters") for w in weights):
+        log.info("adapters on mixture-of-experts weights cannot share a hot-swap slot: loaded side by side")
+        hotswap = False
     if hotswap and dirs:
-        weights = [read_adapter(d) for d in dirs]
         for dora in sorted({w.use_dora for w in weights}):
             group = [w for w in weights if w.use_dora == dora]
             slot = "hotswap-dora" if dora else "hotswap"
