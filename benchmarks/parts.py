@@ -56,6 +56,15 @@ PYTEST_DRY = {"kernels-bf16": (["tests/kernels"], "not gpu and not slow", "dequa
               "kernels-rest": (["tests/kernels"], "not gpu and not slow",
                                "(loss_and_grads and float32 and triton) or (rmsnorm_forward and shape0 and float32)"),
               "gpu-tests": (["tests/models/test_cpu_embedding.py"], "not gpu and not slow", "idempotent")}
+# Part moe-load: (catalog MoE, decoder layers written): a synthetic checkpoint with the model's real per-layer
+# shapes (bf16, random), loaded streamed and the old way; the per-layer figures extrapolated to its full depth.
+# Seconds on the GPU box, reasoned from the CPU box (one loaded core): the part process's imports ~5-10 s;
+# writing (fill + save_pretrained) ran at 0.6-0.7 GB/s for Mixtral/Qwen3 shapes scaled to 0.5-0.9 GB, so
+# Mixtral's 2 layers (6.3 GB: 5.6 GB of experts, 0.5 GB of embeddings + lm_head, 0.2 GB of attention) take
+# <= 10 s and Qwen3's (3.7 GB) <= 6 s; each load reads the checkpoint from the page cache and quantizes on
+# the GPU, ~5-10 s. Mixtral ~30 s, Qwen3 ~20 s: 80 s planned; Qwen3 only with MOE_LOAD_NEED_S left.
+MOE_LOAD = [("mixtral-8x7b", 2), ("qwen3-30b-a3b", 2)]
+MOE_LOAD_NEED_S = 30.0
 STEPS = {"speed": (2, 5), "big": (1, 3), "long": (0, 1)}  # (warm-up, timed)
 
 # The dry run (CPU, fp32, kernels under the interpreter): one tiny shape per part, every code path.
@@ -192,6 +201,28 @@ def junit_summary(path: Path) -> dict:
     return {**counts, "failures": failures[:40]}
 
 
+def part_moe_load(p: Part) -> None:
+    """Peak memory of loading an MoE checkpoint in NF4, streamed vs the old path
+    (``benchmarks/moe_load_peak.py``), on synthetic checkpoints of :data:`MOE_LOAD` written into the
+    part's scratch folder (tiny shapes in the dry run, same code); the old path's OOM is its row's status."""
+    import torch
+
+    from benchmarks.moe_load_peak import synthetic_rows
+
+    for i, (arch, layers) in enumerate(MOE_LOAD):
+        if i and p.left() < (5.0 if p.dry else MOE_LOAD_NEED_S):
+            p.emit({"kind": "moe_load", "arch": arch, "layers": layers, "status": "skipped",
+                    "reason": f"not enough time left ({p.left():.0f} s of the {MOE_LOAD_NEED_S:.0f} s a row takes)"})
+            continue
+        try:  # each row as soon as its load is done: a part cut by its box keeps the streamed row
+            for row in synthetic_rows(arch, layers, p.work, device=torch.device(p.ctx["device"]),
+                                      dtype=getattr(torch, p.ctx["dtype"]), tiny=p.dry, seed=p.ctx["seed"]):
+                p.emit(row)
+        except Exception as e:  # noqa: BLE001 - one model's failure must not lose the next one's rows
+            p.emit({"kind": "moe_load", "arch": arch, "layers": layers, "status": "error",
+                    "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
+
+
 def part_speed(p: Part) -> None:
     """Speed and memory rows: ours, hf, hf-tuned on every shape, same weights and tokens (in-process
     NF4 build), each with our memory estimate beside its measured peak (:func:`with_estimate`)."""
@@ -313,9 +344,9 @@ def part_nf4_paths(p: Part) -> None:
                 deadline=p.ctx["deadline"], emit=p.emit, rep_ms=40)
 
 
-PARTS = {"correctness": part_correctness, "speed": part_speed, "calibration": part_calibration, "70b": part_big,
-         "long": part_long, "unsloth": part_unsloth, "nf4_paths": part_nf4_paths, "compile": part_compile,
-         "variants": part_variants}
+PARTS = {"correctness": part_correctness, "moe-load": part_moe_load, "speed": part_speed, "calibration": part_calibration,
+         "70b": part_big, "long": part_long, "unsloth": part_unsloth, "nf4_paths": part_nf4_paths,
+         "compile": part_compile, "variants": part_variants}
 
 
 def main(argv: list[str] | None = None) -> int:

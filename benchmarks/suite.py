@@ -8,6 +8,8 @@ timeout or a kill keeps everything finished before it. At most 7 files: the GPU 
 
     correctness   kernel tests on CUDA (bf16 first, then the rest), one training step kernels on == off,
                   the gpu-marked tests outside tests/kernels
+    moe-load      peak memory of loading an MoE in NF4, streamed vs the old path: synthetic Mixtral-8x7B and
+                  Qwen3-30B-A3B checkpoints (real layer shapes, 2 layers), extrapolated to their depth
     speed         Llama-3-8B/2048 and Llama-2-7B/512: ours, hf, hf-tuned, our estimate beside each peak
     calibration   CUDA context measured; estimate vs measured peak for every row; memory --measure
     70b           Llama-3-70B: ours at 512 and 2048, hf at 512
@@ -19,8 +21,9 @@ timeout or a kill keeps everything finished before it. At most 7 files: the GPU 
 
 Which parts: ``--parts`` (names or numbers), else the planner (:mod:`benchmarks.planner`): the most
 valuable parts that the suite JSON files committed under ``benchmarks/results/`` have not measured, as
-many as fit the budget; so the first call measures correctness, speed and calibration (470 s), and
-later calls continue with 70B, long context, Unsloth, NF4 paths, compile. ``--dry-run``: every part,
+many as fit the budget; so the first call measures correctness, moe-load, calibration, 70B and NF4
+paths (430 s: speed's 240 s do not fit beside correctness and moe-load), the second speed, long
+context and compile, the third Unsloth and the variants. ``--dry-run``: every part,
 on the CPU with tiny shapes (kernels under the Triton interpreter). Boxes: each part's planned seconds
 (``PLAN``, scaled to ``--budget-s``), plus whatever earlier parts left unused. The project is imported
 from its own wheel (``--wheel``, else built from this checkout), never from the repo root
@@ -44,12 +47,13 @@ from pathlib import Path
 from benchmarks import stage
 
 # (part, planned seconds on one H100/H200, planned seconds in a dry run), in order of value. The first
-# call's three parts take 450 s of its default 470 s: the device runs one command for at most 600 s,
-# and a cold start plus the copies must fit 15 minutes of device time with a rerun to spare.
+# call's parts take 430 s of its default 470 s (moe-load's 80 s: see parts.MOE_LOAD): the device runs one
+# command for at most 600 s, and a cold start plus the copies must fit 15 minutes of device time with a rerun to spare.
 # Dry-run seconds: measured on the 2-core CPU box at load 8-12 (each row process imports torch and
 # transformers, 15-30 s there), plus a quarter.
-PLAN = [("correctness", 170, 200), ("speed", 240, 110), ("calibration", 40, 30), ("70b", 105, 85), ("long", 110, 100),
-        ("unsloth", 150, 3), ("nf4_paths", 35, 60), ("compile", 90, 3), ("variants", 60, 60)]
+PLAN = [("correctness", 170, 200), ("moe-load", 80, 30), ("speed", 240, 110), ("calibration", 40, 30),
+        ("70b", 105, 85), ("long", 110, 100), ("unsloth", 150, 3), ("nf4_paths", 35, 60), ("compile", 90, 3),
+        ("variants", 60, 60)]
 NAMES = [p[0] for p in PLAN]
 GPU_BUDGET_S = 470.0
 RESERVE_S = 3.0  # for the last write of the results after the final part
@@ -214,6 +218,8 @@ def failed_checks(doc_rows: list[dict], summary: list[dict]) -> list[str]:
             bad.append(f"{kind}: {r['status']}" + (f" ({'; '.join(r.get('failures', [])[:3])})" if r.get("failures") else ""))
         if r.get("step0_loss_ok") is False:
             bad.append(f"step-0 loss disagreement: {r['model']} {r['seq_len']} {r['system']}")
+        if kind == "moe_load" and r.get("status") == "error":
+            bad.append(f"moe_load {r['arch']}: {r.get('error', '')[:120]}")
         if kind == "step" and r.get("status") == "error":
             bad.append(f"{r['model']} {r['seq_len']} {r['system']}: {r.get('error', '')[:120]}")
     return bad

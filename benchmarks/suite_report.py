@@ -1,6 +1,6 @@
 """``suite.md``: the step-row table of :func:`benchmarks.results.to_markdown`, then one section per
-part of the suite (time boxes, kernel checks, long context, calibration, NF4 matmul paths), all from
-``suite.json``."""
+part of the suite (time boxes, kernel checks, MoE load peaks, long context, calibration, NF4 matmul
+paths), all from ``suite.json``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,32 @@ def correctness_markdown(doc: dict) -> list[str]:
                 continue
             lines.append(f"| {dt} | {c['loss_kernels']:.5f} | {c['loss_reference']:.5f} | {c['loss_rdiff']:.1e} | "
                          f"{c['grad_rdiff_max']:.1e} | {c['param_rdiff_max']:.1e} | {c['ok']} |")
+    return lines
+
+
+def _gib(v: int | None) -> str:
+    return _fmt(None if v is None else v / 2**30, ".3f")
+
+
+def moe_load_markdown(doc: dict) -> list[str]:
+    rows = _rows(doc, "moe_load")
+    if not rows:
+        return []
+    lines = ["", "## MoE load peak, NF4 (GiB; synthetic checkpoints: the model's layer shapes, few layers; "
+                 "extrapolated = estimated for the full depth, not measured)", "",
+             "| model | layers | path | peak | kept | transient | experts 16-bit | write s | load s | "
+             "extrapolated layers | extrapolated peak | extrapolated kept | extrapolated experts 16-bit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "path" not in r:
+            lines.append(f"| {r['arch']} | {r['layers']} | {r['status']}: {(r.get('error') or r.get('reason') or '')[:80]} "
+                         "| | | | | | | | | | |")
+            continue
+        peak = _gib(r["peak"]) if r["status"] == "ok" else r["status"][:60]
+        lines.append(f"| {r['arch']} ({r['synthetic']}) | {r['layers']} | {r['path']} | {peak} | {_gib(r['kept'])} | "
+                     f"{_gib(r['transient'])} | {_gib(r['experts_dense'])} | {_fmt(r['checkpoint_write_s'], '.1f')} | "
+                     f"{_fmt(r.get('load_s'), '.1f')} | {r['extrapolated_layers']} | {_gib(r.get('extrapolated_peak'))} | "
+                     f"{_gib(r.get('extrapolated_kept'))} | {_gib(r['extrapolated_experts_dense'])} |")
     return lines
 
 
@@ -103,6 +129,6 @@ def nf4_paths_markdown(doc: dict) -> list[str]:
 
 def to_markdown(doc: dict) -> str:
     head = step_markdown(doc).rstrip("\n").splitlines()
-    body = [*budget_markdown(doc), *correctness_markdown(doc), *long_markdown(doc), *calibration_markdown(doc),
+    body = [*budget_markdown(doc), *correctness_markdown(doc), *moe_load_markdown(doc), *long_markdown(doc), *calibration_markdown(doc),
             *nf4_paths_markdown(doc)]
     return "\n".join(head[:6] + body + [""] + ["## Speed and memory rows", ""] + head[6:]) + "\n"
