@@ -51,7 +51,7 @@ from benchmarks import stage
 # command for at most 600 s, and a cold start plus the copies must fit 15 minutes of device time with a rerun to spare.
 # Dry-run seconds: measured on the 2-core CPU box at load 8-12 (each row process imports torch and
 # transformers, 15-30 s there), plus a quarter.
-PLAN = [("correctness", 170, 200), ("moe-load", 80, 30), ("speed", 240, 110), ("calibration", 40, 30),
+PLAN = [("correctness", 170, 200), ("speed", 240, 110), ("calibration", 40, 30), ("moe-load", 80, 30),
         ("70b", 105, 85), ("long", 110, 100), ("unsloth", 150, 3), ("nf4_paths", 35, 60), ("compile", 90, 3),
         ("variants", 60, 60)]
 NAMES = [p[0] for p in PLAN]

@@ -16,7 +16,7 @@ def _suite_json(path, parts, dry=False):
                                 "rows": []}))
 
 
-FIRST = ["correctness", "moe-load", "calibration", "70b", "nf4_paths"]  # 430 s: speed (240) does not fit beside
+FIRST = ["correctness", "speed", "calibration"]  # 450 s of 467: moe-load (80) does not fit beside
 
 
 def test_first_call_measures_the_most_valuable_parts_that_fit(bench, tmp_path):
@@ -36,15 +36,16 @@ def test_later_calls_continue_where_the_committed_results_stop(bench, tmp_path):
     (tmp_path / "bench-old.json").write_text(json.dumps({"rows": []}))  # a runner file, no suite section
     assert planner.measured_parts(tmp_path) == {p: "suite-1.json" for p in FIRST}
     parts, _ = suite.choose_parts(suite.parse_args(["--out", "x", "--results", str(tmp_path)]))
-    assert parts == ["speed", "long", "compile"]  # 440 s of 467: unsloth (150) does not fit, compile (90) does
-    _suite_json(tmp_path / "suite-2.json", [("speed", "done"), ("long", "timeout"), ("compile", "done")])
+    assert parts == ["moe-load", "70b", "long", "unsloth"]  # 445 s of 467: nf4_paths (35) does not fit
+    _suite_json(tmp_path / "suite-2.json", [("moe-load", "done"), ("70b", "done"), ("long", "timeout"),
+                                            ("unsloth", "done")])
     parts, _ = suite.choose_parts(suite.parse_args(["--out", "x", "--results", str(tmp_path)]))
-    assert parts == ["long", "unsloth", "variants"]  # a part that timed out is measured again
+    assert parts == ["long", "nf4_paths", "compile", "variants"]  # a part that timed out is measured again
     plan = [(n, s) for n, s, _ in suite.PLAN]
     assert planner.next_parts(plan, {n for n, _ in plan}, 467) == FIRST  # all done: start over
     assert planner.next_parts(plan, set(), 10) == ["correctness"]  # at least one
     a = suite.parse_args(["--out", "x", "--results", str(tmp_path), "--parts", "compile", "3"])
-    assert suite.choose_parts(a) == (["speed", "compile"], {})  # --parts wins, in order of value
+    assert suite.choose_parts(a) == (["calibration", "compile"], {})  # --parts wins, in order of value
 
 
 def test_rows_reach_the_output_folder_as_each_ends(bench, tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ["correctness", "moe-load", "speed", "calibration", "70b", "long", "unsloth", "nf4_paths", "compile", "variants"]
+PARTS = ["correctness", "speed", "calibration", "moe-load", "70b", "long", "unsloth", "nf4_paths", "compile", "variants"]
 
 
 def bare_python(root: Path) -> Path:
@@ -80,12 +80,12 @@ def test_dry_run_writes_every_part(dry_run):
     c = step["checks"]["float32"]
     assert step["status"] == "ok" and c["ok"] and c["n_adapter_tensors"] > 0 and c["grad_rdiff_max"] <= 1e-4, step
 
-    moe = _rows(doc, "moe_load")  # part 2: both load paths of both synthetic MoEs, extrapolated to full depth
+    moe = _rows(doc, "moe_load")  # moe-load: both load paths of both synthetic MoEs, extrapolated to full depth
     assert [(r["arch"], r["path"], r["status"]) for r in moe] == [(a, p, "ok") for a in ("mixtral-8x7b", "qwen3-30b-a3b")
                                                                   for p in ("streamed", "old")], moe
     assert all(r["extrapolated_peak"] > r["peak"] for r in moe)
 
-    rows = _rows(doc, "step", "speed")  # part 3: same weights, tokens, our estimate beside each
+    rows = _rows(doc, "step", "speed")  # part 2: same weights, tokens, our estimate beside each
     speed = {r["system"]: r for r in rows}
     assert set(speed) == {"qlora_trainer", "hf", "hf-tuned"}
     for s in ("qlora_trainer", "hf", "hf-tuned"):
