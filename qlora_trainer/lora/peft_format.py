@@ -38,6 +38,7 @@ from qlora_trainer.lora.router import attach_router_weights, router_state_dict, 
 from qlora_trainer.lora.weights import AdapterWeights, LayerWeights
 from qlora_trainer.lora.inject import replace_module, set_trainable
 from qlora_trainer.lora.modules import linear_layers
+from qlora_trainer.models.moe import experts_modules
 from qlora_trainer.lora.tokens import PEFT_SUFFIX, load_token_rows, peft_token_entries
 from qlora_trainer.runtime import resolve_dtype
 from qlora_trainer.io import mark_output
@@ -51,14 +52,29 @@ _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vect
              ".lora_magnitude_vector.weight": "m", ".lora_A": "A", ".lora_B": "B", ".lora_E": "E"}  # last 3: AdaLoRA
 
 
+# transformers-4 names of MoE expert projections and routers. On a model with fused experts, PEFT >= 0.22
+# reads these bare names (or a regex, resolved to leaf names) in ``target_modules`` as an adapter saved
+# for transformers 4 and moves them onto the fused experts with a doubled rank: e.g. Qwen2-MoE's shared
+# expert's ``gate_proj`` would resize ``experts.gate_up_proj``'s adapter.
+_V4_EXPERT_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"})
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly ``names``: the list of last name components when that
-    selects nothing else, else a regular expression PEFT full-matches against module names."""
+    selects nothing else, else a regular expression PEFT full-matches against module names. On a model
+    with fused MoE experts, never a bare transformers-4 expert name nor a regex (see
+    :data:`_V4_EXPERT_NAMES`): name suffixes of two components, else the full names."""
+    linear = linear_layers(model)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    chosen = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in suffixes}
-    if chosen == set(names):
+    exact = {n for n in linear if n.rsplit(".", 1)[-1] in suffixes} == set(names)
+    if not experts_modules(model):
+        return suffixes if exact else "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+    if exact and not _V4_EXPERT_NAMES.intersection(suffixes):
         return suffixes
-    return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+    pairs = sorted({".".join(n.split(".")[-2:]) for n in names})
+    if {n for n in linear if ".".join(n.split(".")[-2:]) in pairs} == set(names):
+        return pairs
+    return sorted(names)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

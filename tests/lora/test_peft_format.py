@@ -145,3 +145,24 @@ def test_lowest_tested_peft_loads_moe_adapters():
     assert lower and pinned
     assert Version(pinned[1]) == Version(lower[1]) >= Version(PEFT_FOR_MOE)
     assert Version(peft.__version__) >= Version(PEFT_FOR_MOE)
+
+
+def test_moe_adapter_names_no_bare_transformers4_expert_projection(tmp_path):
+    """On a model with fused experts, PEFT >= 0.22 takes bare ``gate_proj`` / ``up_proj`` (or a regex) in
+    ``target_modules`` for a transformers-4 expert adapter and resizes the fused experts' adapter: Qwen2-MoE's
+    shared expert is named by two components instead."""
+    from qlora_trainer.config import Config
+    from qlora_trainer.models.families import family_config
+    from qlora_trainer.models.tiny import model_from_config
+    from qlora_trainer.train.setup import prepare_model
+
+    cfg = Config()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 2, 4.0, 0.0
+    model = model_from_config(family_config("qwen2_moe"), seed=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = prepare_model(model, cfg, device=torch.device("cpu"), dtype=torch.float32)
+    out = save_adapter(model, tmp_path / "a", cfg=cfg.lora, base_model="random:qwen2_moe")
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(targets, list) and "shared_expert.gate_proj" in targets
+    assert not {"gate_proj", "up_proj", "down_proj", "gate"} & set(targets)
