@@ -153,14 +153,14 @@ def test_page_is_generated_from_the_json(dry_run, bench, tmp_path):
 
 def test_budget_plan_and_parts_selection(bench, tmp_path):
     suite = bench("suite")
-    a = suite.parse_args(["--out", "x", "--parts", "4", "speed", "--budget-s", "103"])
+    a = suite.parse_args(["--out", "x", "--parts", "3", "speed", "--budget-s", "103"])
     assert a.parts == ["speed", "calibration"]  # always in order of value
     boxes = suite.plan_boxes(a.parts, a.budget_s, dry=False)
     assert sum(boxes.values()) == pytest.approx(100) and boxes["speed"] > 3 * boxes["calibration"]
     full = suite.plan_boxes(suite.NAMES, 540, dry=False)
     assert list(full) == suite.NAMES and sum(full.values()) == pytest.approx(540 - suite.RESERVE_S)
     first, _ = suite.choose_parts(suite.parse_args(["--out", "x", "--results", str(tmp_path)]))
-    assert first[:2] == ["correctness", "moe-load"]  # the first call's parts fit its default budget unscaled
+    assert first[:2] == ["correctness", "speed"]  # the first call's parts fit its default budget unscaled
     assert sum(s for n, s, _ in suite.PLAN if n in first) <= suite.GPU_BUDGET_S - suite.RESERVE_S
     assert suite.GPU_BUDGET_S <= 470 and all(s <= 540 for _, s, _ in suite.PLAN)  # one part fits one command
     with pytest.raises(SystemExit):
