@@ -130,11 +130,11 @@ def load_with_adapters(adapter_dirs: list[str | Path], *, base: str | None = Non
 
         rebuild_loftq_base(model, read_adapter(dirs[0]), weight_source(cfg, len(tokenizer)), cfg.lora.loftq_iters)
     swaps: dict[str, tuple[str, Any]] = {}
-    weights = [read_adapter(d) for d in dirs] if hotswap else []
-    if any(w.config.get("target_parameters") for w in weights):
+    if hotswap and any(read_adapter_config(d).get("target_parameters") for d in dirs):
         log.info("adapters on mixture-of-experts weights cannot share a hot-swap slot: loaded side by side")
         hotswap = False
     if hotswap and dirs:
+        weights = [read_adapter(d) for d in dirs]
         for dora in sorted({w.use_dora for w in weights}):
             group = [w for w in weights if w.use_dora == dora]
             slot = "hotswap-dora" if dora else "hotswap"
